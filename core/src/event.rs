@@ -1,0 +1,128 @@
+//! The canonical event: the one form every part of Pulse reads from the `events` topic.
+
+use chrono::{DateTime, SecondsFormat, Utc};
+use rust_decimal::Decimal;
+use serde::{Deserialize, Serialize};
+
+/// One user event, validated and normalised.
+///
+/// This is the JSON written to Kafka. Absent optional fields are omitted, amounts are decimal
+/// strings (exact, no float drift), timestamps RFC 3339 in UTC with millisecond precision.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Event {
+    /// The dedupe key everywhere: the archive, the warehouse, triggers.
+    pub message_id: String,
+    /// snake_case type: `page_view`, `add_to_cart`, `purchase`, …
+    pub event: String,
+    pub partner_id: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub user_id: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub anonymous_id: Option<String>,
+    /// When the event happened (the client's clock; receive time when the client sent none).
+    #[serde(with = "millis_rfc3339")]
+    pub timestamp: DateTime<Utc>,
+    /// When ingest accepted it.
+    #[serde(with = "millis_rfc3339")]
+    pub received_at: DateTime<Utc>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub session_id: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub partner_name: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub country: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub language: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub version: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub user_agent: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub referrer: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub current_url: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub page_type: Option<String>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub category: Vec<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub search_query: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub product_id: Option<String>,
+    #[serde(
+        default,
+        skip_serializing_if = "Option::is_none",
+        with = "rust_decimal::serde::str_option"
+    )]
+    pub cart_amount: Option<Decimal>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub gender: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub init_session: Option<bool>,
+    /// Free object, kept as JSON. Unknown top-level fields of a native event land here too, so
+    /// nothing a client sent is lost.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub properties: Option<serde_json::Map<String, serde_json::Value>>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub context: Option<serde_json::Map<String, serde_json::Value>>,
+}
+
+impl Event {
+    /// The Kafka key: `{partner_id}:{user_id}`, or the anonymous id for a visitor who has not
+    /// been identified. One key → one partition → per-user order.
+    pub fn partition_key(&self) -> String {
+        let user = self
+            .user_id
+            .as_deref()
+            .or(self.anonymous_id.as_deref())
+            .unwrap_or_default();
+        partition_key(&self.partner_id, user)
+    }
+
+    /// The id that identifies the person: `user_id`, else `anonymous_id`. Parsing guarantees
+    /// that one of them is present.
+    pub fn person_id(&self) -> &str {
+        self.user_id
+            .as_deref()
+            .or(self.anonymous_id.as_deref())
+            .unwrap_or_default()
+    }
+
+    /// Parses the canonical JSON written by ingest. Strict: this is our own format, so any
+    /// deviation means a foreign producer and the record goes to the dead-letter topic.
+    pub fn from_canonical_json(bytes: &[u8]) -> Result<Self, serde_json::Error> {
+        serde_json::from_slice(bytes)
+    }
+
+    pub fn to_canonical_json(&self) -> Vec<u8> {
+        // Serialising a struct of strings, decimals and JSON maps cannot fail.
+        serde_json::to_vec(self).unwrap_or_default()
+    }
+}
+
+/// `{partner_id}:{user}`. Partner ids never contain ':' (validated), so the key is unambiguous.
+pub fn partition_key(partner_id: &str, user: &str) -> String {
+    let mut key = String::with_capacity(partner_id.len() + user.len() + 1);
+    key.push_str(partner_id);
+    key.push(':');
+    key.push_str(user);
+    key
+}
+
+/// RFC 3339, UTC, milliseconds: the one timestamp form on the topic.
+pub mod millis_rfc3339 {
+    use super::*;
+    use serde::{Deserializer, Serializer};
+
+    pub fn serialize<S: Serializer>(t: &DateTime<Utc>, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(&t.to_rfc3339_opts(SecondsFormat::Millis, true))
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<DateTime<Utc>, D::Error> {
+        let s = <std::borrow::Cow<'de, str>>::deserialize(d)?;
+        DateTime::parse_from_rfc3339(&s)
+            .map(|t| t.with_timezone(&Utc))
+            .map_err(serde::de::Error::custom)
+    }
+}

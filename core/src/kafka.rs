@@ -1,0 +1,286 @@
+//! Kafka client setup and topic provisioning, shared by every service.
+//!
+//! The settings that carry guarantees (acks=all and idempotence on the producer, the murmur2
+//! partitioner that Java clients use) are set here once, so no service can forget one.
+//! `--kafka-opt key=value` passes any librdkafka property through untouched, applied last.
+
+use std::time::Duration;
+
+use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
+use rdkafka::client::DefaultClientContext;
+use rdkafka::config::ClientConfig;
+use rdkafka::error::RDKafkaErrorCode;
+
+/// Connection settings for Kafka.
+#[derive(Debug, Clone, clap::Args)]
+pub struct KafkaArgs {
+    /// Bootstrap brokers, comma separated.
+    #[arg(
+        long = "kafka-brokers",
+        env = "PULSE_KAFKA_BROKERS",
+        default_value = "localhost:9092"
+    )]
+    pub brokers: String,
+
+    /// Any librdkafka property, passed through untouched (repeatable; `;`-separated in the
+    /// environment variable). Example: `--kafka-opt security.protocol=SASL_SSL`.
+    #[arg(long = "kafka-opt", env = "PULSE_KAFKA_OPTS", value_parser = parse_key_value, value_delimiter = ';')]
+    pub options: Vec<(String, String)>,
+}
+
+impl Default for KafkaArgs {
+    fn default() -> Self {
+        Self {
+            brokers: "localhost:9092".into(),
+            options: Vec::new(),
+        }
+    }
+}
+
+fn parse_key_value(s: &str) -> Result<(String, String), String> {
+    let (k, v) = s
+        .split_once('=')
+        .ok_or_else(|| format!("expected key=value, got \"{s}\""))?;
+    Ok((k.trim().to_string(), v.trim().to_string()))
+}
+
+impl KafkaArgs {
+    pub fn with_brokers(brokers: impl Into<String>) -> Self {
+        Self {
+            brokers: brokers.into(),
+            options: Vec::new(),
+        }
+    }
+
+    /// The base client configuration: brokers, then the pass-through options.
+    pub fn client_config(&self) -> ClientConfig {
+        let mut c = ClientConfig::new();
+        c.set("bootstrap.servers", &self.brokers);
+        self.apply_options(&mut c);
+        c
+    }
+
+    /// Producer configuration that keeps the "nothing accepted is lost" guarantee: a write is
+    /// acknowledged only when all in-sync replicas have it, and retries never duplicate or
+    /// reorder. The murmur2 partitioner maps a key to the same partition as Java producers do,
+    /// so any other producer of `events` keeps per-user order with ours.
+    pub fn producer_config(&self) -> ClientConfig {
+        let mut c = ClientConfig::new();
+        c.set("bootstrap.servers", &self.brokers)
+            .set("acks", "all")
+            .set("enable.idempotence", "true")
+            .set("partitioner", "murmur2_random")
+            .set("compression.type", "lz4")
+            .set("linger.ms", "5")
+            .set("batch.size", "1000000")
+            .set("queue.buffering.max.messages", "1000000")
+            .set("queue.buffering.max.kbytes", "1048576")
+            // A write not acknowledged within this time fails, and ingest answers 503: bounded,
+            // so clients are told and retry instead of hanging.
+            .set("message.timeout.ms", "15000");
+        self.apply_options(&mut c);
+        c
+    }
+
+    /// Consumer configuration for `group`: manual offset commits only, since every consumer of
+    /// Pulse commits after its output is durable, never before.
+    pub fn consumer_config(&self, group: &str) -> ClientConfig {
+        let mut c = ClientConfig::new();
+        c.set("bootstrap.servers", &self.brokers)
+            .set("group.id", group)
+            .set("enable.auto.commit", "false")
+            .set("enable.auto.offset.store", "false")
+            .set("auto.offset.reset", "earliest")
+            .set("partition.assignment.strategy", "cooperative-sticky");
+        self.apply_options(&mut c);
+        c
+    }
+
+    fn apply_options(&self, c: &mut ClientConfig) {
+        for (k, v) in &self.options {
+            c.set(k, v);
+        }
+    }
+}
+
+/// Names of the topics Pulse uses.
+#[derive(Debug, Clone, clap::Args)]
+pub struct TopicArgs {
+    /// The event stream written by ingest.
+    #[arg(
+        long = "events-topic",
+        env = "PULSE_EVENTS_TOPIC",
+        default_value = "events"
+    )]
+    pub events: String,
+    /// Records a consumer could not use, with the reason.
+    #[arg(
+        long = "dlq-topic",
+        env = "PULSE_DLQ_TOPIC",
+        default_value = "events.dlq"
+    )]
+    pub dlq: String,
+    /// Fired triggers, for the notifier.
+    #[arg(
+        long = "triggers-topic",
+        env = "PULSE_TRIGGERS_TOPIC",
+        default_value = "triggers"
+    )]
+    pub triggers: String,
+}
+
+impl Default for TopicArgs {
+    fn default() -> Self {
+        Self {
+            events: "events".into(),
+            dlq: "events.dlq".into(),
+            triggers: "triggers".into(),
+        }
+    }
+}
+
+/// A topic as it should exist.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TopicSpec {
+    pub name: String,
+    pub partitions: i32,
+    pub replication: i32,
+}
+
+/// What `ensure_topics` found or did for one topic.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum TopicOutcome {
+    Created { name: String, partitions: i32 },
+    Exists { name: String, partitions: i32 },
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum TopicError {
+    #[error(
+        "topic {name} exists with {have} partitions but {want} are configured. Pulse will not \
+         add partitions by itself: that moves users to other partitions and breaks per-user \
+         order for events already written. If you mean it, add them with \
+         `kafka-topics --alter --partitions {want}` during a pause of all producers, or \
+         configure {have}."
+    )]
+    TooFewPartitions { name: String, have: i32, want: i32 },
+    #[error("topic {name} exists with {have} partitions, more than the {want} configured; configure {have} to use it")]
+    MorePartitions { name: String, have: i32, want: i32 },
+    #[error("kafka: {0}")]
+    Kafka(#[from] rdkafka::error::KafkaError),
+    #[error("creating topic {name}: {code}")]
+    Create {
+        name: String,
+        code: RDKafkaErrorCode,
+    },
+}
+
+/// Creates missing topics; checks the partition count of existing ones. Idempotent.
+///
+/// Refuses (does not "fix") a topic whose partition count differs from the spec: changing it
+/// remaps keys to partitions, which only an operator should decide.
+pub async fn ensure_topics(
+    kafka: &KafkaArgs,
+    specs: &[TopicSpec],
+    timeout: Duration,
+) -> Result<Vec<TopicOutcome>, TopicError> {
+    let admin: AdminClient<DefaultClientContext> = kafka.client_config().create()?;
+    let mut outcomes = Vec::new();
+    let mut missing = Vec::new();
+    for spec in specs {
+        // Metadata for a named topic that does not exist answers with an error on that topic
+        // (auto-creation is off on our brokers).
+        let metadata = admin.inner().fetch_metadata(Some(&spec.name), timeout)?;
+        let existing = metadata
+            .topics()
+            .iter()
+            .find(|t| t.name() == spec.name && t.error().is_none())
+            .map(|t| t.partitions().len() as i32);
+        match existing {
+            Some(have) if have < spec.partitions => {
+                return Err(TopicError::TooFewPartitions {
+                    name: spec.name.clone(),
+                    have,
+                    want: spec.partitions,
+                })
+            }
+            Some(have) if have > spec.partitions => {
+                return Err(TopicError::MorePartitions {
+                    name: spec.name.clone(),
+                    have,
+                    want: spec.partitions,
+                })
+            }
+            Some(have) => outcomes.push(TopicOutcome::Exists {
+                name: spec.name.clone(),
+                partitions: have,
+            }),
+            None => missing.push(spec),
+        }
+    }
+    if missing.is_empty() {
+        return Ok(outcomes);
+    }
+    let new_topics: Vec<NewTopic<'_>> = missing
+        .iter()
+        .map(|s| {
+            NewTopic::new(
+                &s.name,
+                s.partitions,
+                TopicReplication::Fixed(s.replication),
+            )
+        })
+        .collect();
+    let options = AdminOptions::new().operation_timeout(Some(timeout));
+    for result in admin.create_topics(&new_topics, &options).await? {
+        match result {
+            Ok(name) => {
+                let partitions = missing
+                    .iter()
+                    .find(|s| s.name == name)
+                    .map_or(0, |s| s.partitions);
+                outcomes.push(TopicOutcome::Created { name, partitions });
+            }
+            // Another replica created it between our check and our create: fine.
+            Err((name, RDKafkaErrorCode::TopicAlreadyExists)) => {
+                let partitions = missing
+                    .iter()
+                    .find(|s| s.name == name)
+                    .map_or(0, |s| s.partitions);
+                outcomes.push(TopicOutcome::Exists { name, partitions });
+            }
+            Err((name, code)) => return Err(TopicError::Create { name, code }),
+        }
+    }
+    Ok(outcomes)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn options_pass_through_last() {
+        let args = KafkaArgs {
+            brokers: "b:1".into(),
+            options: vec![
+                ("linger.ms".into(), "50".into()),
+                ("client.id".into(), "x".into()),
+            ],
+        };
+        let c = args.producer_config();
+        assert_eq!(c.get("linger.ms"), Some("50"));
+        assert_eq!(c.get("client.id"), Some("x"));
+        assert_eq!(c.get("acks"), Some("all"));
+        assert_eq!(c.get("enable.idempotence"), Some("true"));
+    }
+
+    #[test]
+    fn key_value_parser() {
+        assert_eq!(
+            parse_key_value("a=b=c").unwrap(),
+            ("a".into(), "b=c".into())
+        );
+        assert!(parse_key_value("nope").is_err());
+    }
+}

@@ -1,0 +1,660 @@
+//! Parsing and validating a native Pulse event (the form of ARCHITECTURE.md).
+//!
+//! The top-level object is split into raw JSON values first and each known field is then read
+//! with its own rules. Two reasons: amounts keep their exact decimal text (a float would drift),
+//! and every error names the field it comes from.
+
+use std::borrow::Cow;
+use std::collections::HashMap;
+use std::str::FromStr;
+
+use chrono::{DateTime, Datelike, TimeZone, Utc};
+use rust_decimal::Decimal;
+use serde_json::value::RawValue;
+use serde_json::{Map, Value};
+use uuid::Uuid;
+
+use crate::error::EventError;
+use crate::event::Event;
+use crate::limits::Limits;
+use crate::names::normalize_event_name;
+
+/// What parsing needs from the request around the event.
+#[derive(Debug, Clone, Copy)]
+pub struct ParseContext {
+    /// Stamped as `received_at`, and used as `timestamp` when the client sent none.
+    pub received_at: DateTime<Utc>,
+    pub limits: Limits,
+}
+
+impl ParseContext {
+    pub fn now() -> Self {
+        Self {
+            received_at: Utc::now(),
+            limits: Limits::default(),
+        }
+    }
+}
+
+/// Fields of the native form. Anything else at the top level is kept under `properties`.
+const NATIVE_FIELDS: &[&str] = &[
+    "event",
+    "partner_id",
+    "user_id",
+    "anonymous_id",
+    "timestamp",
+    "message_id",
+    "session_id",
+    "partner_name",
+    "country",
+    "language",
+    "version",
+    "user_agent",
+    "referrer",
+    "current_url",
+    "page_type",
+    "category",
+    "search_query",
+    "product_id",
+    "cart_amount",
+    "gender",
+    "init_session",
+    "properties",
+    "context",
+    "received_at",
+];
+
+/// Earliest and latest accepted event time. Outside this, a timestamp is a unit mistake
+/// (microseconds sent as milliseconds, say), not a real event time.
+const MIN_YEAR: i32 = 2000;
+const MAX_YEAR: i32 = 2100;
+
+/// Parses one native event from its JSON text.
+pub fn parse_event(json: &str, ctx: &ParseContext) -> Result<Event, EventError> {
+    if json.len() > ctx.limits.max_event_bytes {
+        return Err(EventError::whole(format!(
+            "event is {} bytes; the limit is {} bytes",
+            json.len(),
+            ctx.limits.max_event_bytes
+        )));
+    }
+    let object = RawObject::parse(json, "")?;
+    event_from_fields(object, ctx)
+}
+
+/// Builds an event from a field map. Shared by the native form and the Segment mapping, which
+/// translates Segment's names into native ones first.
+pub(crate) fn event_from_fields(
+    mut f: RawObject<'_>,
+    ctx: &ParseContext,
+) -> Result<Event, EventError> {
+    let max = ctx.limits.max_string_chars;
+    let event_raw = f
+        .string("event", max)?
+        .ok_or_else(|| EventError::field("event", "required field is missing"))?;
+    let event = normalize_event_name(&event_raw).ok_or_else(|| {
+        EventError::field(
+            "event",
+            format!(
+                "\"{}\" is not a usable event name (letters, digits and separators, starting with a letter, at most 64 characters)",
+                event_raw.chars().take(64).collect::<String>()
+            ),
+        )
+    })?;
+    let partner_id = f
+        .string("partner_id", 128)?
+        .ok_or_else(|| EventError::field("partner_id", "required field is missing"))?;
+    if partner_id.contains(':') {
+        return Err(EventError::field(
+            "partner_id",
+            "must not contain ':' (it separates partner and user in the Kafka key)",
+        ));
+    }
+    let user_id = f.string("user_id", 256)?;
+    let anonymous_id = f.string("anonymous_id", 256)?;
+    if user_id.is_none() && anonymous_id.is_none() {
+        return Err(EventError::field(
+            "user_id",
+            "required field is missing (send user_id or anonymous_id)",
+        ));
+    }
+    let timestamp = f.timestamp("timestamp")?.unwrap_or(ctx.received_at);
+    let message_id = f
+        .string("message_id", 128)?
+        .unwrap_or_else(|| Uuid::new_v4().to_string());
+    // The receive time is ingest's to state, never the client's.
+    f.take("received_at");
+
+    let mut event = Event {
+        message_id,
+        event,
+        partner_id,
+        user_id,
+        anonymous_id,
+        timestamp,
+        received_at: truncate_to_millis(ctx.received_at),
+        session_id: f.string("session_id", 256)?,
+        partner_name: f.string("partner_name", 256)?,
+        country: f.string("country", 64)?.map(normalize_country),
+        language: f.string("language", 64)?,
+        version: f.string("version", 64)?,
+        user_agent: f.string("user_agent", max)?,
+        referrer: f.string("referrer", max)?,
+        current_url: f.string("current_url", max)?,
+        page_type: f.string("page_type", 256)?,
+        category: f.categories("category", ctx.limits.max_categories)?,
+        search_query: f.string("search_query", 1024)?,
+        product_id: f.string("product_id", 256)?,
+        cart_amount: f.decimal("cart_amount")?,
+        gender: f.string("gender", 64)?.map(|g| g.to_lowercase()),
+        init_session: f.boolean("init_session")?,
+        properties: f.object("properties")?,
+        context: f.object("context")?,
+    };
+    let unknown = f.into_rest()?;
+    if !unknown.is_empty() {
+        let properties = event.properties.get_or_insert_with(Map::new);
+        for (k, v) in unknown {
+            properties.entry(k).or_insert(v);
+        }
+    }
+    Ok(event)
+}
+
+fn normalize_country(c: String) -> String {
+    if c.len() == 2 {
+        c.to_ascii_uppercase()
+    } else {
+        c
+    }
+}
+
+fn truncate_to_millis(t: DateTime<Utc>) -> DateTime<Utc> {
+    Utc.timestamp_millis_opt(t.timestamp_millis())
+        .single()
+        .unwrap_or(t)
+}
+
+/// A JSON object split into its fields, values still as raw JSON text.
+///
+/// Fields are removed as they are read, so what remains at the end are the unknown ones.
+pub(crate) struct RawObject<'a> {
+    /// Dotted path of this object, for error messages (`""` at the top, `"context."` below).
+    prefix: String,
+    fields: HashMap<String, Cow<'a, RawValue>>,
+}
+
+impl<'a> RawObject<'a> {
+    /// Parses `json` as an object. `prefix` names where it sits (`"context."`), for messages.
+    pub(crate) fn parse(json: &'a str, prefix: &str) -> Result<Self, EventError> {
+        let fields: HashMap<String, &'a RawValue> =
+            serde_json::from_str(json).map_err(|e| not_an_object(json, prefix, &e))?;
+        Ok(Self {
+            prefix: prefix.to_string(),
+            fields: fields
+                .into_iter()
+                .map(|(k, v)| (k, Cow::Borrowed(v)))
+                .collect(),
+        })
+    }
+
+    pub(crate) fn take(&mut self, key: &str) -> Option<Cow<'a, RawValue>> {
+        self.fields.remove(key)
+    }
+
+    pub(crate) fn contains(&self, key: &str) -> bool {
+        self.fields.contains_key(key)
+    }
+
+    /// Sets `key` unless the object already has it: translated fields never override ones the
+    /// client sent under the native name.
+    pub(crate) fn insert_if_absent(&mut self, key: &str, value: Cow<'a, RawValue>) {
+        self.fields.entry(key.to_string()).or_insert(value);
+    }
+
+    /// Moves `from` to `to` unless `to` is already set (then `from` stays, as an extra field).
+    pub(crate) fn rename(&mut self, from: &str, to: &str) {
+        if self.fields.contains_key(to) {
+            return;
+        }
+        if let Some(v) = self.fields.remove(from) {
+            self.fields.insert(to.to_string(), v);
+        }
+    }
+
+    fn path(&self, key: &str) -> String {
+        format!("{}{key}", self.prefix)
+    }
+
+    fn value(&self, key: &str, raw: &RawValue) -> Result<Value, EventError> {
+        serde_json::from_str(raw.get())
+            .map_err(|e| EventError::field(self.path(key), format!("invalid JSON: {e}")))
+    }
+
+    /// A string field. Numbers are accepted and kept as their text (SDKs often send numeric
+    /// ids); blank strings and null count as absent.
+    pub(crate) fn string(
+        &mut self,
+        key: &str,
+        max_chars: usize,
+    ) -> Result<Option<String>, EventError> {
+        let Some(raw) = self.fields.remove(key) else {
+            return Ok(None);
+        };
+        let text = match self.value(key, &raw)? {
+            Value::Null => return Ok(None),
+            Value::String(s) => s,
+            Value::Number(n) => n.to_string(),
+            other => return Err(EventError::expected(&self.path(key), "a string", &other)),
+        };
+        let text = text.trim();
+        if text.is_empty() {
+            return Ok(None);
+        }
+        if text.chars().count() > max_chars {
+            return Err(EventError::field(
+                self.path(key),
+                format!("longer than {max_chars} characters"),
+            ));
+        }
+        Ok(Some(text.to_string()))
+    }
+
+    /// An exact decimal, from a JSON number or a decimal string.
+    pub(crate) fn decimal(&mut self, key: &str) -> Result<Option<Decimal>, EventError> {
+        let Some(raw) = self.fields.remove(key) else {
+            return Ok(None);
+        };
+        let text = raw.get().trim();
+        let parsed = if text.starts_with('"') {
+            match self.value(key, &raw)? {
+                Value::String(s) if s.trim().is_empty() => return Ok(None),
+                Value::String(s) => parse_decimal(s.trim()),
+                other => return Err(EventError::expected(&self.path(key), "a decimal", &other)),
+            }
+        } else if text.starts_with(|c: char| c == '-' || c.is_ascii_digit()) {
+            // The number's own text: exact, whatever a float would have made of it.
+            parse_decimal(text)
+        } else {
+            let value = self.value(key, &raw)?;
+            if value.is_null() {
+                return Ok(None);
+            }
+            return Err(EventError::expected(
+                &self.path(key),
+                "a number or decimal string",
+                &value,
+            ));
+        };
+        parsed.map(Some).ok_or_else(|| {
+            EventError::field(
+                self.path(key),
+                format!(
+                    "expected a number or decimal string, got \"{}\"",
+                    text.trim_matches('"').chars().take(40).collect::<String>()
+                ),
+            )
+        })
+    }
+
+    /// RFC 3339 text, or epoch seconds / milliseconds as a number or a digit string.
+    pub(crate) fn timestamp(&mut self, key: &str) -> Result<Option<DateTime<Utc>>, EventError> {
+        let Some(raw) = self.fields.remove(key) else {
+            return Ok(None);
+        };
+        let value = self.value(key, &raw)?;
+        let parsed = match &value {
+            Value::Null => return Ok(None),
+            Value::String(s) if s.trim().is_empty() => return Ok(None),
+            Value::String(s) => {
+                let s = s.trim();
+                match s.parse::<f64>() {
+                    Ok(n) if s.bytes().all(|b| b.is_ascii_digit() || b == b'.') => from_epoch(n),
+                    _ => DateTime::parse_from_rfc3339(s)
+                        .ok()
+                        .map(|t| t.with_timezone(&Utc)),
+                }
+            }
+            Value::Number(n) => n.as_f64().and_then(from_epoch),
+            _ => None,
+        };
+        let Some(t) = parsed else {
+            return Err(EventError::expected(
+                &self.path(key),
+                "an RFC 3339 date-time or epoch seconds/milliseconds",
+                &value,
+            ));
+        };
+        if !(MIN_YEAR..MAX_YEAR).contains(&t.year()) {
+            return Err(EventError::field(
+                self.path(key),
+                format!("{t} is outside {MIN_YEAR}..{MAX_YEAR}; check the unit (seconds or milliseconds)"),
+            ));
+        }
+        Ok(Some(truncate_to_millis(t)))
+    }
+
+    /// `true`/`false`, also as strings, since form-encoded SDKs send them that way.
+    pub(crate) fn boolean(&mut self, key: &str) -> Result<Option<bool>, EventError> {
+        let Some(raw) = self.fields.remove(key) else {
+            return Ok(None);
+        };
+        match self.value(key, &raw)? {
+            Value::Null => Ok(None),
+            Value::Bool(b) => Ok(Some(b)),
+            Value::String(s) if s.eq_ignore_ascii_case("true") => Ok(Some(true)),
+            Value::String(s) if s.eq_ignore_ascii_case("false") => Ok(Some(false)),
+            other => Err(EventError::expected(
+                &self.path(key),
+                "true or false",
+                &other,
+            )),
+        }
+    }
+
+    /// A string or a list of strings; blanks dropped, duplicates kept once, order kept.
+    pub(crate) fn categories(&mut self, key: &str, max: usize) -> Result<Vec<String>, EventError> {
+        let Some(raw) = self.fields.remove(key) else {
+            return Ok(Vec::new());
+        };
+        let items = match self.value(key, &raw)? {
+            Value::Null => return Ok(Vec::new()),
+            Value::String(s) => vec![Value::String(s)],
+            Value::Array(items) => items,
+            other => {
+                return Err(EventError::expected(
+                    &self.path(key),
+                    "a string or a list of strings",
+                    &other,
+                ))
+            }
+        };
+        let mut out: Vec<String> = Vec::with_capacity(items.len());
+        for (i, item) in items.into_iter().enumerate() {
+            let Value::String(s) = item else {
+                return Err(EventError::expected(
+                    &format!("{}[{i}]", self.path(key)),
+                    "a string",
+                    &item,
+                ));
+            };
+            let s = s.trim();
+            if s.chars().count() > 256 {
+                return Err(EventError::field(
+                    format!("{}[{i}]", self.path(key)),
+                    "longer than 256 characters",
+                ));
+            }
+            if !s.is_empty() && !out.iter().any(|c| c == s) {
+                out.push(s.to_string());
+            }
+        }
+        if out.len() > max {
+            return Err(EventError::field(
+                self.path(key),
+                format!("{} categories; at most {max} are accepted", out.len()),
+            ));
+        }
+        Ok(out)
+    }
+
+    /// A free JSON object (null → absent).
+    pub(crate) fn object(&mut self, key: &str) -> Result<Option<Map<String, Value>>, EventError> {
+        let Some(raw) = self.fields.remove(key) else {
+            return Ok(None);
+        };
+        match self.value(key, &raw)? {
+            Value::Null => Ok(None),
+            Value::Object(m) if m.is_empty() => Ok(None),
+            Value::Object(m) => Ok(Some(m)),
+            other => Err(EventError::expected(&self.path(key), "an object", &other)),
+        }
+    }
+
+    /// The fields nobody read, as JSON values.
+    pub(crate) fn into_rest(self) -> Result<Map<String, Value>, EventError> {
+        let mut out = Map::new();
+        for (k, raw) in &self.fields {
+            if NATIVE_FIELDS.contains(&k.as_str()) {
+                continue;
+            }
+            out.insert(k.clone(), self.value(k, raw)?);
+        }
+        Ok(out)
+    }
+}
+
+fn not_an_object(json: &str, prefix: &str, err: &serde_json::Error) -> EventError {
+    let field = prefix.trim_end_matches('.');
+    let message = match serde_json::from_str::<Value>(json) {
+        Ok(v) => format!("expected an object, got {}", kind(&v)),
+        Err(_) => format!("malformed JSON: {err}"),
+    };
+    if field.is_empty() {
+        EventError::whole(message)
+    } else {
+        EventError::field(field, message)
+    }
+}
+
+fn kind(v: &Value) -> &'static str {
+    match v {
+        Value::Null => "null",
+        Value::Bool(_) => "a boolean",
+        Value::Number(_) => "a number",
+        Value::String(_) => "a string",
+        Value::Array(_) => "an array",
+        Value::Object(_) => "an object",
+    }
+}
+
+fn parse_decimal(text: &str) -> Option<Decimal> {
+    Decimal::from_str_exact(text)
+        .or_else(|_| Decimal::from_scientific(text))
+        .ok()
+        .or_else(|| Decimal::from_str(text).ok())
+}
+
+/// Epoch seconds, or milliseconds when the number is too large to be seconds in our range.
+fn from_epoch(n: f64) -> Option<DateTime<Utc>> {
+    if !n.is_finite() || n < 0.0 {
+        return None;
+    }
+    let millis = if n >= 1e11 { n } else { n * 1000.0 };
+    if millis > 1e15 {
+        return None;
+    }
+    Utc.timestamp_millis_opt(millis.round() as i64).single()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    fn ctx() -> ParseContext {
+        ParseContext {
+            received_at: Utc.with_ymd_and_hms(2026, 11, 21, 12, 0, 0).unwrap(),
+            limits: Limits::default(),
+        }
+    }
+
+    fn parse(v: Value) -> Result<Event, EventError> {
+        parse_event(&v.to_string(), &ctx())
+    }
+
+    fn err(v: Value) -> String {
+        parse(v).unwrap_err().to_string()
+    }
+
+    #[test]
+    fn minimal_event_gets_defaults() {
+        let e = parse(json!({"event": "page_view", "partner_id": "p1", "user_id": "u1"})).unwrap();
+        assert_eq!(e.timestamp, ctx().received_at);
+        assert_eq!(e.received_at, ctx().received_at);
+        assert!(Uuid::parse_str(&e.message_id).is_ok());
+        assert_eq!(e.partition_key(), "p1:u1");
+    }
+
+    #[test]
+    fn anonymous_key() {
+        let e =
+            parse(json!({"event": "page_view", "partner_id": "p1", "anonymous_id": "a9"})).unwrap();
+        assert_eq!(e.partition_key(), "p1:a9");
+    }
+
+    #[test]
+    fn timestamp_forms() {
+        let base = json!({"event": "x", "partner_id": "p", "user_id": "u"});
+        let expect = Utc.with_ymd_and_hms(2026, 11, 21, 10, 0, 0).unwrap();
+        for ts in [
+            json!("2026-11-21T10:00:00Z"),
+            json!("2026-11-21T13:00:00+03:00"),
+            json!(1_795_255_200),
+            json!(1_795_255_200_000_i64),
+            json!("1795255200"),
+            json!(1_795_255_200.0),
+        ] {
+            let mut v = base.clone();
+            v["timestamp"] = ts.clone();
+            assert_eq!(parse(v).unwrap().timestamp, expect, "{ts}");
+        }
+    }
+
+    #[test]
+    fn timestamp_errors_name_field() {
+        let e = err(json!({"event": "x", "partner_id": "p", "user_id": "u", "timestamp": true}));
+        assert!(e.starts_with("timestamp: expected an RFC 3339"), "{e}");
+        // Microseconds sent as milliseconds land in the far future.
+        let e = err(
+            json!({"event": "x", "partner_id": "p", "user_id": "u", "timestamp": 1_795_255_200_000_000_i64}),
+        );
+        assert!(e.starts_with("timestamp:"), "{e}");
+    }
+
+    #[test]
+    fn exact_amounts() {
+        for (input, expect) in [
+            (json!("19.99"), "19.99"),
+            (json!(0.1), "0.1"),
+            (json!(100), "100"),
+            (json!("1e2"), "100"),
+        ] {
+            let e = parse(json!({"event": "purchase", "partner_id": "p", "user_id": "u", "cart_amount": input}))
+                .unwrap();
+            assert_eq!(e.cart_amount.unwrap().normalize().to_string(), expect);
+        }
+        // The raw number text is used, so no float rounding even at 18 significant digits.
+        let raw = r#"{"event":"purchase","partner_id":"p","user_id":"u","cart_amount":1234567890123456.78}"#;
+        let e = parse_event(raw, &ctx()).unwrap();
+        assert_eq!(e.cart_amount.unwrap().to_string(), "1234567890123456.78");
+    }
+
+    #[test]
+    fn amount_wrong_type() {
+        assert_eq!(
+            err(
+                json!({"event": "purchase", "partner_id": "p", "user_id": "u", "cart_amount": true})
+            ),
+            "cart_amount: expected a number or decimal string, got true"
+        );
+        assert!(err(
+            json!({"event": "purchase", "partner_id": "p", "user_id": "u", "cart_amount": "abc"})
+        )
+        .starts_with("cart_amount: expected a number or decimal string"));
+    }
+
+    #[test]
+    fn missing_required_fields() {
+        assert_eq!(
+            err(json!({"partner_id": "p", "user_id": "u"})),
+            "event: required field is missing"
+        );
+        assert_eq!(
+            err(json!({"event": "x", "user_id": "u"})),
+            "partner_id: required field is missing"
+        );
+        assert!(err(json!({"event": "x", "partner_id": "p"})).starts_with("user_id: required"));
+    }
+
+    #[test]
+    fn wrong_types() {
+        assert_eq!(
+            err(json!({"event": "x", "partner_id": "p", "user_id": {"a": 1}})),
+            "user_id: expected a string, got an object"
+        );
+        assert_eq!(
+            err(json!({"event": "x", "partner_id": "p", "user_id": "u", "category": 3})),
+            "category: expected a string or a list of strings, got 3"
+        );
+        assert_eq!(
+            err(json!({"event": "x", "partner_id": "p", "user_id": "u", "category": ["a", 1]})),
+            "category[1]: expected a string, got 1"
+        );
+        assert_eq!(
+            err(json!({"event": "x", "partner_id": "p", "user_id": "u", "properties": [1]})),
+            "properties: expected an object, got an array"
+        );
+        assert_eq!(
+            err(json!({"event": "x", "partner_id": "p", "user_id": "u", "init_session": 3})),
+            "init_session: expected true or false, got 3"
+        );
+    }
+
+    #[test]
+    fn not_an_object_or_malformed() {
+        assert_eq!(
+            parse_event("[1]", &ctx()).unwrap_err().to_string(),
+            "expected an object, got an array"
+        );
+        assert!(parse_event("{\"event\":", &ctx())
+            .unwrap_err()
+            .to_string()
+            .starts_with("malformed JSON"));
+    }
+
+    #[test]
+    fn oversized_event() {
+        let big = "x".repeat(40 * 1024);
+        let e =
+            err(json!({"event": "x", "partner_id": "p", "user_id": "u", "properties": {"b": big}}));
+        assert!(e.contains("the limit is 32768 bytes"), "{e}");
+    }
+
+    #[test]
+    fn category_string_or_list_and_unknown_fields_kept() {
+        let e = parse(
+            json!({"event": "Product View", "partner_id": "p", "user_id": 42,
+            "category": "shoes", "color": "red", "country": "tr"}),
+        )
+        .unwrap();
+        assert_eq!(e.event, "product_view");
+        assert_eq!(e.user_id.as_deref(), Some("42"));
+        assert_eq!(e.category, vec!["shoes"]);
+        assert_eq!(e.country.as_deref(), Some("TR"));
+        assert_eq!(e.properties.unwrap()["color"], json!("red"));
+        let e = parse(json!({"event": "x", "partner_id": "p", "user_id": "u", "category": ["a", " b ", "a", ""]}))
+            .unwrap();
+        assert_eq!(e.category, vec!["a", "b"]);
+    }
+
+    #[test]
+    fn partner_id_without_colon() {
+        assert!(
+            err(json!({"event": "x", "partner_id": "a:b", "user_id": "u"}))
+                .starts_with("partner_id: must not contain")
+        );
+    }
+
+    #[test]
+    fn canonical_round_trip() {
+        let e = parse(json!({"event": "purchase", "partner_id": "p", "user_id": "u", "cart_amount": "10.50",
+            "category": ["a"], "timestamp": "2026-11-21T10:00:00.123456Z", "context": {"ip": "1.2.3.4"}}))
+        .unwrap();
+        let json = e.to_canonical_json();
+        let back = Event::from_canonical_json(&json).unwrap();
+        assert_eq!(back, e);
+        let reparsed = parse_event(std::str::from_utf8(&json).unwrap(), &ctx()).unwrap();
+        assert_eq!(reparsed, e);
+    }
+}
