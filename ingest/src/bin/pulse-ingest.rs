@@ -1,0 +1,16 @@
+//! `pulse-ingest`: the HTTP ingest service.
+
+use clap::Parser;
+use pulse_ingest::server::shutdown_signal;
+use pulse_ingest::{serve, IngestConfig};
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    pulse_core::telemetry::init_tracing();
+    let config = IngestConfig::parse();
+    let listener = tokio::net::TcpListener::bind(config.listen)
+        .await
+        .map_err(|e| anyhow::anyhow!("cannot listen on {}: {e}", config.listen))?;
+    serve(config, listener, shutdown_signal()).await?;
+    Ok(())
+}

@@ -1,0 +1,81 @@
+//! Ingest settings: every one a CLI flag with a `PULSE_…` environment twin.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use pulse_core::kafka::KafkaArgs;
+use pulse_core::Limits;
+
+#[derive(Debug, Clone, clap::Parser)]
+#[command(name = "pulse-ingest", about = "Pulse HTTP ingest: events in, Kafka out", version)]
+pub struct IngestConfig {
+    /// Address to listen on.
+    #[arg(long, env = "PULSE_INGEST_LISTEN", default_value = "0.0.0.0:8080")]
+    pub listen: SocketAddr,
+
+    #[command(flatten)]
+    pub kafka: KafkaArgs,
+
+    /// Topic the events are written to.
+    #[arg(long = "events-topic", env = "PULSE_EVENTS_TOPIC", default_value = "events")]
+    pub topic: String,
+
+    /// JSON file mapping write keys to partner ids: `{"key": "partner_id", …}`.
+    #[arg(long, env = "PULSE_WRITE_KEYS_FILE")]
+    pub write_keys_file: Option<PathBuf>,
+
+    /// A write key as KEY=PARTNER_ID (repeatable; comma-separated in the environment).
+    #[arg(long = "write-key", env = "PULSE_WRITE_KEYS", value_delimiter = ',')]
+    pub write_keys: Vec<String>,
+
+    /// Largest request body, after gzip decompression, in bytes.
+    #[arg(long, env = "PULSE_MAX_BODY_BYTES", default_value_t = 5 * 1024 * 1024)]
+    pub max_body_bytes: usize,
+
+    /// Largest single event, in bytes.
+    #[arg(long, env = "PULSE_MAX_EVENT_BYTES", default_value_t = Limits::default().max_event_bytes)]
+    pub max_event_bytes: usize,
+
+    /// Most events in one request.
+    #[arg(long, env = "PULSE_MAX_BATCH_EVENTS", default_value_t = Limits::default().max_batch_events)]
+    pub max_batch_events: usize,
+
+    /// Seconds a client is told to wait (Retry-After) when Kafka is unavailable.
+    #[arg(long, env = "PULSE_RETRY_AFTER_SECS", default_value_t = 5)]
+    pub retry_after_secs: u64,
+
+    /// On shutdown, how long to wait for Kafka to acknowledge what is in flight.
+    #[arg(long, env = "PULSE_SHUTDOWN_TIMEOUT_SECS", default_value_t = 30)]
+    pub shutdown_timeout_secs: u64,
+}
+
+impl IngestConfig {
+    /// Defaults for a service on `brokers`, for tests and embedding.
+    pub fn for_brokers(brokers: &str) -> Self {
+        Self {
+            listen: ([127, 0, 0, 1], 0).into(),
+            kafka: KafkaArgs::with_brokers(brokers),
+            topic: "events".into(),
+            write_keys_file: None,
+            write_keys: Vec::new(),
+            max_body_bytes: 5 * 1024 * 1024,
+            max_event_bytes: Limits::default().max_event_bytes,
+            max_batch_events: Limits::default().max_batch_events,
+            retry_after_secs: 5,
+            shutdown_timeout_secs: 30,
+        }
+    }
+
+    pub fn limits(&self) -> Limits {
+        Limits {
+            max_event_bytes: self.max_event_bytes,
+            max_batch_events: self.max_batch_events,
+            ..Limits::default()
+        }
+    }
+
+    pub fn shutdown_timeout(&self) -> Duration {
+        Duration::from_secs(self.shutdown_timeout_secs)
+    }
+}
