@@ -56,8 +56,15 @@ pub fn as_text(body: &[u8]) -> Result<&str, BodyError> {
 /// Whether the content type says newline-delimited JSON.
 pub fn is_ndjson(content_type: Option<&str>) -> bool {
     content_type.is_some_and(|ct| {
-        let ct = ct.split(';').next().unwrap_or("").trim().to_ascii_lowercase();
-        ct == "application/x-ndjson" || ct == "application/ndjson" || ct == "application/jsonl"
+        let ct = ct
+            .split(';')
+            .next()
+            .unwrap_or("")
+            .trim()
+            .to_ascii_lowercase();
+        ct == "application/x-ndjson"
+            || ct == "application/ndjson"
+            || ct == "application/jsonl"
             || ct == "application/x-jsonlines"
     })
 }
@@ -100,11 +107,8 @@ pub struct SegmentBatch<'a> {
 }
 
 pub fn split_segment_batch(text: &str, max_events: usize) -> Result<SegmentBatch<'_>, BodyError> {
-    let batch: SegmentBatch<'_> = serde_json::from_str(text).map_err(|e| {
-        BodyError::Json(format!(
-            "expected {{\"batch\": [messages…]}}: {e}"
-        ))
-    })?;
+    let batch: SegmentBatch<'_> = serde_json::from_str(text)
+        .map_err(|e| BodyError::Json(format!("expected {{\"batch\": [messages…]}}: {e}")))?;
     if batch.batch.is_empty() {
         return Err(BodyError::Empty);
     }
@@ -147,13 +151,22 @@ mod tests {
             decode(Some("gzip"), &bomb, 1000),
             Err(BodyError::TooLarge { limit: 1000 })
         );
-        assert!(matches!(decode(Some("gzip"), b"nope", 10), Err(BodyError::Gzip(_))));
-        assert!(matches!(decode(Some("br"), b"x", 10), Err(BodyError::Encoding(_))));
+        assert!(matches!(
+            decode(Some("gzip"), b"nope", 10),
+            Err(BodyError::Gzip(_))
+        ));
+        assert!(matches!(
+            decode(Some("br"), b"x", 10),
+            Err(BodyError::Encoding(_))
+        ));
     }
 
     #[test]
     fn splits_forms() {
-        assert_eq!(split_events(r#" {"a":1} "#, false, 10).unwrap(), vec![r#"{"a":1}"#]);
+        assert_eq!(
+            split_events(r#" {"a":1} "#, false, 10).unwrap(),
+            vec![r#"{"a":1}"#]
+        );
         assert_eq!(
             split_events(r#"[{"a":1}, {"b":2}]"#, false, 10).unwrap(),
             vec![r#"{"a":1}"#, r#"{"b":2}"#]
@@ -166,7 +179,10 @@ mod tests {
             split_events("[1,2,3]", false, 2),
             Err(BodyError::TooManyEvents { count: 3, limit: 2 })
         );
-        assert!(matches!(split_events("[1,", false, 2), Err(BodyError::Json(_))));
+        assert!(matches!(
+            split_events("[1,", false, 2),
+            Err(BodyError::Json(_))
+        ));
         assert_eq!(split_events("[]", false, 2), Err(BodyError::Empty));
     }
 
@@ -175,6 +191,9 @@ mod tests {
         let b = split_segment_batch(r#"{"batch":[{"type":"track"}],"writeKey":"k"}"#, 10).unwrap();
         assert_eq!(b.batch.len(), 1);
         assert_eq!(b.write_key.as_deref(), Some("k"));
-        assert!(matches!(split_segment_batch(r#"{"nope":1}"#, 10), Err(BodyError::Json(_))));
+        assert!(matches!(
+            split_segment_batch(r#"{"nope":1}"#, 10),
+            Err(BodyError::Json(_))
+        ));
     }
 }

@@ -39,23 +39,79 @@ struct Category {
 }
 
 const CATEGORIES_TR: &[Category] = &[
-    Category { name: "Kadın Giyim", gender: Some("female"), price_range: (99, 1499) },
-    Category { name: "Erkek Giyim", gender: Some("male"), price_range: (149, 1999) },
-    Category { name: "Kadın Ayakkabı", gender: Some("female"), price_range: (299, 2499) },
-    Category { name: "Erkek Ayakkabı", gender: Some("male"), price_range: (299, 2999) },
-    Category { name: "Elektronik", gender: None, price_range: (499, 39999) },
-    Category { name: "Ev & Yaşam", gender: None, price_range: (49, 4999) },
-    Category { name: "Kozmetik", gender: Some("female"), price_range: (39, 899) },
+    Category {
+        name: "Kadın Giyim",
+        gender: Some("female"),
+        price_range: (99, 1499),
+    },
+    Category {
+        name: "Erkek Giyim",
+        gender: Some("male"),
+        price_range: (149, 1999),
+    },
+    Category {
+        name: "Kadın Ayakkabı",
+        gender: Some("female"),
+        price_range: (299, 2499),
+    },
+    Category {
+        name: "Erkek Ayakkabı",
+        gender: Some("male"),
+        price_range: (299, 2999),
+    },
+    Category {
+        name: "Elektronik",
+        gender: None,
+        price_range: (499, 39999),
+    },
+    Category {
+        name: "Ev & Yaşam",
+        gender: None,
+        price_range: (49, 4999),
+    },
+    Category {
+        name: "Kozmetik",
+        gender: Some("female"),
+        price_range: (39, 899),
+    },
 ];
 
 const CATEGORIES_EN: &[Category] = &[
-    Category { name: "Women's Clothing", gender: Some("female"), price_range: (10, 150) },
-    Category { name: "Men's Clothing", gender: Some("male"), price_range: (12, 180) },
-    Category { name: "Women's Shoes", gender: Some("female"), price_range: (25, 220) },
-    Category { name: "Men's Shoes", gender: Some("male"), price_range: (30, 250) },
-    Category { name: "Electronics", gender: None, price_range: (20, 1500) },
-    Category { name: "Home & Living", gender: None, price_range: (5, 400) },
-    Category { name: "Beauty", gender: Some("female"), price_range: (4, 90) },
+    Category {
+        name: "Women's Clothing",
+        gender: Some("female"),
+        price_range: (10, 150),
+    },
+    Category {
+        name: "Men's Clothing",
+        gender: Some("male"),
+        price_range: (12, 180),
+    },
+    Category {
+        name: "Women's Shoes",
+        gender: Some("female"),
+        price_range: (25, 220),
+    },
+    Category {
+        name: "Men's Shoes",
+        gender: Some("male"),
+        price_range: (30, 250),
+    },
+    Category {
+        name: "Electronics",
+        gender: None,
+        price_range: (20, 1500),
+    },
+    Category {
+        name: "Home & Living",
+        gender: None,
+        price_range: (5, 400),
+    },
+    Category {
+        name: "Beauty",
+        gender: Some("female"),
+        price_range: (4, 90),
+    },
 ];
 
 const USER_AGENTS: &[&str] = &[
@@ -66,8 +122,22 @@ const USER_AGENTS: &[&str] = &[
     "PulseSDK/3.2.1 (Android 13; tr_TR)",
 ];
 
-const SEARCH_TR: &[&str] = &["elbise", "spor ayakkabı", "kulaklık", "mont", "parfüm", "çanta"];
-const SEARCH_EN: &[&str] = &["dress", "sneakers", "headphones", "jacket", "perfume", "bag"];
+const SEARCH_TR: &[&str] = &[
+    "elbise",
+    "spor ayakkabı",
+    "kulaklık",
+    "mont",
+    "parfüm",
+    "çanta",
+];
+const SEARCH_EN: &[&str] = &[
+    "dress",
+    "sneakers",
+    "headphones",
+    "jacket",
+    "perfume",
+    "bag",
+];
 
 /// Settings of the generator.
 #[derive(Debug, Clone)]
@@ -92,7 +162,10 @@ pub struct Clickstream {
 
 impl Clickstream {
     pub fn new(config: ClickstreamConfig) -> Self {
-        assert!(!config.partners.is_empty(), "clickstream needs at least one partner");
+        assert!(
+            !config.partners.is_empty(),
+            "clickstream needs at least one partner"
+        );
         let zipf = Zipf::new(config.users.max(1) as f64, config.zipf_exponent)
             .unwrap_or_else(|_| Zipf::new(1.0, 1.0).expect("valid zipf"));
         Self {
@@ -111,16 +184,32 @@ impl Clickstream {
         // A user's locale and device are stable: derived from the user, not drawn per session.
         let turkish = (user_n * 7 + partner as u64) % 10 < 7;
         let (country, language, categories, searches, host) = if turkish {
-            ("TR", "tr", CATEGORIES_TR, SEARCH_TR, format!("https://www.{partner_id}.com.tr"))
+            (
+                "TR",
+                "tr",
+                CATEGORIES_TR,
+                SEARCH_TR,
+                format!("https://www.{partner_id}.com.tr"),
+            )
         } else {
             let country = if user_n % 3 == 0 { "US" } else { "GB" };
-            (country, "en", CATEGORIES_EN, SEARCH_EN, format!("https://www.{partner_id}.com"))
+            (
+                country,
+                "en",
+                CATEGORIES_EN,
+                SEARCH_EN,
+                format!("https://www.{partner_id}.com"),
+            )
         };
         let user_agent = USER_AGENTS[(user_n as usize) % USER_AGENTS.len()];
         let anonymous = user_n % 10 == 9;
         let session_id = format!("s-{:016x}", rng.random::<u64>());
-        let referrer = ["https://www.google.com/", "https://www.instagram.com/", "", "https://t.co/x"]
-            [rng.random_range(0..4)];
+        let referrer = [
+            "https://www.google.com/",
+            "https://www.instagram.com/",
+            "",
+            "https://t.co/x",
+        ][rng.random_range(0..4)];
 
         let mut base = Map::new();
         base.insert("partner_id".into(), json!(partner_id));
@@ -148,20 +237,38 @@ impl Clickstream {
             }
             steps.push(m);
         };
-        step("page_view", vec![("page_type", json!("home")), ("current_url", json!(format!("{host}/")))]);
+        step(
+            "page_view",
+            vec![
+                ("page_type", json!("home")),
+                ("current_url", json!(format!("{host}/"))),
+            ],
+        );
         let category = &categories[rng.random_range(0..categories.len())];
         if rng.random_bool(0.3) {
             let q = searches[rng.random_range(0..searches.len())];
-            step("search", vec![("search_query", json!(q)), ("current_url", json!(format!("{host}/search?q={q}")))]);
+            step(
+                "search",
+                vec![
+                    ("search_query", json!(q)),
+                    ("current_url", json!(format!("{host}/search?q={q}"))),
+                ],
+            );
         }
         let gender_fields = |m: &mut Vec<(&str, Value)>| {
             if let Some(g) = category.gender {
                 m.push(("gender", json!(g)));
             }
         };
-        let mut cat = vec![("page_type", json!("category")), ("category", json!(category.name))];
+        let mut cat = vec![
+            ("page_type", json!("category")),
+            ("category", json!(category.name)),
+        ];
         gender_fields(&mut cat);
-        cat.push(("current_url", json!(format!("{host}/c/{}", slug(category.name)))));
+        cat.push((
+            "current_url",
+            json!(format!("{host}/c/{}", slug(category.name))),
+        ));
         step("page_view", cat);
         let views = rng.random_range(1..=4);
         let mut last_price = 0u32;
@@ -190,7 +297,13 @@ impl Clickstream {
                 ],
             );
             if rng.random_bool(0.4) {
-                step("purchase", vec![("cart_amount", json!(amount)), ("category", json!([category.name]))]);
+                step(
+                    "purchase",
+                    vec![
+                        ("cart_amount", json!(amount)),
+                        ("category", json!([category.name])),
+                    ],
+                );
             }
         }
         if let Some(first) = steps.first_mut() {
@@ -230,7 +343,13 @@ impl Iterator for Clickstream {
 
 fn slug(s: &str) -> String {
     s.chars()
-        .map(|c| if c.is_alphanumeric() { c.to_ascii_lowercase() } else { '-' })
+        .map(|c| {
+            if c.is_alphanumeric() {
+                c.to_ascii_lowercase()
+            } else {
+                '-'
+            }
+        })
         .collect()
 }
 
@@ -263,8 +382,9 @@ pub struct LoadReport {
     pub statuses: BTreeMap<u16, u64>,
     pub transport_errors: u64,
     pub elapsed: Duration,
-    /// Request latency in microseconds, from the request's scheduled start (so a stalled
-    /// service shows up in the tail instead of hiding behind a slower send rate).
+    /// Request latency in microseconds. Under a rate it counts from the request's scheduled
+    /// start, so a stalled service shows up in the tail instead of hiding behind a slower send
+    /// rate; without one, from when a worker sends it.
     pub latency_us: Histogram<u64>,
 }
 
@@ -296,7 +416,8 @@ struct Request {
     key: String,
     body: Vec<u8>,
     events: u64,
-    scheduled: Instant,
+    /// When the request was due, under a rate; None: as soon as a worker takes it.
+    scheduled: Option<Instant>,
 }
 
 #[derive(Default)]
@@ -327,7 +448,9 @@ impl Batcher {
 
     fn next_request(&mut self) -> (usize, Vec<u8>, u64) {
         loop {
-            let Some(g) = self.stream.next() else { continue };
+            let Some(g) = self.stream.next() else {
+                continue;
+            };
             let buf = &mut self.pending[g.partner];
             buf.push(g.event);
             if buf.len() >= self.batch {
@@ -346,7 +469,10 @@ impl Batcher {
 
 /// Runs the load and reports. Errors only for setup problems; failed requests are counted.
 pub async fn run(config: LoadConfig) -> anyhow::Result<LoadReport> {
-    anyhow::ensure!(!config.stream.partners.is_empty(), "no partners/write keys given");
+    anyhow::ensure!(
+        !config.stream.partners.is_empty(),
+        "no partners/write keys given"
+    );
     anyhow::ensure!(
         config.events.is_some() || config.duration.is_some(),
         "give a number of events or a duration"
@@ -359,15 +485,27 @@ pub async fn run(config: LoadConfig) -> anyhow::Result<LoadReport> {
     let (tx, rx) = mpsc::channel::<Request>(config.concurrency.max(1) * 4);
     let rx = Arc::new(Mutex::new(rx));
     let tally = Arc::new(std::sync::Mutex::new(Tally::default()));
-    let histogram = Arc::new(std::sync::Mutex::new(Histogram::<u64>::new_with_bounds(1, 120_000_000, 3)?));
+    let histogram = Arc::new(std::sync::Mutex::new(Histogram::<u64>::new_with_bounds(
+        1,
+        120_000_000,
+        3,
+    )?));
 
     let mut workers = Vec::new();
     for _ in 0..config.concurrency.max(1) {
-        let (rx, client, url, tally, histogram) =
-            (rx.clone(), client.clone(), url.clone(), tally.clone(), histogram.clone());
+        let (rx, client, url, tally, histogram) = (
+            rx.clone(),
+            client.clone(),
+            url.clone(),
+            tally.clone(),
+            histogram.clone(),
+        );
         workers.push(tokio::spawn(async move {
             loop {
-                let Some(req) = rx.lock().await.recv().await else { break };
+                let Some(req) = rx.lock().await.recv().await else {
+                    break;
+                };
+                let start = req.scheduled.unwrap_or_else(Instant::now);
                 let result = client
                     .post(&url)
                     .basic_auth(&req.key, Some(""))
@@ -375,7 +513,7 @@ pub async fn run(config: LoadConfig) -> anyhow::Result<LoadReport> {
                     .body(req.body)
                     .send()
                     .await;
-                let latency = req.scheduled.elapsed().as_micros() as u64;
+                let latency = start.elapsed().as_micros() as u64;
                 let status = match result {
                     Ok(resp) => {
                         let status = resp.status();
@@ -407,7 +545,12 @@ pub async fn run(config: LoadConfig) -> anyhow::Result<LoadReport> {
         }));
     }
 
-    let keys: Vec<String> = config.stream.partners.iter().map(|p| p.key.clone()).collect();
+    let keys: Vec<String> = config
+        .stream
+        .partners
+        .iter()
+        .map(|p| p.key.clone())
+        .collect();
     let mut batcher = Batcher::new(&config);
     let target = config.events.unwrap_or(u64::MAX);
     let pregenerated: Option<VecDeque<(usize, Vec<u8>, u64)>> = if config.pregenerate {
@@ -437,12 +580,17 @@ pub async fn run(config: LoadConfig) -> anyhow::Result<LoadReport> {
         let scheduled = if config.rate > 0.0 {
             let at = started + Duration::from_secs_f64(queued as f64 / config.rate);
             tokio::time::sleep_until(at.into()).await;
-            at
+            Some(at)
         } else {
-            Instant::now()
+            None
         };
         queued += events;
-        let req = Request { key: keys[partner].clone(), body, events, scheduled };
+        let req = Request {
+            key: keys[partner].clone(),
+            body,
+            events,
+            scheduled,
+        };
         if tx.send(req).await.is_err() {
             break;
         }
@@ -480,7 +628,10 @@ pub fn partners_from_keys_file(path: &std::path::Path) -> anyhow::Result<Vec<Par
         .map_err(|e| anyhow::anyhow!("reading {}: {e}", path.display()))?;
     let map: BTreeMap<String, String> = serde_json::from_str(&text)
         .map_err(|e| anyhow::anyhow!("{} must be {{\"key\": \"partner\"}}: {e}", path.display()))?;
-    Ok(map.into_iter().map(|(key, id)| Partner { id, key }).collect())
+    Ok(map
+        .into_iter()
+        .map(|(key, id)| Partner { id, key })
+        .collect())
 }
 
 #[cfg(test)]
@@ -491,8 +642,14 @@ mod tests {
     fn config() -> ClickstreamConfig {
         ClickstreamConfig {
             partners: vec![
-                Partner { id: "a".into(), key: "ka".into() },
-                Partner { id: "b".into(), key: "kb".into() },
+                Partner {
+                    id: "a".into(),
+                    key: "ka".into(),
+                },
+                Partner {
+                    id: "b".into(),
+                    key: "kb".into(),
+                },
             ],
             users: 1000,
             zipf_exponent: 1.1,
@@ -514,7 +671,10 @@ mod tests {
         let views = counts["product_view"];
         let carts = counts.get("add_to_cart").copied().unwrap_or(0);
         let purchases = counts.get("purchase").copied().unwrap_or(0);
-        assert!(views > carts && carts > purchases && purchases > 0, "{counts:?}");
+        assert!(
+            views > carts && carts > purchases && purchases > 0,
+            "{counts:?}"
+        );
     }
 
     /// Same seed, same users and sessions (message ids and times aside).
@@ -525,8 +685,14 @@ mod tests {
             v.as_object_mut().unwrap().remove("timestamp");
             v
         };
-        let a: Vec<Value> = Clickstream::new(config()).take(100).map(|g| strip(g.event)).collect();
-        let b: Vec<Value> = Clickstream::new(config()).take(100).map(|g| strip(g.event)).collect();
+        let a: Vec<Value> = Clickstream::new(config())
+            .take(100)
+            .map(|g| strip(g.event))
+            .collect();
+        let b: Vec<Value> = Clickstream::new(config())
+            .take(100)
+            .map(|g| strip(g.event))
+            .collect();
         assert_eq!(a, b);
     }
 }

@@ -81,7 +81,9 @@ impl EventPublisher {
         }
         let results = join_all(pending.into_iter().map(|p| async move {
             let Some(future) = p else {
-                return Err(PublishError::Unavailable("local produce queue is full".into()));
+                return Err(PublishError::Unavailable(
+                    "local produce queue is full".into(),
+                ));
             };
             match future.await {
                 Ok(Ok(d)) => Ok(Delivery {
@@ -93,7 +95,8 @@ impl EventPublisher {
             }
         }))
         .await;
-        metrics::histogram!(crate::metrics::PRODUCE_LATENCY).record(started.elapsed().as_secs_f64());
+        metrics::histogram!(crate::metrics::PRODUCE_LATENCY)
+            .record(started.elapsed().as_secs_f64());
         results
     }
 

@@ -18,6 +18,7 @@ use axum::extract::State;
 use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
+use axum::serve::ListenerExt;
 use axum::{Json, Router};
 use chrono::Utc;
 use metrics_exporter_prometheus::PrometheusHandle;
@@ -98,6 +99,10 @@ pub async fn serve(
         keys = state.keys.len(),
         "ingest listening"
     );
+    // Responses are small and latency matters: no Nagle delay on accepted connections.
+    let listener = listener.tap_io(|tcp| {
+        let _ = tcp.set_nodelay(true);
+    });
     axum::serve(listener, router(state))
         .with_graceful_shutdown(shutdown)
         .await?;
@@ -140,13 +145,21 @@ async fn native(State(s): State<Arc<AppState>>, headers: HeaderMap, body: Body) 
 async fn segment_track(State(s): State<Arc<AppState>>, headers: HeaderMap, body: Body) -> Response {
     handle(s, Format::Segment(SegmentCall::Track), headers, body).await
 }
-async fn segment_identify(State(s): State<Arc<AppState>>, headers: HeaderMap, body: Body) -> Response {
+async fn segment_identify(
+    State(s): State<Arc<AppState>>,
+    headers: HeaderMap,
+    body: Body,
+) -> Response {
     handle(s, Format::Segment(SegmentCall::Identify), headers, body).await
 }
 async fn segment_page(State(s): State<Arc<AppState>>, headers: HeaderMap, body: Body) -> Response {
     handle(s, Format::Segment(SegmentCall::Page), headers, body).await
 }
-async fn segment_screen(State(s): State<Arc<AppState>>, headers: HeaderMap, body: Body) -> Response {
+async fn segment_screen(
+    State(s): State<Arc<AppState>>,
+    headers: HeaderMap,
+    body: Body,
+) -> Response {
     handle(s, Format::Segment(SegmentCall::Screen), headers, body).await
 }
 async fn segment_batch(State(s): State<Arc<AppState>>, headers: HeaderMap, body: Body) -> Response {
@@ -244,7 +257,8 @@ async fn accept(
     body: Body,
 ) -> Result<Response, Rejection> {
     let limit = state.max_body_bytes;
-    let declared = header_str(headers, header::CONTENT_LENGTH).and_then(|v| v.parse::<usize>().ok());
+    let declared =
+        header_str(headers, header::CONTENT_LENGTH).and_then(|v| v.parse::<usize>().ok());
     if declared.is_some_and(|n| n > limit) {
         return Err(BodyError::TooLarge { limit }.into());
     }
@@ -264,7 +278,10 @@ async fn accept(
             let partner = authenticated(header_partner)?;
             let ndjson = body::is_ndjson(header_str(headers, header::CONTENT_TYPE));
             let items = body::split_events(text, ndjson, state.limits.max_batch_events)?;
-            (partner, items.iter().map(|t| parse_event(t, &ctx)).collect())
+            (
+                partner,
+                items.iter().map(|t| parse_event(t, &ctx)).collect(),
+            )
         }
         Format::Segment(call) => {
             let partner = match header_partner {
@@ -274,12 +291,17 @@ async fn accept(
                 },
                 other => authenticated(other)?,
             };
-            (partner, vec![parse_segment(text, Some(call), partner, &ctx)])
+            (
+                partner,
+                vec![parse_segment(text, Some(call), partner, &ctx)],
+            )
         }
         Format::SegmentBatch => {
             let batch = body::split_segment_batch(text, state.limits.max_batch_events)?;
             let partner = match (header_partner, &batch.write_key) {
-                (Err(AuthFailure::Missing), Some(key)) => authenticated(state.keys.partner_of(key))?,
+                (Err(AuthFailure::Missing), Some(key)) => {
+                    authenticated(state.keys.partner_of(key))?
+                }
                 (other, _) => authenticated(other)?,
             };
             let items = batch
@@ -332,7 +354,9 @@ async fn accept(
     }
     let response = match format {
         // Segment's own API answers exactly this; its SDKs only look at the status.
-        Format::Segment(_) | Format::SegmentBatch => Json(json!({ "success": true })).into_response(),
+        Format::Segment(_) | Format::SegmentBatch => {
+            Json(json!({ "success": true })).into_response()
+        }
         Format::Native => Json(json!({
             "accepted": accepted,
             "message_ids": events.iter().map(|e| e.message_id.as_str()).collect::<Vec<_>>(),
@@ -356,7 +380,10 @@ fn authenticated(result: Result<&str, AuthFailure>) -> Result<&str, Rejection> {
 
 /// All events valid and of the key's partner, or a 400/403 listing the bad ones. A request is
 /// all or nothing at this stage, so a client never has to work out which half got in.
-fn validate(parsed: Vec<Result<Event, EventError>>, partner: &str) -> Result<Vec<Event>, Rejection> {
+fn validate(
+    parsed: Vec<Result<Event, EventError>>,
+    partner: &str,
+) -> Result<Vec<Event>, Rejection> {
     let total = parsed.len();
     let mut events = Vec::with_capacity(total);
     let mut invalid = Vec::new();
@@ -415,8 +442,10 @@ async fn readyz(State(state): State<Arc<AppState>>) -> Response {
     let check =
         tokio::task::spawn_blocking(move || publisher.check_topic(Duration::from_secs(2))).await;
     match check {
-        Ok(Ok(partitions)) => Json(json!({"status": "ready", "topic": state.publisher.topic(), "partitions": partitions}))
-            .into_response(),
+        Ok(Ok(partitions)) => Json(
+            json!({"status": "ready", "topic": state.publisher.topic(), "partitions": partitions}),
+        )
+        .into_response(),
         Ok(Err(e)) => (
             StatusCode::SERVICE_UNAVAILABLE,
             Json(json!({"status": "not ready", "error": e})),

@@ -1,1 +1,162 @@
+//! Helpers for end-to-end tests against the real local stack (`deploy/local/stack up`).
+//!
+//! Each test uses its own topics (unique names), so tests run in parallel and never see each
+//! other's records.
 
+use std::collections::HashMap;
+use std::time::{Duration, Instant};
+
+use pulse_core::kafka::{ensure_topics, KafkaArgs, TopicSpec};
+use pulse_ingest::IngestConfig;
+use rdkafka::consumer::{BaseConsumer, Consumer};
+use rdkafka::{Message, Offset, TopicPartitionList};
+use tokio::sync::oneshot;
+use tokio::task::JoinHandle;
+
+/// How long a test waits for something that should happen before calling it a failure. Not a
+/// performance bound: on a healthy stack everything arrives within a second or two.
+pub const PATIENCE: Duration = Duration::from_secs(60);
+
+pub fn brokers() -> String {
+    std::env::var("PULSE_KAFKA_BROKERS").unwrap_or_else(|_| "localhost:9092".into())
+}
+
+pub fn unique(prefix: &str) -> String {
+    format!("{prefix}-{}", uuid::Uuid::new_v4().simple())
+}
+
+/// Creates a fresh topic with `partitions` partitions.
+pub async fn create_topic(prefix: &str, partitions: i32) -> String {
+    let name = unique(prefix);
+    ensure_topics(
+        &KafkaArgs::with_brokers(brokers()),
+        &[TopicSpec {
+            name: name.clone(),
+            partitions,
+            replication: 1,
+        }],
+        Duration::from_secs(30),
+    )
+    .await
+    .expect("create test topic (is the stack up? deploy/local/stack up)");
+    name
+}
+
+/// A record read back from Kafka.
+#[derive(Debug, Clone)]
+pub struct Record {
+    pub key: String,
+    pub partition: i32,
+    pub offset: i64,
+    pub payload: Vec<u8>,
+}
+
+impl Record {
+    pub fn json(&self) -> serde_json::Value {
+        serde_json::from_slice(&self.payload).expect("record payload is JSON")
+    }
+}
+
+/// Reads every record of `topic` from the beginning until `expected` are in, or PATIENCE ran
+/// out (then returns what it has; the test's assertions report the difference). With
+/// `settle`, keeps reading that much longer to catch records that should not be there.
+pub fn read_topic(topic: &str, expected: usize, settle: Duration) -> Vec<Record> {
+    let consumer: BaseConsumer = KafkaArgs::with_brokers(brokers())
+        .consumer_config(&unique("test-reader"))
+        .create()
+        .expect("consumer");
+    let md = consumer
+        .fetch_metadata(Some(topic), Duration::from_secs(10))
+        .expect("metadata");
+    let mut tpl = TopicPartitionList::new();
+    for t in md.topics() {
+        for p in t.partitions() {
+            tpl.add_partition_offset(topic, p.id(), Offset::Beginning)
+                .expect("partition");
+        }
+    }
+    consumer.assign(&tpl).expect("assign");
+    let mut out = Vec::new();
+    let deadline = Instant::now() + PATIENCE;
+    let mut settle_until: Option<Instant> = None;
+    loop {
+        let now = Instant::now();
+        if now > deadline || settle_until.is_some_and(|s| now > s) {
+            break;
+        }
+        if out.len() >= expected && settle_until.is_none() {
+            if settle.is_zero() {
+                break;
+            }
+            settle_until = Some(now + settle);
+        }
+        if let Some(Ok(m)) = consumer.poll(Duration::from_millis(200)) {
+            out.push(Record {
+                key: m
+                    .key()
+                    .map(|k| String::from_utf8_lossy(k).into_owned())
+                    .unwrap_or_default(),
+                partition: m.partition(),
+                offset: m.offset(),
+                payload: m.payload().unwrap_or_default().to_vec(),
+            });
+        }
+    }
+    out
+}
+
+/// Records grouped by key → the set of partitions each key was seen on.
+pub fn partitions_by_key(records: &[Record]) -> HashMap<String, Vec<i32>> {
+    let mut map: HashMap<String, Vec<i32>> = HashMap::new();
+    for r in records {
+        let v = map.entry(r.key.clone()).or_default();
+        if !v.contains(&r.partition) {
+            v.push(r.partition);
+        }
+    }
+    map
+}
+
+/// An ingest service running in this process, on a free port.
+pub struct RunningIngest {
+    pub url: String,
+    shutdown: Option<oneshot::Sender<()>>,
+    task: Option<JoinHandle<Result<(), pulse_ingest::IngestError>>>,
+}
+
+impl RunningIngest {
+    pub async fn start(config: IngestConfig) -> Self {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
+        let url = format!("http://{}", listener.local_addr().expect("addr"));
+        let (tx, rx) = oneshot::channel();
+        let task = tokio::spawn(pulse_ingest::serve(config, listener, async {
+            let _ = rx.await;
+        }));
+        Self {
+            url,
+            shutdown: Some(tx),
+            task: Some(task),
+        }
+    }
+
+    /// Graceful stop; returns what `serve` returned.
+    pub async fn stop(mut self) -> Result<(), pulse_ingest::IngestError> {
+        if let Some(tx) = self.shutdown.take() {
+            let _ = tx.send(());
+        }
+        match self.task.take() {
+            Some(task) => task.await.expect("ingest task panicked"),
+            None => Ok(()),
+        }
+    }
+}
+
+/// Ingest config for tests: our brokers, `topic`, and two partners' keys.
+pub fn ingest_config(topic: &str) -> IngestConfig {
+    let mut c = IngestConfig::for_brokers(&brokers());
+    c.topic = topic.to_string();
+    c.write_keys = vec!["key-a=partner-a".into(), "key-b=partner-b".into()];
+    c
+}

@@ -6,7 +6,11 @@ use clap::{Parser, Subcommand};
 use pulse_core::kafka::{ensure_topics, KafkaArgs, TopicArgs, TopicOutcome, TopicSpec};
 
 #[derive(Parser)]
-#[command(name = "pulse-admin", about = "Provision Pulse's Kafka topics", version)]
+#[command(
+    name = "pulse-admin",
+    about = "Provision Pulse's Kafka topics",
+    version
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -51,17 +55,38 @@ struct EnsureArgs {
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     pulse_core::telemetry::init_tracing();
-    let Cli { command: Command::Topics { command: TopicsCommand::Ensure(args) } } = Cli::parse();
+    let Cli {
+        command: Command::Topics {
+            command: TopicsCommand::Ensure(args),
+        },
+    } = Cli::parse();
     let specs = [
-        TopicSpec { name: args.topics.events.clone(), partitions: args.partitions, replication: args.replication },
-        TopicSpec { name: args.topics.dlq.clone(), partitions: args.aux_partitions, replication: args.replication },
-        TopicSpec { name: args.topics.triggers.clone(), partitions: args.aux_partitions, replication: args.replication },
+        TopicSpec {
+            name: args.topics.events.clone(),
+            partitions: args.partitions,
+            replication: args.replication,
+        },
+        TopicSpec {
+            name: args.topics.dlq.clone(),
+            partitions: args.aux_partitions,
+            replication: args.replication,
+        },
+        TopicSpec {
+            name: args.topics.triggers.clone(),
+            partitions: args.aux_partitions,
+            replication: args.replication,
+        },
     ];
-    let outcomes = ensure_topics(&args.kafka, &specs, Duration::from_secs(args.timeout_secs)).await?;
+    let outcomes =
+        ensure_topics(&args.kafka, &specs, Duration::from_secs(args.timeout_secs)).await?;
     for o in outcomes {
         match o {
-            TopicOutcome::Created { name, partitions } => println!("created {name} ({partitions} partitions)"),
-            TopicOutcome::Exists { name, partitions } => println!("ok      {name} ({partitions} partitions)"),
+            TopicOutcome::Created { name, partitions } => {
+                println!("created {name} ({partitions} partitions)")
+            }
+            TopicOutcome::Exists { name, partitions } => {
+                println!("ok      {name} ({partitions} partitions)")
+            }
         }
     }
     Ok(())

@@ -1,0 +1,468 @@
+//! Ingest against the real Kafka broker: what is accepted is in the topic, with the right key,
+//! partition and content; what is not is answered with a status and a message that says why.
+
+use std::collections::HashSet;
+use std::io::Write;
+use std::time::Duration;
+
+use pulse_core::Event;
+use pulse_tests::*;
+use reqwest::StatusCode;
+use serde_json::{json, Value};
+
+fn client() -> reqwest::Client {
+    reqwest::Client::new()
+}
+
+async fn post(
+    url: &str,
+    path: &str,
+    key: Option<&str>,
+    body: impl Into<reqwest::Body>,
+) -> (StatusCode, Value) {
+    let mut req = client()
+        .post(format!("{url}{path}"))
+        .header("content-type", "application/json")
+        .body(body);
+    if let Some(key) = key {
+        req = req.basic_auth(key, Some(""));
+    }
+    let resp = req.send().await.expect("request");
+    let status = resp.status();
+    let body = resp.json::<Value>().await.unwrap_or(Value::Null);
+    (status, body)
+}
+
+fn event(user: &str, i: usize) -> Value {
+    json!({
+        "event": if i % 3 == 0 { "add_to_cart" } else { "product_view" },
+        "partner_id": "partner-a",
+        "user_id": user,
+        "message_id": format!("m-{user}-{i}"),
+        "timestamp": 1_795_255_200_000_i64 + i as i64,
+        "cart_amount": format!("{}.{:02}", i, i % 100),
+        "category": ["Kadın Giyim", "Elektronik"],
+        "country": "tr",
+    })
+}
+
+#[tokio::test]
+async fn accepted_events_are_in_kafka_with_key_partition_and_content() {
+    let topic = create_topic("it-events", 100).await;
+    let ingest = RunningIngest::start(ingest_config(&topic)).await;
+
+    // 10 users × 12 events, sent as one array, as NDJSON and gzip-compressed single events.
+    let users: Vec<String> = (0..10).map(|u| format!("user-{u}")).collect();
+    let mut sent: Vec<Value> = Vec::new();
+    for (u, user) in users.iter().enumerate() {
+        for i in 0..12 {
+            let mut e = event(user, i);
+            e["seq"] = json!(u * 100 + i);
+            sent.push(e);
+        }
+    }
+    let (array, rest) = sent.split_at(60);
+    let (ndjson, gzip_single) = rest.split_at(50);
+
+    let (status, body) = post(
+        &ingest.url,
+        "/v1/events",
+        Some("key-a"),
+        serde_json::to_vec(array).unwrap(),
+    )
+    .await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    assert_eq!(body["accepted"], json!(60));
+    let ids: Vec<&str> = body["message_ids"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|v| v.as_str().unwrap())
+        .collect();
+    assert_eq!(
+        ids,
+        array
+            .iter()
+            .map(|e| e["message_id"].as_str().unwrap())
+            .collect::<Vec<_>>()
+    );
+
+    let lines: String = ndjson.iter().map(|e| format!("{e}\n")).collect();
+    let resp = client()
+        .post(format!("{}/v1/events", ingest.url))
+        .basic_auth("key-a", Some(""))
+        .header("content-type", "application/x-ndjson")
+        .body(lines)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), StatusCode::OK);
+
+    for e in gzip_single {
+        let mut enc = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::default());
+        enc.write_all(e.to_string().as_bytes()).unwrap();
+        let resp = client()
+            .post(format!("{}/v1/events", ingest.url))
+            .header("authorization", "Bearer key-a")
+            .header("content-encoding", "gzip")
+            .body(enc.finish().unwrap())
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(resp.status(), StatusCode::OK);
+    }
+
+    let records = read_topic(&topic, sent.len(), Duration::from_secs(1));
+    assert_eq!(
+        records.len(),
+        sent.len(),
+        "every accepted event is in the topic, once"
+    );
+
+    // Key = partner:user; one user → one partition; offsets on it in send order.
+    let by_key = partitions_by_key(&records);
+    assert_eq!(by_key.len(), users.len());
+    for user in &users {
+        let parts = &by_key[&format!("partner-a:{user}")];
+        assert_eq!(parts.len(), 1, "{user} spread over partitions {parts:?}");
+    }
+    let distinct: HashSet<i32> = records.iter().map(|r| r.partition).collect();
+    assert!(distinct.len() > 1, "keys are spread over partitions");
+
+    // Content: every sent event is there, normalised, with its message_id, exact amount, and
+    // unknown fields (`seq`) kept under properties.
+    for r in &records {
+        let e = Event::from_canonical_json(&r.payload).expect("canonical event");
+        let seq = e.properties.as_ref().unwrap()["seq"].as_u64().unwrap() as usize;
+        let original = sent.iter().find(|s| s["seq"] == json!(seq)).unwrap();
+        assert_eq!(e.message_id, original["message_id"].as_str().unwrap());
+        assert_eq!(
+            r.key,
+            format!("partner-a:{}", original["user_id"].as_str().unwrap())
+        );
+        assert_eq!(
+            e.cart_amount.unwrap().to_string(),
+            original["cart_amount"].as_str().unwrap()
+        );
+        assert_eq!(e.country.as_deref(), Some("TR"));
+        assert_eq!(e.category, vec!["Kadın Giyim", "Elektronik"]);
+        assert_eq!(
+            e.timestamp.timestamp_millis(),
+            original["timestamp"].as_i64().unwrap()
+        );
+    }
+    // Per-user order: within a user's partition, seq increases with the offset.
+    for user in &users {
+        let mut mine: Vec<_> = records
+            .iter()
+            .filter(|r| r.key.ends_with(&format!(":{user}")))
+            .collect();
+        mine.sort_by_key(|r| r.offset);
+        let seqs: Vec<u64> = mine
+            .iter()
+            .map(|r| r.json()["properties"]["seq"].as_u64().unwrap())
+            .collect();
+        let mut sorted = seqs.clone();
+        sorted.sort();
+        assert_eq!(seqs, sorted, "order of {user}");
+    }
+    ingest.stop().await.expect("graceful stop");
+}
+
+#[tokio::test]
+async fn segment_endpoints_accept_segment_payloads() {
+    let topic = create_topic("it-segment", 4).await;
+    let ingest = RunningIngest::start(ingest_config(&topic)).await;
+
+    // analytics-node style: write key as the Basic user.
+    let track = json!({
+        "type": "track", "event": "Product Added", "userId": "019mr8mf4r", "messageId": "seg-1",
+        "timestamp": "2026-11-21T09:30:00.000Z",
+        "properties": {"product_id": "507f1f77bcf86cd799439011", "sku": "G-32", "category": "Games",
+            "name": "Monopoly: 3rd Edition", "brand": "Hasbro", "price": 18.99, "quantity": 1},
+        "context": {"ip": "8.8.8.8", "locale": "en-GB", "userAgent": "Mozilla/5.0 (Macintosh)",
+            "page": {"url": "https://shop/p/1", "referrer": "https://google.com"}},
+    });
+    let (status, body) = post(&ingest.url, "/v1/track", Some("key-b"), track.to_string()).await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    assert_eq!(body, json!({"success": true}));
+
+    let identify = json!({"userId": "019mr8mf4r", "messageId": "seg-2", "traits": {"gender": "female", "plan": "premium"}});
+    assert_eq!(
+        post(
+            &ingest.url,
+            "/v1/identify",
+            Some("key-b"),
+            identify.to_string()
+        )
+        .await
+        .0,
+        StatusCode::OK
+    );
+    let page = json!({"anonymousId": "anon-7", "messageId": "seg-3", "name": "Home", "properties": {"url": "https://shop/"}});
+    assert_eq!(
+        post(&ingest.url, "/v1/page", Some("key-b"), page.to_string())
+            .await
+            .0,
+        StatusCode::OK
+    );
+
+    // analytics.js style batch: key in the body, no Authorization header.
+    let batch = json!({
+        "writeKey": "key-b",
+        "batch": [
+            {"type": "track", "event": "Order Completed", "userId": "019mr8mf4r", "messageId": "seg-4",
+             "properties": {"order_id": "50314b8e", "total": 27.50, "revenue": 25.00, "currency": "USD"}},
+            {"type": "page", "anonymousId": "anon-7", "messageId": "seg-5"}
+        ]
+    });
+    let (status, body) = post(&ingest.url, "/v1/batch", None, batch.to_string()).await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+
+    let records = read_topic(&topic, 5, Duration::from_secs(1));
+    assert_eq!(records.len(), 5);
+    let by_id = |id: &str| -> Event {
+        records
+            .iter()
+            .map(|r| Event::from_canonical_json(&r.payload).unwrap())
+            .find(|e| e.message_id == id)
+            .unwrap_or_else(|| panic!("{id} missing"))
+    };
+    let added = by_id("seg-1");
+    assert_eq!(added.event, "add_to_cart");
+    assert_eq!(added.partner_id, "partner-b");
+    assert_eq!(added.cart_amount.unwrap().to_string(), "18.99");
+    assert_eq!(
+        added.product_id.as_deref(),
+        Some("507f1f77bcf86cd799439011")
+    );
+    assert_eq!(
+        (added.language.as_deref(), added.country.as_deref()),
+        (Some("en"), Some("GB"))
+    );
+    assert_eq!(added.current_url.as_deref(), Some("https://shop/p/1"));
+    assert_eq!(by_id("seg-2").gender.as_deref(), Some("female"));
+    assert_eq!(by_id("seg-3").event, "page_view");
+    let order = by_id("seg-4");
+    assert_eq!(
+        (order.event.as_str(), order.cart_amount.unwrap().to_string()),
+        ("purchase", "27.5".into())
+    );
+    assert!(records.iter().all(|r| r.key.starts_with("partner-b:")));
+    ingest.stop().await.unwrap();
+}
+
+#[tokio::test]
+async fn bad_input_gets_status_and_message_and_writes_nothing() {
+    let topic = create_topic("it-bad", 4).await;
+    let mut config = ingest_config(&topic);
+    config.max_body_bytes = 64 * 1024;
+    config.max_batch_events = 10;
+    let ingest = RunningIngest::start(config).await;
+    let url = ingest.url.clone();
+    let ok = |user: &str| json!({"event": "page_view", "partner_id": "partner-a", "user_id": user});
+
+    struct Case {
+        name: &'static str,
+        key: Option<&'static str>,
+        body: Vec<u8>,
+        headers: Vec<(&'static str, &'static str)>,
+        status: StatusCode,
+        message: &'static str,
+    }
+    let case = |name, key, body: Vec<u8>, status, message| Case {
+        name,
+        key,
+        body,
+        headers: vec![],
+        status,
+        message,
+    };
+    let big_event = json!({"event": "x", "partner_id": "partner-a", "user_id": "u", "properties": {"b": "x".repeat(40_000)}});
+    let mut cases = vec![
+        case("malformed", Some("key-a"), b"{\"event\": ".to_vec(), StatusCode::BAD_REQUEST, "malformed JSON"),
+        case("malformed array", Some("key-a"), b"[{\"event\": 1},".to_vec(), StatusCode::BAD_REQUEST, "malformed JSON array"),
+        case("not an object", Some("key-a"), b"42".to_vec(), StatusCode::BAD_REQUEST, "expected an object, got a number"),
+        case("empty", Some("key-a"), b"  ".to_vec(), StatusCode::BAD_REQUEST, "request body is empty"),
+        case("not utf-8", Some("key-a"), vec![0xff, 0xfe, b'{'], StatusCode::BAD_REQUEST, "not valid UTF-8"),
+        case("missing event", Some("key-a"), json!({"partner_id": "partner-a", "user_id": "u"}).to_string().into(), StatusCode::BAD_REQUEST, "event: required field is missing"),
+        case("missing user", Some("key-a"), json!({"event": "x", "partner_id": "partner-a"}).to_string().into(), StatusCode::BAD_REQUEST, "user_id: required field is missing"),
+        case("wrong type", Some("key-a"), json!({"event": "purchase", "partner_id": "partner-a", "user_id": "u", "cart_amount": true}).to_string().into(), StatusCode::BAD_REQUEST, "cart_amount: expected a number or decimal string, got true"),
+        case("wrong timestamp", Some("key-a"), json!({"event": "x", "partner_id": "partner-a", "user_id": "u", "timestamp": "yesterday"}).to_string().into(), StatusCode::BAD_REQUEST, "timestamp: expected an RFC 3339"),
+        case("bad one in batch", Some("key-a"), json!([ok("u1"), ok("u2"), {"event": "x", "partner_id": "partner-a", "user_id": ["u"]}]).to_string().into(), StatusCode::BAD_REQUEST, "first: event 2: user_id: expected a string, got an array"),
+        case("oversized event", Some("key-a"), big_event.to_string().into(), StatusCode::BAD_REQUEST, "the limit is 32768 bytes"),
+        case("oversized body", Some("key-a"), json!([big_event, big_event]).to_string().into(), StatusCode::PAYLOAD_TOO_LARGE, "larger than 65536 bytes"),
+        case("too many events", Some("key-a"), serde_json::to_vec(&(0..11).map(|i| ok(&i.to_string())).collect::<Vec<_>>()).unwrap(), StatusCode::PAYLOAD_TOO_LARGE, "batch has 11 events; the limit is 10"),
+        case("no key", None, ok("u").to_string().into(), StatusCode::UNAUTHORIZED, "missing write key"),
+        case("unknown key", Some("nope"), ok("u").to_string().into(), StatusCode::UNAUTHORIZED, "unknown write key"),
+        case("other partner", Some("key-b"), ok("u").to_string().into(), StatusCode::FORBIDDEN, "partner_id: \"partner-a\" is not the partner of this write key"),
+        case("segment batch shape", Some("key-a"), b"{\"events\": []}".to_vec(), StatusCode::BAD_REQUEST, "expected {\"batch\""),
+    ];
+    let mut gz_bad = case(
+        "bad gzip",
+        Some("key-a"),
+        b"not gzip".to_vec(),
+        StatusCode::BAD_REQUEST,
+        "not valid gzip",
+    );
+    gz_bad.headers.push(("content-encoding", "gzip"));
+    let mut br = case(
+        "unsupported encoding",
+        Some("key-a"),
+        b"x".to_vec(),
+        StatusCode::UNSUPPORTED_MEDIA_TYPE,
+        "unsupported Content-Encoding",
+    );
+    br.headers.push(("content-encoding", "br"));
+    // A gzip bomb: 60 KiB on the wire, 10 MiB inflated.
+    let mut bomb_body = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::best());
+    bomb_body.write_all(&vec![b' '; 10 * 1024 * 1024]).unwrap();
+    let mut bomb = case(
+        "gzip bomb",
+        Some("key-a"),
+        bomb_body.finish().unwrap(),
+        StatusCode::PAYLOAD_TOO_LARGE,
+        "larger than 65536 bytes",
+    );
+    bomb.headers.push(("content-encoding", "gzip"));
+    cases.extend([gz_bad, br, bomb]);
+
+    for c in cases {
+        let path = if c.name == "segment batch shape" {
+            "/v1/batch"
+        } else {
+            "/v1/events"
+        };
+        let mut req = client().post(format!("{url}{path}")).body(c.body);
+        if let Some(key) = c.key {
+            req = req.basic_auth(key, Some(""));
+        }
+        for (k, v) in c.headers {
+            req = req.header(k, v);
+        }
+        let resp = req.send().await.unwrap();
+        let status = resp.status();
+        let body: Value = resp.json().await.unwrap_or(Value::Null);
+        assert_eq!(status, c.status, "{}: {body}", c.name);
+        let message = body["error"].as_str().unwrap_or_default();
+        assert!(
+            message.contains(c.message),
+            "{}: {message:?} should contain {:?}",
+            c.name,
+            c.message
+        );
+    }
+
+    // The batch error names the index and field of each bad event.
+    let (_, body) = post(
+        &url,
+        "/v1/events",
+        Some("key-a"),
+        json!([ok("u1"), {"event": 5, "partner_id": "partner-a", "user_id": "u"}, ok("u3")])
+            .to_string(),
+    )
+    .await;
+    assert_eq!(body["errors"][0]["index"], json!(1));
+    assert_eq!(body["errors"][0]["field"], json!("event"));
+
+    // Nothing of the above reached Kafka: after one valid event, the topic holds exactly one.
+    let (status, _) = post(&url, "/v1/events", Some("key-a"), ok("only").to_string()).await;
+    assert_eq!(status, StatusCode::OK);
+    let records = read_topic(&topic, 1, Duration::from_secs(2));
+    assert_eq!(records.len(), 1, "rejected requests wrote nothing");
+    assert_eq!(records[0].key, "partner-a:only");
+
+    // The rejections are counted by reason.
+    let metrics = client()
+        .get(format!("{url}/metrics"))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(
+        metrics.contains("pulse_ingest_events_rejected_total{reason=\"invalid\"}"),
+        "{metrics}"
+    );
+    assert!(metrics.contains("pulse_ingest_requests_total"), "{metrics}");
+    ingest.stop().await.unwrap();
+}
+
+#[tokio::test]
+async fn unreachable_broker_gives_503_never_2xx() {
+    // Nothing listens on port 1: every write stays unacknowledged until the message timeout.
+    let mut config = ingest_config("events");
+    config.kafka = pulse_core::kafka::KafkaArgs {
+        brokers: "127.0.0.1:1".into(),
+        options: vec![("message.timeout.ms".into(), "3000".into())],
+    };
+    config.retry_after_secs = 7;
+    let ingest = RunningIngest::start(config).await;
+
+    let body = json!([
+        {"event": "page_view", "partner_id": "partner-a", "user_id": "u1", "message_id": "lost-1"},
+        {"event": "page_view", "partner_id": "partner-a", "user_id": "u2", "message_id": "lost-2"}
+    ]);
+    let resp = client()
+        .post(format!("{}/v1/events", ingest.url))
+        .basic_auth("key-a", Some(""))
+        .body(body.to_string())
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), StatusCode::SERVICE_UNAVAILABLE);
+    assert_eq!(resp.headers()["retry-after"], "7");
+    let body: Value = resp.json().await.unwrap();
+    assert_eq!(body["accepted"], json!(0));
+    let failed: Vec<&str> = body["errors"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| e["message_id"].as_str().unwrap())
+        .collect();
+    assert_eq!(
+        failed,
+        vec!["lost-1", "lost-2"],
+        "every unacknowledged event is named"
+    );
+
+    let ready = client()
+        .get(format!("{}/readyz", ingest.url))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(ready.status(), StatusCode::SERVICE_UNAVAILABLE);
+    let healthy = client()
+        .get(format!("{}/healthz", ingest.url))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(healthy.status(), StatusCode::OK, "alive, just not ready");
+    ingest.stop().await.unwrap();
+}
+
+#[tokio::test]
+async fn ready_when_topic_exists() {
+    let topic = create_topic("it-ready", 3).await;
+    let ingest = RunningIngest::start(ingest_config(&topic)).await;
+    let resp = client()
+        .get(format!("{}/readyz", ingest.url))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), StatusCode::OK);
+    let body: Value = resp.json().await.unwrap();
+    assert_eq!(body["partitions"], json!(3));
+    ingest.stop().await.unwrap();
+
+    // A missing topic is not ready.
+    let ingest = RunningIngest::start(ingest_config(&unique("it-missing"))).await;
+    let resp = client()
+        .get(format!("{}/readyz", ingest.url))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), StatusCode::SERVICE_UNAVAILABLE);
+    ingest.stop().await.unwrap();
+}
