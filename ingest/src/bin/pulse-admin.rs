@@ -4,6 +4,8 @@ use std::time::Duration;
 
 use clap::{Parser, Subcommand};
 use pulse_core::kafka::{ensure_topics, KafkaArgs, TopicArgs, TopicOutcome, TopicSpec};
+use rdkafka::consumer::{BaseConsumer, Consumer};
+use rdkafka::{Message, Offset, TopicPartitionList};
 
 #[derive(Parser)]
 #[command(
@@ -29,6 +31,28 @@ enum Command {
 enum TopicsCommand {
     /// Create `events`, `events.dlq` and `triggers` if missing; check existing ones. Idempotent.
     Ensure(EnsureArgs),
+    /// Records per partition (high minus low watermark) of a topic.
+    Describe(InspectArgs),
+    /// Print the newest records of a topic (from its fullest partition).
+    Peek(PeekArgs),
+}
+
+#[derive(clap::Args)]
+struct InspectArgs {
+    #[command(flatten)]
+    kafka: KafkaArgs,
+    /// Topic to inspect.
+    #[arg(default_value = "events")]
+    topic: String,
+}
+
+#[derive(clap::Args)]
+struct PeekArgs {
+    #[command(flatten)]
+    inspect: InspectArgs,
+    /// How many records.
+    #[arg(long, default_value_t = 1)]
+    count: i64,
 }
 
 #[derive(clap::Args)]
@@ -56,10 +80,98 @@ struct EnsureArgs {
 async fn main() -> anyhow::Result<()> {
     pulse_core::telemetry::init_tracing();
     let Cli {
-        command: Command::Topics {
-            command: TopicsCommand::Ensure(args),
-        },
+        command: Command::Topics { command },
     } = Cli::parse();
+    match command {
+        TopicsCommand::Ensure(args) => ensure(args).await,
+        TopicsCommand::Describe(args) => describe(&args),
+        TopicsCommand::Peek(args) => peek(&args),
+    }
+}
+
+/// Low and high watermark of every partition, in partition order.
+fn watermarks(args: &InspectArgs) -> anyhow::Result<Vec<(i32, i64, i64)>> {
+    let consumer: BaseConsumer = args.kafka.client_config().create()?;
+    let md = consumer.fetch_metadata(Some(&args.topic), Duration::from_secs(10))?;
+    let topic = md
+        .topics()
+        .iter()
+        .find(|t| t.name() == args.topic && t.error().is_none())
+        .ok_or_else(|| anyhow::anyhow!("topic {} does not exist", args.topic))?;
+    let mut out = Vec::new();
+    for p in topic.partitions() {
+        let (low, high) =
+            consumer.fetch_watermarks(&args.topic, p.id(), Duration::from_secs(10))?;
+        out.push((p.id(), low, high));
+    }
+    out.sort();
+    Ok(out)
+}
+
+fn describe(args: &InspectArgs) -> anyhow::Result<()> {
+    let marks = watermarks(args)?;
+    let counts: Vec<i64> = marks.iter().map(|(_, low, high)| high - low).collect();
+    let total: i64 = counts.iter().sum();
+    println!(
+        "topic {}: {} partitions, {total} records",
+        args.topic,
+        marks.len()
+    );
+    for chunk in marks.chunks(10) {
+        let line: Vec<String> = chunk
+            .iter()
+            .map(|(p, low, high)| format!("p{p:<3}{:>7}", high - low))
+            .collect();
+        println!("  {}", line.join(" "));
+    }
+    if let (Some(min), Some(max)) = (counts.iter().min(), counts.iter().max()) {
+        println!(
+            "  min {min}, max {max}, mean {:.1}",
+            total as f64 / counts.len().max(1) as f64
+        );
+    }
+    Ok(())
+}
+
+fn peek(args: &PeekArgs) -> anyhow::Result<()> {
+    let marks = watermarks(&args.inspect)?;
+    let Some(&(partition, low, high)) = marks.iter().max_by_key(|(_, low, high)| high - low) else {
+        anyhow::bail!("topic has no partitions");
+    };
+    anyhow::ensure!(high > low, "topic {} is empty", args.inspect.topic);
+    let start = (high - args.count.max(1)).max(low);
+    let consumer: BaseConsumer = args
+        .inspect
+        .kafka
+        .consumer_config("pulse-admin-peek")
+        .create()?;
+    let mut tpl = TopicPartitionList::new();
+    tpl.add_partition_offset(&args.inspect.topic, partition, Offset::Offset(start))?;
+    consumer.assign(&tpl)?;
+    let mut seen = 0;
+    while seen < high - start {
+        match consumer.poll(Duration::from_secs(10)) {
+            Some(Ok(m)) => {
+                seen += 1;
+                let key = m.key().map(String::from_utf8_lossy).unwrap_or_default();
+                let payload = m.payload().unwrap_or_default();
+                let pretty = serde_json::from_slice::<serde_json::Value>(payload)
+                    .and_then(|v| serde_json::to_string_pretty(&v))
+                    .unwrap_or_else(|_| String::from_utf8_lossy(payload).into_owned());
+                println!(
+                    "partition {} offset {} key {key}\n{pretty}",
+                    m.partition(),
+                    m.offset()
+                );
+            }
+            Some(Err(e)) => anyhow::bail!("reading {}: {e}", args.inspect.topic),
+            None => anyhow::bail!("timed out reading {}", args.inspect.topic),
+        }
+    }
+    Ok(())
+}
+
+async fn ensure(args: EnsureArgs) -> anyhow::Result<()> {
     let specs = [
         TopicSpec {
             name: args.topics.events.clone(),
