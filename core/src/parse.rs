@@ -5,7 +5,6 @@
 //! and every error names the field it comes from.
 
 use std::borrow::Cow;
-use std::collections::HashMap;
 use std::str::FromStr;
 
 use chrono::{DateTime, Datelike, TimeZone, Utc};
@@ -71,15 +70,21 @@ const MAX_YEAR: i32 = 2100;
 
 /// Parses one native event from its JSON text.
 pub fn parse_event(json: &str, ctx: &ParseContext) -> Result<Event, EventError> {
-    if json.len() > ctx.limits.max_event_bytes {
+    check_size(json, &ctx.limits)?;
+    let object = RawObject::parse(json, "")?;
+    event_from_fields(object, ctx)
+}
+
+/// Refuses an event larger than the limit before any parsing work is spent on it.
+pub(crate) fn check_size(json: &str, limits: &Limits) -> Result<(), EventError> {
+    if json.len() > limits.max_event_bytes {
         return Err(EventError::whole(format!(
             "event is {} bytes; the limit is {} bytes",
             json.len(),
-            ctx.limits.max_event_bytes
+            limits.max_event_bytes
         )));
     }
-    let object = RawObject::parse(json, "")?;
-    event_from_fields(object, ctx)
+    Ok(())
 }
 
 /// Builds an event from a field map. Shared by the native form and the Segment mapping, which
@@ -181,44 +186,45 @@ fn truncate_to_millis(t: DateTime<Utc>) -> DateTime<Utc> {
 pub(crate) struct RawObject<'a> {
     /// Dotted path of this object, for error messages (`""` at the top, `"context."` below).
     prefix: String,
-    fields: HashMap<String, Cow<'a, RawValue>>,
+    /// An event has a couple of dozen fields: a vector searched linearly beats hashing them.
+    fields: Vec<(Cow<'a, str>, Cow<'a, RawValue>)>,
 }
 
 impl<'a> RawObject<'a> {
     /// Parses `json` as an object. `prefix` names where it sits (`"context."`), for messages.
     pub(crate) fn parse(json: &'a str, prefix: &str) -> Result<Self, EventError> {
-        let fields: HashMap<String, &'a RawValue> =
+        let FieldList(fields) =
             serde_json::from_str(json).map_err(|e| not_an_object(json, prefix, &e))?;
         Ok(Self {
             prefix: prefix.to_string(),
-            fields: fields
-                .into_iter()
-                .map(|(k, v)| (k, Cow::Borrowed(v)))
-                .collect(),
+            fields,
         })
     }
 
     pub(crate) fn take(&mut self, key: &str) -> Option<Cow<'a, RawValue>> {
-        self.fields.remove(key)
+        let i = self.fields.iter().position(|(k, _)| k == key)?;
+        Some(self.fields.swap_remove(i).1)
     }
 
     pub(crate) fn contains(&self, key: &str) -> bool {
-        self.fields.contains_key(key)
+        self.fields.iter().any(|(k, _)| k == key)
     }
 
     /// Sets `key` unless the object already has it: translated fields never override ones the
     /// client sent under the native name.
     pub(crate) fn insert_if_absent(&mut self, key: &str, value: Cow<'a, RawValue>) {
-        self.fields.entry(key.to_string()).or_insert(value);
+        if !self.contains(key) {
+            self.fields.push((Cow::Owned(key.to_string()), value));
+        }
     }
 
     /// Moves `from` to `to` unless `to` is already set (then `from` stays, as an extra field).
     pub(crate) fn rename(&mut self, from: &str, to: &str) {
-        if self.fields.contains_key(to) {
+        if self.contains(to) {
             return;
         }
-        if let Some(v) = self.fields.remove(from) {
-            self.fields.insert(to.to_string(), v);
+        if let Some(v) = self.take(from) {
+            self.fields.push((Cow::Owned(to.to_string()), v));
         }
     }
 
@@ -238,20 +244,33 @@ impl<'a> RawObject<'a> {
         key: &str,
         max_chars: usize,
     ) -> Result<Option<String>, EventError> {
-        let Some(raw) = self.fields.remove(key) else {
+        let Some(raw) = self.take(key) else {
             return Ok(None);
         };
-        let text = match self.value(key, &raw)? {
-            Value::Null => return Ok(None),
-            Value::String(s) => s,
-            Value::Number(n) => n.to_string(),
-            other => return Err(EventError::expected(&self.path(key), "a string", &other)),
+        // Fast path for the common case, a JSON string: borrowed when it has no escapes.
+        let owned: Cow<'_, str> = if raw.get().starts_with('"') {
+            match serde_json::from_str::<Text<'_>>(raw.get()) {
+                Ok(Text(t)) => t,
+                Err(e) => {
+                    return Err(EventError::field(
+                        self.path(key),
+                        format!("invalid JSON: {e}"),
+                    ))
+                }
+            }
+        } else {
+            match self.value(key, &raw)? {
+                Value::Null => return Ok(None),
+                Value::Number(n) => Cow::Owned(n.to_string()),
+                other => return Err(EventError::expected(&self.path(key), "a string", &other)),
+            }
         };
-        let text = text.trim();
+        let text = owned.trim();
         if text.is_empty() {
             return Ok(None);
         }
-        if text.chars().count() > max_chars {
+        // Byte length bounds the character count: only count characters when it matters.
+        if text.len() > max_chars && text.chars().count() > max_chars {
             return Err(EventError::field(
                 self.path(key),
                 format!("longer than {max_chars} characters"),
@@ -262,7 +281,7 @@ impl<'a> RawObject<'a> {
 
     /// An exact decimal, from a JSON number or a decimal string.
     pub(crate) fn decimal(&mut self, key: &str) -> Result<Option<Decimal>, EventError> {
-        let Some(raw) = self.fields.remove(key) else {
+        let Some(raw) = self.take(key) else {
             return Ok(None);
         };
         let text = raw.get().trim();
@@ -299,7 +318,7 @@ impl<'a> RawObject<'a> {
 
     /// RFC 3339 text, or epoch seconds / milliseconds as a number or a digit string.
     pub(crate) fn timestamp(&mut self, key: &str) -> Result<Option<DateTime<Utc>>, EventError> {
-        let Some(raw) = self.fields.remove(key) else {
+        let Some(raw) = self.take(key) else {
             return Ok(None);
         };
         let value = self.value(key, &raw)?;
@@ -336,7 +355,7 @@ impl<'a> RawObject<'a> {
 
     /// `true`/`false`, also as strings, since form-encoded SDKs send them that way.
     pub(crate) fn boolean(&mut self, key: &str) -> Result<Option<bool>, EventError> {
-        let Some(raw) = self.fields.remove(key) else {
+        let Some(raw) = self.take(key) else {
             return Ok(None);
         };
         match self.value(key, &raw)? {
@@ -354,7 +373,7 @@ impl<'a> RawObject<'a> {
 
     /// A string or a list of strings; blanks dropped, duplicates kept once, order kept.
     pub(crate) fn categories(&mut self, key: &str, max: usize) -> Result<Vec<String>, EventError> {
-        let Some(raw) = self.fields.remove(key) else {
+        let Some(raw) = self.take(key) else {
             return Ok(Vec::new());
         };
         let items = match self.value(key, &raw)? {
@@ -400,7 +419,7 @@ impl<'a> RawObject<'a> {
 
     /// A free JSON object (null → absent).
     pub(crate) fn object(&mut self, key: &str) -> Result<Option<Map<String, Value>>, EventError> {
-        let Some(raw) = self.fields.remove(key) else {
+        let Some(raw) = self.take(key) else {
             return Ok(None);
         };
         match self.value(key, &raw)? {
@@ -415,12 +434,68 @@ impl<'a> RawObject<'a> {
     pub(crate) fn into_rest(self) -> Result<Map<String, Value>, EventError> {
         let mut out = Map::new();
         for (k, raw) in &self.fields {
-            if NATIVE_FIELDS.contains(&k.as_str()) {
+            if NATIVE_FIELDS.contains(&k.as_ref()) {
                 continue;
             }
-            out.insert(k.clone(), self.value(k, raw)?);
+            out.insert(k.to_string(), self.value(k, raw)?);
         }
         Ok(out)
+    }
+}
+
+/// A JSON object's fields in order, keys and values borrowed from the input where possible.
+/// A repeated key keeps its last value, as serde_json's own maps do.
+struct FieldList<'a>(Vec<(Cow<'a, str>, Cow<'a, RawValue>)>);
+
+impl<'de> serde::Deserialize<'de> for FieldList<'de> {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct Visit;
+        impl<'de> serde::de::Visitor<'de> for Visit {
+            type Value = FieldList<'de>;
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("an object")
+            }
+            fn visit_map<M: serde::de::MapAccess<'de>>(
+                self,
+                mut map: M,
+            ) -> Result<Self::Value, M::Error> {
+                let mut fields: Vec<(Cow<'de, str>, Cow<'de, RawValue>)> = Vec::with_capacity(24);
+                while let Some(Text(key)) = map.next_key::<Text<'de>>()? {
+                    let value: &'de RawValue = map.next_value()?;
+                    match fields.iter_mut().find(|(k, _)| *k == key) {
+                        Some(slot) => slot.1 = Cow::Borrowed(value),
+                        None => fields.push((key, Cow::Borrowed(value))),
+                    }
+                }
+                Ok(FieldList(fields))
+            }
+        }
+        d.deserialize_map(Visit)
+    }
+}
+
+/// A JSON string, borrowed when it has no escape sequences.
+struct Text<'a>(Cow<'a, str>);
+
+impl<'de> serde::Deserialize<'de> for Text<'de> {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct Visit;
+        impl<'de> serde::de::Visitor<'de> for Visit {
+            type Value = Text<'de>;
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("a string")
+            }
+            fn visit_borrowed_str<E>(self, v: &'de str) -> Result<Self::Value, E> {
+                Ok(Text(Cow::Borrowed(v)))
+            }
+            fn visit_str<E>(self, v: &str) -> Result<Self::Value, E> {
+                Ok(Text(Cow::Owned(v.to_string())))
+            }
+            fn visit_string<E>(self, v: String) -> Result<Self::Value, E> {
+                Ok(Text(Cow::Owned(v)))
+            }
+        }
+        d.deserialize_str(Visit)
     }
 }
 

@@ -12,7 +12,7 @@ use serde_json::{Map, Value};
 
 use crate::error::EventError;
 use crate::event::Event;
-use crate::parse::{event_from_fields, ParseContext, RawObject};
+use crate::parse::{check_size, event_from_fields, ParseContext, RawObject};
 
 /// The Segment call types.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -70,13 +70,7 @@ pub fn parse_segment(
     partner_id: &str,
     ctx: &ParseContext,
 ) -> Result<Event, EventError> {
-    if json.len() > ctx.limits.max_event_bytes {
-        return Err(EventError::whole(format!(
-            "event is {} bytes; the limit is {} bytes",
-            json.len(),
-            ctx.limits.max_event_bytes
-        )));
-    }
+    check_size(json, &ctx.limits)?;
     let mut f = RawObject::parse(json, "")?;
     let stated = f.string("type", 32)?;
     let call = match (call, stated) {

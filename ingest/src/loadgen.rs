@@ -192,7 +192,7 @@ impl Clickstream {
                 format!("https://www.{partner_id}.com.tr"),
             )
         } else {
-            let country = if user_n % 3 == 0 { "US" } else { "GB" };
+            let country = if user_n.is_multiple_of(3) { "US" } else { "GB" };
             (
                 country,
                 "en",

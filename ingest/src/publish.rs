@@ -2,12 +2,17 @@
 
 use std::time::{Duration, Instant};
 
-use futures::future::join_all;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+
 use pulse_core::kafka::KafkaArgs;
 use pulse_core::Event;
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
-use rdkafka::producer::{FutureProducer, FutureRecord, Producer};
+use rdkafka::message::Message;
+use rdkafka::producer::{BaseRecord, DeliveryResult, Producer, ProducerContext, ThreadedProducer};
 use rdkafka::util::Timeout;
+use rdkafka::ClientContext;
+use tokio::sync::oneshot;
 
 /// Where Kafka stored an event.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -41,17 +46,64 @@ impl PublishError {
     }
 }
 
+/// Acknowledgements of one request's events. librdkafka reports each event on its own; the
+/// request waits once, for the last one, instead of polling a future per event.
+struct BatchAcks {
+    results: Mutex<Vec<Option<Result<Delivery, PublishError>>>>,
+    remaining: AtomicUsize,
+    done: Mutex<Option<oneshot::Sender<()>>>,
+}
+
+impl BatchAcks {
+    fn record(&self, index: usize, result: Result<Delivery, PublishError>) {
+        if let Some(slot) = self
+            .results
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get_mut(index)
+        {
+            *slot = Some(result);
+        }
+        if self.remaining.fetch_sub(1, Ordering::AcqRel) == 1 {
+            if let Some(tx) = self.done.lock().unwrap_or_else(|p| p.into_inner()).take() {
+                let _ = tx.send(());
+            }
+        }
+    }
+}
+
+/// Routes librdkafka's delivery reports to the waiting request.
+struct AckRouter;
+
+impl ClientContext for AckRouter {}
+
+impl ProducerContext for AckRouter {
+    type DeliveryOpaque = Box<(Arc<BatchAcks>, usize)>;
+
+    fn delivery(&self, result: &DeliveryResult<'_>, opaque: Self::DeliveryOpaque) {
+        let (acks, index) = *opaque;
+        let result = match result {
+            Ok(m) => Ok(Delivery {
+                partition: m.partition(),
+                offset: m.offset(),
+            }),
+            Err((e, _)) => Err(PublishError::from_kafka(e)),
+        };
+        acks.record(index, result);
+    }
+}
+
 /// The producer of the `events` topic, with the settings of [`KafkaArgs::producer_config`].
 #[derive(Clone)]
 pub struct EventPublisher {
-    producer: FutureProducer,
+    producer: Arc<ThreadedProducer<AckRouter>>,
     topic: String,
 }
 
 impl EventPublisher {
     pub fn new(kafka: &KafkaArgs, topic: &str) -> Result<Self, KafkaError> {
         Ok(Self {
-            producer: kafka.producer_config().create()?,
+            producer: Arc::new(kafka.producer_config().create_with_context(AckRouter)?),
             topic: topic.to_string(),
         })
     }
@@ -64,40 +116,52 @@ impl EventPublisher {
     /// order. All records are enqueued before any is awaited, so a batch costs one round trip.
     pub async fn publish(&self, events: &[Event]) -> Vec<Result<Delivery, PublishError>> {
         let started = Instant::now();
-        let mut pending = Vec::with_capacity(events.len());
-        for event in events {
+        let (tx, rx) = oneshot::channel();
+        let acks = Arc::new(BatchAcks {
+            results: Mutex::new(vec![None; events.len()]),
+            // One extra count, released after the loop, so an early failure cannot complete
+            // the batch before every event was handed over.
+            remaining: AtomicUsize::new(events.len() + 1),
+            done: Mutex::new(Some(tx)),
+        });
+        for (index, event) in events.iter().enumerate() {
             let key = event.partition_key();
             let payload = event.to_canonical_json();
-            let record = FutureRecord::to(&self.topic).key(&key).payload(&payload);
-            // send_result never blocks: a full local queue is an immediate error (503), so a
-            // slow broker turns into back-pressure on clients rather than unbounded memory.
-            pending.push(match self.producer.send_result(record) {
-                Ok(delivery) => Some(delivery),
-                Err((e, _)) => {
-                    tracing::warn!(error = %e, "enqueue to kafka failed");
-                    None
-                }
-            });
-        }
-        let results = join_all(pending.into_iter().map(|p| async move {
-            let Some(future) = p else {
-                return Err(PublishError::Unavailable(
-                    "local produce queue is full".into(),
-                ));
-            };
-            match future.await {
-                Ok(Ok(d)) => Ok(Delivery {
-                    partition: d.partition,
-                    offset: d.offset,
-                }),
-                Ok(Err((e, _))) => Err(PublishError::from_kafka(&e)),
-                Err(_cancelled) => Err(PublishError::Unavailable("producer shut down".into())),
+            let record = BaseRecord::with_opaque_to(&self.topic, Box::new((acks.clone(), index)))
+                .key(&key)
+                .payload(&payload);
+            // send never blocks: a full local queue is an immediate error (503), so a slow
+            // broker turns into back-pressure on clients rather than unbounded memory.
+            if let Err((e, _record)) = self.producer.send(record) {
+                tracing::warn!(error = %e, "enqueue to kafka failed");
+                let error = match e.rdkafka_error_code() {
+                    Some(RDKafkaErrorCode::QueueFull) => {
+                        PublishError::Unavailable("local produce queue is full".into())
+                    }
+                    _ => PublishError::from_kafka(&e),
+                };
+                acks.record(index, Err(error));
             }
-        }))
-        .await;
+        }
+        acks.record(
+            usize::MAX,
+            Ok(Delivery {
+                partition: -1,
+                offset: -1,
+            }),
+        );
+        // The sender lives in `acks` until the last report: a closed channel means the
+        // producer dropped reports (shutdown); such events count as unacknowledged below.
+        let _ = rx.await;
         metrics::histogram!(crate::metrics::PRODUCE_LATENCY)
             .record(started.elapsed().as_secs_f64());
+        let results = std::mem::take(&mut *acks.results.lock().unwrap_or_else(|p| p.into_inner()));
         results
+            .into_iter()
+            .map(|r| {
+                r.unwrap_or_else(|| Err(PublishError::Unavailable("producer shut down".into())))
+            })
+            .collect()
     }
 
     /// Whether Kafka answers metadata for our topic within `timeout`. Blocking: call it from

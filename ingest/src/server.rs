@@ -246,7 +246,7 @@ fn reject_events(reason: &'static str, status: StatusCode, message: String) -> R
     Rejection::new(status, message)
 }
 
-fn header_str<'h>(headers: &'h HeaderMap, name: header::HeaderName) -> Option<&'h str> {
+fn header_str(headers: &HeaderMap, name: header::HeaderName) -> Option<&str> {
     headers.get(name).and_then(|v| v.to_str().ok())
 }
 

@@ -35,7 +35,7 @@ async fn post(
 
 fn event(user: &str, i: usize) -> Value {
     json!({
-        "event": if i % 3 == 0 { "add_to_cart" } else { "product_view" },
+        "event": if i.is_multiple_of(3) { "add_to_cart" } else { "product_view" },
         "partner_id": "partner-a",
         "user_id": user,
         "message_id": format!("m-{user}-{i}"),

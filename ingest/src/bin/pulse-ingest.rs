@@ -1,5 +1,8 @@
 //! `pulse-ingest`: the HTTP ingest service.
 
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 use clap::Parser;
 use pulse_ingest::server::shutdown_signal;
 use pulse_ingest::{serve, IngestConfig};

@@ -1,5 +1,8 @@
 //! `pulse-loadgen`: realistic clickstream against ingest, with achieved rate and latency.
 
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 use std::path::PathBuf;
 use std::time::Duration;
 
