@@ -1,0 +1,43 @@
+//! `pulse-profile-api`: profile lookups for portals (`/api/v1/getGender/{cid}`).
+
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use clap::Parser;
+use pulse_ingest::auth::WriteKeys;
+use pulse_speed::api::{router, ApiState};
+use pulse_speed::store::{EsArgs, ProfileStore};
+
+#[derive(Parser)]
+#[command(name = "pulse-profile-api", about = "Pulse profile lookup API", version)]
+struct Cli {
+    #[arg(long, env = "PULSE_PROFILE_API_LISTEN", default_value = "0.0.0.0:8081")]
+    listen: std::net::SocketAddr,
+    #[command(flatten)]
+    es: EsArgs,
+    /// Same keys file as ingest: a key reads its own partner's profiles.
+    #[arg(long, env = "PULSE_WRITE_KEYS_FILE")]
+    write_keys_file: Option<PathBuf>,
+    #[arg(long = "write-key", env = "PULSE_WRITE_KEYS", value_delimiter = ',')]
+    write_keys: Vec<String>,
+    /// Window of MODEL3, in days (as on the speed layer).
+    #[arg(long, env = "PULSE_GENDER_WINDOW_DAYS", default_value_t = 7)]
+    window_days: u32,
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    pulse_core::telemetry::init_tracing();
+    let cli = Cli::parse();
+    pulse_speed::models::windowed_gender::set_window_days(cli.window_days);
+    let state = ApiState::new(
+        ProfileStore::new(&cli.es)?,
+        WriteKeys::load(cli.write_keys_file.as_deref(), &cli.write_keys)?,
+    );
+    let listener = tokio::net::TcpListener::bind(cli.listen).await?;
+    tracing::info!(listen = %cli.listen, "profile API listening");
+    axum::serve(listener, router(Arc::new(state)))
+        .with_graceful_shutdown(pulse_ingest::server::shutdown_signal())
+        .await?;
+    Ok(())
+}

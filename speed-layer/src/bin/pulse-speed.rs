@@ -1,0 +1,69 @@
+//! `pulse-speed`: the speed layer (`run`) and its Elasticsearch setup (`setup`).
+
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+
+use clap::{Parser, Subcommand};
+use pulse_speed::config::SpeedConfig;
+use pulse_speed::store::{EsArgs, ProfileStore};
+
+#[derive(Parser)]
+#[command(name = "pulse-speed", about = "Pulse speed layer: live profiles in Elasticsearch", version)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Consume `events`, keep profiles, fire triggers, flush to Elasticsearch.
+    Run(Box<SpeedConfig>),
+    /// Create the index template, the versioned index and its alias (idempotent).
+    Setup {
+        #[command(flatten)]
+        es: EsArgs,
+        #[arg(long, env = "PULSE_PROFILES_SHARDS", default_value_t = 1)]
+        shards: u32,
+        /// 0 on one local node; 1+ in production.
+        #[arg(long, env = "PULSE_PROFILES_REPLICAS", default_value_t = 0)]
+        replicas: u32,
+    },
+}
+
+fn main() -> anyhow::Result<()> {
+    pulse_core::telemetry::init_tracing();
+    match Cli::parse().command {
+        Command::Setup { es, shards, replicas } => {
+            let rt = tokio::runtime::Runtime::new()?;
+            let store = ProfileStore::new(&es)?;
+            for line in rt.block_on(store.setup(shards, replicas))? {
+                println!("{line}");
+            }
+            Ok(())
+        }
+        Command::Run(config) => run(*config),
+    }
+}
+
+fn run(config: SpeedConfig) -> anyhow::Result<()> {
+    let stop = Arc::new(AtomicBool::new(false));
+    let healthy = Arc::new(AtomicBool::new(true));
+    let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(1).enable_all().build()?;
+    let handle = pulse_speed::metrics::install();
+    let (listen, ready) = (config.metrics_listen, healthy.clone());
+    rt.spawn(async move {
+        if let Err(e) = pulse_speed::metrics::serve(listen, handle, ready).await {
+            tracing::error!(error = %e, %listen, "metrics endpoint failed");
+        }
+    });
+    let signal_stop = stop.clone();
+    rt.spawn(async move {
+        pulse_ingest::server::shutdown_signal().await;
+        signal_stop.store(true, Ordering::Relaxed);
+    });
+    pulse_speed::engine::run(&config, stop, healthy)?;
+    Ok(())
+}

@@ -1,0 +1,109 @@
+//! Speed-layer settings: every one a CLI flag with a `PULSE_…` environment twin.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use pulse_core::kafka::{KafkaArgs, TopicArgs};
+
+use crate::store::EsArgs;
+
+#[derive(Debug, Clone, clap::Args)]
+pub struct SpeedConfig {
+    #[command(flatten)]
+    pub kafka: KafkaArgs,
+    #[command(flatten)]
+    pub topics: TopicArgs,
+    #[command(flatten)]
+    pub es: EsArgs,
+
+    /// Consumer group; replicas of the same group share the partitions.
+    #[arg(long, env = "PULSE_SPEED_GROUP", default_value = "speed")]
+    pub group: String,
+
+    #[command(flatten)]
+    pub flush: FlushPolicy,
+
+    /// Most profiles held in memory; beyond it, clean profiles are evicted oldest first.
+    #[arg(long, env = "PULSE_MAX_PROFILES", default_value_t = 2_000_000)]
+    pub max_profiles: usize,
+
+    /// Profiles untouched this long are evicted after a flush (reloaded from Elasticsearch when
+    /// seen again).
+    #[arg(long, env = "PULSE_IDLE_EVICT_SECS", default_value_t = 300)]
+    pub idle_evict_secs: u64,
+
+    /// Profile models to run (comma separated; empty: all registered).
+    #[arg(long, env = "PULSE_MODELS", value_delimiter = ',')]
+    pub models: Vec<String>,
+
+    /// Window of MODEL3, in days.
+    #[arg(long, env = "PULSE_GENDER_WINDOW_DAYS", default_value_t = 7)]
+    pub window_days: u32,
+
+    /// Trigger rules (TOML). Without it no triggers fire.
+    #[arg(long, env = "PULSE_RULES_FILE")]
+    pub rules_file: Option<PathBuf>,
+
+    /// Most records handled as one batch (one mget for the profiles they need).
+    #[arg(long, env = "PULSE_MAX_BATCH", default_value_t = 10_000)]
+    pub max_batch: usize,
+
+    /// Address of /healthz, /readyz and /metrics.
+    #[arg(long, env = "PULSE_SPEED_METRICS_LISTEN", default_value = "0.0.0.0:9101")]
+    pub metrics_listen: SocketAddr,
+}
+
+/// When dirty profiles are written to Elasticsearch.
+#[derive(Debug, Clone, clap::Args)]
+pub struct FlushPolicy {
+    /// Seconds between flushes.
+    #[arg(long = "flush-interval-secs", env = "PULSE_FLUSH_INTERVAL_SECS", default_value_t = 30.0)]
+    pub interval_secs: f64,
+    /// Flush early when this many profiles are dirty (bounds memory and replay after a crash).
+    #[arg(long = "flush-max-dirty", env = "PULSE_FLUSH_MAX_DIRTY", default_value_t = 500_000)]
+    pub max_dirty: usize,
+    /// Documents per `_bulk` request.
+    #[arg(long = "bulk-docs", env = "PULSE_BULK_DOCS", default_value_t = 2_000)]
+    pub bulk_docs: usize,
+    /// Longest wait between retries of a failing flush, seconds.
+    #[arg(long = "max-backoff-secs", env = "PULSE_MAX_BACKOFF_SECS", default_value_t = 10.0)]
+    pub max_backoff_secs: f64,
+}
+
+impl FlushPolicy {
+    pub fn interval(&self) -> Duration {
+        Duration::from_secs_f64(self.interval_secs.max(0.01))
+    }
+
+    pub fn is_due(&self, since_last: Duration, dirty: usize) -> bool {
+        dirty > 0 && (since_last >= self.interval() || dirty >= self.max_dirty)
+    }
+
+    /// Exponential backoff: 100 ms, 200 ms, … capped.
+    pub fn backoff(&self, attempt: u32) -> Duration {
+        let secs = 0.1 * 2f64.powi(attempt.min(16) as i32);
+        Duration::from_secs_f64(secs.min(self.max_backoff_secs.max(0.1)))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn policy() {
+        let p = FlushPolicy {
+            interval_secs: 30.0,
+            max_dirty: 10,
+            bulk_docs: 100,
+            max_backoff_secs: 5.0,
+        };
+        assert!(!p.is_due(Duration::from_secs(60), 0));
+        assert!(!p.is_due(Duration::from_secs(1), 9));
+        assert!(p.is_due(Duration::from_secs(1), 10));
+        assert!(p.is_due(Duration::from_secs(30), 1));
+        assert_eq!(p.backoff(0), Duration::from_millis(100));
+        assert_eq!(p.backoff(20), Duration::from_secs(5));
+    }
+}

@@ -1,0 +1,61 @@
+//! Metric names of the speed layer and the notifier, and the Prometheus endpoint.
+
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+
+use axum::http::StatusCode;
+use axum::routing::get;
+use axum::Router;
+use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
+
+pub const EVENTS_FOLDED: &str = "pulse_speed_events_folded_total";
+pub const EVENTS_SKIPPED: &str = "pulse_speed_events_skipped_total";
+pub const EVENTS_DEAD_LETTERED: &str = "pulse_speed_events_dead_lettered_total";
+pub const TRIGGERS_FIRED: &str = "pulse_speed_triggers_fired_total";
+pub const PROFILES_IN_MEMORY: &str = "pulse_speed_profiles_in_memory";
+pub const PROFILES_DIRTY: &str = "pulse_speed_profiles_dirty";
+pub const PROFILES_LOADED: &str = "pulse_speed_profiles_loaded_total";
+pub const EVICTIONS: &str = "pulse_speed_profiles_evicted_total";
+pub const FLUSHES: &str = "pulse_speed_flushes_total";
+pub const FLUSH_FAILURES: &str = "pulse_speed_flush_failures_total";
+pub const FLUSH_SECONDS: &str = "pulse_speed_flush_seconds";
+pub const DOCS_WRITTEN: &str = "pulse_speed_docs_written_total";
+pub const DOCS_STALE: &str = "pulse_speed_docs_stale_total";
+pub const DOCS_REJECTED: &str = "pulse_speed_docs_rejected_total";
+
+pub const NOTIFY_DELIVERED: &str = "pulse_notifier_delivered_total";
+pub const NOTIFY_DUPLICATE: &str = "pulse_notifier_duplicates_total";
+pub const NOTIFY_RATE_LIMITED: &str = "pulse_notifier_rate_limited_total";
+pub const NOTIFY_RETRIES: &str = "pulse_notifier_retries_total";
+pub const NOTIFY_DEAD_LETTERED: &str = "pulse_notifier_dead_lettered_total";
+pub const NOTIFY_LATENCY: &str = "pulse_notifier_trigger_to_delivery_seconds";
+
+/// Installs the process-wide Prometheus recorder.
+pub fn install() -> PrometheusHandle {
+    PrometheusBuilder::new()
+        .install_recorder()
+        .unwrap_or_else(|_| PrometheusBuilder::new().build_recorder().handle())
+}
+
+/// Serves /healthz, /readyz (while `ready`) and /metrics until the process ends.
+pub async fn serve(addr: SocketAddr, handle: PrometheusHandle, ready: Arc<AtomicBool>) -> std::io::Result<()> {
+    let app = Router::new()
+        .route("/healthz", get(|| async { "ok" }))
+        .route(
+            "/readyz",
+            get(move || {
+                let ready = ready.load(Ordering::Relaxed);
+                async move {
+                    if ready {
+                        (StatusCode::OK, "ready")
+                    } else {
+                        (StatusCode::SERVICE_UNAVAILABLE, "elasticsearch unavailable")
+                    }
+                }
+            }),
+        )
+        .route("/metrics", get(move || std::future::ready(handle.render())));
+    let listener = tokio::net::TcpListener::bind(addr).await?;
+    axum::serve(listener, app).await
+}

@@ -1,0 +1,172 @@
+//! Profile models: small pieces of state that each fold events into one answer.
+//!
+//! A data scientist adds a model by writing one file with a type that implements
+//! [`ProfileModel`] and adding one line to [`registry`]. The engine keeps each model's state in
+//! the profile, stores it in the Elasticsearch document (so it survives eviction and restarts),
+//! and writes the model's answer next to it. Models see events in per-user order, exactly once.
+
+mod last_gender;
+mod top_gender;
+pub mod windowed_gender;
+
+use std::fmt;
+
+use chrono::{DateTime, Utc};
+use pulse_core::Event;
+use serde::de::DeserializeOwned;
+use serde::Serialize;
+
+pub use last_gender::LastGender;
+pub use top_gender::TopGender;
+pub use windowed_gender::WindowedTopGender;
+
+/// A profile model. Its `Default` is the state of a user never seen before.
+pub trait ProfileModel: Default + Serialize + DeserializeOwned + Send + Sync + 'static {
+    /// Folds one event into the state. The one method a model must really think about.
+    fn fold(&mut self, event: &Event);
+
+    /// The model's current answer (`None`: not enough data). `now` lets windowed models expire
+    /// old data even for users who have not been seen for a while.
+    fn answer(&self, now: DateTime<Utc>) -> Option<String>;
+}
+
+/// A model's state behind a uniform interface, so the engine can hold a list of them.
+pub trait ModelState: Send + Sync {
+    fn fold(&mut self, event: &Event);
+    fn answer(&self, now: DateTime<Utc>) -> Option<String>;
+    fn to_json(&self) -> serde_json::Value;
+    fn clone_box(&self) -> Box<dyn ModelState>;
+}
+
+impl<M: ProfileModel + Clone> ModelState for M {
+    fn fold(&mut self, event: &Event) {
+        ProfileModel::fold(self, event)
+    }
+    fn answer(&self, now: DateTime<Utc>) -> Option<String> {
+        ProfileModel::answer(self, now)
+    }
+    fn to_json(&self) -> serde_json::Value {
+        serde_json::to_value(self).unwrap_or(serde_json::Value::Null)
+    }
+    fn clone_box(&self) -> Box<dyn ModelState> {
+        Box::new(self.clone())
+    }
+}
+
+impl Clone for Box<dyn ModelState> {
+    fn clone(&self) -> Self {
+        self.clone_box()
+    }
+}
+
+impl fmt::Debug for Box<dyn ModelState> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}", self.to_json())
+    }
+}
+
+/// How the engine creates and restores a model's state.
+#[derive(Clone, Copy)]
+pub struct ModelKind {
+    /// Name in configuration, the API (`?model=MODEL1`) and the document.
+    pub name: &'static str,
+    /// Document field holding the answer.
+    pub field: &'static str,
+    pub description: &'static str,
+    new: fn() -> Box<dyn ModelState>,
+    load: fn(serde_json::Value) -> Result<Box<dyn ModelState>, serde_json::Error>,
+}
+
+impl ModelKind {
+    pub fn fresh(&self) -> Box<dyn ModelState> {
+        (self.new)()
+    }
+
+    /// Restores stored state; state that does not parse (an older layout) restarts empty
+    /// rather than blocking the profile.
+    pub fn load(&self, state: serde_json::Value) -> Box<dyn ModelState> {
+        (self.load)(state).unwrap_or_else(|e| {
+            tracing::warn!(model = self.name, error = %e, "stored model state unreadable; starting it afresh");
+            self.fresh()
+        })
+    }
+}
+
+impl fmt::Debug for ModelKind {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.name)
+    }
+}
+
+fn kind<M: ProfileModel + Clone>(
+    name: &'static str,
+    field: &'static str,
+    description: &'static str,
+) -> ModelKind {
+    ModelKind {
+        name,
+        field,
+        description,
+        new: || Box::new(M::default()),
+        load: |v| serde_json::from_value::<M>(v).map(|m| Box::new(m) as Box<dyn ModelState>),
+    }
+}
+
+/// Every model Pulse ships. Add a line here for a new one.
+pub fn registry() -> Vec<ModelKind> {
+    vec![
+        kind::<LastGender>("MODEL1", "gender_last", "gender of the last gender-bearing page visit"),
+        kind::<TopGender>("MODEL2", "gender_top", "gender with the most visits so far"),
+        kind::<WindowedTopGender>(
+            "MODEL3",
+            "gender_top_7d",
+            "gender with the most visits over the last 7 days",
+        ),
+    ]
+}
+
+/// The registered models named in `names` (all when empty), or the first unknown name.
+pub fn select(names: &[String]) -> Result<Vec<ModelKind>, String> {
+    let all = registry();
+    if names.is_empty() {
+        return Ok(all);
+    }
+    names
+        .iter()
+        .map(|n| {
+            all.iter()
+                .find(|k| k.name.eq_ignore_ascii_case(n.trim()))
+                .copied()
+                .ok_or_else(|| {
+                    let known: Vec<&str> = all.iter().map(|k| k.name).collect();
+                    format!("unknown model {n}; known: {}", known.join(", "))
+                })
+        })
+        .collect()
+}
+
+/// The gender an event shows, if it is a page visit that carries one. Declared genders
+/// (`identify`) are not page visits and do not count.
+pub(crate) fn visit_gender(event: &Event) -> Option<&str> {
+    match event.event.as_str() {
+        "page_view" | "product_view" | "product_click" | "product_list_view" | "add_to_cart"
+        | "wishlist" => event.gender.as_deref().filter(|g| !g.is_empty()),
+        _ => None,
+    }
+}
+
+/// The key with the highest count; ties go to the alphabetically first, so answers are
+/// deterministic.
+pub(crate) fn top<'a>(counts: impl Iterator<Item = (&'a String, u64)>) -> Option<String> {
+    let mut best: Option<(&String, u64)> = None;
+    for (k, n) in counts {
+        if n == 0 {
+            continue;
+        }
+        best = match best {
+            Some((bk, bn)) if bn > n || (bn == n && bk <= k) => Some((bk, bn)),
+            _ => Some((k, n)),
+        };
+    }
+    best.map(|(k, _)| k.clone())
+}

@@ -1,0 +1,26 @@
+//! MODEL2: the gender with the most page visits so far.
+
+use std::collections::BTreeMap;
+
+use chrono::{DateTime, Utc};
+use pulse_core::Event;
+use serde::{Deserialize, Serialize};
+
+use super::{top, visit_gender, ProfileModel};
+
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct TopGender {
+    counts: BTreeMap<String, u64>,
+}
+
+impl ProfileModel for TopGender {
+    fn fold(&mut self, event: &Event) {
+        if let Some(g) = visit_gender(event) {
+            *self.counts.entry(g.to_string()).or_default() += 1;
+        }
+    }
+
+    fn answer(&self, _now: DateTime<Utc>) -> Option<String> {
+        top(self.counts.iter().map(|(k, n)| (k, *n)))
+    }
+}

@@ -1,0 +1,103 @@
+//! MODEL3: the gender with the most page visits over the last N days (default 7).
+//!
+//! State is one bucket of counts per day, never a list of events, so it stays small however
+//! active the user is. Buckets older than the window are dropped as new days arrive, and the
+//! answer ignores them even when the user has been quiet (`now` moves the window).
+
+use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicU32, Ordering};
+
+use chrono::{DateTime, Utc};
+use pulse_core::Event;
+use serde::{Deserialize, Serialize};
+
+use super::{top, visit_gender, ProfileModel};
+
+/// Window length in days; set once at start-up from configuration.
+static WINDOW_DAYS: AtomicU32 = AtomicU32::new(7);
+
+pub fn set_window_days(days: u32) {
+    WINDOW_DAYS.store(days.max(1), Ordering::Relaxed);
+}
+
+pub fn window_days() -> u32 {
+    WINDOW_DAYS.load(Ordering::Relaxed)
+}
+
+fn day_of(t: DateTime<Utc>) -> i64 {
+    t.timestamp().div_euclid(86_400)
+}
+
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct WindowedTopGender {
+    /// Day number (days since 1970-01-01, UTC) → gender → visits that day.
+    days: BTreeMap<i64, BTreeMap<String, u64>>,
+}
+
+impl WindowedTopGender {
+    /// First day inside the window that ends on `today`.
+    fn window_start(today: i64) -> i64 {
+        today - i64::from(window_days()) + 1
+    }
+}
+
+impl ProfileModel for WindowedTopGender {
+    fn fold(&mut self, event: &Event) {
+        let Some(g) = visit_gender(event) else {
+            return;
+        };
+        let day = day_of(event.timestamp);
+        *self.days.entry(day).or_default().entry(g.to_string()).or_default() += 1;
+        // Expire by the newest day seen: state never outgrows the window.
+        if let Some(&newest) = self.days.keys().next_back() {
+            let start = Self::window_start(newest);
+            self.days.retain(|d, _| *d >= start);
+        }
+    }
+
+    fn answer(&self, now: DateTime<Utc>) -> Option<String> {
+        let today = day_of(now);
+        let start = Self::window_start(today);
+        let mut totals: BTreeMap<&String, u64> = BTreeMap::new();
+        for (_, counts) in self.days.range(start..=today) {
+            for (g, n) in counts {
+                *totals.entry(g).or_default() += n;
+            }
+        }
+        top(totals.into_iter())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use chrono::TimeZone;
+    use pulse_core::{parse_event, ParseContext};
+
+    fn visit(gender: &str, day: u32) -> Event {
+        let json = format!(
+            r#"{{"event":"product_view","partner_id":"p","user_id":"u","gender":"{gender}","timestamp":"2026-11-{day:02}T12:00:00Z"}}"#
+        );
+        parse_event(&json, &ParseContext::now()).unwrap()
+    }
+
+    #[test]
+    fn window_moves_and_expires() {
+        let mut m = WindowedTopGender::default();
+        for _ in 0..5 {
+            m.fold(&visit("male", 1));
+        }
+        for _ in 0..2 {
+            m.fold(&visit("female", 6));
+        }
+        let at = |d| Utc.with_ymd_and_hms(2026, 11, d, 18, 0, 0).unwrap();
+        assert_eq!(m.answer(at(7)).as_deref(), Some("male"));
+        // On the 8th, the 1st is outside the 7-day window [2..8].
+        assert_eq!(m.answer(at(8)).as_deref(), Some("female"));
+        // Much later, nothing is left in the window.
+        assert_eq!(m.answer(at(20)), None);
+        // A new day's visit drops the buckets that fell out of the window.
+        m.fold(&visit("male", 12));
+        assert_eq!(m.days.len(), 2, "{:?}", m.days);
+    }
+}

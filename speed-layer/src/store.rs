@@ -1,0 +1,358 @@
+//! `ProfileStore`: profiles in Elasticsearch, over its plain REST API.
+//!
+//! Writes go through the alias `profiles` to a versioned index (`profiles-v1`), so a replay can
+//! build `profiles-v2` and swap the alias. Each document is written with an external version
+//! equal to the Kafka offset of the last event folded into it: a writer that is behind (a
+//! replica that lost its partition but still flushes) is refused with 409 instead of
+//! overwriting newer data.
+
+use std::collections::HashMap;
+use std::time::Duration;
+
+use elasticsearch::http::request::JsonBody;
+use elasticsearch::http::transport::{SingleNodeConnectionPool, TransportBuilder};
+use elasticsearch::http::StatusCode;
+use elasticsearch::indices::{
+    IndicesCreateParts, IndicesExistsAliasParts, IndicesPutAliasParts,
+    IndicesPutIndexTemplateParts,
+};
+use elasticsearch::{BulkParts, Elasticsearch, GetParts, MgetParts};
+use serde_json::{json, Value};
+
+/// Elasticsearch settings.
+#[derive(Debug, Clone, clap::Args)]
+pub struct EsArgs {
+    /// Elasticsearch (or OpenSearch) base URL.
+    #[arg(long = "es-url", env = "PULSE_ES_URL", default_value = "http://localhost:9200")]
+    pub url: String,
+    /// Alias the profiles are read and written through.
+    #[arg(long = "profiles-alias", env = "PULSE_PROFILES_ALIAS", default_value = "profiles")]
+    pub alias: String,
+    /// Index behind the alias, created by `setup` when missing.
+    #[arg(long = "profiles-index", env = "PULSE_PROFILES_INDEX", default_value = "profiles-v1")]
+    pub index: String,
+    /// Request timeout, seconds.
+    #[arg(long = "es-timeout-secs", env = "PULSE_ES_TIMEOUT_SECS", default_value_t = 30)]
+    pub timeout_secs: u64,
+}
+
+impl EsArgs {
+    pub fn local(url: &str, alias: &str, index: &str) -> Self {
+        Self {
+            url: url.into(),
+            alias: alias.into(),
+            index: index.into(),
+            timeout_secs: 30,
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("elasticsearch URL {0}: {1}")]
+    Url(String, String),
+    #[error("elasticsearch unreachable: {0}")]
+    Transport(String),
+    #[error("elasticsearch answered {status}: {body}")]
+    Status { status: u16, body: String },
+}
+
+impl StoreError {
+    /// Worth retrying: the cluster is down, overloaded, or failing for a moment.
+    pub fn is_retriable(&self) -> bool {
+        match self {
+            StoreError::Transport(_) => true,
+            StoreError::Status { status, .. } => *status == 429 || *status >= 500,
+            StoreError::Url(..) => false,
+        }
+    }
+}
+
+impl From<elasticsearch::Error> for StoreError {
+    fn from(e: elasticsearch::Error) -> Self {
+        StoreError::Transport(e.to_string())
+    }
+}
+
+/// One document of a bulk write.
+#[derive(Debug, Clone)]
+pub struct DocWrite {
+    pub id: String,
+    /// External version: the offset of the last event in the document.
+    pub version: i64,
+    pub doc: Value,
+}
+
+/// What Elasticsearch did with one document of a bulk write.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ItemOutcome {
+    Written,
+    /// A newer version is already stored (409): ours is out of date, nothing to do.
+    Stale,
+    /// 429 or 5xx for this item: try again.
+    Retry(String),
+    /// Refused for good (mapping error, say). Logged and counted by the caller.
+    Rejected(String),
+}
+
+/// Reads and writes profile documents.
+#[derive(Clone)]
+pub struct ProfileStore {
+    client: Elasticsearch,
+    args: EsArgs,
+}
+
+impl ProfileStore {
+    pub fn new(args: &EsArgs) -> Result<Self, StoreError> {
+        let url = args
+            .url
+            .parse::<elasticsearch::http::Url>()
+            .map_err(|e| StoreError::Url(args.url.clone(), e.to_string()))?;
+        let transport = TransportBuilder::new(SingleNodeConnectionPool::new(url))
+            .timeout(Duration::from_secs(args.timeout_secs))
+            .build()
+            .map_err(|e| StoreError::Url(args.url.clone(), e.to_string()))?;
+        Ok(Self {
+            client: Elasticsearch::new(transport),
+            args: args.clone(),
+        })
+    }
+
+    pub fn alias(&self) -> &str {
+        &self.args.alias
+    }
+
+    /// Creates the index template, the index and the alias when missing. Idempotent.
+    pub async fn setup(&self, shards: u32, replicas: u32) -> Result<Vec<String>, StoreError> {
+        let mut done = Vec::new();
+        let pattern = format!("{}-*", self.args.alias);
+        let template = json!({
+            "index_patterns": [pattern],
+            "priority": 100,
+            "template": {
+                "settings": {
+                    "number_of_shards": shards,
+                    "number_of_replicas": replicas,
+                    "refresh_interval": "1s"
+                },
+                "mappings": profile_mapping()
+            },
+            "_meta": {"managed_by": "pulse-speed"}
+        });
+        let resp = self
+            .client
+            .indices()
+            .put_index_template(IndicesPutIndexTemplateParts::Name(&format!(
+                "pulse-{}",
+                self.args.alias
+            )))
+            .body(template)
+            .send()
+            .await?;
+        check(resp).await?;
+        done.push(format!("index template pulse-{} for {pattern}", self.args.alias));
+
+        let resp = self
+            .client
+            .indices()
+            .create(IndicesCreateParts::Index(&self.args.index))
+            .body(json!({"aliases": {&self.args.alias: {"is_write_index": true}}}))
+            .send()
+            .await?;
+        let status = resp.status_code();
+        let body = resp.text().await.unwrap_or_default();
+        if status.is_success() {
+            done.push(format!("created index {} behind alias {}", self.args.index, self.args.alias));
+        } else if status == StatusCode::BAD_REQUEST && body.contains("resource_already_exists_exception") {
+            done.push(format!("index {} exists", self.args.index));
+            let exists = self
+                .client
+                .indices()
+                .exists_alias(IndicesExistsAliasParts::Name(&[&self.args.alias]))
+                .send()
+                .await?;
+            if exists.status_code() == StatusCode::NOT_FOUND {
+                let resp = self
+                    .client
+                    .indices()
+                    .put_alias(IndicesPutAliasParts::IndexName(&[&self.args.index], &self.args.alias))
+                    .send()
+                    .await?;
+                check(resp).await?;
+                done.push(format!("alias {} → {}", self.args.alias, self.args.index));
+            } else {
+                done.push(format!("alias {} exists", self.args.alias));
+            }
+        } else {
+            return Err(StoreError::Status {
+                status: status.as_u16(),
+                body,
+            });
+        }
+        Ok(done)
+    }
+
+    /// Documents by id (real-time, so a profile flushed a moment ago by another replica is
+    /// seen). Missing ids are absent from the map.
+    pub async fn mget(&self, ids: &[String]) -> Result<HashMap<String, Value>, StoreError> {
+        if ids.is_empty() {
+            return Ok(HashMap::new());
+        }
+        let resp = self
+            .client
+            .mget(MgetParts::Index(&self.args.alias))
+            .body(json!({ "ids": ids }))
+            .send()
+            .await?;
+        let body = check(resp).await?;
+        let mut out = HashMap::new();
+        for doc in body["docs"].as_array().into_iter().flatten() {
+            if doc["found"].as_bool() == Some(true) {
+                if let (Some(id), Some(src)) = (doc["_id"].as_str(), doc.get("_source")) {
+                    out.insert(id.to_string(), src.clone());
+                }
+            } else if let Some(err) = doc.get("error") {
+                return Err(StoreError::Status {
+                    status: 500,
+                    body: err.to_string(),
+                });
+            }
+        }
+        Ok(out)
+    }
+
+    /// One document by id.
+    pub async fn get(&self, id: &str) -> Result<Option<Value>, StoreError> {
+        let resp = self
+            .client
+            .get(GetParts::IndexId(&self.args.alias, id))
+            .send()
+            .await?;
+        if resp.status_code() == StatusCode::NOT_FOUND {
+            return Ok(None);
+        }
+        let body = check(resp).await?;
+        Ok(body.get("_source").cloned())
+    }
+
+    /// Writes documents with `_bulk`, one outcome per document in input order.
+    pub async fn bulk_write(&self, docs: &[DocWrite]) -> Result<Vec<ItemOutcome>, StoreError> {
+        if docs.is_empty() {
+            return Ok(Vec::new());
+        }
+        let mut body: Vec<JsonBody<Value>> = Vec::with_capacity(docs.len() * 2);
+        for d in docs {
+            body.push(
+                json!({"index": {"_id": d.id, "version": d.version, "version_type": "external_gte"}})
+                    .into(),
+            );
+            body.push(d.doc.clone().into());
+        }
+        let resp = self
+            .client
+            .bulk(BulkParts::Index(&self.args.alias))
+            .body(body)
+            .send()
+            .await?;
+        let body = check(resp).await?;
+        let items = body["items"].as_array().cloned().unwrap_or_default();
+        if items.len() != docs.len() {
+            return Err(StoreError::Status {
+                status: 500,
+                body: format!("bulk answered {} items for {} documents", items.len(), docs.len()),
+            });
+        }
+        Ok(items
+            .iter()
+            .map(|item| {
+                let r = &item["index"];
+                let status = r["status"].as_u64().unwrap_or(500);
+                let reason = || r["error"].to_string();
+                match status {
+                    200 | 201 => ItemOutcome::Written,
+                    409 => ItemOutcome::Stale,
+                    429 | 500.. => ItemOutcome::Retry(reason()),
+                    _ => ItemOutcome::Rejected(reason()),
+                }
+            })
+            .collect())
+    }
+
+    /// Makes written documents visible to search now (tests and the demo; production relies
+    /// on the 1 s refresh interval).
+    pub async fn refresh(&self) -> Result<(), StoreError> {
+        let resp = self
+            .client
+            .indices()
+            .refresh(elasticsearch::indices::IndicesRefreshParts::Index(&[&self.args.alias]))
+            .send()
+            .await?;
+        check(resp).await.map(|_| ())
+    }
+
+    /// A search over the alias, for the profile API and tests.
+    pub async fn search(&self, query: Value) -> Result<Value, StoreError> {
+        let resp = self
+            .client
+            .search(elasticsearch::SearchParts::Index(&[&self.args.alias]))
+            .body(query)
+            .send()
+            .await?;
+        check(resp).await
+    }
+}
+
+async fn check(resp: elasticsearch::http::response::Response) -> Result<Value, StoreError> {
+    let status = resp.status_code();
+    let text = resp.text().await.map_err(StoreError::from)?;
+    if !status.is_success() {
+        return Err(StoreError::Status {
+            status: status.as_u16(),
+            body: text.chars().take(2000).collect(),
+        });
+    }
+    serde_json::from_str(&text).map_err(|e| StoreError::Status {
+        status: status.as_u16(),
+        body: format!("unreadable response ({e}): {}", text.chars().take(500).collect::<String>()),
+    })
+}
+
+/// Keyword (not analysed) strings, dates as dates, amounts as exact strings mapped to `double`
+/// plus integer minor units, model state stored but not indexed.
+pub fn profile_mapping() -> Value {
+    let keyword = json!({"type": "keyword"});
+    json!({
+        "dynamic": false,
+        "properties": {
+            "profile_id": keyword,
+            "partner_id": keyword,
+            "user_id": keyword,
+            "anonymous": {"type": "boolean"},
+            "session_id": keyword,
+            "partner_name": keyword,
+            "country": keyword,
+            "version": keyword,
+            "language": keyword,
+            "referrer": {"type": "keyword", "ignore_above": 2048},
+            "user_agent": {"type": "keyword", "ignore_above": 1024},
+            "last_visit": {"type": "date", "format": "epoch_second"},
+            "first_seen": {"type": "date", "format": "epoch_second"},
+            "updated_at": {"type": "date", "format": "epoch_millis"},
+            "category": keyword,
+            "total_purchases": {"type": "double"},
+            "total_purchases_minor": {"type": "long"},
+            "purchase_count": {"type": "long"},
+            "cart_amount": {"type": "double"},
+            "event_count": {"type": "long"},
+            "event_counts": {"type": "object", "dynamic": true},
+            "gender_last": keyword,
+            "gender_top": keyword,
+            "gender_top_7d": keyword,
+            "watermark": {"properties": {"partition": {"type": "integer"}, "offset": {"type": "long"}}},
+            "models": {"type": "object", "enabled": false}
+        },
+        "dynamic_templates": [
+            {"counts": {"path_match": "event_counts.*", "mapping": {"type": "long"}}}
+        ]
+    })
+}

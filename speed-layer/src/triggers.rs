@@ -1,0 +1,302 @@
+//! Trigger rules: "event = add_to_cart and cart_amount > 100 → push with template T".
+//!
+//! Rules come from a TOML file. A fired trigger carries an idempotency key derived from the
+//! rule and the event's `message_id`, so an event that is re-read after a crash, or replayed,
+//! produces the same key and the notifier (and the partner's push service, through the
+//! `Idempotency-Key` header) delivers it once.
+
+use std::path::Path;
+use std::str::FromStr;
+
+use pulse_core::Event;
+use rust_decimal::Decimal;
+use serde::{Deserialize, Serialize};
+
+/// The rules file: `[[rule]]` tables.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RuleSet {
+    #[serde(default, rename = "rule")]
+    pub rules: Vec<TriggerRule>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TriggerRule {
+    /// Stable id: part of the idempotency key, so renaming a rule re-arms it.
+    pub id: String,
+    /// Event type it fires on (snake_case, as on the topic).
+    pub event: String,
+    /// What the notifier does: `push` (the only channel so far).
+    #[serde(default = "default_action")]
+    pub action: String,
+    /// Message template the partner's push service renders.
+    pub template: String,
+    /// All must hold.
+    #[serde(default)]
+    pub when: Vec<Condition>,
+}
+
+fn default_action() -> String {
+    "push".into()
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Condition {
+    /// An event field: `cart_amount`, `country`, `category`, `page_type`, …
+    pub field: String,
+    pub op: Op,
+    /// Operand of eq/ne/gt/gte/lt/lte.
+    #[serde(default)]
+    pub value: Option<String>,
+    /// Operand of `in`.
+    #[serde(default)]
+    pub values: Vec<String>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Op {
+    Eq,
+    Ne,
+    Gt,
+    Gte,
+    Lt,
+    Lte,
+    In,
+    Exists,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum RulesError {
+    #[error("reading rules file {0}: {1}")]
+    Read(String, std::io::Error),
+    #[error("rules file {0}: {1}")]
+    Parse(String, String),
+    #[error("rule {rule}: {message}")]
+    Invalid { rule: String, message: String },
+}
+
+impl RuleSet {
+    pub fn load(path: &Path) -> Result<Self, RulesError> {
+        let text = std::fs::read_to_string(path)
+            .map_err(|e| RulesError::Read(path.display().to_string(), e))?;
+        Self::from_toml(&text).map_err(|e| match e {
+            RulesError::Parse(_, m) => RulesError::Parse(path.display().to_string(), m),
+            other => other,
+        })
+    }
+
+    pub fn from_toml(text: &str) -> Result<Self, RulesError> {
+        let set: RuleSet =
+            toml::from_str(text).map_err(|e| RulesError::Parse(String::new(), e.to_string()))?;
+        for rule in &set.rules {
+            rule.validate()?;
+        }
+        Ok(set)
+    }
+
+    /// Rules that fire for this event.
+    pub fn matching<'a>(&'a self, event: &'a Event) -> impl Iterator<Item = &'a TriggerRule> + 'a {
+        self.rules.iter().filter(move |r| r.matches(event))
+    }
+}
+
+impl TriggerRule {
+    fn validate(&self) -> Result<(), RulesError> {
+        let invalid = |message: String| RulesError::Invalid {
+            rule: self.id.clone(),
+            message,
+        };
+        if self.id.trim().is_empty() {
+            return Err(invalid("id must not be empty".into()));
+        }
+        for c in &self.when {
+            match c.op {
+                Op::In if c.values.is_empty() => {
+                    return Err(invalid(format!("{}: `in` needs `values = [...]`", c.field)))
+                }
+                Op::Gt | Op::Gte | Op::Lt | Op::Lte => {
+                    let v = c.value.as_deref().unwrap_or_default();
+                    Decimal::from_str(v).map_err(|_| {
+                        invalid(format!("{}: `{:?}` needs a numeric value, got {v:?}", c.field, c.op))
+                    })?;
+                }
+                Op::Eq | Op::Ne if c.value.is_none() => {
+                    return Err(invalid(format!("{}: `{:?}` needs `value`", c.field, c.op)))
+                }
+                _ => {}
+            }
+        }
+        Ok(())
+    }
+
+    pub fn matches(&self, event: &Event) -> bool {
+        event.event == self.event && self.when.iter().all(|c| c.holds(event))
+    }
+
+    /// Same rule, same event → same key, however often the event is read.
+    pub fn idempotency_key(&self, event: &Event) -> String {
+        format!("{}:{}", self.id, event.message_id)
+    }
+}
+
+impl Condition {
+    fn holds(&self, event: &Event) -> bool {
+        let values = field_values(event, &self.field);
+        match self.op {
+            Op::Exists => !values.is_empty(),
+            Op::Eq => values.iter().any(|v| Some(v.as_str()) == self.value.as_deref()),
+            Op::Ne => !values.iter().any(|v| Some(v.as_str()) == self.value.as_deref()),
+            Op::In => values.iter().any(|v| self.values.iter().any(|x| x == v)),
+            Op::Gt | Op::Gte | Op::Lt | Op::Lte => {
+                let Some(limit) = self.value.as_deref().and_then(|v| Decimal::from_str(v).ok()) else {
+                    return false;
+                };
+                values.iter().filter_map(|v| Decimal::from_str(v).ok()).any(|x| match self.op {
+                    Op::Gt => x > limit,
+                    Op::Gte => x >= limit,
+                    Op::Lt => x < limit,
+                    _ => x <= limit,
+                })
+            }
+        }
+    }
+}
+
+/// The values of an event field as text (a list for `category`).
+fn field_values(event: &Event, field: &str) -> Vec<String> {
+    let one = |v: &Option<String>| v.iter().cloned().collect::<Vec<_>>();
+    match field {
+        "event" => vec![event.event.clone()],
+        "partner_id" => vec![event.partner_id.clone()],
+        "user_id" => one(&event.user_id),
+        "anonymous_id" => one(&event.anonymous_id),
+        "session_id" => one(&event.session_id),
+        "country" => one(&event.country),
+        "language" => one(&event.language),
+        "version" => one(&event.version),
+        "page_type" => one(&event.page_type),
+        "product_id" => one(&event.product_id),
+        "search_query" => one(&event.search_query),
+        "gender" => one(&event.gender),
+        "referrer" => one(&event.referrer),
+        "current_url" => one(&event.current_url),
+        "category" => event.category.clone(),
+        "cart_amount" => event.cart_amount.iter().map(|d| d.to_string()).collect(),
+        "init_session" => event.init_session.iter().map(|b| b.to_string()).collect(),
+        other => event
+            .properties
+            .as_ref()
+            .and_then(|p| p.get(other.strip_prefix("properties.").unwrap_or(other)))
+            .map(|v| match v {
+                serde_json::Value::String(s) => vec![s.clone()],
+                serde_json::Value::Null => vec![],
+                v => vec![v.to_string()],
+            })
+            .unwrap_or_default(),
+    }
+}
+
+/// A fired trigger, as written to the `triggers` topic (keyed by the profile id).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct TriggerMessage {
+    pub idempotency_key: String,
+    pub rule_id: String,
+    pub action: String,
+    pub template: String,
+    pub partner_id: String,
+    pub user_id: String,
+    pub event: String,
+    pub message_id: String,
+    /// Event time, epoch milliseconds.
+    pub event_timestamp: i64,
+    /// When the speed layer fired it, epoch milliseconds.
+    pub fired_at: i64,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cart_amount: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub product_id: Option<String>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub category: Vec<String>,
+}
+
+impl TriggerMessage {
+    pub fn new(rule: &TriggerRule, event: &Event, fired_at: i64) -> Self {
+        Self {
+            idempotency_key: rule.idempotency_key(event),
+            rule_id: rule.id.clone(),
+            action: rule.action.clone(),
+            template: rule.template.clone(),
+            partner_id: event.partner_id.clone(),
+            user_id: event.person_id().to_string(),
+            event: event.event.clone(),
+            message_id: event.message_id.clone(),
+            event_timestamp: event.timestamp.timestamp_millis(),
+            fired_at,
+            cart_amount: event.cart_amount.map(|d| d.to_string()),
+            product_id: event.product_id.clone(),
+            category: event.category.clone(),
+        }
+    }
+
+    /// Key on the triggers topic: one user's triggers on one partition, so one notifier
+    /// instance owns that user's rate limit.
+    pub fn key(&self) -> String {
+        pulse_core::event::partition_key(&self.partner_id, &self.user_id)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use pulse_core::{parse_event, ParseContext};
+
+    const RULES: &str = r#"
+        [[rule]]
+        id = "cart-push"
+        event = "add_to_cart"
+        template = "cart_reminder"
+        when = [
+          { field = "cart_amount", op = "gt", value = "100" },
+          { field = "country", op = "in", values = ["TR", "GB"] },
+        ]
+
+        [[rule]]
+        id = "any-purchase"
+        event = "purchase"
+        template = "thanks"
+    "#;
+
+    fn ev(json: &str) -> Event {
+        parse_event(json, &ParseContext::now()).unwrap()
+    }
+
+    #[test]
+    fn conditions() {
+        let rules = RuleSet::from_toml(RULES).unwrap();
+        let hit = ev(r#"{"event":"add_to_cart","partner_id":"p","user_id":"u","cart_amount":"100.01","country":"TR","message_id":"m1"}"#);
+        let cheap = ev(r#"{"event":"add_to_cart","partner_id":"p","user_id":"u","cart_amount":"100","country":"TR"}"#);
+        let elsewhere = ev(r#"{"event":"add_to_cart","partner_id":"p","user_id":"u","cart_amount":"500","country":"US"}"#);
+        let ids = |e: &Event| rules.matching(e).map(|r| r.id.clone()).collect::<Vec<_>>();
+        assert_eq!(ids(&hit), vec!["cart-push"]);
+        assert!(ids(&cheap).is_empty());
+        assert!(ids(&elsewhere).is_empty());
+        assert_eq!(rules.rules[0].idempotency_key(&hit), "cart-push:m1");
+    }
+
+    #[test]
+    fn invalid_rules_are_named() {
+        let e = RuleSet::from_toml(
+            r#"[[rule]]
+            id = "r"
+            event = "x"
+            template = "t"
+            when = [{ field = "cart_amount", op = "gt", value = "lots" }]"#,
+        )
+        .unwrap_err();
+        assert!(e.to_string().starts_with("rule r: cart_amount"), "{e}");
+        assert!(RuleSet::from_toml("[[rule]]\nid = 1").is_err());
+    }
+}
