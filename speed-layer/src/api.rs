@@ -36,7 +36,11 @@ pub fn router(state: Arc<ApiState>) -> Router {
 
 impl ApiState {
     pub fn new(store: ProfileStore, keys: WriteKeys) -> Self {
-        Self { store, keys, kinds: registry() }
+        Self {
+            store,
+            keys,
+            kinds: registry(),
+        }
     }
 }
 
@@ -61,7 +65,10 @@ async fn load(state: &ApiState, partner: &str, cid: &str) -> Result<serde_json::
         Ok(None) => Err(error(StatusCode::NOT_FOUND, format!("unknown user {cid}"))),
         Err(e) => {
             tracing::error!(error = %e, "profile lookup failed");
-            Err(error(StatusCode::SERVICE_UNAVAILABLE, "profile store unavailable"))
+            Err(error(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "profile store unavailable",
+            ))
         }
     }
 }
@@ -77,9 +84,16 @@ async fn get_gender(
         Err(r) => return r,
     };
     let name = params.get("model").map(String::as_str).unwrap_or("MODEL1");
-    let Some(kind) = state.kinds.iter().find(|k| k.name.eq_ignore_ascii_case(name)) else {
+    let Some(kind) = state
+        .kinds
+        .iter()
+        .find(|k| k.name.eq_ignore_ascii_case(name))
+    else {
         let known: Vec<&str> = state.kinds.iter().map(|k| k.name).collect();
-        return error(StatusCode::BAD_REQUEST, format!("unknown model {name}; known: {}", known.join(", ")));
+        return error(
+            StatusCode::BAD_REQUEST,
+            format!("unknown model {name}; known: {}", known.join(", ")),
+        );
     };
     let doc = match load(&state, &partner, &cid).await {
         Ok(d) => d,
@@ -88,7 +102,10 @@ async fn get_gender(
     let gender = match doc.get("models").and_then(|m| m.get(kind.name)) {
         Some(stored) => kind.load(stored.clone()).answer(Utc::now()),
         // Model not enabled on the speed layer: fall back to the written answer, if any.
-        None => doc.get(kind.field).and_then(|g| g.as_str()).map(str::to_string),
+        None => doc
+            .get(kind.field)
+            .and_then(|g| g.as_str())
+            .map(str::to_string),
     };
     Json(json!({"cid": cid, "model": kind.name, "gender": gender})).into_response()
 }

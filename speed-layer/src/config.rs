@@ -50,7 +50,11 @@ pub struct SpeedConfig {
     pub max_batch: usize,
 
     /// Address of /healthz, /readyz and /metrics.
-    #[arg(long, env = "PULSE_SPEED_METRICS_LISTEN", default_value = "0.0.0.0:9101")]
+    #[arg(
+        long,
+        env = "PULSE_SPEED_METRICS_LISTEN",
+        default_value = "0.0.0.0:9101"
+    )]
     pub metrics_listen: SocketAddr,
 }
 
@@ -58,16 +62,28 @@ pub struct SpeedConfig {
 #[derive(Debug, Clone, clap::Args)]
 pub struct FlushPolicy {
     /// Seconds between flushes.
-    #[arg(long = "flush-interval-secs", env = "PULSE_FLUSH_INTERVAL_SECS", default_value_t = 30.0)]
+    #[arg(
+        long = "flush-interval-secs",
+        env = "PULSE_FLUSH_INTERVAL_SECS",
+        default_value_t = 30.0
+    )]
     pub interval_secs: f64,
     /// Flush early when this many profiles are dirty (bounds memory and replay after a crash).
-    #[arg(long = "flush-max-dirty", env = "PULSE_FLUSH_MAX_DIRTY", default_value_t = 500_000)]
+    #[arg(
+        long = "flush-max-dirty",
+        env = "PULSE_FLUSH_MAX_DIRTY",
+        default_value_t = 500_000
+    )]
     pub max_dirty: usize,
     /// Documents per `_bulk` request.
     #[arg(long = "bulk-docs", env = "PULSE_BULK_DOCS", default_value_t = 2_000)]
     pub bulk_docs: usize,
     /// Longest wait between retries of a failing flush, seconds.
-    #[arg(long = "max-backoff-secs", env = "PULSE_MAX_BACKOFF_SECS", default_value_t = 10.0)]
+    #[arg(
+        long = "max-backoff-secs",
+        env = "PULSE_MAX_BACKOFF_SECS",
+        default_value_t = 10.0
+    )]
     pub max_backoff_secs: f64,
 }
 

@@ -111,7 +111,11 @@ fn lock(engine: &Mutex<Engine>) -> MutexGuard<'_, Engine> {
 type SpeedConsumer = BaseConsumer<SpeedContext>;
 
 /// Runs the speed layer until `stop` is set, then flushes, commits and leaves the group.
-pub fn run(config: &SpeedConfig, stop: Arc<AtomicBool>, healthy: Arc<AtomicBool>) -> Result<(), EngineError> {
+pub fn run(
+    config: &SpeedConfig,
+    stop: Arc<AtomicBool>,
+    healthy: Arc<AtomicBool>,
+) -> Result<(), EngineError> {
     crate::models::windowed_gender::set_window_days(config.window_days);
     let kinds = crate::models::select(&config.models).map_err(EngineError::Config)?;
     let rules = match &config.rules_file {
@@ -185,7 +189,10 @@ pub fn run(config: &SpeedConfig, stop: Arc<AtomicBool>, healthy: Arc<AtomicBool>
             engine.process(&batch);
         }
         engine.apply_rewinds(&consumer);
-        if engine.policy.is_due(engine.last_flush.elapsed(), engine.dirty) {
+        if engine
+            .policy
+            .is_due(engine.last_flush.elapsed(), engine.dirty)
+        {
             engine.flush_all(&consumer, &stop);
         }
     }
@@ -199,7 +206,8 @@ impl Engine {
     /// Folds a batch of records: one mget for the profiles not in memory, then each record in
     /// order.
     fn process(&mut self, batch: &[OwnedMessage]) {
-        let mut parsed: Vec<(&OwnedMessage, Result<Event, String>)> = Vec::with_capacity(batch.len());
+        let mut parsed: Vec<(&OwnedMessage, Result<Event, String>)> =
+            Vec::with_capacity(batch.len());
         let mut missing: Vec<String> = Vec::new();
         let mut seen: HashSet<String> = HashSet::new();
         for msg in batch {
@@ -270,7 +278,10 @@ impl Engine {
 
     /// Sends a record, waiting out a full local queue (back-pressure, never a drop).
     fn send(&self, topic: &str, key: &str, payload: &[u8], headers: OwnedHeaders) {
-        let mut record = BaseRecord::to(topic).key(key).payload(payload).headers(headers);
+        let mut record = BaseRecord::to(topic)
+            .key(key)
+            .payload(payload)
+            .headers(headers);
         loop {
             match self.producer.send(record) {
                 Ok(()) => return,
@@ -285,18 +296,46 @@ impl Engine {
 
     /// A record we cannot use goes to the dead-letter topic with the reason and its origin.
     fn dead_letter(&self, msg: &OwnedMessage, reason: &str) {
-        tracing::warn!(partition = msg.partition(), offset = msg.offset(), reason, "record to dead-letter topic");
+        tracing::warn!(
+            partition = msg.partition(),
+            offset = msg.offset(),
+            reason,
+            "record to dead-letter topic"
+        );
         metrics::counter!(m::EVENTS_DEAD_LETTERED).increment(1);
         let partition = msg.partition().to_string();
         let offset = msg.offset().to_string();
         let headers = OwnedHeaders::new()
-            .insert(Header { key: "pulse.error", value: Some(reason) })
-            .insert(Header { key: "pulse.source.topic", value: Some(msg.topic()) })
-            .insert(Header { key: "pulse.source.partition", value: Some(&partition) })
-            .insert(Header { key: "pulse.source.offset", value: Some(&offset) })
-            .insert(Header { key: "pulse.consumer", value: Some("speed") });
-        let key = msg.key().map(|k| String::from_utf8_lossy(k).into_owned()).unwrap_or_default();
-        self.send(&self.dlq_topic, &key, msg.payload().unwrap_or_default(), headers);
+            .insert(Header {
+                key: "pulse.error",
+                value: Some(reason),
+            })
+            .insert(Header {
+                key: "pulse.source.topic",
+                value: Some(msg.topic()),
+            })
+            .insert(Header {
+                key: "pulse.source.partition",
+                value: Some(&partition),
+            })
+            .insert(Header {
+                key: "pulse.source.offset",
+                value: Some(&offset),
+            })
+            .insert(Header {
+                key: "pulse.consumer",
+                value: Some("speed"),
+            });
+        let key = msg
+            .key()
+            .map(|k| String::from_utf8_lossy(k).into_owned())
+            .unwrap_or_default();
+        self.send(
+            &self.dlq_topic,
+            &key,
+            msg.payload().unwrap_or_default(),
+            headers,
+        );
     }
 
     /// Loads profiles from Elasticsearch (batched mget), retrying while it is unavailable:
@@ -324,10 +363,17 @@ impl Engine {
                         let partition = profile.watermark.map_or(-1, |w| w.partition);
                         self.profiles.insert(
                             id,
-                            Entry { profile, partition, dirty: false, touched: Instant::now() },
+                            Entry {
+                                profile,
+                                partition,
+                                dirty: false,
+                                touched: Instant::now(),
+                            },
                         );
                     }
-                    Err(e) => tracing::error!(id, error = %e, "stored profile unreadable; it will be rebuilt from new events only"),
+                    Err(e) => {
+                        tracing::error!(id, error = %e, "stored profile unreadable; it will be rebuilt from new events only")
+                    }
                 }
             }
         }
@@ -394,7 +440,9 @@ impl Engine {
                 }
             };
             for (w, outcome) in chunk.iter().zip(outcomes) {
-                let Some(entry) = self.profiles.get_mut(&w.id) else { continue };
+                let Some(entry) = self.profiles.get_mut(&w.id) else {
+                    continue;
+                };
                 match outcome {
                     ItemOutcome::Written => {
                         metrics::counter!(m::DOCS_WRITTEN).increment(1);
@@ -501,7 +549,11 @@ impl Engine {
             self.positions.remove(p);
             self.committed.remove(p);
         }
-        tracing::info!(dropped = before - self.profiles.len(), dirty_dropped, "forgot revoked partitions");
+        tracing::info!(
+            dropped = before - self.profiles.len(),
+            dirty_dropped,
+            "forgot revoked partitions"
+        );
     }
 
     /// Re-reads rewound partitions from their last commit, with their profiles reloaded.
@@ -510,8 +562,10 @@ impl Engine {
             return;
         }
         let partitions: Vec<i32> = self.rewind.drain().collect();
-        let committed: Vec<(i32, Option<i64>)> =
-            partitions.iter().map(|p| (*p, self.committed.get(p).copied())).collect();
+        let committed: Vec<(i32, Option<i64>)> = partitions
+            .iter()
+            .map(|p| (*p, self.committed.get(p).copied()))
+            .collect();
         self.forget(&partitions);
         for (p, offset) in committed {
             let to = offset.map_or(Offset::Stored, Offset::Offset);
@@ -529,7 +583,8 @@ impl Engine {
     fn evict(&mut self) {
         let before = self.profiles.len();
         let idle = self.idle_evict;
-        self.profiles.retain(|_, e| e.dirty || e.touched.elapsed() < idle);
+        self.profiles
+            .retain(|_, e| e.dirty || e.touched.elapsed() < idle);
         if self.profiles.len() > self.max_profiles {
             let mut clean: Vec<(Instant, String)> = self
                 .profiles
@@ -555,13 +610,16 @@ impl Engine {
 /// The canonical event of a record, or why it is not one.
 fn decode(msg: &OwnedMessage) -> Result<Event, String> {
     let payload = msg.payload().ok_or("record has no payload")?;
-    let event = Event::from_canonical_json(payload).map_err(|e| format!("not a canonical event: {e}"))?;
+    let event =
+        Event::from_canonical_json(payload).map_err(|e| format!("not a canonical event: {e}"))?;
     let key = msg.key().map(String::from_utf8_lossy);
     let expected = event.partition_key();
     if key.as_deref() != Some(expected.as_str()) {
         // A wrong key puts the user's events on several partitions: their order and the
         // watermark would no longer hold.
-        return Err(format!("record key {key:?} is not the event's key {expected:?}"));
+        return Err(format!(
+            "record key {key:?} is not the event's key {expected:?}"
+        ));
     }
     Ok(event)
 }

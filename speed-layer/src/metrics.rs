@@ -39,7 +39,11 @@ pub fn install() -> PrometheusHandle {
 }
 
 /// Serves /healthz, /readyz (while `ready`) and /metrics until the process ends.
-pub async fn serve(addr: SocketAddr, handle: PrometheusHandle, ready: Arc<AtomicBool>) -> std::io::Result<()> {
+pub async fn serve(
+    addr: SocketAddr,
+    handle: PrometheusHandle,
+    ready: Arc<AtomicBool>,
+) -> std::io::Result<()> {
     let app = Router::new()
         .route("/healthz", get(|| async { "ok" }))
         .route(

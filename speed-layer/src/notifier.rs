@@ -24,10 +24,18 @@ use crate::triggers::TriggerMessage;
 pub struct NotifierConfig {
     #[command(flatten)]
     pub kafka: KafkaArgs,
-    #[arg(long = "triggers-topic", env = "PULSE_TRIGGERS_TOPIC", default_value = "triggers")]
+    #[arg(
+        long = "triggers-topic",
+        env = "PULSE_TRIGGERS_TOPIC",
+        default_value = "triggers"
+    )]
     pub topic: String,
     /// Where triggers go after the last failed attempt.
-    #[arg(long = "triggers-dlq-topic", env = "PULSE_TRIGGERS_DLQ_TOPIC", default_value = "triggers.dlq")]
+    #[arg(
+        long = "triggers-dlq-topic",
+        env = "PULSE_TRIGGERS_DLQ_TOPIC",
+        default_value = "triggers.dlq"
+    )]
     pub dlq_topic: String,
     #[arg(long, env = "PULSE_NOTIFIER_GROUP", default_value = "notifier")]
     pub group: String,
@@ -45,7 +53,11 @@ pub struct NotifierConfig {
     pub rate_limit_secs: u64,
     #[arg(long, env = "PULSE_WEBHOOK_TIMEOUT_SECS", default_value_t = 10)]
     pub timeout_secs: u64,
-    #[arg(long, env = "PULSE_NOTIFIER_METRICS_LISTEN", default_value = "0.0.0.0:9102")]
+    #[arg(
+        long,
+        env = "PULSE_NOTIFIER_METRICS_LISTEN",
+        default_value = "0.0.0.0:9102"
+    )]
     pub metrics_listen: std::net::SocketAddr,
 }
 
@@ -83,8 +95,15 @@ impl Notifier {
     }
 
     /// Consumes triggers until `stop` resolves.
-    pub async fn run(mut self, stop: impl std::future::Future<Output = ()>) -> Result<(), rdkafka::error::KafkaError> {
-        let consumer: StreamConsumer = self.config.kafka.consumer_config(&self.config.group).create()?;
+    pub async fn run(
+        mut self,
+        stop: impl std::future::Future<Output = ()>,
+    ) -> Result<(), rdkafka::error::KafkaError> {
+        let consumer: StreamConsumer = self
+            .config
+            .kafka
+            .consumer_config(&self.config.group)
+            .create()?;
         consumer.subscribe(&[&self.config.topic])?;
         tracing::info!(topic = %self.config.topic, webhook = %self.config.webhook_url, "notifier consuming");
         tokio::pin!(stop);
@@ -101,7 +120,10 @@ impl Notifier {
                 }
             };
             let payload = msg.payload().unwrap_or_default().to_vec();
-            let key = msg.key().map(|k| String::from_utf8_lossy(k).into_owned()).unwrap_or_default();
+            let key = msg
+                .key()
+                .map(|k| String::from_utf8_lossy(k).into_owned())
+                .unwrap_or_default();
             let outcome = match serde_json::from_slice::<TriggerMessage>(&payload) {
                 Ok(trigger) => self.handle(&trigger).await,
                 Err(e) => Outcome::DeadLettered(format!("not a trigger message: {e}")),
@@ -139,7 +161,10 @@ impl Notifier {
         for attempt in 0..self.config.max_attempts.max(1) {
             if attempt > 0 {
                 metrics::counter!(m::NOTIFY_RETRIES).increment(1);
-                let wait = self.config.backoff_ms.saturating_mul(1 << (attempt - 1).min(10));
+                let wait = self
+                    .config
+                    .backoff_ms
+                    .saturating_mul(1 << (attempt - 1).min(10));
                 tokio::time::sleep(Duration::from_millis(wait)).await;
             }
             let result = self
@@ -154,7 +179,8 @@ impl Notifier {
                     self.delivered.put(trigger.idempotency_key.clone(), ());
                     self.last_push.put(user, Instant::now());
                     metrics::counter!(m::NOTIFY_DELIVERED).increment(1);
-                    let latency = (Utc::now().timestamp_millis() - trigger.fired_at).max(0) as f64 / 1000.0;
+                    let latency =
+                        (Utc::now().timestamp_millis() - trigger.fired_at).max(0) as f64 / 1000.0;
                     metrics::histogram!(m::NOTIFY_LATENCY).record(latency);
                     return Outcome::Delivered;
                 }
@@ -162,7 +188,8 @@ impl Notifier {
                     let status = resp.status();
                     last_error = format!("webhook answered {status}");
                     // A 4xx other than 408/429 will not change with retries.
-                    if status.is_client_error() && status.as_u16() != 408 && status.as_u16() != 429 {
+                    if status.is_client_error() && status.as_u16() != 408 && status.as_u16() != 429
+                    {
                         break;
                     }
                 }
@@ -177,8 +204,14 @@ impl Notifier {
         metrics::counter!(m::NOTIFY_DEAD_LETTERED).increment(1);
         tracing::error!(key, reason, "trigger to dead-letter topic");
         let headers = OwnedHeaders::new()
-            .insert(Header { key: "pulse.error", value: Some(reason) })
-            .insert(Header { key: "pulse.consumer", value: Some("notifier") });
+            .insert(Header {
+                key: "pulse.error",
+                value: Some(reason),
+            })
+            .insert(Header {
+                key: "pulse.consumer",
+                value: Some("notifier"),
+            });
         let record = FutureRecord::to(&self.config.dlq_topic)
             .key(key)
             .payload(payload)

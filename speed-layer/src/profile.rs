@@ -197,7 +197,10 @@ impl Profile {
             id: s("profile_id").ok_or("profile_id missing")?,
             partner_id: s("partner_id").ok_or("partner_id missing")?,
             user_id: s("user_id").ok_or("user_id missing")?,
-            anonymous: doc.get("anonymous").and_then(Value::as_bool).unwrap_or(false),
+            anonymous: doc
+                .get("anonymous")
+                .and_then(Value::as_bool)
+                .unwrap_or(false),
             session_id: s("session_id"),
             partner_name: s("partner_name"),
             country: s("country"),
@@ -210,7 +213,11 @@ impl Profile {
             category: doc
                 .get("category")
                 .and_then(Value::as_array)
-                .map(|a| a.iter().filter_map(|v| v.as_str().map(str::to_string)).collect())
+                .map(|a| {
+                    a.iter()
+                        .filter_map(|v| v.as_str().map(str::to_string))
+                        .collect()
+                })
                 .unwrap_or_default(),
             total_purchases: d("total_purchases")?,
             purchase_count: n("purchase_count") as u64,
@@ -257,13 +264,53 @@ mod tests {
     #[test]
     fn folds_and_skips_below_watermark() {
         let kinds = registry();
-        let cart = ev(r#"{"event":"add_to_cart","partner_id":"p","user_id":"u","cart_amount":"10.10","category":["a","b"],"gender":"female"}"#);
-        let buy = ev(r#"{"event":"purchase","partner_id":"p","user_id":"u","cart_amount":"0.20","country":"TR"}"#);
+        let cart = ev(
+            r#"{"event":"add_to_cart","partner_id":"p","user_id":"u","cart_amount":"10.10","category":["a","b"],"gender":"female"}"#,
+        );
+        let buy = ev(
+            r#"{"event":"purchase","partner_id":"p","user_id":"u","cart_amount":"0.20","country":"TR"}"#,
+        );
         let mut p = Profile::new(&cart, &kinds);
-        assert_eq!(p.fold(&cart, Watermark { partition: 3, offset: 10 }), Fold::Applied);
-        assert_eq!(p.fold(&buy, Watermark { partition: 3, offset: 11 }), Fold::Applied);
-        assert_eq!(p.fold(&buy, Watermark { partition: 3, offset: 11 }), Fold::Skipped);
-        assert_eq!(p.fold(&cart, Watermark { partition: 3, offset: 5 }), Fold::Skipped);
+        assert_eq!(
+            p.fold(
+                &cart,
+                Watermark {
+                    partition: 3,
+                    offset: 10
+                }
+            ),
+            Fold::Applied
+        );
+        assert_eq!(
+            p.fold(
+                &buy,
+                Watermark {
+                    partition: 3,
+                    offset: 11
+                }
+            ),
+            Fold::Applied
+        );
+        assert_eq!(
+            p.fold(
+                &buy,
+                Watermark {
+                    partition: 3,
+                    offset: 11
+                }
+            ),
+            Fold::Skipped
+        );
+        assert_eq!(
+            p.fold(
+                &cart,
+                Watermark {
+                    partition: 3,
+                    offset: 5
+                }
+            ),
+            Fold::Skipped
+        );
         assert_eq!(p.total_purchases.to_string(), "0.20");
         assert_eq!(p.purchase_count, 1);
         assert_eq!(p.cart_amount, Decimal::ZERO);
@@ -284,7 +331,13 @@ mod tests {
         let buy = ev(r#"{"event":"purchase","partner_id":"p","user_id":"u","cart_amount":0.1}"#);
         let mut p = Profile::new(&buy, &kinds);
         for i in 0..3 {
-            p.fold(&buy, Watermark { partition: 0, offset: i });
+            p.fold(
+                &buy,
+                Watermark {
+                    partition: 0,
+                    offset: i,
+                },
+            );
         }
         assert_eq!(p.total_purchases.to_string(), "0.3");
     }

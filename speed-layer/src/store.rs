@@ -13,8 +13,7 @@ use elasticsearch::http::request::JsonBody;
 use elasticsearch::http::transport::{SingleNodeConnectionPool, TransportBuilder};
 use elasticsearch::http::StatusCode;
 use elasticsearch::indices::{
-    IndicesCreateParts, IndicesExistsAliasParts, IndicesPutAliasParts,
-    IndicesPutIndexTemplateParts,
+    IndicesCreateParts, IndicesExistsAliasParts, IndicesPutAliasParts, IndicesPutIndexTemplateParts,
 };
 use elasticsearch::{BulkParts, Elasticsearch, GetParts, MgetParts};
 use serde_json::{json, Value};
@@ -23,16 +22,32 @@ use serde_json::{json, Value};
 #[derive(Debug, Clone, clap::Args)]
 pub struct EsArgs {
     /// Elasticsearch (or OpenSearch) base URL.
-    #[arg(long = "es-url", env = "PULSE_ES_URL", default_value = "http://localhost:9200")]
+    #[arg(
+        long = "es-url",
+        env = "PULSE_ES_URL",
+        default_value = "http://localhost:9200"
+    )]
     pub url: String,
     /// Alias the profiles are read and written through.
-    #[arg(long = "profiles-alias", env = "PULSE_PROFILES_ALIAS", default_value = "profiles")]
+    #[arg(
+        long = "profiles-alias",
+        env = "PULSE_PROFILES_ALIAS",
+        default_value = "profiles"
+    )]
     pub alias: String,
     /// Index behind the alias, created by `setup` when missing.
-    #[arg(long = "profiles-index", env = "PULSE_PROFILES_INDEX", default_value = "profiles-v1")]
+    #[arg(
+        long = "profiles-index",
+        env = "PULSE_PROFILES_INDEX",
+        default_value = "profiles-v1"
+    )]
     pub index: String,
     /// Request timeout, seconds.
-    #[arg(long = "es-timeout-secs", env = "PULSE_ES_TIMEOUT_SECS", default_value_t = 30)]
+    #[arg(
+        long = "es-timeout-secs",
+        env = "PULSE_ES_TIMEOUT_SECS",
+        default_value_t = 30
+    )]
     pub timeout_secs: u64,
 }
 
@@ -150,7 +165,10 @@ impl ProfileStore {
             .send()
             .await?;
         check(resp).await?;
-        done.push(format!("index template pulse-{} for {pattern}", self.args.alias));
+        done.push(format!(
+            "index template pulse-{} for {pattern}",
+            self.args.alias
+        ));
 
         let resp = self
             .client
@@ -162,8 +180,13 @@ impl ProfileStore {
         let status = resp.status_code();
         let body = resp.text().await.unwrap_or_default();
         if status.is_success() {
-            done.push(format!("created index {} behind alias {}", self.args.index, self.args.alias));
-        } else if status == StatusCode::BAD_REQUEST && body.contains("resource_already_exists_exception") {
+            done.push(format!(
+                "created index {} behind alias {}",
+                self.args.index, self.args.alias
+            ));
+        } else if status == StatusCode::BAD_REQUEST
+            && body.contains("resource_already_exists_exception")
+        {
             done.push(format!("index {} exists", self.args.index));
             let exists = self
                 .client
@@ -175,7 +198,10 @@ impl ProfileStore {
                 let resp = self
                     .client
                     .indices()
-                    .put_alias(IndicesPutAliasParts::IndexName(&[&self.args.index], &self.args.alias))
+                    .put_alias(IndicesPutAliasParts::IndexName(
+                        &[&self.args.index],
+                        &self.args.alias,
+                    ))
                     .send()
                     .await?;
                 check(resp).await?;
@@ -259,7 +285,11 @@ impl ProfileStore {
         if items.len() != docs.len() {
             return Err(StoreError::Status {
                 status: 500,
-                body: format!("bulk answered {} items for {} documents", items.len(), docs.len()),
+                body: format!(
+                    "bulk answered {} items for {} documents",
+                    items.len(),
+                    docs.len()
+                ),
             });
         }
         Ok(items
@@ -284,7 +314,9 @@ impl ProfileStore {
         let resp = self
             .client
             .indices()
-            .refresh(elasticsearch::indices::IndicesRefreshParts::Index(&[&self.args.alias]))
+            .refresh(elasticsearch::indices::IndicesRefreshParts::Index(&[&self
+                .args
+                .alias]))
             .send()
             .await?;
         check(resp).await.map(|_| ())
@@ -313,7 +345,10 @@ async fn check(resp: elasticsearch::http::response::Response) -> Result<Value, S
     }
     serde_json::from_str(&text).map_err(|e| StoreError::Status {
         status: status.as_u16(),
-        body: format!("unreadable response ({e}): {}", text.chars().take(500).collect::<String>()),
+        body: format!(
+            "unreadable response ({e}): {}",
+            text.chars().take(500).collect::<String>()
+        ),
     })
 }
 

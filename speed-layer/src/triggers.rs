@@ -120,7 +120,10 @@ impl TriggerRule {
                 Op::Gt | Op::Gte | Op::Lt | Op::Lte => {
                     let v = c.value.as_deref().unwrap_or_default();
                     Decimal::from_str(v).map_err(|_| {
-                        invalid(format!("{}: `{:?}` needs a numeric value, got {v:?}", c.field, c.op))
+                        invalid(format!(
+                            "{}: `{:?}` needs a numeric value, got {v:?}",
+                            c.field, c.op
+                        ))
                     })?;
                 }
                 Op::Eq | Op::Ne if c.value.is_none() => {
@@ -147,19 +150,30 @@ impl Condition {
         let values = field_values(event, &self.field);
         match self.op {
             Op::Exists => !values.is_empty(),
-            Op::Eq => values.iter().any(|v| Some(v.as_str()) == self.value.as_deref()),
-            Op::Ne => !values.iter().any(|v| Some(v.as_str()) == self.value.as_deref()),
+            Op::Eq => values
+                .iter()
+                .any(|v| Some(v.as_str()) == self.value.as_deref()),
+            Op::Ne => !values
+                .iter()
+                .any(|v| Some(v.as_str()) == self.value.as_deref()),
             Op::In => values.iter().any(|v| self.values.iter().any(|x| x == v)),
             Op::Gt | Op::Gte | Op::Lt | Op::Lte => {
-                let Some(limit) = self.value.as_deref().and_then(|v| Decimal::from_str(v).ok()) else {
+                let Some(limit) = self
+                    .value
+                    .as_deref()
+                    .and_then(|v| Decimal::from_str(v).ok())
+                else {
                     return false;
                 };
-                values.iter().filter_map(|v| Decimal::from_str(v).ok()).any(|x| match self.op {
-                    Op::Gt => x > limit,
-                    Op::Gte => x >= limit,
-                    Op::Lt => x < limit,
-                    _ => x <= limit,
-                })
+                values
+                    .iter()
+                    .filter_map(|v| Decimal::from_str(v).ok())
+                    .any(|x| match self.op {
+                        Op::Gt => x > limit,
+                        Op::Gte => x >= limit,
+                        Op::Lt => x < limit,
+                        _ => x <= limit,
+                    })
             }
         }
     }
@@ -276,9 +290,15 @@ mod tests {
     #[test]
     fn conditions() {
         let rules = RuleSet::from_toml(RULES).unwrap();
-        let hit = ev(r#"{"event":"add_to_cart","partner_id":"p","user_id":"u","cart_amount":"100.01","country":"TR","message_id":"m1"}"#);
-        let cheap = ev(r#"{"event":"add_to_cart","partner_id":"p","user_id":"u","cart_amount":"100","country":"TR"}"#);
-        let elsewhere = ev(r#"{"event":"add_to_cart","partner_id":"p","user_id":"u","cart_amount":"500","country":"US"}"#);
+        let hit = ev(
+            r#"{"event":"add_to_cart","partner_id":"p","user_id":"u","cart_amount":"100.01","country":"TR","message_id":"m1"}"#,
+        );
+        let cheap = ev(
+            r#"{"event":"add_to_cart","partner_id":"p","user_id":"u","cart_amount":"100","country":"TR"}"#,
+        );
+        let elsewhere = ev(
+            r#"{"event":"add_to_cart","partner_id":"p","user_id":"u","cart_amount":"500","country":"US"}"#,
+        );
         let ids = |e: &Event| rules.matching(e).map(|r| r.id.clone()).collect::<Vec<_>>();
         assert_eq!(ids(&hit), vec!["cart-push"]);
         assert!(ids(&cheap).is_empty());

@@ -9,6 +9,7 @@ use std::time::{Duration, Instant};
 use pulse_core::kafka::{ensure_topics, KafkaArgs, TopicSpec};
 use pulse_ingest::IngestConfig;
 use rdkafka::consumer::{BaseConsumer, Consumer};
+use rdkafka::message::Headers;
 use rdkafka::{Message, Offset, TopicPartitionList};
 use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
@@ -49,9 +50,17 @@ pub struct Record {
     pub partition: i32,
     pub offset: i64,
     pub payload: Vec<u8>,
+    pub headers: Vec<(String, String)>,
 }
 
 impl Record {
+    pub fn header(&self, key: &str) -> Option<&str> {
+        self.headers
+            .iter()
+            .find(|(k, _)| k == key)
+            .map(|(_, v)| v.as_str())
+    }
+
     pub fn json(&self) -> serde_json::Value {
         serde_json::from_slice(&self.payload).expect("record payload is JSON")
     }
@@ -99,6 +108,18 @@ pub fn read_topic(topic: &str, expected: usize, settle: Duration) -> Vec<Record>
                 partition: m.partition(),
                 offset: m.offset(),
                 payload: m.payload().unwrap_or_default().to_vec(),
+                headers: m
+                    .headers()
+                    .map(|h| {
+                        h.iter()
+                            .map(|h| {
+                                let value =
+                                    h.value.map(String::from_utf8_lossy).unwrap_or_default();
+                                (h.key.to_string(), value.into_owned())
+                            })
+                            .collect()
+                    })
+                    .unwrap_or_default(),
             });
         }
     }

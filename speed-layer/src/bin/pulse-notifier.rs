@@ -4,7 +4,11 @@ use clap::Parser;
 use pulse_speed::notifier::{Notifier, NotifierConfig};
 
 #[derive(Parser)]
-#[command(name = "pulse-notifier", about = "Deliver Pulse triggers to a push webhook", version)]
+#[command(
+    name = "pulse-notifier",
+    about = "Deliver Pulse triggers to a push webhook",
+    version
+)]
 struct Cli {
     #[command(flatten)]
     config: NotifierConfig,
@@ -22,6 +26,8 @@ async fn main() -> anyhow::Result<()> {
             tracing::error!(error = %e, %listen, "metrics endpoint failed");
         }
     });
-    Notifier::new(config)?.run(pulse_ingest::server::shutdown_signal()).await?;
+    Notifier::new(config)?
+        .run(pulse_ingest::server::shutdown_signal())
+        .await?;
     Ok(())
 }

@@ -11,7 +11,11 @@ use pulse_speed::config::SpeedConfig;
 use pulse_speed::store::{EsArgs, ProfileStore};
 
 #[derive(Parser)]
-#[command(name = "pulse-speed", about = "Pulse speed layer: live profiles in Elasticsearch", version)]
+#[command(
+    name = "pulse-speed",
+    about = "Pulse speed layer: live profiles in Elasticsearch",
+    version
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -36,7 +40,11 @@ enum Command {
 fn main() -> anyhow::Result<()> {
     pulse_core::telemetry::init_tracing();
     match Cli::parse().command {
-        Command::Setup { es, shards, replicas } => {
+        Command::Setup {
+            es,
+            shards,
+            replicas,
+        } => {
             let rt = tokio::runtime::Runtime::new()?;
             let store = ProfileStore::new(&es)?;
             for line in rt.block_on(store.setup(shards, replicas))? {
@@ -51,7 +59,10 @@ fn main() -> anyhow::Result<()> {
 fn run(config: SpeedConfig) -> anyhow::Result<()> {
     let stop = Arc::new(AtomicBool::new(false));
     let healthy = Arc::new(AtomicBool::new(true));
-    let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(1).enable_all().build()?;
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .enable_all()
+        .build()?;
     let handle = pulse_speed::metrics::install();
     let (listen, ready) = (config.metrics_listen, healthy.clone());
     rt.spawn(async move {

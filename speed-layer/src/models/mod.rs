@@ -115,7 +115,11 @@ fn kind<M: ProfileModel + Clone>(
 /// Every model Pulse ships. Add a line here for a new one.
 pub fn registry() -> Vec<ModelKind> {
     vec![
-        kind::<LastGender>("MODEL1", "gender_last", "gender of the last gender-bearing page visit"),
+        kind::<LastGender>(
+            "MODEL1",
+            "gender_last",
+            "gender of the last gender-bearing page visit",
+        ),
         kind::<TopGender>("MODEL2", "gender_top", "gender with the most visits so far"),
         kind::<WindowedTopGender>(
             "MODEL3",

@@ -47,7 +47,12 @@ impl ProfileModel for WindowedTopGender {
             return;
         };
         let day = day_of(event.timestamp);
-        *self.days.entry(day).or_default().entry(g.to_string()).or_default() += 1;
+        *self
+            .days
+            .entry(day)
+            .or_default()
+            .entry(g.to_string())
+            .or_default() += 1;
         // Expire by the newest day seen: state never outgrows the window.
         if let Some(&newest) = self.days.keys().next_back() {
             let start = Self::window_start(newest);

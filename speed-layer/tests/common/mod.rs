@@ -1,0 +1,407 @@
+//! Shared fixtures of the speed-layer tests: their own topics, group and Elasticsearch alias
+//! per test; the real `pulse-speed` and `pulse-notifier` binaries as child processes (so a
+//! test can SIGKILL them); and a ground truth computed here, independently of the engine.
+
+#![allow(dead_code)]
+
+use std::collections::{BTreeMap, HashMap};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use chrono::{DateTime, TimeZone, Utc};
+use pulse_core::kafka::KafkaArgs;
+use pulse_core::{parse_event, Event, ParseContext};
+use pulse_ingest::loadgen::{Clickstream, ClickstreamConfig, Partner};
+use pulse_speed::store::{EsArgs, ProfileStore};
+use rdkafka::producer::{FutureProducer, FutureRecord};
+use rust_decimal::Decimal;
+use serde_json::Value;
+
+pub use pulse_tests::{brokers, create_topic, read_topic, unique, PATIENCE};
+
+pub fn es_url() -> String {
+    std::env::var("PULSE_ES_URL").unwrap_or_else(|_| "http://localhost:9200".into())
+}
+
+/// One test's topics, consumer group and profile alias.
+pub struct Fixture {
+    pub topic: String,
+    pub dlq: String,
+    pub triggers: String,
+    pub triggers_dlq: String,
+    pub group: String,
+    pub alias: String,
+    pub store: ProfileStore,
+}
+
+impl Fixture {
+    pub async fn new(name: &str, partitions: i32) -> Self {
+        let topic = create_topic(&format!("sp-{name}"), partitions).await;
+        let dlq = create_topic(&format!("sp-{name}-dlq"), 2).await;
+        let triggers = create_topic(&format!("sp-{name}-trg"), 4).await;
+        let triggers_dlq = create_topic(&format!("sp-{name}-trgdlq"), 1).await;
+        let alias = unique(&format!("prof-{name}")).to_lowercase();
+        let store = ProfileStore::new(&self::es_args(&alias)).expect("store");
+        store
+            .setup(1, 0)
+            .await
+            .expect("es setup (is the stack up?)");
+        Self {
+            topic,
+            dlq,
+            triggers,
+            triggers_dlq,
+            group: unique("speed"),
+            alias,
+            store,
+        }
+    }
+
+    pub fn es(&self) -> EsArgs {
+        es_args(&self.alias)
+    }
+
+    /// `pulse-speed run` on this fixture, with extra flags.
+    pub fn spawn_speed(&self, extra: &[&str]) -> Child {
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_pulse-speed"));
+        cmd.arg("run")
+            .args(["--kafka-brokers", &brokers()])
+            .args([
+                "--events-topic",
+                &self.topic,
+                "--dlq-topic",
+                &self.dlq,
+                "--triggers-topic",
+                &self.triggers,
+            ])
+            .args([
+                "--profiles-alias",
+                &self.alias,
+                "--profiles-index",
+                &format!("{}-v1", self.alias),
+            ])
+            .args(["--group", &self.group, "--metrics-listen", "127.0.0.1:0"])
+            .args(extra)
+            .env("RUST_LOG", "info,librdkafka=warn")
+            .stdout(Stdio::null())
+            .stderr(log_file(&format!("speed-{}", self.alias)));
+        if !extra.contains(&"--es-url") {
+            cmd.args(["--es-url", &es_url()]);
+        }
+        cmd.spawn().expect("spawn pulse-speed")
+    }
+
+    pub fn spawn_notifier(&self, webhook: &str, extra: &[&str]) -> Child {
+        Command::new(env!("CARGO_BIN_EXE_pulse-notifier"))
+            .args(["--kafka-brokers", &brokers()])
+            .args([
+                "--triggers-topic",
+                &self.triggers,
+                "--triggers-dlq-topic",
+                &self.triggers_dlq,
+            ])
+            .args([
+                "--group",
+                &unique("notifier"),
+                "--webhook-url",
+                webhook,
+                "--metrics-listen",
+                "127.0.0.1:0",
+            ])
+            .args(extra)
+            .env("RUST_LOG", "info,librdkafka=warn")
+            .stdout(Stdio::null())
+            .stderr(log_file(&format!("notifier-{}", self.alias)))
+            .spawn()
+            .expect("spawn pulse-notifier")
+    }
+
+    /// All profile documents, by id (realtime GETs via a search after refresh).
+    pub async fn documents(&self) -> HashMap<String, Value> {
+        self.store.refresh().await.expect("refresh");
+        let body = self
+            .store
+            .search(serde_json::json!({"size": 10000, "query": {"match_all": {}}}))
+            .await
+            .expect("search");
+        body["hits"]["hits"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .map(|h| (h["_id"].as_str().unwrap().to_string(), h["_source"].clone()))
+            .collect()
+    }
+
+    /// Waits until the documents hold every event (sum of event_count == n), or PATIENCE.
+    pub async fn wait_for_events(&self, n: u64) -> HashMap<String, Value> {
+        let deadline = Instant::now() + PATIENCE * 3;
+        loop {
+            let docs = self.documents().await;
+            let total: u64 = docs
+                .values()
+                .map(|d| d["event_count"].as_u64().unwrap_or(0))
+                .sum();
+            if total >= n || Instant::now() > deadline {
+                return docs;
+            }
+            tokio::time::sleep(Duration::from_millis(500)).await;
+        }
+    }
+}
+
+fn es_args(alias: &str) -> EsArgs {
+    EsArgs::local(&es_url(), alias, &format!("{alias}-v1"))
+}
+
+/// Child logs go to target/test-logs/, so a failing test can be diagnosed.
+fn log_file(name: &str) -> Stdio {
+    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/test-logs");
+    let _ = std::fs::create_dir_all(&dir);
+    std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(dir.join(format!("{name}.log")))
+        .map(Stdio::from)
+        .unwrap_or_else(|_| Stdio::null())
+}
+
+/// Sends SIGTERM (graceful stop) and waits.
+pub fn terminate(child: &mut Child) {
+    // SAFETY: kill(2) on a pid we own; no memory is shared.
+    unsafe {
+        libc::kill(child.id() as i32, libc::SIGTERM);
+    }
+    let _ = child.wait();
+}
+
+/// Generated clickstream as canonical events, timestamps spread over the last `days` days so
+/// the 7-day model differs from the all-time one.
+pub fn generate(n: usize, seed: u64, users: u64, days: i64) -> Vec<Event> {
+    let partners = vec![
+        Partner {
+            id: "shop-a".into(),
+            key: "ka".into(),
+        },
+        Partner {
+            id: "shop-b".into(),
+            key: "kb".into(),
+        },
+    ];
+    let stream = Clickstream::new(ClickstreamConfig {
+        partners,
+        users,
+        zipf_exponent: 1.05,
+        concurrent_sessions: 64,
+        seed,
+    });
+    let now = Utc::now().timestamp_millis();
+    let ctx = ParseContext::now();
+    stream
+        .take(n)
+        .enumerate()
+        .map(|(i, g)| {
+            let mut v = g.event;
+            // Deterministic spread: event i is (i * 7919) mod `days` days old.
+            let age_days = ((i as i64) * 7919) % days.max(1);
+            v["timestamp"] = serde_json::json!(now - age_days * 86_400_000 - (i as i64 % 1000));
+            parse_event(&v.to_string(), &ctx).expect("generated event")
+        })
+        .collect()
+}
+
+/// Writes events to `topic` keyed as ingest does.
+pub async fn produce(topic: &str, events: &[Event]) {
+    let producer: FutureProducer = KafkaArgs::with_brokers(brokers())
+        .producer_config()
+        .create()
+        .expect("producer");
+    let mut pending = Vec::with_capacity(events.len());
+    for e in events {
+        let key = e.partition_key();
+        let payload = e.to_canonical_json();
+        pending.push(
+            producer
+                .send_result(FutureRecord::to(topic).key(&key).payload(&payload))
+                .expect("enqueue"),
+        );
+    }
+    for p in pending {
+        p.await.expect("delivery").expect("acked");
+    }
+}
+
+/// Raw records (for malformed input).
+pub async fn produce_raw(topic: &str, records: &[(Option<&str>, &[u8])]) {
+    let producer: FutureProducer = KafkaArgs::with_brokers(brokers())
+        .producer_config()
+        .create()
+        .expect("producer");
+    for (key, payload) in records {
+        let mut r = FutureRecord::<str, [u8]>::to(topic).payload(payload);
+        if let Some(k) = key {
+            r = r.key(k);
+        }
+        producer
+            .send(r, Duration::from_secs(30))
+            .await
+            .expect("acked");
+    }
+}
+
+/// The expected profile of one user, folded here without the engine's code.
+#[derive(Debug, Default, Clone)]
+pub struct Truth {
+    pub event_count: u64,
+    pub purchase_count: u64,
+    pub total_purchases: Decimal,
+    pub last_visit: i64,
+    pub first_seen: i64,
+    pub country: Option<String>,
+    pub session_id: Option<String>,
+    pub last_gender: Option<String>,
+    pub gender_counts: BTreeMap<String, u64>,
+    /// (epoch day, gender) → visits
+    pub gender_days: BTreeMap<(i64, String), u64>,
+    pub counts: BTreeMap<String, u64>,
+}
+
+pub fn ground_truth(events: &[Event]) -> HashMap<String, Truth> {
+    let mut out: HashMap<String, Truth> = HashMap::new();
+    for e in events {
+        let t = out.entry(e.partition_key()).or_insert_with(|| Truth {
+            last_visit: i64::MIN,
+            first_seen: i64::MAX,
+            ..Default::default()
+        });
+        let ts = e.timestamp.timestamp();
+        t.event_count += 1;
+        t.last_visit = t.last_visit.max(ts);
+        t.first_seen = t.first_seen.min(ts);
+        *t.counts.entry(e.event.clone()).or_default() += 1;
+        if e.country.is_some() {
+            t.country = e.country.clone();
+        }
+        if e.session_id.is_some() {
+            t.session_id = e.session_id.clone();
+        }
+        if e.event == "purchase" {
+            t.purchase_count += 1;
+            t.total_purchases += e.cart_amount.unwrap_or_default();
+        }
+        let page_visit = matches!(
+            e.event.as_str(),
+            "page_view" | "product_view" | "add_to_cart"
+        );
+        if let (true, Some(g)) = (page_visit, &e.gender) {
+            t.last_gender = Some(g.clone());
+            *t.gender_counts.entry(g.clone()).or_default() += 1;
+            *t.gender_days
+                .entry((ts.div_euclid(86_400), g.clone()))
+                .or_default() += 1;
+        }
+    }
+    out
+}
+
+fn top(counts: &BTreeMap<String, u64>) -> Option<String> {
+    // Highest count; ties to the alphabetically first.
+    counts
+        .iter()
+        .filter(|(_, n)| **n > 0)
+        .max_by(|a, b| a.1.cmp(b.1).then(b.0.cmp(a.0)))
+        .map(|(g, _)| g.clone())
+}
+
+impl Truth {
+    pub fn top_gender(&self) -> Option<String> {
+        top(&self.gender_counts)
+    }
+
+    pub fn top_gender_window(&self, now: DateTime<Utc>, days: i64) -> Option<String> {
+        let today = now.timestamp().div_euclid(86_400);
+        let mut counts = BTreeMap::new();
+        for ((day, g), n) in &self.gender_days {
+            if *day > today - days && *day <= today {
+                *counts.entry(g.clone()).or_default() += n;
+            }
+        }
+        top(&counts)
+    }
+}
+
+/// Compares every document with the truth; returns the differences (empty when equal).
+pub fn diff(docs: &HashMap<String, Value>, truth: &HashMap<String, Truth>) -> Vec<String> {
+    let mut problems = Vec::new();
+    if docs.len() != truth.len() {
+        problems.push(format!(
+            "{} documents for {} users",
+            docs.len(),
+            truth.len()
+        ));
+    }
+    for (id, t) in truth {
+        let Some(d) = docs.get(id) else {
+            problems.push(format!("{id}: no document"));
+            continue;
+        };
+        let now = Utc
+            .timestamp_millis_opt(d["updated_at"].as_i64().unwrap_or(0))
+            .unwrap();
+        let mut check = |field: &str, got: Value, want: Value| {
+            if got != want {
+                problems.push(format!("{id}.{field}: got {got}, want {want}"));
+            }
+        };
+        check(
+            "event_count",
+            d["event_count"].clone(),
+            t.event_count.into(),
+        );
+        check(
+            "purchase_count",
+            d["purchase_count"].clone(),
+            t.purchase_count.into(),
+        );
+        check(
+            "total_purchases",
+            d["total_purchases"].clone(),
+            Value::String(t.total_purchases.normalize().to_string()),
+        );
+        check("last_visit", d["last_visit"].clone(), t.last_visit.into());
+        check("first_seen", d["first_seen"].clone(), t.first_seen.into());
+        check(
+            "country",
+            d.get("country").cloned().unwrap_or(Value::Null),
+            serde_json::json!(t.country),
+        );
+        check(
+            "session_id",
+            d.get("session_id").cloned().unwrap_or(Value::Null),
+            serde_json::json!(t.session_id),
+        );
+        check(
+            "event_counts",
+            d["event_counts"].clone(),
+            serde_json::json!(t.counts),
+        );
+        check(
+            "gender_last",
+            d["gender_last"].clone(),
+            serde_json::json!(t.last_gender),
+        );
+        check(
+            "gender_top",
+            d["gender_top"].clone(),
+            serde_json::json!(t.top_gender()),
+        );
+        check(
+            "gender_top_7d",
+            d["gender_top_7d"].clone(),
+            serde_json::json!(t.top_gender_window(now, 7)),
+        );
+        if problems.len() > 20 {
+            break;
+        }
+    }
+    problems
+}
