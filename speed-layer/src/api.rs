@@ -44,11 +44,20 @@ impl ApiState {
     }
 }
 
-fn error(status: StatusCode, message: impl Into<String>) -> Response {
-    (status, Json(json!({"error": message.into()}))).into_response()
+/// An error answer: status and a message naming what is wrong.
+struct ApiError(StatusCode, String);
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        (self.0, Json(json!({"error": self.1}))).into_response()
+    }
 }
 
-fn partner<'a>(state: &'a ApiState, headers: &HeaderMap) -> Result<&'a str, Response> {
+fn error(status: StatusCode, message: impl Into<String>) -> ApiError {
+    ApiError(status, message.into())
+}
+
+fn partner<'a>(state: &'a ApiState, headers: &HeaderMap) -> Result<&'a str, ApiError> {
     state.keys.partner_from_headers(headers).map_err(|f| {
         let msg = match f {
             AuthFailure::Missing => "missing key: send it as the HTTP Basic user or a Bearer token",
@@ -58,7 +67,7 @@ fn partner<'a>(state: &'a ApiState, headers: &HeaderMap) -> Result<&'a str, Resp
     })
 }
 
-async fn load(state: &ApiState, partner: &str, cid: &str) -> Result<serde_json::Value, Response> {
+async fn load(state: &ApiState, partner: &str, cid: &str) -> Result<serde_json::Value, ApiError> {
     let id = pulse_core::event::partition_key(partner, cid);
     match state.store.get(&id).await {
         Ok(Some(doc)) => Ok(doc),
@@ -81,7 +90,7 @@ async fn get_gender(
 ) -> Response {
     let partner = match partner(&state, &headers) {
         Ok(p) => p.to_string(),
-        Err(r) => return r,
+        Err(r) => return r.into_response(),
     };
     let name = params.get("model").map(String::as_str).unwrap_or("MODEL1");
     let Some(kind) = state
@@ -93,11 +102,12 @@ async fn get_gender(
         return error(
             StatusCode::BAD_REQUEST,
             format!("unknown model {name}; known: {}", known.join(", ")),
-        );
+        )
+        .into_response();
     };
     let doc = match load(&state, &partner, &cid).await {
         Ok(d) => d,
-        Err(r) => return r,
+        Err(r) => return r.into_response(),
     };
     let gender = match doc.get("models").and_then(|m| m.get(kind.name)) {
         Some(stored) => kind.load(stored.clone()).answer(Utc::now()),
@@ -117,7 +127,7 @@ async fn get_profile(
 ) -> Response {
     let partner = match partner(&state, &headers) {
         Ok(p) => p.to_string(),
-        Err(r) => return r,
+        Err(r) => return r.into_response(),
     };
     match load(&state, &partner, &cid).await {
         Ok(mut doc) => {
@@ -126,6 +136,6 @@ async fn get_profile(
             }
             Json(doc).into_response()
         }
-        Err(r) => r,
+        Err(r) => r.into_response(),
     }
 }

@@ -1,0 +1,260 @@
+//! Triggers end to end: speed layer → `triggers` topic → notifier → a local webhook receiver.
+
+mod common;
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use axum::body::Bytes;
+use axum::http::{HeaderMap, StatusCode};
+use axum::routing::post;
+use axum::Router;
+use common::*;
+use pulse_speed::triggers::TriggerMessage;
+use rust_decimal::Decimal;
+use serde_json::Value;
+
+#[derive(Clone, Default)]
+struct Received {
+    /// (idempotency key, body, arrival)
+    calls: Arc<Mutex<Vec<(String, Value, Instant)>>>,
+}
+
+impl Received {
+    fn keys(&self) -> Vec<String> {
+        self.calls
+            .lock()
+            .unwrap()
+            .iter()
+            .map(|(k, _, _)| k.clone())
+            .collect()
+    }
+}
+
+/// A push webhook on a free port that records every call and answers `status`.
+async fn webhook(status: StatusCode) -> (String, Received) {
+    let received = Received::default();
+    let r = received.clone();
+    let app = Router::new().route(
+        "/push",
+        post(move |headers: HeaderMap, body: Bytes| {
+            let r = r.clone();
+            async move {
+                let key = headers
+                    .get("idempotency-key")
+                    .and_then(|v| v.to_str().ok())
+                    .unwrap_or("")
+                    .to_string();
+                let body = serde_json::from_slice(&body).unwrap_or(Value::Null);
+                r.calls.lock().unwrap().push((key, body, Instant::now()));
+                status
+            }
+        }),
+    );
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}/push", listener.local_addr().unwrap());
+    tokio::spawn(async move { axum::serve(listener, app).await });
+    (url, received)
+}
+
+async fn wait_until(mut done: impl FnMut() -> bool) {
+    let deadline = Instant::now() + PATIENCE;
+    while !done() && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+const RULES: &str = r#"
+[[rule]]
+id = "cart-push"
+event = "add_to_cart"
+template = "cart_reminder"
+when = [
+  { field = "cart_amount", op = "gte", value = "100" },
+  { field = "country", op = "in", values = ["TR", "GB"] },
+]
+"#;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn each_qualifying_event_is_pushed_once_even_when_re_read() {
+    let f = Fixture::new("trg", 4).await;
+    let rules = std::env::temp_dir().join(format!("{}.toml", f.alias));
+    std::fs::write(&rules, RULES).unwrap();
+    let events = generate(4_000, 21, 400, 2);
+    let hundred = Decimal::from(100);
+    let expected: Vec<String> = events
+        .iter()
+        .filter(|e| e.event == "add_to_cart")
+        .filter(|e| e.cart_amount.is_some_and(|a| a >= hundred))
+        .filter(|e| matches!(e.country.as_deref(), Some("TR" | "GB")))
+        .map(|e| format!("cart-push:{}", e.message_id))
+        .collect();
+    assert!(
+        expected.len() > 20,
+        "the stream has qualifying events ({})",
+        expected.len()
+    );
+
+    let (url, received) = webhook(StatusCode::OK).await;
+    let mut notifier = f.spawn_notifier(&url, &["--rate-limit-secs", "0"]);
+    // No flush during the test: nothing is committed, so a restart re-reads everything.
+    let speed_args = [
+        "--rules-file",
+        rules.to_str().unwrap(),
+        "--flush-interval-secs",
+        "3600",
+    ];
+    let mut speed = f.spawn_speed(&speed_args);
+    let produced_at = Instant::now();
+    produce(&f.topic, &events).await;
+    wait_until(|| received.keys().len() >= expected.len()).await;
+
+    // Latency from produce to webhook, for the record (not a pass/fail bound).
+    let mut latencies: Vec<u128> = received
+        .calls
+        .lock()
+        .unwrap()
+        .iter()
+        .map(|(_, _, at)| at.duration_since(produced_at).as_millis())
+        .collect();
+    latencies.sort();
+    eprintln!(
+        "trigger latency from produce start: p50 {} ms, max {} ms ({} pushes)",
+        latencies
+            .get(latencies.len() / 2)
+            .copied()
+            .unwrap_or_default(),
+        latencies.last().copied().unwrap_or_default(),
+        latencies.len()
+    );
+
+    // Crash before any flush: the restarted layer re-reads every event and fires every
+    // trigger again, with the same idempotency keys.
+    speed.kill().unwrap();
+    let _ = speed.wait();
+    let mut speed = f.spawn_speed(&speed_args);
+    let refired = read_topic(&f.triggers, expected.len() * 2, Duration::ZERO);
+    assert_eq!(
+        refired.len(),
+        expected.len() * 2,
+        "each trigger was fired twice"
+    );
+    // Give the notifier time to see the second round (it consumes as they come).
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    speed.kill().unwrap();
+    let _ = speed.wait();
+    terminate(&mut notifier);
+
+    let mut keys = received.keys();
+    let total = keys.len();
+    keys.sort();
+    keys.dedup();
+    assert_eq!(total, keys.len(), "no trigger was pushed twice");
+    let mut want = expected.clone();
+    want.sort();
+    assert_eq!(keys, want, "exactly the qualifying events were pushed");
+
+    // The body is FCM-shaped and the key travels in data and header alike.
+    let calls = received.calls.lock().unwrap();
+    let (key, body, _) = &calls[0];
+    assert_eq!(
+        body["message"]["data"]["idempotency_key"],
+        Value::String(key.clone())
+    );
+    assert_eq!(body["message"]["notification"]["title"], "cart_reminder");
+}
+
+fn trigger(key: &str, user: &str) -> TriggerMessage {
+    TriggerMessage {
+        idempotency_key: key.into(),
+        rule_id: "r".into(),
+        action: "push".into(),
+        template: "t".into(),
+        partner_id: "shop".into(),
+        user_id: user.into(),
+        event: "add_to_cart".into(),
+        message_id: key.into(),
+        event_timestamp: 0,
+        fired_at: chrono::Utc::now().timestamp_millis(),
+        cart_amount: Some("120.00".into()),
+        product_id: None,
+        category: vec![],
+    }
+}
+
+async fn produce_triggers(topic: &str, triggers: &[TriggerMessage]) {
+    let records: Vec<(String, Vec<u8>)> = triggers
+        .iter()
+        .map(|t| (t.key(), serde_json::to_vec(t).unwrap()))
+        .collect();
+    let raw: Vec<(Option<&str>, &[u8])> = records
+        .iter()
+        .map(|(k, p)| (Some(k.as_str()), p.as_slice()))
+        .collect();
+    produce_raw(topic, &raw).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_push_per_user_per_window_and_duplicates_dropped() {
+    let f = Fixture::new("rate", 1).await;
+    let (url, received) = webhook(StatusCode::OK).await;
+    produce_triggers(
+        &f.triggers,
+        &[
+            trigger("x-1", "x"),
+            trigger("x-2", "x"),
+            trigger("x-3", "x"),
+            trigger("y-1", "y"),
+            trigger("y-1", "y"),
+            trigger("z-1", "z"),
+        ],
+    )
+    .await;
+    let mut notifier = f.spawn_notifier(&url, &["--rate-limit-secs", "600"]);
+    wait_until(|| received.keys().len() >= 3).await;
+    // Let it work through the rest of the topic, which must not produce more pushes.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    terminate(&mut notifier);
+    let mut keys = received.keys();
+    keys.sort();
+    assert_eq!(keys, vec!["x-1", "y-1", "z-1"]);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn failing_webhook_is_retried_then_dead_lettered() {
+    let f = Fixture::new("fail", 1).await;
+    let (url, received) = webhook(StatusCode::SERVICE_UNAVAILABLE).await;
+    produce_triggers(&f.triggers, &[trigger("boom-1", "u")]).await;
+    let mut notifier = f.spawn_notifier(
+        &url,
+        &[
+            "--max-attempts",
+            "3",
+            "--backoff-ms",
+            "50",
+            "--rate-limit-secs",
+            "0",
+        ],
+    );
+    let dead = read_topic(&f.triggers_dlq, 1, Duration::ZERO);
+    terminate(&mut notifier);
+    let attempts: HashMap<String, usize> =
+        received
+            .keys()
+            .into_iter()
+            .fold(HashMap::new(), |mut m, k| {
+                *m.entry(k).or_default() += 1;
+                m
+            });
+    assert_eq!(
+        attempts.get("boom-1"),
+        Some(&3),
+        "three attempts, then give up"
+    );
+    assert_eq!(dead.len(), 1, "the trigger is in the dead-letter topic");
+    let reason = dead[0].header("pulse.error").unwrap();
+    assert!(reason.contains("503"), "{reason}");
+    let stored: TriggerMessage = serde_json::from_slice(&dead[0].payload).unwrap();
+    assert_eq!(stored.idempotency_key, "boom-1");
+}
