@@ -49,6 +49,11 @@ pub struct SpeedConfig {
     #[arg(long, env = "PULSE_MAX_BATCH", default_value_t = 10_000)]
     pub max_batch: usize,
 
+    /// Stop (after a final flush and commit) once every assigned partition is read to its end:
+    /// for catch-up and replay jobs, and benchmarks.
+    #[arg(long, env = "PULSE_STOP_AT_END")]
+    pub stop_at_end: bool,
+
     /// Address of /healthz, /readyz and /metrics.
     #[arg(
         long,

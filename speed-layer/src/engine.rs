@@ -76,6 +76,45 @@ pub struct Engine {
     dirty: usize,
     last_flush: Instant,
     healthy: Arc<AtomicBool>,
+    folded: u64,
+    skipped: u64,
+    flushes: u64,
+    docs_written: u64,
+    in_flight: Option<InFlight>,
+    flush_attempt: u32,
+    retry_at: Instant,
+    /// Time of the batch being processed (one clock read per batch, not per event).
+    clock: Instant,
+}
+
+/// A flush running in the background while consumption goes on.
+struct InFlight {
+    task: tokio::task::JoinHandle<Vec<Result<ItemOutcome, String>>>,
+    /// (profile id, partition) per document, in write order.
+    ids: Vec<(String, i32)>,
+    /// Read positions when the flush started: what it may commit.
+    positions: Vec<(i32, i64)>,
+    started: Instant,
+}
+
+/// Writes documents in `_bulk` chunks, two requests at a time; one outcome per document.
+async fn write_all(
+    store: &ProfileStore,
+    writes: Vec<DocWrite>,
+    chunk: usize,
+) -> Vec<Result<ItemOutcome, String>> {
+    let mut out = Vec::with_capacity(writes.len());
+    for pair in writes.chunks(chunk * 2) {
+        let (a, b) = pair.split_at(pair.len().min(chunk));
+        let (ra, rb) = tokio::join!(store.bulk_write(a), store.bulk_write(b));
+        for (docs, result) in [(a, ra), (b, rb)] {
+            match result {
+                Ok(outcomes) => out.extend(outcomes.into_iter().map(Ok)),
+                Err(e) => out.extend(docs.iter().map(|_| Err(e.to_string()))),
+            }
+        }
+    }
+    out
 }
 
 /// The consumer context: routes revocations to the engine.
@@ -115,7 +154,7 @@ pub fn run(
     config: &SpeedConfig,
     stop: Arc<AtomicBool>,
     healthy: Arc<AtomicBool>,
-) -> Result<(), EngineError> {
+) -> Result<RunSummary, EngineError> {
     crate::models::windowed_gender::set_window_days(config.window_days);
     let kinds = crate::models::select(&config.models).map_err(EngineError::Config)?;
     let rules = match &config.rules_file {
@@ -150,18 +189,29 @@ pub fn run(
         dirty: 0,
         last_flush: Instant::now(),
         healthy,
+        folded: 0,
+        skipped: 0,
+        flushes: 0,
+        docs_written: 0,
+        in_flight: None,
+        flush_attempt: 0,
+        retry_at: Instant::now(),
+        clock: Instant::now(),
     }));
-    let consumer: SpeedConsumer = config
-        .kafka
-        .consumer_config(&config.group)
-        .set("max.poll.interval.ms", "600000")
-        .create_with_context(SpeedContext {
-            engine: engine.clone(),
-        })?;
+    let mut consumer_config = config.kafka.consumer_config(&config.group);
+    consumer_config.set("max.poll.interval.ms", "600000");
+    if config.stop_at_end {
+        consumer_config.set("enable.partition.eof", "true");
+    }
+    let consumer: SpeedConsumer = consumer_config.create_with_context(SpeedContext {
+        engine: engine.clone(),
+    })?;
     consumer.subscribe(&[&config.topics.events])?;
     tracing::info!(topic = %config.topics.events, group = %config.group, rules = lock(&engine).rules.rules.len(), "speed layer consuming");
 
     let mut batch: Vec<OwnedMessage> = Vec::with_capacity(config.max_batch);
+    let mut at_end: HashSet<i32> = HashSet::new();
+    let started_at = Instant::now();
     while !stop.load(Ordering::Relaxed) {
         batch.clear();
         let started = Instant::now();
@@ -176,7 +226,13 @@ pub fn run(
                 break;
             };
             match consumer.poll(timeout) {
-                Some(Ok(msg)) => batch.push(msg.detach()),
+                Some(Ok(msg)) => {
+                    at_end.remove(&msg.partition());
+                    batch.push(msg.detach());
+                }
+                Some(Err(rdkafka::error::KafkaError::PartitionEOF(p))) => {
+                    at_end.insert(p);
+                }
                 Some(Err(e)) => {
                     tracing::warn!(error = %e, "consumer error");
                     break;
@@ -188,25 +244,87 @@ pub fn run(
         if !batch.is_empty() {
             engine.process(&batch);
         }
+        engine.finish_flush(&consumer, false);
         engine.apply_rewinds(&consumer);
-        if engine
+        let due = engine
             .policy
-            .is_due(engine.last_flush.elapsed(), engine.dirty)
-        {
-            engine.flush_all(&consumer, &stop);
+            .is_due(engine.last_flush.elapsed(), engine.dirty);
+        if due && engine.in_flight.is_none() && Instant::now() >= engine.retry_at {
+            let partitions: Vec<i32> = engine.positions.keys().copied().collect();
+            engine.start_flush(&partitions);
+        }
+        // Back-pressure: with too many unflushed profiles (Elasticsearch slow or down), stop
+        // reading until a flush gets through. Lag grows; memory does not.
+        while engine.dirty >= engine.policy.max_dirty && !stop.load(Ordering::Relaxed) {
+            if engine.finish_flush(&consumer, true).is_none() {
+                let partitions: Vec<i32> = engine.positions.keys().copied().collect();
+                let wait = engine.retry_at.saturating_duration_since(Instant::now());
+                std::thread::sleep(wait);
+                engine.start_flush(&partitions);
+            }
+        }
+        drop(engine);
+        if config.stop_at_end && batch.is_empty() && all_read(&consumer, &at_end) {
+            tracing::info!("every assigned partition read to its end");
+            break;
         }
     }
     tracing::info!("stopping: final flush and commit");
-    lock(&engine).flush_all(&consumer, &stop);
+    let mut engine_guard = lock(&engine);
+    let partitions: Vec<i32> = engine_guard.positions.keys().copied().collect();
+    if !engine_guard.flush_now(&consumer, &partitions, 20) {
+        tracing::error!("giving up the final flush; records since the last commit will be re-read");
+    }
+    let summary = RunSummary {
+        elapsed_secs: started_at.elapsed().as_secs_f64(),
+        events_folded: engine_guard.folded,
+        events_skipped: engine_guard.skipped,
+        flushes: engine_guard.flushes,
+        docs_written: engine_guard.docs_written,
+        profiles_in_memory: engine_guard.profiles.len(),
+        peak_rss_kb: peak_rss_kb(),
+    };
+    drop(engine_guard);
     consumer.unsubscribe();
-    Ok(())
+    Ok(summary)
+}
+
+/// What a run did, printed by `pulse-speed run` on exit.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct RunSummary {
+    pub elapsed_secs: f64,
+    pub events_folded: u64,
+    pub events_skipped: u64,
+    pub flushes: u64,
+    pub docs_written: u64,
+    pub profiles_in_memory: usize,
+    pub peak_rss_kb: Option<u64>,
+}
+
+/// Peak resident memory of this process (Linux), for the memory-per-profile figure.
+fn peak_rss_kb() -> Option<u64> {
+    let status = std::fs::read_to_string("/proc/self/status").ok()?;
+    let line = status.lines().find(|l| l.starts_with("VmHWM:"))?;
+    line.split_whitespace().nth(1)?.parse().ok()
+}
+
+fn all_read(consumer: &SpeedConsumer, at_end: &HashSet<i32>) -> bool {
+    let Ok(assignment) = consumer.assignment() else {
+        return false;
+    };
+    assignment.count() > 0
+        && assignment
+            .elements()
+            .iter()
+            .all(|e| at_end.contains(&e.partition()))
 }
 
 impl Engine {
     /// Folds a batch of records: one mget for the profiles not in memory, then each record in
     /// order.
     fn process(&mut self, batch: &[OwnedMessage]) {
-        let mut parsed: Vec<(&OwnedMessage, Result<Event, String>)> =
+        self.clock = Instant::now();
+        let mut parsed: Vec<(&OwnedMessage, Result<(Event, String), String>)> =
             Vec::with_capacity(batch.len());
         let mut missing: Vec<String> = Vec::new();
         let mut seen: HashSet<String> = HashSet::new();
@@ -215,50 +333,52 @@ impl Engine {
                 continue;
             }
             let result = decode(msg);
-            if let Ok(e) = &result {
-                let id = e.partition_key();
-                if !self.profiles.contains_key(&id) && seen.insert(id.clone()) {
-                    missing.push(id);
+            if let Ok((_, id)) = &result {
+                if !self.profiles.contains_key(id) && seen.insert(id.clone()) {
+                    missing.push(id.clone());
                 }
             }
             parsed.push((msg, result));
         }
         self.load(&missing);
         let now_ms = Utc::now().timestamp_millis();
+        let (folded, skipped) = (self.folded, self.skipped);
         for (msg, result) in parsed {
             let partition = msg.partition();
             if self.rewind.contains(&partition) {
                 continue;
             }
             match result {
-                Ok(event) => self.fold(&event, partition, msg.offset(), now_ms),
+                Ok((event, id)) => self.fold(&event, id, partition, msg.offset(), now_ms),
                 Err(reason) => self.dead_letter(msg, &reason),
             }
             self.positions.insert(partition, msg.offset() + 1);
         }
+        // Metrics per batch, not per event: a registry lookup per event costs real throughput.
+        metrics::counter!(m::EVENTS_FOLDED).increment(self.folded - folded);
+        metrics::counter!(m::EVENTS_SKIPPED).increment(self.skipped - skipped);
         metrics::gauge!(m::PROFILES_IN_MEMORY).set(self.profiles.len() as f64);
         metrics::gauge!(m::PROFILES_DIRTY).set(self.dirty as f64);
     }
 
-    fn fold(&mut self, event: &Event, partition: i32, offset: i64, now_ms: i64) {
-        let id = event.partition_key();
+    fn fold(&mut self, event: &Event, id: String, partition: i32, offset: i64, now_ms: i64) {
         let kinds = &self.kinds;
         let entry = self.profiles.entry(id).or_insert_with(|| Entry {
             profile: Profile::new(event, kinds),
             partition,
             dirty: false,
-            touched: Instant::now(),
+            touched: self.clock,
         });
-        entry.touched = Instant::now();
+        entry.touched = self.clock;
         // A profile loaded from the store belongs to the partition its events come from.
         entry.partition = partition;
         match entry.profile.fold(event, Watermark { partition, offset }) {
             Fold::Skipped => {
-                metrics::counter!(m::EVENTS_SKIPPED).increment(1);
+                self.skipped += 1;
                 return;
             }
             Fold::Applied => {
-                metrics::counter!(m::EVENTS_FOLDED).increment(1);
+                self.folded += 1;
                 if !entry.dirty {
                     entry.dirty = true;
                     self.dirty += 1;
@@ -379,124 +499,144 @@ impl Engine {
         }
     }
 
-    /// Flushes every dirty profile, then commits. Retries with backoff while Elasticsearch is
-    /// unavailable (consumption pauses, lag grows, nothing is lost).
-    fn flush_all(&mut self, consumer: &SpeedConsumer, stop: &AtomicBool) {
-        let partitions: Vec<i32> = self.positions.keys().copied().collect();
-        let mut attempt = 0;
-        loop {
-            match self.flush(consumer, &partitions) {
-                Ok(()) => break,
-                Err(e) => {
-                    self.healthy.store(false, Ordering::Relaxed);
-                    let wait = self.policy.backoff(attempt);
-                    tracing::warn!(error = %e, retry_in = ?wait, dirty = self.dirty, "flush failed");
-                    metrics::counter!(m::FLUSH_FAILURES).increment(1);
-                    std::thread::sleep(wait);
-                    attempt += 1;
-                    // On shutdown, give up after a while: uncommitted work is re-read next time.
-                    if stop.load(Ordering::Relaxed) && attempt > 20 {
-                        tracing::error!("giving up the final flush; records since the last commit will be re-read");
-                        return;
-                    }
-                }
-            }
+    /// Starts writing the dirty profiles of `partitions` in the background, unless a flush is
+    /// already in flight. The documents and the read positions are snapshotted now: events
+    /// folded while the write runs are not in it, and their offsets are not committed by it.
+    fn start_flush(&mut self, partitions: &[i32]) {
+        if self.in_flight.is_some() {
+            return;
         }
-        self.healthy.store(true, Ordering::Relaxed);
-        self.last_flush = Instant::now();
-        self.evict();
-    }
-
-    /// One flush attempt for `partitions`: bulk-writes their dirty profiles, then commits the
-    /// partitions whose profiles are all written. Items that failed temporarily stay dirty and
-    /// make the attempt fail, so it is retried.
-    fn flush(&mut self, consumer: &SpeedConsumer, partitions: &[i32]) -> Result<(), String> {
-        let started = Instant::now();
         let now = Utc::now();
         let wanted: HashSet<i32> = partitions.iter().copied().collect();
-        let writes: Vec<DocWrite> = self
-            .profiles
-            .values()
-            .filter(|e| e.dirty && wanted.contains(&e.partition))
-            .map(|e| DocWrite {
-                id: e.profile.id.clone(),
-                version: e.profile.watermark.map_or(0, |w| w.offset),
-                doc: e.profile.to_document(&self.kinds, now),
+        let mut writes = Vec::new();
+        for entry in self.profiles.values_mut() {
+            if entry.dirty && wanted.contains(&entry.partition) {
+                entry.dirty = false;
+                writes.push(DocWrite {
+                    id: entry.profile.id.clone(),
+                    version: entry.profile.watermark.map_or(0, |w| w.offset),
+                    doc: serde_json::to_vec(&entry.profile.to_document(&self.kinds, now))
+                        .unwrap_or_default(),
+                });
+            }
+        }
+        self.dirty -= writes.len();
+        let positions: Vec<(i32, i64)> = partitions
+            .iter()
+            .filter_map(|p| self.positions.get(p).map(|o| (*p, *o)))
+            .collect();
+        let ids: Vec<(String, i32)> = writes
+            .iter()
+            .map(|w| {
+                let partition = self.profiles.get(&w.id).map_or(-1, |e| e.partition);
+                (w.id.clone(), partition)
             })
             .collect();
-        let mut failed_partitions: HashSet<i32> = HashSet::new();
-        let mut first_error: Option<String> = None;
-        for chunk in writes.chunks(self.policy.bulk_docs.max(1)) {
-            let outcomes = match self.runtime.block_on(self.store.bulk_write(chunk)) {
-                Ok(o) => o,
-                Err(e) => {
-                    for w in chunk {
-                        if let Some(entry) = self.profiles.get(&w.id) {
-                            failed_partitions.insert(entry.partition);
-                        }
-                    }
-                    first_error.get_or_insert_with(|| e.to_string());
-                    continue;
+        let store = self.store.clone();
+        let chunk = self.policy.bulk_docs.max(1);
+        let task = self
+            .runtime
+            .spawn(async move { write_all(&store, writes, chunk).await });
+        self.in_flight = Some(InFlight {
+            task,
+            ids,
+            positions,
+            started: Instant::now(),
+        });
+    }
+
+    /// Completes the flush in flight if it is done (or waits for it with `wait`): failed
+    /// profiles become dirty again, and partitions whose profiles are all written are
+    /// committed up to the snapshotted positions. Returns whether the flush failed.
+    fn finish_flush(&mut self, consumer: &SpeedConsumer, wait: bool) -> Option<bool> {
+        let done = self.in_flight.as_ref()?.task.is_finished();
+        if !done && !wait {
+            return None;
+        }
+        let flight = self.in_flight.take()?;
+        let outcomes = self
+            .runtime
+            .block_on(flight.task)
+            .unwrap_or_else(|e| vec![Err(format!("flush task failed: {e}")); flight.ids.len()]);
+        let mut failed: HashSet<i32> = HashSet::new();
+        let mut first_error = None;
+        for ((id, partition), outcome) in flight.ids.iter().zip(outcomes) {
+            match outcome {
+                Ok(ItemOutcome::Written) => self.docs_written += 1,
+                Ok(ItemOutcome::Stale) => {
+                    // Someone wrote a newer version: our state is behind. Re-read the partition
+                    // from its last commit on top of the stored documents.
+                    metrics::counter!(m::DOCS_STALE).increment(1);
+                    tracing::warn!(%id, partition, "stored profile is newer; re-reading partition");
+                    self.rewind.insert(*partition);
                 }
-            };
-            for (w, outcome) in chunk.iter().zip(outcomes) {
-                let Some(entry) = self.profiles.get_mut(&w.id) else {
-                    continue;
-                };
-                match outcome {
-                    ItemOutcome::Written => {
-                        metrics::counter!(m::DOCS_WRITTEN).increment(1);
-                        entry.dirty = false;
-                        self.dirty -= 1;
-                    }
-                    ItemOutcome::Retry(reason) => {
-                        failed_partitions.insert(entry.partition);
-                        first_error.get_or_insert(reason);
-                    }
-                    ItemOutcome::Stale => {
-                        // Someone wrote a newer version: our state is behind. Re-read the
-                        // partition from its last commit on top of the stored documents.
-                        metrics::counter!(m::DOCS_STALE).increment(1);
-                        tracing::warn!(id = %w.id, partition = entry.partition, "stored profile is newer; re-reading partition");
-                        self.rewind.insert(entry.partition);
-                    }
-                    ItemOutcome::Rejected(reason) => {
-                        // Counted and logged, never retried forever: one bad document must not
-                        // hold back every other profile of its partition.
-                        metrics::counter!(m::DOCS_REJECTED).increment(1);
-                        tracing::error!(id = %w.id, reason, "elasticsearch rejected profile document");
-                        entry.dirty = false;
-                        self.dirty -= 1;
+                Ok(ItemOutcome::Rejected(reason)) => {
+                    // Counted and logged, not retried forever: one bad document must not hold
+                    // back every other profile of its partition.
+                    metrics::counter!(m::DOCS_REJECTED).increment(1);
+                    tracing::error!(%id, reason, "elasticsearch rejected profile document");
+                }
+                Ok(ItemOutcome::Retry(reason)) | Err(reason) => {
+                    failed.insert(*partition);
+                    first_error.get_or_insert(reason);
+                    if let Some(entry) = self.profiles.get_mut(id) {
+                        if !entry.dirty {
+                            entry.dirty = true;
+                            self.dirty += 1;
+                        }
                     }
                 }
             }
         }
-        metrics::histogram!(m::FLUSH_SECONDS).record(started.elapsed().as_secs_f64());
+        self.flushes += 1;
         metrics::counter!(m::FLUSHES).increment(1);
-        // Triggers and dead letters of the records we are about to commit must be in Kafka.
-        self.producer
-            .flush(Duration::from_secs(30))
-            .map_err(|e| format!("triggers/dead letters not acknowledged: {e}"))?;
-        let commit: Vec<i32> = partitions
-            .iter()
-            .copied()
-            .filter(|p| !failed_partitions.contains(p) && !self.rewind.contains(p))
+        metrics::histogram!(m::FLUSH_SECONDS).record(flight.started.elapsed().as_secs_f64());
+        tracing::info!(docs = flight.ids.len(), took = ?flight.started.elapsed(), failed = failed.len(), "flushed");
+        if let Some(e) = &first_error {
+            self.flush_attempt += 1;
+            self.retry_at = Instant::now() + self.policy.backoff(self.flush_attempt - 1);
+            self.healthy.store(false, Ordering::Relaxed);
+            metrics::counter!(m::FLUSH_FAILURES).increment(1);
+            tracing::warn!(error = %e, retry_in = ?self.policy.backoff(self.flush_attempt - 1), dirty = self.dirty, "flush failed");
+        } else {
+            self.flush_attempt = 0;
+            self.healthy.store(true, Ordering::Relaxed);
+        }
+        // Triggers and dead letters of the records about to be committed must be in Kafka.
+        if let Err(e) = self.producer.flush(Duration::from_secs(30)) {
+            tracing::warn!(error = %e, "triggers/dead letters not acknowledged yet; not committing");
+            return Some(true);
+        }
+        let commit: Vec<(i32, i64)> = flight
+            .positions
+            .into_iter()
+            .filter(|(p, _)| !failed.contains(p) && !self.rewind.contains(p))
             .collect();
         self.commit(consumer, &commit);
-        tracing::debug!(docs = writes.len(), took = ?started.elapsed(), "flushed");
-        match first_error {
-            None => Ok(()),
-            Some(e) => Err(e),
-        }
+        self.last_flush = Instant::now();
+        self.evict();
+        Some(first_error.is_some())
     }
 
-    fn commit(&mut self, consumer: &SpeedConsumer, partitions: &[i32]) {
+    /// Flushes now and waits, retrying with backoff up to `attempts` times. For revocation and
+    /// shutdown, where the caller must know the outcome before going on.
+    fn flush_now(&mut self, consumer: &SpeedConsumer, partitions: &[i32], attempts: u32) -> bool {
+        self.finish_flush(consumer, true);
+        for attempt in 0..attempts.max(1) {
+            self.start_flush(partitions);
+            if self.finish_flush(consumer, true) != Some(true) {
+                return true;
+            }
+            std::thread::sleep(self.policy.backoff(attempt));
+        }
+        false
+    }
+
+    fn commit(&mut self, consumer: &SpeedConsumer, positions: &[(i32, i64)]) {
         let mut tpl = TopicPartitionList::new();
-        for p in partitions {
-            if let Some(&next) = self.positions.get(p) {
-                if self.committed.get(p) != Some(&next) {
-                    let _ = tpl.add_partition_offset(&self.topic, *p, Offset::Offset(next));
-                }
+        for (p, next) in positions {
+            if self.committed.get(p) != Some(next) {
+                let _ = tpl.add_partition_offset(&self.topic, *p, Offset::Offset(*next));
             }
         }
         if tpl.count() == 0 {
@@ -519,16 +659,9 @@ impl Engine {
     /// the assignment is already lost, or Elasticsearch will not take the flush, drop their
     /// state uncommitted: the next owner re-reads from the last commit.
     fn give_up(&mut self, consumer: &SpeedConsumer, partitions: &[i32], lost: bool) {
-        if !lost {
-            let mut attempt = 0;
-            while let Err(e) = self.flush(consumer, partitions) {
-                if attempt >= 5 {
-                    tracing::error!(error = %e, "could not flush revoked partitions; the next owner re-reads them");
-                    break;
-                }
-                std::thread::sleep(self.policy.backoff(attempt));
-                attempt += 1;
-            }
+        self.finish_flush(consumer, true);
+        if !lost && !self.flush_now(consumer, partitions, 5) {
+            tracing::error!("could not flush revoked partitions; the next owner re-reads them");
         }
         self.forget(partitions);
     }
@@ -608,7 +741,7 @@ impl Engine {
 }
 
 /// The canonical event of a record, or why it is not one.
-fn decode(msg: &OwnedMessage) -> Result<Event, String> {
+fn decode(msg: &OwnedMessage) -> Result<(Event, String), String> {
     let payload = msg.payload().ok_or("record has no payload")?;
     let event =
         Event::from_canonical_json(payload).map_err(|e| format!("not a canonical event: {e}"))?;
@@ -621,5 +754,5 @@ fn decode(msg: &OwnedMessage) -> Result<Event, String> {
             "record key {key:?} is not the event's key {expected:?}"
         ));
     }
-    Ok(event)
+    Ok((event, expected))
 }

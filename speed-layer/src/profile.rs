@@ -100,7 +100,12 @@ impl Profile {
         self.last_visit = self.last_visit.max(ts);
         self.first_seen = self.first_seen.min(ts);
         self.event_count += 1;
-        *self.event_counts.entry(event.event.clone()).or_default() += 1;
+        match self.event_counts.get_mut(&event.event) {
+            Some(n) => *n += 1,
+            None => {
+                self.event_counts.insert(event.event.clone(), 1);
+            }
+        }
         let latest = |slot: &mut Option<String>, v: &Option<String>| {
             if v.is_some() {
                 slot.clone_from(v);

@@ -9,7 +9,6 @@
 use std::collections::HashMap;
 use std::time::Duration;
 
-use elasticsearch::http::request::JsonBody;
 use elasticsearch::http::transport::{SingleNodeConnectionPool, TransportBuilder};
 use elasticsearch::http::StatusCode;
 use elasticsearch::indices::{
@@ -95,7 +94,8 @@ pub struct DocWrite {
     pub id: String,
     /// External version: the offset of the last event in the document.
     pub version: i64,
-    pub doc: Value,
+    /// The document, serialised.
+    pub doc: Vec<u8>,
 }
 
 /// What Elasticsearch did with one document of a bulk write.
@@ -266,13 +266,11 @@ impl ProfileStore {
         if docs.is_empty() {
             return Ok(Vec::new());
         }
-        let mut body: Vec<JsonBody<Value>> = Vec::with_capacity(docs.len() * 2);
+        let mut body: Vec<Vec<u8>> = Vec::with_capacity(docs.len() * 2);
         for d in docs {
-            body.push(
-                json!({"index": {"_id": d.id, "version": d.version, "version_type": "external_gte"}})
-                    .into(),
-            );
-            body.push(d.doc.clone().into());
+            let action = json!({"index": {"_id": d.id, "version": d.version, "version_type": "external_gte"}});
+            body.push(serde_json::to_vec(&action).unwrap_or_default());
+            body.push(d.doc.clone());
         }
         let resp = self
             .client

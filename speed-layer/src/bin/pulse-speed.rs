@@ -75,6 +75,8 @@ fn run(config: SpeedConfig) -> anyhow::Result<()> {
         pulse_ingest::server::shutdown_signal().await;
         signal_stop.store(true, Ordering::Relaxed);
     });
-    pulse_speed::engine::run(&config, stop, healthy)?;
+    let summary = pulse_speed::engine::run(&config, stop, healthy)?;
+    tracing::info!(?summary, "speed layer stopped");
+    println!("{}", serde_json::to_string(&summary)?);
     Ok(())
 }

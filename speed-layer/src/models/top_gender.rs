@@ -16,7 +16,12 @@ pub struct TopGender {
 impl ProfileModel for TopGender {
     fn fold(&mut self, event: &Event) {
         if let Some(g) = visit_gender(event) {
-            *self.counts.entry(g.to_string()).or_default() += 1;
+            match self.counts.get_mut(g) {
+                Some(n) => *n += 1,
+                None => {
+                    self.counts.insert(g.to_string(), 1);
+                }
+            }
         }
     }
 

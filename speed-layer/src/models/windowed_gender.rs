@@ -47,16 +47,21 @@ impl ProfileModel for WindowedTopGender {
             return;
         };
         let day = day_of(event.timestamp);
-        *self
-            .days
-            .entry(day)
-            .or_default()
-            .entry(g.to_string())
-            .or_default() += 1;
+        let counts = self.days.entry(day).or_default();
+        match counts.get_mut(g) {
+            Some(n) => *n += 1,
+            None => {
+                counts.insert(g.to_string(), 1);
+            }
+        }
         // Expire by the newest day seen: state never outgrows the window.
-        if let Some(&newest) = self.days.keys().next_back() {
+        let oldest = self.days.keys().next().copied();
+        let newest = self.days.keys().next_back().copied();
+        if let (Some(oldest), Some(newest)) = (oldest, newest) {
             let start = Self::window_start(newest);
-            self.days.retain(|d, _| *d >= start);
+            if oldest < start {
+                self.days.retain(|d, _| *d >= start);
+            }
         }
     }
 
