@@ -66,7 +66,8 @@ pub struct Engine {
     /// Triggers and dead letters. Infinite message timeout: librdkafka retries until the broker
     /// takes them, and offsets are committed only after `flush` saw them delivered.
     producer: ThreadedProducer<rdkafka::producer::DefaultProducerContext>,
-    profiles: HashMap<String, Entry>,
+    /// Keys are user ids from the outside: ahash is fast and keyed per process.
+    profiles: HashMap<String, Entry, ahash::RandomState>,
     /// Partition → offset of the next record to read (last handled + 1).
     positions: HashMap<i32, i64>,
     /// Partition → last committed offset.
@@ -85,6 +86,9 @@ pub struct Engine {
     retry_at: Instant,
     /// Time of the batch being processed (one clock read per batch, not per event).
     clock: Instant,
+    /// Partitions this replica owns now. Records of a batch read before a revocation are
+    /// dropped, not folded: their partition belongs to another replica already.
+    assigned: HashSet<i32>,
 }
 
 /// A flush running in the background while consumption goes on.
@@ -122,7 +126,14 @@ pub struct SpeedContext {
     engine: Arc<Mutex<Engine>>,
 }
 
-impl ClientContext for SpeedContext {}
+impl ClientContext for SpeedContext {
+    fn error(&self, error: rdkafka::error::KafkaError, reason: &str) {
+        // End-of-partition is how --stop-at-end learns it is done, not a fault.
+        if !matches!(error, rdkafka::error::KafkaError::PartitionEOF(_)) {
+            tracing::error!(%error, reason, "kafka client error");
+        }
+    }
+}
 
 impl ConsumerContext for SpeedContext {
     fn pre_rebalance(&self, consumer: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
@@ -131,6 +142,9 @@ impl ConsumerContext for SpeedContext {
             let lost = consumer.assignment_lost();
             tracing::info!(?partitions, lost, "partitions revoked");
             let mut engine = lock(&self.engine);
+            for p in &partitions {
+                engine.assigned.remove(p);
+            }
             engine.give_up(consumer, &partitions, lost);
         }
     }
@@ -139,6 +153,7 @@ impl ConsumerContext for SpeedContext {
         if let Rebalance::Assign(tpl) = rebalance {
             let partitions: Vec<i32> = tpl.elements().iter().map(|e| e.partition()).collect();
             tracing::info!(?partitions, "partitions assigned");
+            lock(&self.engine).assigned.extend(partitions);
         }
     }
 }
@@ -182,7 +197,7 @@ pub fn run(
         max_profiles: config.max_profiles,
         idle_evict: Duration::from_secs(config.idle_evict_secs),
         producer: producer_config.create()?,
-        profiles: HashMap::new(),
+        profiles: HashMap::default(),
         positions: HashMap::new(),
         committed: HashMap::new(),
         rewind: HashSet::new(),
@@ -197,6 +212,7 @@ pub fn run(
         flush_attempt: 0,
         retry_at: Instant::now(),
         clock: Instant::now(),
+        assigned: HashSet::new(),
     }));
     let mut consumer_config = config.kafka.consumer_config(&config.group);
     consumer_config.set("max.poll.interval.ms", "600000");
@@ -329,7 +345,7 @@ impl Engine {
         let mut missing: Vec<String> = Vec::new();
         let mut seen: HashSet<String> = HashSet::new();
         for msg in batch {
-            if self.rewind.contains(&msg.partition()) {
+            if self.rewind.contains(&msg.partition()) || !self.assigned.contains(&msg.partition()) {
                 continue;
             }
             let result = decode(msg);
