@@ -340,8 +340,7 @@ impl Engine {
     /// order.
     fn process(&mut self, batch: &[OwnedMessage]) {
         self.clock = Instant::now();
-        let mut parsed: Vec<(&OwnedMessage, Result<(Event, String), String>)> =
-            Vec::with_capacity(batch.len());
+        let mut parsed: Vec<(&OwnedMessage, Decoded)> = Vec::with_capacity(batch.len());
         let mut missing: Vec<String> = Vec::new();
         let mut seen: HashSet<String> = HashSet::new();
         for msg in batch {
@@ -756,8 +755,11 @@ impl Engine {
     }
 }
 
+/// A record's event and profile id, or why it is not usable.
+type Decoded = Result<(Event, String), String>;
+
 /// The canonical event of a record, or why it is not one.
-fn decode(msg: &OwnedMessage) -> Result<(Event, String), String> {
+fn decode(msg: &OwnedMessage) -> Decoded {
     let payload = msg.payload().ok_or("record has no payload")?;
     let event =
         Event::from_canonical_json(payload).map_err(|e| format!("not a canonical event: {e}"))?;

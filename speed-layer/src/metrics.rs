@@ -27,6 +27,7 @@ pub const DOCS_REJECTED: &str = "pulse_speed_docs_rejected_total";
 pub const NOTIFY_DELIVERED: &str = "pulse_notifier_delivered_total";
 pub const NOTIFY_DUPLICATE: &str = "pulse_notifier_duplicates_total";
 pub const NOTIFY_RATE_LIMITED: &str = "pulse_notifier_rate_limited_total";
+pub const NOTIFY_EXPIRED: &str = "pulse_notifier_expired_total";
 pub const NOTIFY_RETRIES: &str = "pulse_notifier_retries_total";
 pub const NOTIFY_DEAD_LETTERED: &str = "pulse_notifier_dead_lettered_total";
 pub const NOTIFY_LATENCY: &str = "pulse_notifier_trigger_to_delivery_seconds";

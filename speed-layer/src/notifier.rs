@@ -51,6 +51,11 @@ pub struct NotifierConfig {
     /// At most one push per user per this many seconds (0: no limit).
     #[arg(long, env = "PULSE_PUSH_RATE_LIMIT_SECS", default_value_t = 600)]
     pub rate_limit_secs: u64,
+    /// Triggers fired longer ago than this are skipped (a push about yesterday's cart is
+    /// noise); matters after downtime or when a new notifier group starts at old triggers.
+    /// 0: no limit.
+    #[arg(long, env = "PULSE_MAX_TRIGGER_AGE_SECS", default_value_t = 900)]
+    pub max_trigger_age_secs: u64,
     #[arg(long, env = "PULSE_WEBHOOK_TIMEOUT_SECS", default_value_t = 10)]
     pub timeout_secs: u64,
     #[arg(
@@ -67,6 +72,7 @@ pub enum Outcome {
     Delivered,
     Duplicate,
     RateLimited,
+    Expired,
     DeadLettered(String),
 }
 
@@ -145,6 +151,13 @@ impl Notifier {
         if self.delivered.contains(&trigger.idempotency_key) {
             metrics::counter!(m::NOTIFY_DUPLICATE).increment(1);
             return Outcome::Duplicate;
+        }
+        let age_ms = Utc::now().timestamp_millis() - trigger.fired_at;
+        if self.config.max_trigger_age_secs > 0
+            && age_ms > self.config.max_trigger_age_secs as i64 * 1000
+        {
+            metrics::counter!(m::NOTIFY_EXPIRED).increment(1);
+            return Outcome::Expired;
         }
         let user = trigger.key();
         let window = Duration::from_secs(self.config.rate_limit_secs);

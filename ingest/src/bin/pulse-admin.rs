@@ -29,7 +29,8 @@ enum Command {
 
 #[derive(Subcommand)]
 enum TopicsCommand {
-    /// Create `events`, `events.dlq` and `triggers` if missing; check existing ones. Idempotent.
+    /// Create `events`, `events.dlq`, `triggers` and `triggers.dlq` if missing; check existing
+    /// ones. Idempotent.
     Ensure(EnsureArgs),
     /// Records per partition (high minus low watermark) of a topic.
     Describe(InspectArgs),
@@ -185,6 +186,11 @@ async fn ensure(args: EnsureArgs) -> anyhow::Result<()> {
         },
         TopicSpec {
             name: args.topics.triggers.clone(),
+            partitions: args.aux_partitions,
+            replication: args.replication,
+        },
+        TopicSpec {
+            name: format!("{}.dlq", args.topics.triggers),
             partitions: args.aux_partitions,
             replication: args.replication,
         },
