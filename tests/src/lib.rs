@@ -3,6 +3,8 @@
 //! Each test uses its own topics (unique names), so tests run in parallel and never see each
 //! other's records.
 
+pub mod data;
+
 use std::collections::HashMap;
 use std::time::{Duration, Instant};
 

@@ -1,0 +1,432 @@
+//! The archiver: every event of `events` as Parquet in object storage, exactly once.
+//!
+//! Records of a partition are buffered as one unit (an offset range). When the unit rolls (by
+//! size or age), its events are written as one Parquet file per event date, named after the
+//! range, then the unit's progress marker, then the Kafka offset is committed (for lag
+//! monitoring only). On start, and whenever a partition is assigned, its progress is read from
+//! the markers: records at or below it are skipped, and files beyond it (left by a crash between
+//! files and marker) are deleted before the range is written again. So after a SIGKILL at any
+//! point there are no duplicate rows and no gaps. See [`crate::layout`].
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, Instant};
+
+use chrono::NaiveDate;
+use object_store::{ObjectStore, ObjectStoreExt, PutPayload};
+use pulse_core::kafka::{KafkaArgs, TopicArgs};
+use pulse_core::Event;
+use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer, ConsumerContext, Rebalance};
+use rdkafka::message::{Header, Message, OwnedHeaders};
+use rdkafka::producer::{BaseRecord, DefaultProducerContext, Producer, ThreadedProducer};
+use rdkafka::{ClientContext, Offset, TopicPartitionList};
+use tokio::runtime::Runtime;
+
+use crate::layout::{self, FileRange};
+use crate::parquet_file::{self, Codec};
+use crate::store::{open_store, StoreArgs};
+
+#[derive(Debug, Clone, clap::Args)]
+pub struct ArchiverConfig {
+    #[command(flatten)]
+    pub kafka: KafkaArgs,
+    #[command(flatten)]
+    pub topics: TopicArgs,
+    #[command(flatten)]
+    pub store: StoreArgs,
+    #[arg(long, env = "PULSE_ARCHIVER_GROUP", default_value = "archiver")]
+    pub group: String,
+    /// Roll a partition's unit when its events reach this many bytes of JSON.
+    #[arg(long, env = "PULSE_ROLL_BYTES", default_value_t = 64 * 1024 * 1024)]
+    pub roll_bytes: usize,
+    /// Roll a partition's unit when it is this old, seconds.
+    #[arg(long, env = "PULSE_ROLL_SECS", default_value_t = 300.0)]
+    pub roll_secs: f64,
+    /// Most bytes buffered over all partitions; beyond it the largest unit rolls early.
+    #[arg(long, env = "PULSE_MAX_BUFFER_BYTES", default_value_t = 512 * 1024 * 1024)]
+    pub max_buffer_bytes: usize,
+    #[arg(long, env = "PULSE_PARQUET_CODEC", value_enum, default_value_t = Codec::Zstd)]
+    pub codec: Codec,
+    /// Stop (after rolling everything) once every assigned partition is read to its end.
+    #[arg(long, env = "PULSE_STOP_AT_END")]
+    pub stop_at_end: bool,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ArchiverError {
+    #[error("kafka: {0}")]
+    Kafka(#[from] rdkafka::error::KafkaError),
+    #[error("object store: {0}")]
+    Store(String),
+    #[error("runtime: {0}")]
+    Io(#[from] std::io::Error),
+}
+
+/// One partition's open unit.
+struct Unit {
+    first: i64,
+    last: i64,
+    events: Vec<Event>,
+    bytes: usize,
+    opened: Instant,
+}
+
+struct State {
+    topic: String,
+    dlq_topic: String,
+    store: Arc<dyn ObjectStore>,
+    runtime: Arc<Runtime>,
+    producer: ThreadedProducer<DefaultProducerContext>,
+    codec: Codec,
+    /// Partition → last archived offset (from the markers); absent: not initialised yet.
+    progress: HashMap<i32, Option<i64>>,
+    units: HashMap<i32, Unit>,
+    buffered: usize,
+    assigned: HashSet<i32>,
+    pub rows: u64,
+    pub files: u64,
+    pub parquet_bytes: u64,
+    pub json_bytes: u64,
+}
+
+struct ArchiverContext {
+    state: Arc<Mutex<State>>,
+}
+
+impl ClientContext for ArchiverContext {
+    fn error(&self, error: rdkafka::error::KafkaError, reason: &str) {
+        if !matches!(error, rdkafka::error::KafkaError::PartitionEOF(_)) {
+            tracing::error!(%error, reason, "kafka client error");
+        }
+    }
+}
+
+impl ConsumerContext for ArchiverContext {
+    fn pre_rebalance(&self, consumer: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
+        if let Rebalance::Revoke(tpl) = rebalance {
+            let mut state = lock(&self.state);
+            for e in tpl.elements() {
+                let p = e.partition();
+                state.assigned.remove(&p);
+                // Roll what we have so the next owner starts after it; if this fails the
+                // next owner re-reads the range (files beyond the marker are cleaned up).
+                if !consumer.assignment_lost() {
+                    state.roll(consumer, p);
+                }
+                state.units.remove(&p);
+                state.progress.remove(&p);
+            }
+        }
+    }
+
+    fn post_rebalance(&self, _c: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
+        if let Rebalance::Assign(tpl) = rebalance {
+            let mut state = lock(&self.state);
+            for e in tpl.elements() {
+                state.assigned.insert(e.partition());
+            }
+        }
+    }
+}
+
+fn lock(state: &Mutex<State>) -> MutexGuard<'_, State> {
+    state.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+type ArchiverConsumer = BaseConsumer<ArchiverContext>;
+
+/// What a run wrote.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct ArchiveSummary {
+    pub elapsed_secs: f64,
+    pub rows: u64,
+    pub files: u64,
+    pub parquet_bytes: u64,
+    pub json_bytes: u64,
+}
+
+pub fn run(
+    config: &ArchiverConfig,
+    stop: Arc<AtomicBool>,
+) -> Result<ArchiveSummary, ArchiverError> {
+    let runtime = Arc::new(
+        tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .enable_all()
+            .build()?,
+    );
+    let store = open_store(&config.store).map_err(|e| ArchiverError::Store(e.to_string()))?;
+    let mut producer_config = config.kafka.producer_config();
+    producer_config.set("message.timeout.ms", "0");
+    let state = Arc::new(Mutex::new(State {
+        topic: config.topics.events.clone(),
+        dlq_topic: config.topics.dlq.clone(),
+        store,
+        runtime,
+        producer: producer_config.create()?,
+        codec: config.codec,
+        progress: HashMap::new(),
+        units: HashMap::new(),
+        buffered: 0,
+        assigned: HashSet::new(),
+        rows: 0,
+        files: 0,
+        parquet_bytes: 0,
+        json_bytes: 0,
+    }));
+    let mut cc = config.kafka.consumer_config(&config.group);
+    if config.stop_at_end {
+        cc.set("enable.partition.eof", "true");
+    }
+    let consumer: ArchiverConsumer = cc.create_with_context(ArchiverContext {
+        state: state.clone(),
+    })?;
+    consumer.subscribe(&[&config.topics.events])?;
+    tracing::info!(topic = %config.topics.events, store = %config.store.url, "archiver consuming");
+    let roll_age = Duration::from_secs_f64(config.roll_secs.max(0.05));
+    let started = Instant::now();
+    let mut at_end: HashSet<i32> = HashSet::new();
+    while !stop.load(Ordering::Relaxed) {
+        let polled = consumer.poll(Duration::from_millis(100));
+        let mut s = lock(&state);
+        match polled {
+            Some(Ok(msg)) => {
+                at_end.remove(&msg.partition());
+                s.take(&msg);
+                let p = msg.partition();
+                drop(msg);
+                if s.units
+                    .get(&p)
+                    .is_some_and(|u| u.bytes >= config.roll_bytes)
+                {
+                    s.roll(&consumer, p);
+                }
+                while s.buffered > config.max_buffer_bytes {
+                    let Some(largest) =
+                        s.units.iter().max_by_key(|(_, u)| u.bytes).map(|(p, _)| *p)
+                    else {
+                        break;
+                    };
+                    s.roll(&consumer, largest);
+                }
+            }
+            Some(Err(rdkafka::error::KafkaError::PartitionEOF(p))) => {
+                at_end.insert(p);
+            }
+            Some(Err(e)) => tracing::warn!(error = %e, "consumer error"),
+            None => {}
+        }
+        let old: Vec<i32> = s
+            .units
+            .iter()
+            .filter(|(_, u)| u.opened.elapsed() >= roll_age)
+            .map(|(p, _)| *p)
+            .collect();
+        for p in old {
+            s.roll(&consumer, p);
+        }
+        drop(s);
+        if config.stop_at_end {
+            if let Ok(a) = consumer.assignment() {
+                if a.count() > 0 && a.elements().iter().all(|e| at_end.contains(&e.partition())) {
+                    break;
+                }
+            }
+        }
+    }
+    let mut s = lock(&state);
+    let open: Vec<i32> = s.units.keys().copied().collect();
+    for p in open {
+        s.roll(&consumer, p);
+    }
+    let summary = ArchiveSummary {
+        elapsed_secs: started.elapsed().as_secs_f64(),
+        rows: s.rows,
+        files: s.files,
+        parquet_bytes: s.parquet_bytes,
+        json_bytes: s.json_bytes,
+    };
+    drop(s);
+    consumer.unsubscribe();
+    Ok(summary)
+}
+
+impl State {
+    /// Buffers one record (or dead-letters it), unless the archive already has it.
+    fn take(&mut self, msg: &rdkafka::message::BorrowedMessage<'_>) {
+        let p = msg.partition();
+        if !self.assigned.contains(&p) {
+            return;
+        }
+        let done = match self.progress.get(&p) {
+            Some(done) => *done,
+            None => self.init_partition(p),
+        };
+        if done.is_some_and(|d| msg.offset() <= d) {
+            return; // archived before a crash or a rebalance
+        }
+        let payload = msg.payload().unwrap_or_default();
+        let unit = self.units.entry(p).or_insert_with(|| Unit {
+            first: msg.offset(),
+            last: msg.offset(),
+            events: Vec::new(),
+            bytes: 0,
+            opened: Instant::now(),
+        });
+        unit.last = msg.offset();
+        match Event::from_canonical_json(payload) {
+            Ok(event) => {
+                unit.bytes += payload.len();
+                self.buffered += payload.len();
+                unit.events.push(event);
+            }
+            Err(e) => {
+                let reason = format!("not a canonical event: {e}");
+                tracing::warn!(partition = p, offset = msg.offset(), %reason, "record to dead-letter topic");
+                let (ps, os) = (p.to_string(), msg.offset().to_string());
+                let headers = OwnedHeaders::new()
+                    .insert(Header {
+                        key: "pulse.error",
+                        value: Some(&reason),
+                    })
+                    .insert(Header {
+                        key: "pulse.source.topic",
+                        value: Some(msg.topic()),
+                    })
+                    .insert(Header {
+                        key: "pulse.source.partition",
+                        value: Some(&ps),
+                    })
+                    .insert(Header {
+                        key: "pulse.source.offset",
+                        value: Some(&os),
+                    })
+                    .insert(Header {
+                        key: "pulse.consumer",
+                        value: Some("archiver"),
+                    });
+                let key = msg.key().unwrap_or_default().to_vec();
+                let mut record = BaseRecord::to(&self.dlq_topic)
+                    .key(&key)
+                    .payload(payload)
+                    .headers(headers);
+                while let Err((e, r)) = self.producer.send(record) {
+                    tracing::warn!(error = %e, "dead-letter produce failed; retrying");
+                    record = r;
+                    std::thread::sleep(Duration::from_millis(50));
+                }
+            }
+        }
+    }
+
+    /// Reads the partition's progress from the markers and deletes files beyond it.
+    fn init_partition(&mut self, p: i32) -> Option<i64> {
+        let store = self.store.clone();
+        let done = self.retry("read progress", || {
+            let store = store.clone();
+            async move {
+                let progress = layout::progress(store.as_ref()).await?.get(&p).copied();
+                for (path, _, range) in layout::all_files(store.as_ref(), None).await? {
+                    if range.partition == p && progress.is_none_or(|d| range.last > d) {
+                        tracing::warn!(%path, "deleting file of an unfinished unit");
+                        store.delete(&path).await?;
+                    }
+                }
+                Ok(progress)
+            }
+        });
+        tracing::info!(partition = p, archived_up_to = ?done, "partition initialised from the object store");
+        self.progress.insert(p, done);
+        done
+    }
+
+    /// Writes the partition's unit: files per date, then the marker, then the commit.
+    fn roll(&mut self, consumer: &ArchiverConsumer, p: i32) {
+        let Some(unit) = self.units.remove(&p) else {
+            return;
+        };
+        self.buffered -= unit.bytes;
+        let range = FileRange {
+            partition: p,
+            first: unit.first,
+            last: unit.last,
+        };
+        let mut by_date: BTreeMap<NaiveDate, Vec<Event>> = BTreeMap::new();
+        for e in unit.events {
+            by_date.entry(e.timestamp.date_naive()).or_default().push(e);
+        }
+        let mut files = Vec::with_capacity(by_date.len());
+        for (dt, events) in &by_date {
+            match parquet_file::write(events, self.codec) {
+                Ok(bytes) => files.push((layout::data_path(*dt, range), bytes, events.len())),
+                Err(e) => {
+                    // Cannot happen for canonical events; keep the range unarchived so it is
+                    // retried after a restart rather than silently lost.
+                    tracing::error!(error = %e, partition = p, "building parquet failed; unit not archived");
+                    return;
+                }
+            }
+        }
+        // Dead letters of this range must be in Kafka before the marker says it is done.
+        while let Err(e) = self.producer.flush(Duration::from_secs(30)) {
+            tracing::warn!(error = %e, "waiting for dead letters to be acknowledged");
+        }
+        let store = self.store.clone();
+        for (path, bytes, rows) in files {
+            let len = bytes.len() as u64;
+            let payload = PutPayload::from(bytes);
+            self.retry("upload", || {
+                let (store, path, payload) = (store.clone(), path.clone(), payload.clone());
+                async move { store.put(&path, payload).await.map(|_| ()) }
+            });
+            self.rows += rows as u64;
+            self.files += 1;
+            self.parquet_bytes += len;
+        }
+        self.json_bytes += unit.bytes as u64;
+        let marker = layout::marker_path(p, range.last);
+        self.retry("write marker", || {
+            let (store, marker) = (store.clone(), marker.clone());
+            async move {
+                store
+                    .put(&marker, PutPayload::from_static(b""))
+                    .await
+                    .map(|_| ())
+            }
+        });
+        self.progress.insert(p, Some(range.last));
+        tracing::debug!(
+            partition = p,
+            first = range.first,
+            last = range.last,
+            "unit archived"
+        );
+        let mut tpl = TopicPartitionList::new();
+        let _ = tpl.add_partition_offset(&self.topic, p, Offset::Offset(range.last + 1));
+        if let Err(e) = consumer.commit(&tpl, CommitMode::Async) {
+            tracing::debug!(error = %e, "commit failed (progress is in the object store)");
+        }
+    }
+
+    /// Runs an object-store operation until it succeeds, backing off: the archive may lag,
+    /// it must not skip.
+    fn retry<T, F, Fut>(&self, what: &str, op: F) -> T
+    where
+        F: Fn() -> Fut,
+        Fut: std::future::Future<Output = object_store::Result<T>>,
+    {
+        let mut attempt = 0u32;
+        loop {
+            match self.runtime.block_on(op()) {
+                Ok(v) => return v,
+                Err(e) => {
+                    let wait = Duration::from_millis(100 * 2u64.pow(attempt.min(6)));
+                    tracing::warn!(error = %e, what, retry_in = ?wait, "object store operation failed");
+                    std::thread::sleep(wait);
+                    attempt += 1;
+                }
+            }
+        }
+    }
+}

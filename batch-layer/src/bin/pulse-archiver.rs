@@ -1,0 +1,39 @@
+//! `pulse-archiver`: archives the `events` topic as Parquet, exactly once.
+
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+
+use clap::Parser;
+use pulse_batch::archiver::{run, ArchiverConfig};
+
+#[derive(Parser)]
+#[command(
+    name = "pulse-archiver",
+    about = "Archive Pulse events as Parquet in object storage",
+    version
+)]
+struct Cli {
+    #[command(flatten)]
+    config: ArchiverConfig,
+}
+
+fn main() -> anyhow::Result<()> {
+    pulse_core::telemetry::init_tracing();
+    let config = Cli::parse().config;
+    let stop = Arc::new(AtomicBool::new(false));
+    let signal_stop = stop.clone();
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    std::thread::spawn(move || {
+        rt.block_on(pulse_ingest::server::shutdown_signal());
+        signal_stop.store(true, Ordering::Relaxed);
+    });
+    let summary = run(&config, stop)?;
+    tracing::info!(?summary, "archiver stopped");
+    println!("{}", serde_json::to_string(&summary)?);
+    Ok(())
+}

@@ -1,0 +1,146 @@
+//! Where archived events live in the object store, and which files count.
+//!
+//! ```text
+//! events/dt=2026-11-21/part-007-00000000000000001200-00000000000000001899.parquet
+//! _progress/partition=007/00000000000000001899
+//! ```
+//!
+//! The archiver reads partition 7 from offset 1200 to 1899 (one "unit"), writes one file per
+//! event date found in that range, all named after the range, and then the progress marker.
+//! A unit is committed once its marker exists: the object store, not Kafka, says how far the
+//! archive got. A crash between the files and the marker leaves files beyond the marker
+//! (orphans); readers ignore them and the archiver deletes them before it re-reads the range.
+
+use std::collections::HashMap;
+
+use chrono::NaiveDate;
+use futures::TryStreamExt;
+use object_store::path::Path;
+use object_store::ObjectStore;
+
+pub const DATA_PREFIX: &str = "events";
+pub const PROGRESS_PREFIX: &str = "_progress";
+
+/// A data file's partition and offset range, parsed from its name.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub struct FileRange {
+    pub partition: i32,
+    pub first: i64,
+    pub last: i64,
+}
+
+pub fn data_path(dt: NaiveDate, range: FileRange) -> Path {
+    Path::from(format!(
+        "{DATA_PREFIX}/dt={dt}/part-{:03}-{:020}-{:020}.parquet",
+        range.partition, range.first, range.last
+    ))
+}
+
+pub fn marker_path(partition: i32, last: i64) -> Path {
+    Path::from(format!(
+        "{PROGRESS_PREFIX}/partition={partition:03}/{last:020}"
+    ))
+}
+
+/// (dt, range) of a data file path, or None for anything else.
+pub fn parse_data_path(path: &Path) -> Option<(NaiveDate, FileRange)> {
+    let text = path.as_ref();
+    let rest = text.strip_prefix(DATA_PREFIX)?.strip_prefix("/dt=")?;
+    let (dt, file) = rest.split_once('/')?;
+    let dt = NaiveDate::parse_from_str(dt, "%Y-%m-%d").ok()?;
+    let stem = file.strip_prefix("part-")?.strip_suffix(".parquet")?;
+    let mut parts = stem.split('-');
+    let range = FileRange {
+        partition: parts.next()?.parse().ok()?,
+        first: parts.next()?.parse().ok()?,
+        last: parts.next()?.parse().ok()?,
+    };
+    parts.next().is_none().then_some((dt, range))
+}
+
+/// Partition → last archived offset, from the markers.
+pub async fn progress(store: &dyn ObjectStore) -> object_store::Result<HashMap<i32, i64>> {
+    let mut out: HashMap<i32, i64> = HashMap::new();
+    let prefix = Path::from(PROGRESS_PREFIX);
+    let mut list = store.list(Some(&prefix));
+    while let Some(meta) = list.try_next().await? {
+        let text = meta.location.as_ref();
+        let Some(rest) = text
+            .strip_prefix(PROGRESS_PREFIX)
+            .and_then(|r| r.strip_prefix("/partition="))
+        else {
+            continue;
+        };
+        let Some((p, last)) = rest.split_once('/') else {
+            continue;
+        };
+        if let (Ok(p), Ok(last)) = (p.parse::<i32>(), last.parse::<i64>()) {
+            let e = out.entry(p).or_insert(last);
+            *e = (*e).max(last);
+        }
+    }
+    Ok(out)
+}
+
+/// Every data file, committed or not, optionally of one day.
+pub async fn all_files(
+    store: &dyn ObjectStore,
+    dt: Option<NaiveDate>,
+) -> object_store::Result<Vec<(Path, NaiveDate, FileRange)>> {
+    let prefix = match dt {
+        Some(d) => Path::from(format!("{DATA_PREFIX}/dt={d}")),
+        None => Path::from(DATA_PREFIX),
+    };
+    let mut out = Vec::new();
+    let mut list = store.list(Some(&prefix));
+    while let Some(meta) = list.try_next().await? {
+        if let Some((d, r)) = parse_data_path(&meta.location) {
+            out.push((meta.location, d, r));
+        }
+    }
+    out.sort_by_key(|f| (f.1, f.2));
+    Ok(out)
+}
+
+/// The committed data files (covered by a progress marker), optionally of one day. What
+/// readers (SQL, warehouse loads) must use.
+pub async fn committed_files(
+    store: &dyn ObjectStore,
+    dt: Option<NaiveDate>,
+) -> object_store::Result<Vec<(Path, NaiveDate, FileRange)>> {
+    let done = progress(store).await?;
+    Ok(all_files(store, dt)
+        .await?
+        .into_iter()
+        .filter(|(_, _, r)| done.get(&r.partition).is_some_and(|last| r.last <= *last))
+        .collect())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn names_round_trip() {
+        let dt = NaiveDate::from_ymd_opt(2026, 11, 21).unwrap();
+        let r = FileRange {
+            partition: 7,
+            first: 1200,
+            last: 1899,
+        };
+        let p = data_path(dt, r);
+        assert_eq!(
+            p.as_ref(),
+            "events/dt=2026-11-21/part-007-00000000000000001200-00000000000000001899.parquet"
+        );
+        assert_eq!(parse_data_path(&p), Some((dt, r)));
+        assert_eq!(
+            parse_data_path(&Path::from("events/dt=2026-11-21/other.parquet")),
+            None
+        );
+        assert_eq!(
+            marker_path(7, 1899).as_ref(),
+            "_progress/partition=007/00000000000000001899"
+        );
+    }
+}

@@ -1,0 +1,12 @@
+//! The Pulse batch layer.
+//!
+//! - [`archiver`]: every event as Parquet in object storage, exactly once ([`layout`] says
+//!   where and which files count; [`parquet_file`] writes them).
+//! - [`sql`]: BI SQL over the archive on an embedded engine (DataFusion).
+//! - [`store`]: the object store (local directory, `s3://`, `gs://`).
+
+pub mod archiver;
+pub mod layout;
+pub mod parquet_file;
+pub mod sql;
+pub mod store;

@@ -1,0 +1,222 @@
+//! Events → one Parquet file, in the Arrow schema of `pulse-core` (the one source of truth).
+
+use std::sync::Arc;
+
+use arrow::array::{
+    ArrayRef, BooleanBuilder, Date32Builder, Decimal128Builder, ListBuilder, StringBuilder,
+    TimestampMicrosecondBuilder,
+};
+use arrow::record_batch::RecordBatch;
+use chrono::NaiveDate;
+use parquet::arrow::ArrowWriter;
+use parquet::basic::{Compression, ZstdLevel};
+use parquet::file::properties::WriterProperties;
+use pulse_core::schema::{event_schema, AMOUNT_PRECISION, AMOUNT_SCALE};
+use pulse_core::Event;
+use rust_decimal::Decimal;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ParquetError {
+    #[error("arrow: {0}")]
+    Arrow(#[from] arrow::error::ArrowError),
+    #[error("parquet: {0}")]
+    Parquet(#[from] parquet::errors::ParquetError),
+}
+
+/// Codec of the archive files.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum Codec {
+    Zstd,
+    Snappy,
+    None,
+}
+
+impl Codec {
+    fn compression(self) -> Compression {
+        match self {
+            Codec::Zstd => Compression::ZSTD(ZstdLevel::try_new(3).unwrap_or_default()),
+            Codec::Snappy => Compression::SNAPPY,
+            Codec::None => Compression::UNCOMPRESSED,
+        }
+    }
+}
+
+const EPOCH: NaiveDate = match NaiveDate::from_ymd_opt(1970, 1, 1) {
+    Some(d) => d,
+    None => panic!("valid date"),
+};
+
+/// The events as one Arrow record batch.
+pub fn record_batch(events: &[Event]) -> Result<RecordBatch, ParquetError> {
+    let n = events.len();
+    let text = || StringBuilder::with_capacity(n, n * 16);
+    let (mut message_id, mut event, mut partner_id, mut user_id, mut anonymous_id) =
+        (text(), text(), text(), text(), text());
+    let mut timestamp = TimestampMicrosecondBuilder::with_capacity(n).with_timezone("UTC");
+    let mut received_at = TimestampMicrosecondBuilder::with_capacity(n).with_timezone("UTC");
+    let mut date = Date32Builder::with_capacity(n);
+    let mut strings: Vec<StringBuilder> = (0..9).map(|_| text()).collect();
+    let mut category = ListBuilder::new(StringBuilder::new());
+    let (mut search_query, mut product_id) = (text(), text());
+    let mut cart_amount = Decimal128Builder::with_capacity(n)
+        .with_precision_and_scale(AMOUNT_PRECISION, AMOUNT_SCALE)?;
+    let mut gender = text();
+    let mut init_session = BooleanBuilder::with_capacity(n);
+    let (mut properties, mut context) = (text(), text());
+
+    for e in events {
+        message_id.append_value(&e.message_id);
+        event.append_value(&e.event);
+        partner_id.append_value(&e.partner_id);
+        user_id.append_option(e.user_id.as_deref());
+        anonymous_id.append_option(e.anonymous_id.as_deref());
+        timestamp.append_value(e.timestamp.timestamp_micros());
+        received_at.append_value(e.received_at.timestamp_micros());
+        date.append_value((e.timestamp.date_naive() - EPOCH).num_days() as i32);
+        for (b, v) in strings.iter_mut().zip([
+            &e.session_id,
+            &e.partner_name,
+            &e.country,
+            &e.language,
+            &e.version,
+            &e.user_agent,
+            &e.referrer,
+            &e.current_url,
+            &e.page_type,
+        ]) {
+            b.append_option(v.as_deref());
+        }
+        if e.category.is_empty() {
+            category.append_null();
+        } else {
+            for c in &e.category {
+                category.values().append_value(c);
+            }
+            category.append(true);
+        }
+        search_query.append_option(e.search_query.as_deref());
+        product_id.append_option(e.product_id.as_deref());
+        cart_amount.append_option(e.cart_amount.and_then(scaled));
+        gender.append_option(e.gender.as_deref());
+        init_session.append_option(e.init_session);
+        properties.append_option(
+            e.properties
+                .as_ref()
+                .map(|p| serde_json::Value::Object(p.clone()).to_string()),
+        );
+        context.append_option(
+            e.context
+                .as_ref()
+                .map(|c| serde_json::Value::Object(c.clone()).to_string()),
+        );
+    }
+    let mut s = strings.into_iter();
+    let mut next = || -> ArrayRef {
+        Arc::new(
+            s.next()
+                .map(|mut b| b.finish())
+                .unwrap_or_else(|| StringBuilder::new().finish()),
+        )
+    };
+    let (
+        session_id,
+        partner_name,
+        country,
+        language,
+        version,
+        user_agent,
+        referrer,
+        current_url,
+        page_type,
+    ) = (
+        next(),
+        next(),
+        next(),
+        next(),
+        next(),
+        next(),
+        next(),
+        next(),
+        next(),
+    );
+    let columns: Vec<ArrayRef> = vec![
+        Arc::new(message_id.finish()),
+        Arc::new(event.finish()),
+        Arc::new(partner_id.finish()),
+        Arc::new(user_id.finish()),
+        Arc::new(anonymous_id.finish()),
+        Arc::new(timestamp.finish()),
+        Arc::new(received_at.finish()),
+        Arc::new(date.finish()),
+        session_id,
+        partner_name,
+        country,
+        language,
+        version,
+        user_agent,
+        referrer,
+        current_url,
+        page_type,
+        Arc::new(category.finish()),
+        Arc::new(search_query.finish()),
+        Arc::new(product_id.finish()),
+        Arc::new(cart_amount.finish()),
+        Arc::new(gender.finish()),
+        Arc::new(init_session.finish()),
+        Arc::new(properties.finish()),
+        Arc::new(context.finish()),
+    ];
+    Ok(RecordBatch::try_new(Arc::new(event_schema()), columns)?)
+}
+
+/// The amount as an i128 at the schema's scale, or None when it does not fit (logged by the
+/// caller through the null: the raw event still has it in Kafka and the dead-letter path).
+fn scaled(d: Decimal) -> Option<i128> {
+    let mut d = d;
+    d.rescale(AMOUNT_SCALE as u32);
+    (d.scale() == AMOUNT_SCALE as u32).then(|| d.mantissa())
+}
+
+/// The events as a Parquet file in memory.
+pub fn write(events: &[Event], codec: Codec) -> Result<Vec<u8>, ParquetError> {
+    let batch = record_batch(events)?;
+    let props = WriterProperties::builder()
+        .set_compression(codec.compression())
+        .set_max_row_group_row_count(Some(128 * 1024))
+        .set_created_by("pulse-archiver".into())
+        .build();
+    let mut out = Vec::with_capacity(events.len() * 64);
+    let mut writer = ArrowWriter::try_new(&mut out, batch.schema(), Some(props))?;
+    writer.write(&batch)?;
+    writer.close()?;
+    Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder;
+    use pulse_core::{parse_event, ParseContext};
+
+    #[test]
+    fn writes_and_reads_back() {
+        let ctx = ParseContext::now();
+        let events: Vec<Event> = (0..100)
+            .map(|i| {
+                parse_event(
+                    &format!(r#"{{"event":"purchase","partner_id":"p","user_id":"u{i}","cart_amount":"{i}.25","category":["a","b"],"properties":{{"k":{i}}}}}"#),
+                    &ctx,
+                )
+                .unwrap()
+            })
+            .collect();
+        let bytes = write(&events, Codec::Zstd).unwrap();
+        let reader = ParquetRecordBatchReaderBuilder::try_new(bytes::Bytes::from(bytes))
+            .unwrap()
+            .build()
+            .unwrap();
+        let batches: Vec<RecordBatch> = reader.map(|b| b.unwrap()).collect();
+        assert_eq!(batches.iter().map(|b| b.num_rows()).sum::<usize>(), 100);
+        assert_eq!(batches[0].schema().as_ref(), &event_schema());
+    }
+}

@@ -1,0 +1,134 @@
+//! BI SQL on the embedded engine (DataFusion) over the archive's committed Parquet files.
+//!
+//! The table is `events`, with the columns of `pulse_core::schema::event_schema` (the same as
+//! the BigQuery table). Reports in `warehouse-sql/reports/` take parameters as `{{name}}`,
+//! substituted before running, so the same text runs on BigQuery with the same substitution.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+
+use arrow::record_batch::RecordBatch;
+use datafusion::datasource::file_format::parquet::ParquetFormat;
+use datafusion::datasource::listing::{
+    ListingOptions, ListingTable, ListingTableConfig, ListingTableUrl,
+};
+use datafusion::datasource::MemTable;
+use datafusion::execution::object_store::ObjectStoreUrl;
+use datafusion::prelude::SessionContext;
+use object_store::ObjectStore;
+use pulse_core::schema::event_schema;
+
+use crate::layout;
+
+/// Scheme under which the archive store is registered with DataFusion.
+const STORE_URL: &str = "pulse-archive://store";
+
+#[derive(Debug, thiserror::Error)]
+pub enum SqlError {
+    #[error("{0}")]
+    DataFusion(#[from] datafusion::error::DataFusionError),
+    #[error("listing the archive: {0}")]
+    Store(#[from] object_store::Error),
+    #[error("parameter {{{{{0}}}}} is used by the query but not given (--param {0}=…)")]
+    MissingParam(String),
+    #[error("formatting the result: {0}")]
+    Format(#[from] arrow::error::ArrowError),
+}
+
+/// Replaces `{{name}}` placeholders; refuses to run with one left unset.
+pub fn substitute(sql: &str, params: &BTreeMap<String, String>) -> Result<String, SqlError> {
+    let mut out = sql.to_string();
+    for (k, v) in params {
+        out = out.replace(&format!("{{{{{k}}}}}"), v);
+    }
+    if let Some(start) = out.find("{{") {
+        let name = out[start + 2..]
+            .split("}}")
+            .next()
+            .unwrap_or_default()
+            .to_string();
+        return Err(SqlError::MissingParam(name));
+    }
+    Ok(out)
+}
+
+/// A session with `events` registered over the committed files of the archive.
+pub async fn session(store: Arc<dyn ObjectStore>) -> Result<SessionContext, SqlError> {
+    let ctx = SessionContext::new();
+    let base = ObjectStoreUrl::parse(STORE_URL)?;
+    ctx.register_object_store(base.as_ref(), store.clone());
+    let files = layout::committed_files(store.as_ref(), None).await?;
+    let schema = Arc::new(event_schema());
+    if files.is_empty() {
+        ctx.register_table("events", Arc::new(MemTable::try_new(schema, vec![vec![]])?))?;
+        return Ok(ctx);
+    }
+    let urls = files
+        .iter()
+        .map(|(path, _, _)| ListingTableUrl::parse(format!("{STORE_URL}/{path}")))
+        .collect::<Result<Vec<_>, _>>()?;
+    let options =
+        ListingOptions::new(Arc::new(ParquetFormat::default())).with_file_extension(".parquet");
+    let config = ListingTableConfig::new_with_multi_paths(urls)
+        .with_listing_options(options)
+        .with_schema(schema);
+    ctx.register_table("events", Arc::new(ListingTable::try_new(config)?))?;
+    Ok(ctx)
+}
+
+pub async fn query(store: Arc<dyn ObjectStore>, sql: &str) -> Result<Vec<RecordBatch>, SqlError> {
+    let ctx = session(store).await?;
+    Ok(ctx.sql(sql).await?.collect().await?)
+}
+
+/// Output formats of `pulse-batch sql`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum OutputFormat {
+    Table,
+    Csv,
+    Json,
+}
+
+pub fn render(batches: &[RecordBatch], format: OutputFormat) -> Result<String, SqlError> {
+    Ok(match format {
+        OutputFormat::Table => arrow::util::pretty::pretty_format_batches(batches)?.to_string(),
+        OutputFormat::Csv => {
+            let mut buf = Vec::new();
+            {
+                let mut w = arrow::csv::WriterBuilder::new()
+                    .with_header(true)
+                    .build(&mut buf);
+                for b in batches {
+                    w.write(b)?;
+                }
+            }
+            String::from_utf8_lossy(&buf).into_owned()
+        }
+        OutputFormat::Json => {
+            let mut buf = Vec::new();
+            {
+                let mut w = arrow::json::ArrayWriter::new(&mut buf);
+                for b in batches {
+                    w.write(b)?;
+                }
+                w.finish()?;
+            }
+            String::from_utf8_lossy(&buf).into_owned()
+        }
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn params() {
+        let p: BTreeMap<String, String> = [("start".to_string(), "2026-11-01".to_string())].into();
+        assert_eq!(
+            substitute("d >= DATE '{{start}}'", &p).unwrap(),
+            "d >= DATE '2026-11-01'"
+        );
+        assert!(matches!(substitute("{{end}}", &p), Err(SqlError::MissingParam(n)) if n == "end"));
+    }
+}

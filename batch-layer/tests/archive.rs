@@ -1,0 +1,487 @@
+//! The archiver against real Kafka and a real (local-filesystem) object store: every event is
+//! in the Parquet archive exactly once, field for field, also across repeated SIGKILLs; bad
+//! records go to the dead-letter topic; the BI reports on the embedded engine match a ground
+//! truth computed here.
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
+use std::time::Duration;
+
+use arrow::array::{Array, AsArray};
+use arrow::datatypes::{Date32Type, Decimal128Type, TimestampMicrosecondType};
+use arrow::record_batch::RecordBatch;
+use object_store::ObjectStoreExt;
+use parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder;
+use pulse_batch::layout;
+use pulse_batch::sql;
+use pulse_batch::store::{open_store, StoreArgs};
+use pulse_core::Event;
+use pulse_tests::data::{generate, produce, produce_raw};
+use pulse_tests::{brokers, create_topic, read_topic, unique};
+use rust_decimal::Decimal;
+use serde_json::Value;
+
+struct Fixture {
+    topic: String,
+    dlq: String,
+    dir: PathBuf,
+    group: String,
+}
+
+impl Fixture {
+    async fn new(name: &str, partitions: i32) -> Self {
+        let dir = Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("../target/test-archives")
+            .join(unique(name));
+        std::fs::create_dir_all(&dir).unwrap();
+        Self {
+            topic: create_topic(&format!("ar-{name}"), partitions).await,
+            dlq: create_topic(&format!("ar-{name}-dlq"), 1).await,
+            dir,
+            group: unique("archiver"),
+        }
+    }
+
+    fn spawn(&self, extra: &[&str]) -> Child {
+        let logs = Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/test-logs");
+        std::fs::create_dir_all(&logs).unwrap();
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(logs.join(format!("archiver-{}.log", self.group)))
+            .unwrap();
+        Command::new(env!("CARGO_BIN_EXE_pulse-archiver"))
+            .args([
+                "--kafka-brokers",
+                &brokers(),
+                "--events-topic",
+                &self.topic,
+                "--dlq-topic",
+                &self.dlq,
+            ])
+            .args([
+                "--group",
+                &self.group,
+                "--archive-url",
+                self.dir.to_str().unwrap(),
+            ])
+            .args(extra)
+            .env("RUST_LOG", "info,librdkafka=warn")
+            .stdout(Stdio::null())
+            .stderr(Stdio::from(log))
+            .spawn()
+            .expect("spawn pulse-archiver")
+    }
+
+    /// Runs the archiver until it has read every partition to its end.
+    fn run_to_end(&self, extra: &[&str]) {
+        let mut args = vec!["--stop-at-end"];
+        args.extend_from_slice(extra);
+        let status = self.spawn(&args).wait().unwrap();
+        assert!(status.success(), "archiver exited with {status}");
+    }
+
+    fn store(&self) -> Arc<dyn object_store::ObjectStore> {
+        open_store(&StoreArgs::local(&self.dir)).unwrap()
+    }
+
+    /// Every row of the committed files.
+    async fn rows(&self) -> Vec<RecordBatch> {
+        let store = self.store();
+        let mut out = Vec::new();
+        for (path, _, _) in layout::committed_files(store.as_ref(), None).await.unwrap() {
+            let bytes = store.get(&path).await.unwrap().bytes().await.unwrap();
+            let reader = ParquetRecordBatchReaderBuilder::try_new(bytes)
+                .unwrap()
+                .build()
+                .unwrap();
+            out.extend(reader.map(|b| b.unwrap()));
+        }
+        out
+    }
+}
+
+fn text(b: &RecordBatch, col: &str, i: usize) -> Option<String> {
+    let a = b.column_by_name(col).unwrap().as_string::<i32>();
+    a.is_valid(i).then(|| a.value(i).to_string())
+}
+
+/// A row as the fields we compare, in the canonical event's terms.
+fn row_json(b: &RecordBatch, i: usize) -> Value {
+    let ts = b
+        .column_by_name("timestamp")
+        .unwrap()
+        .as_primitive::<TimestampMicrosecondType>()
+        .value(i);
+    let date = b
+        .column_by_name("date")
+        .unwrap()
+        .as_primitive::<Date32Type>()
+        .value(i);
+    let amount = b
+        .column_by_name("cart_amount")
+        .unwrap()
+        .as_primitive::<Decimal128Type>();
+    let amount = amount.is_valid(i).then(|| {
+        Decimal::from_i128_with_scale(amount.value(i), 9)
+            .normalize()
+            .to_string()
+    });
+    let cats = b.column_by_name("category").unwrap().as_list::<i32>();
+    let category: Vec<String> = if cats.is_valid(i) {
+        let v = cats.value(i);
+        let s = v.as_string::<i32>();
+        (0..s.len()).map(|j| s.value(j).to_string()).collect()
+    } else {
+        vec![]
+    };
+    let props = text(b, "properties", i).map(|p| serde_json::from_str::<Value>(&p).unwrap());
+    serde_json::json!({
+        "message_id": text(b, "message_id", i), "event": text(b, "event", i),
+        "partner_id": text(b, "partner_id", i), "user_id": text(b, "user_id", i),
+        "anonymous_id": text(b, "anonymous_id", i), "timestamp_us": ts, "date": date,
+        "session_id": text(b, "session_id", i), "country": text(b, "country", i),
+        "language": text(b, "language", i), "user_agent": text(b, "user_agent", i),
+        "referrer": text(b, "referrer", i), "current_url": text(b, "current_url", i),
+        "page_type": text(b, "page_type", i), "product_id": text(b, "product_id", i),
+        "search_query": text(b, "search_query", i), "gender": text(b, "gender", i),
+        "cart_amount": amount, "category": category, "properties": props,
+    })
+}
+
+fn event_json(e: &Event) -> Value {
+    let epoch = chrono::NaiveDate::from_ymd_opt(1970, 1, 1).unwrap();
+    serde_json::json!({
+        "message_id": e.message_id, "event": e.event, "partner_id": e.partner_id,
+        "user_id": e.user_id, "anonymous_id": e.anonymous_id,
+        "timestamp_us": e.timestamp.timestamp_micros(),
+        "date": (e.timestamp.date_naive() - epoch).num_days(),
+        "session_id": e.session_id, "country": e.country, "language": e.language,
+        "user_agent": e.user_agent, "referrer": e.referrer, "current_url": e.current_url,
+        "page_type": e.page_type, "product_id": e.product_id, "search_query": e.search_query,
+        "gender": e.gender, "cart_amount": e.cart_amount.map(|d| d.normalize().to_string()),
+        "category": e.category, "properties": e.properties,
+    })
+}
+
+fn rows_by_id(batches: &[RecordBatch]) -> (HashMap<String, Value>, usize) {
+    let mut out = HashMap::new();
+    let mut total = 0;
+    for b in batches {
+        for i in 0..b.num_rows() {
+            let v = row_json(b, i);
+            out.insert(v["message_id"].as_str().unwrap().to_string(), v);
+            total += 1;
+        }
+    }
+    (out, total)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn archive_holds_every_event_once_field_for_field() {
+    let f = Fixture::new("complete", 8).await;
+    let events = generate(12_000, 31, 400, 3);
+    produce(&f.topic, &events).await;
+    f.run_to_end(&["--roll-secs", "0.5"]);
+
+    let (rows, total) = rows_by_id(&f.rows().await);
+    assert_eq!(total, events.len(), "row count");
+    assert_eq!(rows.len(), events.len(), "no duplicate message ids");
+    for e in &events {
+        let row = rows
+            .get(&e.message_id)
+            .unwrap_or_else(|| panic!("{} missing", e.message_id));
+        assert_eq!(row, &event_json(e));
+    }
+    // Files are partitioned by event date: every row's date matches its directory.
+    let store = f.store();
+    let files = layout::committed_files(store.as_ref(), None).await.unwrap();
+    let days: HashSet<_> = files.iter().map(|(_, d, _)| *d).collect();
+    assert!(days.len() >= 3, "{days:?}");
+
+    // An independent reader (DuckDB, from PyPI via `deploy/local/stack tools`) sees the same.
+    let python = std::env::var("PULSE_PYTHON").unwrap_or_else(|_| {
+        let home = std::env::var("HOME").unwrap_or_default();
+        format!("{home}/.cache/pulse/venv/bin/python")
+    });
+    let script = format!(
+        "import duckdb; r = duckdb.sql(\"select count(*), count(distinct message_id), \
+         cast(sum(cart_amount) as varchar), count(distinct user_id) \
+         from read_parquet('{}/events/*/*.parquet')\").fetchone(); print('|'.join(str(x) for x in r))",
+        f.dir.display()
+    );
+    let out = Command::new(&python)
+        .args(["-c", &script])
+        .output()
+        .expect("run python");
+    assert!(
+        out.status.success(),
+        "DuckDB check failed (run deploy/local/stack tools): {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let got = String::from_utf8_lossy(&out.stdout).trim().to_string();
+    let sum: Decimal = events.iter().filter_map(|e| e.cart_amount).sum();
+    let users: HashSet<&str> = events.iter().filter_map(|e| e.user_id.as_deref()).collect();
+    let fields: Vec<&str> = got.split('|').collect();
+    assert_eq!(fields[0], events.len().to_string(), "duckdb rows: {got}");
+    assert_eq!(
+        fields[1],
+        events.len().to_string(),
+        "duckdb distinct ids: {got}"
+    );
+    assert_eq!(
+        fields[2].parse::<Decimal>().unwrap().normalize(),
+        sum.normalize(),
+        "duckdb sum: {got}"
+    );
+    assert_eq!(fields[3], users.len().to_string(), "duckdb users: {got}");
+
+    // Running again over the same topic adds nothing: progress is in the object store.
+    f.run_to_end(&["--roll-secs", "0.5"]);
+    let (_, again) = rows_by_id(&f.rows().await);
+    assert_eq!(again, events.len());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigkill_during_writes_leaves_no_duplicates_and_no_gaps() {
+    let f = Fixture::new("crash", 8).await;
+    let events = generate(30_000, 32, 2_000, 2);
+    // Tiny units so kills land between files, markers and commits.
+    let args = ["--roll-secs", "0.05", "--roll-bytes", "20000"];
+    let mut archiver = f.spawn(&args);
+    for (i, chunk) in events.chunks(7_500).enumerate() {
+        produce(&f.topic, chunk).await;
+        tokio::time::sleep(Duration::from_millis(300 + 200 * i as u64)).await;
+        archiver.kill().unwrap();
+        let _ = archiver.wait();
+        archiver = f.spawn(&args);
+    }
+    archiver.kill().unwrap();
+    let _ = archiver.wait();
+    f.run_to_end(&args);
+    let (rows, total) = rows_by_id(&f.rows().await);
+    assert_eq!(rows.len(), events.len(), "no gaps");
+    assert_eq!(total, events.len(), "no duplicates");
+    let want: HashSet<&str> = events.iter().map(|e| e.message_id.as_str()).collect();
+    assert!(rows.keys().all(|k| want.contains(k.as_str())));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn malformed_records_go_to_the_dead_letter_topic() {
+    let f = Fixture::new("dlq", 2).await;
+    let good = generate(300, 33, 20, 1);
+    produce(&f.topic, &good[..150]).await;
+    let bad: Vec<(Option<&str>, &[u8])> = vec![
+        (Some("k"), b"garbage"),
+        (Some("k"), b"{\"event\": 1}"),
+        (None, b""),
+    ];
+    produce_raw(&f.topic, &bad).await;
+    produce(&f.topic, &good[150..]).await;
+    f.run_to_end(&["--roll-secs", "0.5"]);
+    let (_, total) = rows_by_id(&f.rows().await);
+    assert_eq!(total, good.len());
+    let dead = read_topic(&f.dlq, bad.len(), Duration::from_secs(1));
+    assert_eq!(dead.len(), bad.len());
+    assert!(dead.iter().all(|r| r
+        .header("pulse.error")
+        .is_some_and(|e| e.contains("not a canonical event"))));
+}
+
+// ---------------------------------------------------------------- BI reports
+
+fn report(name: &str) -> String {
+    std::fs::read_to_string(
+        Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("../warehouse-sql/reports")
+            .join(name),
+    )
+    .unwrap()
+}
+
+async fn run_report(
+    store: Arc<dyn object_store::ObjectStore>,
+    name: &str,
+    start: &str,
+    end: &str,
+) -> Vec<Value> {
+    let params: BTreeMap<String, String> = [
+        ("start".to_string(), start.to_string()),
+        ("end".to_string(), end.to_string()),
+    ]
+    .into();
+    let text = sql::substitute(&report(name), &params).unwrap();
+    let batches = sql::query(store, &text)
+        .await
+        .unwrap_or_else(|e| panic!("{name}: {e}"));
+    let json = sql::render(&batches, sql::OutputFormat::Json).unwrap();
+    if json.trim().is_empty() {
+        return vec![];
+    }
+    serde_json::from_str(&json).unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bi_reports_on_the_embedded_engine_match_the_ground_truth() {
+    let f = Fixture::new("reports", 4).await;
+    let events = generate(8_000, 34, 300, 9);
+    produce(&f.topic, &events).await;
+    f.run_to_end(&["--roll-secs", "0.5"]);
+    let store = f.store();
+    let days: Vec<chrono::NaiveDate> = {
+        let mut d: Vec<_> = events.iter().map(|e| e.timestamp.date_naive()).collect();
+        d.sort();
+        d.dedup();
+        d
+    };
+    let (start, end) = (days[1], days[days.len() - 2]); // a range that excludes some data
+    let in_range = |e: &&Event| (start..=end).contains(&e.timestamp.date_naive());
+    let (s, e) = (start.to_string(), end.to_string());
+
+    // Daily active users.
+    let mut dau: BTreeMap<(String, String), HashSet<String>> = BTreeMap::new();
+    for ev in events.iter().filter(in_range) {
+        dau.entry((ev.timestamp.date_naive().to_string(), ev.partner_id.clone()))
+            .or_default()
+            .insert(ev.person_id().to_string());
+    }
+    let got = run_report(store.clone(), "daily_active_users.sql", &s, &e).await;
+    let want: Vec<Value> = dau
+        .iter()
+        .map(|((d, p), users)| serde_json::json!({"date": d, "partner_id": p, "active_users": users.len()}))
+        .collect();
+    assert_eq!(got, want, "daily_active_users");
+
+    // Sessions per day.
+    let mut sessions: BTreeMap<(String, String), HashSet<String>> = BTreeMap::new();
+    for ev in events.iter().filter(in_range) {
+        if let Some(sid) = &ev.session_id {
+            sessions
+                .entry((ev.timestamp.date_naive().to_string(), ev.partner_id.clone()))
+                .or_default()
+                .insert(sid.clone());
+        }
+    }
+    let got = run_report(store.clone(), "sessions_per_day.sql", &s, &e).await;
+    let want: Vec<Value> = sessions
+        .iter()
+        .map(|((d, p), s)| serde_json::json!({"date": d, "partner_id": p, "sessions": s.len()}))
+        .collect();
+    assert_eq!(got, want, "sessions_per_day");
+
+    // Funnel.
+    let mut funnel: BTreeMap<(String, String), [HashSet<String>; 3]> = BTreeMap::new();
+    for ev in events.iter().filter(in_range) {
+        let slot = funnel
+            .entry((ev.timestamp.date_naive().to_string(), ev.partner_id.clone()))
+            .or_default();
+        let i = match ev.event.as_str() {
+            "product_view" => 0,
+            "add_to_cart" => 1,
+            "purchase" => 2,
+            _ => continue,
+        };
+        if let Some(sid) = &ev.session_id {
+            slot[i].insert(sid.clone());
+        }
+    }
+    let got = run_report(store.clone(), "funnel.sql", &s, &e).await;
+    let mut want: Vec<Value> = Vec::new();
+    for ((d, p), [v, c, b]) in &funnel {
+        want.push(serde_json::json!({"date": d, "partner_id": p, "viewing_sessions": v.len(), "cart_sessions": c.len(), "purchase_sessions": b.len()}));
+    }
+    // Days where a partner had only other events still appear, with zeros.
+    for ((d, p), _) in dau.iter() {
+        if !funnel.contains_key(&(d.clone(), p.clone())) {
+            want.push(serde_json::json!({"date": d, "partner_id": p, "viewing_sessions": 0, "cart_sessions": 0, "purchase_sessions": 0}));
+        }
+    }
+    want.sort_by_key(|v| {
+        (
+            v["date"].as_str().unwrap().to_string(),
+            v["partner_id"].as_str().unwrap().to_string(),
+        )
+    });
+    assert_eq!(got, want, "funnel");
+
+    // Revenue per day and country: exact decimals.
+    let mut revenue: BTreeMap<(String, String), (u64, Decimal)> = BTreeMap::new();
+    for ev in events
+        .iter()
+        .filter(in_range)
+        .filter(|e| e.event == "purchase")
+    {
+        let slot = revenue
+            .entry((
+                ev.timestamp.date_naive().to_string(),
+                ev.country.clone().unwrap_or_default(),
+            ))
+            .or_default();
+        slot.0 += 1;
+        slot.1 += ev.cart_amount.unwrap_or_default();
+    }
+    let got = run_report(store.clone(), "revenue.sql", &s, &e).await;
+    assert_eq!(got.len(), revenue.len(), "revenue rows");
+    for (row, ((d, c), (orders, sum))) in got.iter().zip(&revenue) {
+        assert_eq!(row["date"], Value::String(d.clone()));
+        assert_eq!(row["country"], Value::String(c.clone()));
+        assert_eq!(row["orders"], serde_json::json!(orders));
+        let got_sum: Decimal = row["revenue"]
+            .as_str()
+            .map(|s| s.parse().unwrap())
+            .unwrap_or_else(|| row["revenue"].to_string().parse().unwrap());
+        assert_eq!(got_sum, *sum, "revenue {d} {c}");
+    }
+
+    // Top gender over the window, per user.
+    let visits = [
+        "page_view",
+        "product_view",
+        "product_click",
+        "product_list_view",
+        "add_to_cart",
+        "wishlist",
+    ];
+    let mut counts: BTreeMap<(String, String), BTreeMap<String, u64>> = BTreeMap::new();
+    for ev in events
+        .iter()
+        .filter(in_range)
+        .filter(|e| visits.contains(&e.event.as_str()))
+    {
+        if let (Some(g), Some(u)) = (&ev.gender, &ev.user_id) {
+            *counts
+                .entry((ev.partner_id.clone(), u.clone()))
+                .or_default()
+                .entry(g.clone())
+                .or_default() += 1;
+        }
+    }
+    let got = run_report(store.clone(), "top_gender_7d.sql", &s, &e).await;
+    let want: Vec<Value> = counts
+        .iter()
+        .map(|((p, u), c)| {
+            let (g, n) = c
+                .iter()
+                .max_by(|a, b| a.1.cmp(b.1).then(b.0.cmp(a.0)))
+                .unwrap();
+            serde_json::json!({"partner_id": p, "user_id": u, "gender": g, "visits": n})
+        })
+        .collect();
+    let mut got_sorted = got.clone();
+    got_sorted.sort_by_key(|v| {
+        (
+            v["partner_id"].as_str().unwrap().to_string(),
+            v["user_id"].as_str().unwrap().to_string(),
+        )
+    });
+    let mut want_sorted = want.clone();
+    want_sorted.sort_by_key(|v| {
+        (
+            v["partner_id"].as_str().unwrap().to_string(),
+            v["user_id"].as_str().unwrap().to_string(),
+        )
+    });
+    assert_eq!(got_sorted, want_sorted, "top_gender_7d");
+}
