@@ -18,7 +18,7 @@ use object_store::{ObjectStore, ObjectStoreExt, PutPayload};
 use pulse_core::kafka::{KafkaArgs, TopicArgs};
 use pulse_core::Event;
 use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer, ConsumerContext, Rebalance};
-use rdkafka::message::{Header, Message, OwnedHeaders};
+use rdkafka::message::Message;
 use rdkafka::producer::{BaseRecord, DefaultProducerContext, Producer, ThreadedProducer};
 use rdkafka::{ClientContext, Offset, TopicPartitionList};
 use tokio::runtime::Runtime;
@@ -187,8 +187,12 @@ pub fn run(
     let roll_age = Duration::from_secs_f64(config.roll_secs.max(0.05));
     let started = Instant::now();
     let mut at_end: HashSet<i32> = HashSet::new();
+    let mut last_scan = Instant::now();
     while !stop.load(Ordering::Relaxed) {
         let polled = consumer.poll(Duration::from_millis(100));
+        // Only an idle poll or an end-of-partition can mean "all read": asking librdkafka for
+        // the assignment on every record costs more than archiving it.
+        let maybe_done = !matches!(polled, Some(Ok(_)));
         let mut s = lock(&state);
         match polled {
             Some(Ok(msg)) => {
@@ -217,17 +221,20 @@ pub fn run(
             Some(Err(e)) => tracing::warn!(error = %e, "consumer error"),
             None => {}
         }
-        let old: Vec<i32> = s
-            .units
-            .iter()
-            .filter(|(_, u)| u.opened.elapsed() >= roll_age)
-            .map(|(p, _)| *p)
-            .collect();
-        for p in old {
-            s.roll(&consumer, p);
+        if last_scan.elapsed() >= Duration::from_millis(100) {
+            last_scan = Instant::now();
+            let old: Vec<i32> = s
+                .units
+                .iter()
+                .filter(|(_, u)| u.opened.elapsed() >= roll_age)
+                .map(|(p, _)| *p)
+                .collect();
+            for p in old {
+                s.roll(&consumer, p);
+            }
         }
         drop(s);
-        if config.stop_at_end {
+        if config.stop_at_end && maybe_done {
             if let Ok(a) = consumer.assignment() {
                 if a.count() > 0 && a.elements().iter().all(|e| at_end.contains(&e.partition())) {
                     break;
@@ -284,28 +291,13 @@ impl State {
             Err(e) => {
                 let reason = format!("not a canonical event: {e}");
                 tracing::warn!(partition = p, offset = msg.offset(), %reason, "record to dead-letter topic");
-                let (ps, os) = (p.to_string(), msg.offset().to_string());
-                let headers = OwnedHeaders::new()
-                    .insert(Header {
-                        key: "pulse.error",
-                        value: Some(&reason),
-                    })
-                    .insert(Header {
-                        key: "pulse.source.topic",
-                        value: Some(msg.topic()),
-                    })
-                    .insert(Header {
-                        key: "pulse.source.partition",
-                        value: Some(&ps),
-                    })
-                    .insert(Header {
-                        key: "pulse.source.offset",
-                        value: Some(&os),
-                    })
-                    .insert(Header {
-                        key: "pulse.consumer",
-                        value: Some("archiver"),
-                    });
+                let headers = pulse_core::kafka::dead_letter_headers(
+                    &reason,
+                    msg.topic(),
+                    p,
+                    msg.offset(),
+                    "archiver",
+                );
                 let key = msg.key().unwrap_or_default().to_vec();
                 let mut record = BaseRecord::to(&self.dlq_topic)
                     .key(&key)

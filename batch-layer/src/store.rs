@@ -19,7 +19,7 @@ pub struct StoreArgs {
     pub url: String,
     /// Object-store options for the cloud backends, passed through (e.g.
     /// `google_service_account=/path/key.json`, `aws_region=eu-west-1`, `aws_endpoint=…`).
-    #[arg(long = "store-opt", env = "PULSE_STORE_OPTS", value_parser = parse_kv, value_delimiter = ';')]
+    #[arg(long = "store-opt", env = "PULSE_STORE_OPTS", value_parser = pulse_core::kafka::parse_key_value, value_delimiter = ';')]
     pub store_options: Vec<(String, String)>,
 }
 
@@ -30,13 +30,6 @@ impl StoreArgs {
             store_options: Vec::new(),
         }
     }
-}
-
-fn parse_kv(s: &str) -> Result<(String, String), String> {
-    let (k, v) = s
-        .split_once('=')
-        .ok_or_else(|| format!("expected key=value, got \"{s}\""))?;
-    Ok((k.trim().to_string(), v.trim().to_string()))
 }
 
 #[derive(Debug, thiserror::Error)]

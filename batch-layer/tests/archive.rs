@@ -28,6 +28,8 @@ struct Fixture {
     dlq: String,
     dir: PathBuf,
     group: String,
+    /// The archive's object store: `dir` by default.
+    store: StoreArgs,
 }
 
 impl Fixture {
@@ -39,6 +41,7 @@ impl Fixture {
         Self {
             topic: create_topic(&format!("ar-{name}"), partitions).await,
             dlq: create_topic(&format!("ar-{name}-dlq"), 1).await,
+            store: StoreArgs::local(&dir),
             dir,
             group: unique("archiver"),
         }
@@ -61,12 +64,13 @@ impl Fixture {
                 "--dlq-topic",
                 &self.dlq,
             ])
-            .args([
-                "--group",
-                &self.group,
-                "--archive-url",
-                self.dir.to_str().unwrap(),
-            ])
+            .args(["--group", &self.group, "--archive-url", &self.store.url])
+            .args(
+                self.store
+                    .store_options
+                    .iter()
+                    .flat_map(|(k, v)| ["--store-opt".to_string(), format!("{k}={v}")]),
+            )
             .args(extra)
             .env("RUST_LOG", "info,librdkafka=warn")
             .stdout(Stdio::null())
@@ -84,7 +88,7 @@ impl Fixture {
     }
 
     fn store(&self) -> Arc<dyn object_store::ObjectStore> {
-        open_store(&StoreArgs::local(&self.dir)).unwrap()
+        open_store(&self.store).unwrap()
     }
 
     /// Every row of the committed files.
@@ -288,6 +292,39 @@ async fn malformed_records_go_to_the_dead_letter_topic() {
     assert!(dead.iter().all(|r| r
         .header("pulse.error")
         .is_some_and(|e| e.contains("not a canonical event"))));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn archive_to_the_gcs_emulator() {
+    let gcs = std::env::var("PULSE_GCS_URL").unwrap_or_else(|_| "http://localhost:4443".into());
+    let bucket = unique("pulse-archive").to_lowercase();
+    let created = reqwest::Client::new()
+        .post(format!("{gcs}/storage/v1/b?project=pulse-test"))
+        .json(&serde_json::json!({"name": bucket}))
+        .send()
+        .await
+        .expect("GCS emulator reachable (deploy/local/stack up)");
+    assert!(
+        created.status().is_success(),
+        "create bucket: {}",
+        created.status()
+    );
+    let mut f = Fixture::new("gcs", 4).await;
+    f.store = StoreArgs {
+        url: format!("gs://{bucket}/archive"),
+        store_options: vec![
+            ("google_base_url".into(), gcs.clone()),
+            ("google_skip_signature".into(), "true".into()),
+        ],
+    };
+    let events = generate(3_000, 35, 100, 2);
+    produce(&f.topic, &events).await;
+    f.run_to_end(&["--roll-secs", "0.5"]);
+    let (rows, total) = rows_by_id(&f.rows().await);
+    assert_eq!(total, events.len());
+    for e in &events {
+        assert_eq!(rows.get(&e.message_id), Some(&event_json(e)));
+    }
 }
 
 // ---------------------------------------------------------------- BI reports

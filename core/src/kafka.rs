@@ -37,7 +37,8 @@ impl Default for KafkaArgs {
     }
 }
 
-fn parse_key_value(s: &str) -> Result<(String, String), String> {
+/// `key=value` of a pass-through option flag (`--kafka-opt`, `--store-opt`, `--param`).
+pub fn parse_key_value(s: &str) -> Result<(String, String), String> {
     let (k, v) = s
         .split_once('=')
         .ok_or_else(|| format!("expected key=value, got \"{s}\""))?;
@@ -103,6 +104,40 @@ impl KafkaArgs {
             c.set(k, v);
         }
     }
+}
+
+/// Headers of a dead-lettered record: why it was refused, where it came from, and which
+/// consumer gave up on it. The payload stays as it was, for inspection and replay.
+pub fn dead_letter_headers(
+    reason: &str,
+    topic: &str,
+    partition: i32,
+    offset: i64,
+    consumer: &str,
+) -> rdkafka::message::OwnedHeaders {
+    use rdkafka::message::Header;
+    let (partition, offset) = (partition.to_string(), offset.to_string());
+    rdkafka::message::OwnedHeaders::new()
+        .insert(Header {
+            key: "pulse.error",
+            value: Some(reason),
+        })
+        .insert(Header {
+            key: "pulse.source.topic",
+            value: Some(topic),
+        })
+        .insert(Header {
+            key: "pulse.source.partition",
+            value: Some(&partition),
+        })
+        .insert(Header {
+            key: "pulse.source.offset",
+            value: Some(&offset),
+        })
+        .insert(Header {
+            key: "pulse.consumer",
+            value: Some(consumer),
+        })
 }
 
 /// Names of the topics Pulse uses.

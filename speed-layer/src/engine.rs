@@ -20,7 +20,7 @@ use std::time::{Duration, Instant};
 use chrono::Utc;
 use pulse_core::Event;
 use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer, ConsumerContext, Rebalance};
-use rdkafka::message::{Header, Message, OwnedHeaders, OwnedMessage};
+use rdkafka::message::{Message, OwnedHeaders, OwnedMessage};
 use rdkafka::producer::{BaseRecord, Producer, ThreadedProducer};
 use rdkafka::{ClientContext, Offset, TopicPartitionList};
 use tokio::runtime::Runtime;
@@ -438,29 +438,13 @@ impl Engine {
             "record to dead-letter topic"
         );
         metrics::counter!(m::EVENTS_DEAD_LETTERED).increment(1);
-        let partition = msg.partition().to_string();
-        let offset = msg.offset().to_string();
-        let headers = OwnedHeaders::new()
-            .insert(Header {
-                key: "pulse.error",
-                value: Some(reason),
-            })
-            .insert(Header {
-                key: "pulse.source.topic",
-                value: Some(msg.topic()),
-            })
-            .insert(Header {
-                key: "pulse.source.partition",
-                value: Some(&partition),
-            })
-            .insert(Header {
-                key: "pulse.source.offset",
-                value: Some(&offset),
-            })
-            .insert(Header {
-                key: "pulse.consumer",
-                value: Some("speed"),
-            });
+        let headers = pulse_core::kafka::dead_letter_headers(
+            reason,
+            msg.topic(),
+            msg.partition(),
+            msg.offset(),
+            "speed",
+        );
         let key = msg
             .key()
             .map(|k| String::from_utf8_lossy(k).into_owned())

@@ -28,7 +28,7 @@ enum Command {
         #[arg(long)]
         file: Option<PathBuf>,
         /// A `{{name}}` parameter of the query, as name=value (repeatable).
-        #[arg(long = "param", value_parser = parse_kv)]
+        #[arg(long = "param", value_parser = pulse_core::kafka::parse_key_value)]
         params: Vec<(String, String)>,
         #[arg(long, value_enum, default_value_t = OutputFormat::Table)]
         format: OutputFormat,
@@ -43,12 +43,6 @@ enum Command {
         #[command(flatten)]
         store: StoreArgs,
     },
-}
-
-fn parse_kv(s: &str) -> Result<(String, String), String> {
-    s.split_once('=')
-        .map(|(k, v)| (k.trim().to_string(), v.trim().to_string()))
-        .ok_or_else(|| format!("expected name=value, got \"{s}\""))
 }
 
 #[tokio::main]
