@@ -294,39 +294,6 @@ async fn malformed_records_go_to_the_dead_letter_topic() {
         .is_some_and(|e| e.contains("not a canonical event"))));
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn archive_to_the_gcs_emulator() {
-    let gcs = std::env::var("PULSE_GCS_URL").unwrap_or_else(|_| "http://localhost:4443".into());
-    let bucket = unique("pulse-archive").to_lowercase();
-    let created = reqwest::Client::new()
-        .post(format!("{gcs}/storage/v1/b?project=pulse-test"))
-        .json(&serde_json::json!({"name": bucket}))
-        .send()
-        .await
-        .expect("GCS emulator reachable (deploy/local/stack up)");
-    assert!(
-        created.status().is_success(),
-        "create bucket: {}",
-        created.status()
-    );
-    let mut f = Fixture::new("gcs", 4).await;
-    f.store = StoreArgs {
-        url: format!("gs://{bucket}/archive"),
-        store_options: vec![
-            ("google_base_url".into(), gcs.clone()),
-            ("google_skip_signature".into(), "true".into()),
-        ],
-    };
-    let events = generate(3_000, 35, 100, 2);
-    produce(&f.topic, &events).await;
-    f.run_to_end(&["--roll-secs", "0.5"]);
-    let (rows, total) = rows_by_id(&f.rows().await);
-    assert_eq!(total, events.len());
-    for e in &events {
-        assert_eq!(rows.get(&e.message_id), Some(&event_json(e)));
-    }
-}
-
 // ---------------------------------------------------------------- BI reports
 
 fn report(name: &str) -> String {

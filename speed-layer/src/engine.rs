@@ -129,7 +129,12 @@ pub struct SpeedContext {
 impl ClientContext for SpeedContext {
     fn error(&self, error: rdkafka::error::KafkaError, reason: &str) {
         // End-of-partition is how --stop-at-end learns it is done, not a fault.
-        if !matches!(error, rdkafka::error::KafkaError::PartitionEOF(_)) {
+        use rdkafka::error::{KafkaError, RDKafkaErrorCode};
+        let end_of_partition = matches!(
+            error,
+            KafkaError::PartitionEOF(_) | KafkaError::Global(RDKafkaErrorCode::PartitionEOF)
+        );
+        if !end_of_partition {
             tracing::error!(%error, reason, "kafka client error");
         }
     }
