@@ -96,12 +96,7 @@ struct ArchiverContext {
 
 impl ClientContext for ArchiverContext {
     fn error(&self, error: rdkafka::error::KafkaError, reason: &str) {
-        use rdkafka::error::{KafkaError, RDKafkaErrorCode};
-        let end_of_partition = matches!(
-            error,
-            KafkaError::PartitionEOF(_) | KafkaError::Global(RDKafkaErrorCode::PartitionEOF)
-        );
-        if !end_of_partition {
+        if !pulse_core::kafka::is_end_of_partition(&error) {
             tracing::error!(%error, reason, "kafka client error");
         }
     }

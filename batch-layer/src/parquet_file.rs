@@ -110,36 +110,9 @@ pub fn record_batch(events: &[Event]) -> Result<RecordBatch, ParquetError> {
                 .map(|c| serde_json::Value::Object(c.clone()).to_string()),
         );
     }
-    let mut s = strings.into_iter();
-    let mut next = || -> ArrayRef {
-        Arc::new(
-            s.next()
-                .map(|mut b| b.finish())
-                .unwrap_or_else(|| StringBuilder::new().finish()),
-        )
-    };
-    let (
-        session_id,
-        partner_name,
-        country,
-        language,
-        version,
-        user_agent,
-        referrer,
-        current_url,
-        page_type,
-    ) = (
-        next(),
-        next(),
-        next(),
-        next(),
-        next(),
-        next(),
-        next(),
-        next(),
-        next(),
-    );
-    let columns: Vec<ArrayRef> = vec![
+    // Column order is the schema's: the nine optional strings sit between `date` and
+    // `category`.
+    let mut columns: Vec<ArrayRef> = vec![
         Arc::new(message_id.finish()),
         Arc::new(event.finish()),
         Arc::new(partner_id.finish()),
@@ -148,16 +121,10 @@ pub fn record_batch(events: &[Event]) -> Result<RecordBatch, ParquetError> {
         Arc::new(timestamp.finish()),
         Arc::new(received_at.finish()),
         Arc::new(date.finish()),
-        session_id,
-        partner_name,
-        country,
-        language,
-        version,
-        user_agent,
-        referrer,
-        current_url,
-        page_type,
-        Arc::new(category.finish()),
+    ];
+    columns.extend(strings.iter_mut().map(|b| Arc::new(b.finish()) as ArrayRef));
+    columns.extend([
+        Arc::new(category.finish()) as ArrayRef,
         Arc::new(search_query.finish()),
         Arc::new(product_id.finish()),
         Arc::new(cart_amount.finish()),
@@ -165,7 +132,7 @@ pub fn record_batch(events: &[Event]) -> Result<RecordBatch, ParquetError> {
         Arc::new(init_session.finish()),
         Arc::new(properties.finish()),
         Arc::new(context.finish()),
-    ];
+    ]);
     Ok(RecordBatch::try_new(Arc::new(event_schema()), columns)?)
 }
 

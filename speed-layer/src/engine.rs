@@ -128,13 +128,7 @@ pub struct SpeedContext {
 
 impl ClientContext for SpeedContext {
     fn error(&self, error: rdkafka::error::KafkaError, reason: &str) {
-        // End-of-partition is how --stop-at-end learns it is done, not a fault.
-        use rdkafka::error::{KafkaError, RDKafkaErrorCode};
-        let end_of_partition = matches!(
-            error,
-            KafkaError::PartitionEOF(_) | KafkaError::Global(RDKafkaErrorCode::PartitionEOF)
-        );
-        if !end_of_partition {
+        if !pulse_core::kafka::is_end_of_partition(&error) {
             tracing::error!(%error, reason, "kafka client error");
         }
     }
