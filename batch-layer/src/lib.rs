@@ -4,9 +4,11 @@
 //!   where and which files count; [`parquet_file`] writes them).
 //! - [`sql`]: BI SQL over the archive on an embedded engine (DataFusion).
 //! - [`store`]: the object store (local directory, `s3://`, `gs://`).
+//! - [`warehouse`]: BigQuery: the day-partitioned table, daily loads, BI SQL on BigQuery.
 
 pub mod archiver;
 pub mod layout;
 pub mod parquet_file;
 pub mod sql;
 pub mod store;
+pub mod warehouse;

@@ -1,22 +1,7 @@
 //! The warehouse DDL matches the Arrow schema of the archive, column for column.
 
-use arrow_schema::DataType;
-use pulse_core::schema::{event_schema, AMOUNT_PRECISION, AMOUNT_SCALE};
-
-/// BigQuery type of an archive column.
-fn bigquery_type(t: &DataType) -> String {
-    match t {
-        DataType::Utf8 => "STRING".into(),
-        DataType::Boolean => "BOOL".into(),
-        DataType::Date32 => "DATE".into(),
-        DataType::Timestamp(_, _) => "TIMESTAMP".into(),
-        DataType::Decimal128(p, s) if (*p, *s) == (AMOUNT_PRECISION, AMOUNT_SCALE) => {
-            "NUMERIC".into()
-        }
-        DataType::List(f) => format!("ARRAY<{}>", bigquery_type(f.data_type())),
-        other => panic!("no BigQuery type for {other}"),
-    }
-}
+use pulse_batch::warehouse::schema::{ddl_type, table_schema, PARTITION_COLUMN};
+use pulse_core::schema::event_schema;
 
 #[test]
 fn ddl_columns_match_the_arrow_schema() {
@@ -43,8 +28,30 @@ fn ddl_columns_match_the_arrow_schema() {
     assert_eq!(columns.len(), schema.fields().len());
     for ((name, ty, not_null), field) in columns.iter().zip(schema.fields()) {
         assert_eq!(name, field.name());
-        assert_eq!(ty, &bigquery_type(field.data_type()), "{name}");
+        assert_eq!(Some(ty.clone()), ddl_type(field.data_type()), "{name}");
         assert_eq!(*not_null, !field.is_nullable(), "{name} nullability");
     }
-    assert!(ddl.contains("PARTITION BY date"));
+    assert!(ddl.contains(&format!("PARTITION BY {PARTITION_COLUMN}")));
+}
+
+/// The table the loader creates has the DDL's columns, in order, with the same modes.
+#[test]
+fn loader_schema_matches_the_ddl_columns() {
+    let schema = table_schema();
+    let fields = schema.fields().as_ref().unwrap();
+    let arrow = event_schema();
+    assert_eq!(fields.len(), arrow.fields().len());
+    for (bq, a) in fields.iter().zip(arrow.fields()) {
+        assert_eq!(&bq.name, a.name());
+        let mode = bq.mode.as_deref().unwrap();
+        let repeated = matches!(a.data_type(), arrow_schema::DataType::List(_));
+        let want = if repeated {
+            "REPEATED"
+        } else if a.is_nullable() {
+            "NULLABLE"
+        } else {
+            "REQUIRED"
+        };
+        assert_eq!(mode, want, "{}", a.name());
+    }
 }

@@ -1,4 +1,4 @@
-//! `pulse-batch`: BI SQL over the archive, and archive inspection.
+//! `pulse-batch`: daily BigQuery loads, BI SQL (embedded engine or BigQuery), archive listing.
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;
@@ -6,11 +6,13 @@ use std::path::PathBuf;
 use clap::{Parser, Subcommand};
 use pulse_batch::sql::{self, OutputFormat};
 use pulse_batch::store::{open_store, StoreArgs};
+use pulse_batch::warehouse::load::{last_days, load_day, source_prefix};
+use pulse_batch::warehouse::{PartitionWrite, Warehouse, WarehouseArgs};
 
 #[derive(Parser)]
 #[command(
     name = "pulse-batch",
-    about = "Pulse batch layer: SQL over the Parquet archive",
+    about = "Pulse batch layer: BigQuery loads and BI SQL over the Parquet archive",
     version
 )]
 struct Cli {
@@ -32,8 +34,36 @@ enum Command {
         params: Vec<(String, String)>,
         #[arg(long, value_enum, default_value_t = OutputFormat::Table)]
         format: OutputFormat,
+        /// Where to run it: DataFusion over the archive, or the BigQuery table.
+        #[arg(long, value_enum, default_value_t = Engine::Embedded)]
+        engine: Engine,
         #[command(flatten)]
         store: StoreArgs,
+        #[command(flatten)]
+        warehouse: WarehouseArgs,
+    },
+    /// Load days of the archive into the BigQuery table, replacing their partitions.
+    Load {
+        /// The day to load, YYYY-MM-DD (UTC, as the archive's dt=).
+        #[arg(long, conflicts_with = "since", required_unless_present = "since")]
+        date: Option<chrono::NaiveDate>,
+        /// Load the last N days, today (UTC) included.
+        #[arg(long)]
+        since: Option<u32>,
+        /// gs://bucket/prefix BigQuery reads the archive from; defaults to --archive-url when
+        /// that is on Cloud Storage.
+        #[arg(long, env = "PULSE_BQ_SOURCE_URI")]
+        source_uri: Option<String>,
+        /// How a partition is replaced: decorator (BigQuery) or staging (emulators).
+        #[arg(long, env = "PULSE_BQ_PARTITION_WRITE", value_enum, default_value_t = PartitionWrite::Decorator)]
+        partition_write: PartitionWrite,
+        /// Print each day's report as a JSON line.
+        #[arg(long)]
+        json: bool,
+        #[command(flatten)]
+        store: StoreArgs,
+        #[command(flatten)]
+        warehouse: WarehouseArgs,
     },
     /// List the committed Parquet files (optionally of one day).
     Files {
@@ -45,15 +75,24 @@ enum Command {
     },
 }
 
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+enum Engine {
+    Embedded,
+    Bigquery,
+}
+
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
+    pulse_core::telemetry::init_tracing();
     match Cli::parse().command {
         Command::Sql {
             query,
             file,
             params,
             format,
+            engine,
             store,
+            warehouse,
         } => {
             let text = match (query, file) {
                 (Some(q), None) => q,
@@ -63,10 +102,50 @@ async fn main() -> anyhow::Result<()> {
             };
             let params: BTreeMap<String, String> = params.into_iter().collect();
             let text = sql::substitute(&text, &params)?;
-            let batches = sql::query(open_store(&store)?, &text).await?;
+            let batches = match engine {
+                Engine::Embedded => sql::query(open_store(&store)?, &text).await?,
+                Engine::Bigquery => Warehouse::connect(&warehouse).await?.query(&text).await?,
+            };
             print!("{}", sql::render(&batches, format)?);
             if format == OutputFormat::Table {
                 println!();
+            }
+        }
+        Command::Load {
+            date,
+            since,
+            source_uri,
+            partition_write,
+            json,
+            store,
+            warehouse,
+        } => {
+            let prefix = source_prefix(source_uri.as_deref(), &store.url)?;
+            let days = match (date, since) {
+                (Some(d), _) => vec![d],
+                (None, Some(n)) => last_days(chrono::Utc::now().date_naive(), n),
+                (None, None) => anyhow::bail!("give --date or --since"),
+            };
+            let archive = open_store(&store)?;
+            let wh = Warehouse::connect(&warehouse).await?;
+            wh.ensure_table().await?;
+            for day in days {
+                let report = load_day(&wh, archive.as_ref(), &prefix, day, partition_write).await?;
+                if json {
+                    println!("{}", serde_json::to_string(&report)?);
+                } else {
+                    println!(
+                        "{}  {} rows from {} files into {}.{}.{}  ({:?}; jobs {})",
+                        report.date,
+                        report.rows,
+                        report.files,
+                        wh.project,
+                        wh.dataset,
+                        wh.table,
+                        report.mode,
+                        report.jobs.join(", ")
+                    );
+                }
             }
         }
         Command::Files { date, store } => {

@@ -1,0 +1,240 @@
+//! Loading one day of the archive into its BigQuery partition, idempotently.
+//!
+//! Only committed files (covered by a progress marker, see [`crate::layout`]) are loaded, named
+//! one by one: a wildcard would also pick up a file the archiver is writing right now. Loading
+//! day D replaces partition D, so re-running it after late data arrived is safe:
+//!
+//! - [`PartitionWrite::Decorator`] (production): a load job into `events$YYYYMMDD` with
+//!   WRITE_TRUNCATE, which BigQuery applies atomically to that partition alone.
+//! - [`PartitionWrite::Staging`]: a load job into a staging table, then one transaction that
+//!   deletes partition D and inserts the staging rows. Same effect, for engines without
+//!   partition decorators (the local emulator).
+
+use chrono::NaiveDate;
+use object_store::ObjectStore;
+use serde_json::{json, Value};
+
+use super::client::{Warehouse, WarehouseError};
+use super::schema::{table_schema, PARTITION_COLUMN};
+use crate::layout;
+
+/// A load job takes at most 10,000 source URIs.
+const MAX_URIS_PER_JOB: usize = 10_000;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum, serde::Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum PartitionWrite {
+    /// `events$YYYYMMDD` + WRITE_TRUNCATE: BigQuery replaces the partition atomically.
+    Decorator,
+    /// Staging table + DELETE/INSERT transaction: for engines without partition decorators.
+    Staging,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum LoadError {
+    #[error(transparent)]
+    Warehouse(#[from] WarehouseError),
+    #[error("listing the archive: {0}")]
+    Store(#[from] object_store::Error),
+    #[error(
+        "BigQuery reads the archive from Cloud Storage: give --source-uri gs://bucket/prefix \
+         (or an --archive-url that is gs://…); got {0:?}"
+    )]
+    SourceUri(String),
+}
+
+/// What loading one day did.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct LoadReport {
+    pub date: NaiveDate,
+    pub files: usize,
+    /// Rows BigQuery loaded (its `outputRows`), i.e. the rows partition D now holds.
+    pub rows: u64,
+    pub jobs: Vec<String>,
+    pub mode: PartitionWrite,
+}
+
+/// The gs:// prefix BigQuery reads the archive under: `--source-uri`, else the archive URL
+/// itself when it is on Cloud Storage.
+pub fn source_prefix(source_uri: Option<&str>, archive_url: &str) -> Result<String, LoadError> {
+    let prefix = source_uri.unwrap_or(archive_url);
+    if prefix.starts_with("gs://") && prefix.len() > "gs://".len() {
+        Ok(prefix.trim_end_matches('/').to_string())
+    } else {
+        Err(LoadError::SourceUri(prefix.to_string()))
+    }
+}
+
+/// `events$20261121`: the table name that addresses one day partition.
+pub fn partition_table(table: &str, date: NaiveDate) -> String {
+    format!("{table}${}", date.format("%Y%m%d"))
+}
+
+fn staging_table(table: &str, date: NaiveDate) -> String {
+    format!("{table}__load_{}", date.format("%Y%m%d"))
+}
+
+/// The `configuration` of a Parquet load job.
+pub fn load_configuration(
+    destination: Value,
+    uris: &[String],
+    truncate: bool,
+    create: bool,
+) -> Value {
+    json!({"load": {
+        "sourceUris": uris,
+        "sourceFormat": "PARQUET",
+        // Parquet LIST columns (category) load as ARRAY<STRING>, not as a nested RECORD.
+        "parquetOptions": {"enableListInference": true},
+        "destinationTable": destination,
+        "schema": table_schema(),
+        "writeDisposition": if truncate { "WRITE_TRUNCATE" } else { "WRITE_APPEND" },
+        "createDisposition": if create { "CREATE_IF_NEEDED" } else { "CREATE_NEVER" },
+    }})
+}
+
+/// Loads the committed archive files of `date` into partition `date`, replacing it.
+pub async fn load_day(
+    wh: &Warehouse,
+    store: &dyn ObjectStore,
+    source_prefix: &str,
+    date: NaiveDate,
+    mode: PartitionWrite,
+) -> Result<LoadReport, LoadError> {
+    let uris: Vec<String> = layout::committed_files(store, Some(date))
+        .await?
+        .into_iter()
+        .map(|(path, _, _)| format!("{source_prefix}/{path}"))
+        .collect();
+    let mut report = LoadReport {
+        date,
+        files: uris.len(),
+        rows: 0,
+        jobs: Vec::new(),
+        mode,
+    };
+    if uris.is_empty() {
+        // Nothing archived for the day: leave whatever the partition holds rather than
+        // truncating it on the strength of an empty listing.
+        tracing::warn!(%date, "no committed archive files for this day; partition left as is");
+        return Ok(report);
+    }
+    let destination = match mode {
+        PartitionWrite::Decorator => partition_table(&wh.table, date),
+        PartitionWrite::Staging => staging_table(&wh.table, date),
+    };
+    let chunks: Vec<&[String]> = uris.chunks(MAX_URIS_PER_JOB).collect();
+    if chunks.len() > 1 && mode == PartitionWrite::Decorator {
+        tracing::warn!(%date, files = uris.len(), jobs = chunks.len(),
+            "more files than one load job takes: the partition is replaced by the first job and \
+             appended to by the others, so it is partial until the last one finishes");
+    }
+    for (i, chunk) in chunks.iter().enumerate() {
+        let config = load_configuration(
+            wh.table_ref(&destination),
+            chunk,
+            i == 0,
+            mode == PartitionWrite::Staging,
+        );
+        let job = wh.run_job("load", config).await?;
+        report.rows += job
+            .statistics
+            .and_then(|s| s.load)
+            .and_then(|l| l.output_rows)
+            .and_then(|r| r.parse::<u64>().ok())
+            .unwrap_or(0);
+        report.jobs.extend(job.job_reference.and_then(|r| r.job_id));
+    }
+    if mode == PartitionWrite::Staging {
+        let job = wh
+            .run_job(
+                "replace",
+                json!({"query": {"query": replace_script(wh, &destination, date), "useLegacySql": false}}),
+            )
+            .await?;
+        report.jobs.extend(job.job_reference.and_then(|r| r.job_id));
+        wh.drop_table(&destination).await?;
+    }
+    tracing::info!(%date, files = report.files, rows = report.rows, ?mode, "day loaded");
+    Ok(report)
+}
+
+/// One transaction: partition D of the table becomes exactly the staging rows of D.
+fn replace_script(wh: &Warehouse, staging: &str, date: NaiveDate) -> String {
+    let table = format!("`{}.{}.{}`", wh.project, wh.dataset, wh.table);
+    let staging = format!("`{}.{}.{}`", wh.project, wh.dataset, staging);
+    let day = format!("{PARTITION_COLUMN} = DATE '{date}'");
+    format!(
+        "BEGIN TRANSACTION; \
+         DELETE FROM {table} WHERE {day}; \
+         INSERT INTO {table} SELECT * FROM {staging} WHERE {day}; \
+         COMMIT TRANSACTION;"
+    )
+}
+
+/// `--since N`: the N days up to and including `today`, oldest first.
+pub fn last_days(today: NaiveDate, n: u32) -> Vec<NaiveDate> {
+    (0..n)
+        .rev()
+        .filter_map(|back| today.checked_sub_days(chrono::Days::new(u64::from(back))))
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn d(s: &str) -> NaiveDate {
+        s.parse().unwrap()
+    }
+
+    #[test]
+    fn decorator_names_the_day_partition() {
+        assert_eq!(
+            partition_table("events", d("2026-11-21")),
+            "events$20261121"
+        );
+    }
+
+    #[test]
+    fn decorator_load_truncates_only_that_partition() {
+        let dest = json!({"projectId": "p", "datasetId": "d", "tableId": partition_table("events", d("2026-11-21"))});
+        let uris = vec!["gs://b/events/dt=2026-11-21/part-000-1-2.parquet".to_string()];
+        let c = load_configuration(dest, &uris, true, false);
+        let load = &c["load"];
+        assert_eq!(load["destinationTable"]["tableId"], "events$20261121");
+        assert_eq!(load["writeDisposition"], "WRITE_TRUNCATE");
+        assert_eq!(load["createDisposition"], "CREATE_NEVER");
+        assert_eq!(load["sourceFormat"], "PARQUET");
+        assert_eq!(load["parquetOptions"]["enableListInference"], true);
+        assert_eq!(load["sourceUris"][0], uris[0]);
+        let fields = load["schema"]["fields"].as_array().unwrap();
+        assert!(fields
+            .iter()
+            .any(|f| f["name"] == "category" && f["mode"] == "REPEATED"));
+    }
+
+    #[test]
+    fn since_counts_today() {
+        assert_eq!(
+            last_days(d("2026-11-22"), 3),
+            vec![d("2026-11-20"), d("2026-11-21"), d("2026-11-22")]
+        );
+        assert!(last_days(d("2026-11-22"), 0).is_empty());
+    }
+
+    #[test]
+    fn source_prefix_must_be_cloud_storage() {
+        assert_eq!(
+            source_prefix(None, "gs://b/archive/").unwrap(),
+            "gs://b/archive"
+        );
+        assert_eq!(
+            source_prefix(Some("gs://b"), ".run/archive").unwrap(),
+            "gs://b"
+        );
+        let err = source_prefix(None, ".run/archive").unwrap_err().to_string();
+        assert!(err.contains("--source-uri"), "{err}");
+        assert!(source_prefix(Some("gs://"), "x").is_err());
+    }
+}
