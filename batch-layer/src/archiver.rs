@@ -51,6 +51,25 @@ pub struct ArchiverConfig {
     /// Stop (after rolling everything) once every assigned partition is read to its end.
     #[arg(long, env = "PULSE_STOP_AT_END")]
     pub stop_at_end: bool,
+    /// Address of /healthz, /readyz (503 while the object store fails) and /metrics.
+    #[arg(
+        long,
+        env = "PULSE_ARCHIVER_METRICS_LISTEN",
+        default_value = "0.0.0.0:9103"
+    )]
+    pub metrics_listen: std::net::SocketAddr,
+}
+
+/// Metric names of the archiver.
+pub mod metric {
+    pub const ROWS: &str = "pulse_archiver_rows_total";
+    pub const FILES: &str = "pulse_archiver_files_total";
+    pub const PARQUET_BYTES: &str = "pulse_archiver_parquet_bytes_total";
+    pub const JSON_BYTES: &str = "pulse_archiver_json_bytes_total";
+    pub const UNITS: &str = "pulse_archiver_units_total";
+    pub const DEAD_LETTERED: &str = "pulse_archiver_dead_lettered_total";
+    pub const STORE_FAILURES: &str = "pulse_archiver_store_failures_total";
+    pub const BUFFERED_BYTES: &str = "pulse_archiver_buffered_bytes";
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -79,6 +98,8 @@ struct State {
     runtime: Arc<Runtime>,
     producer: ThreadedProducer<DefaultProducerContext>,
     codec: Codec,
+    /// False while object-store operations fail (served as /readyz).
+    healthy: Arc<AtomicBool>,
     /// Partition → last archived offset (from the markers); absent: not initialised yet.
     progress: HashMap<i32, Option<i64>>,
     units: HashMap<i32, Unit>,
@@ -146,9 +167,12 @@ pub struct ArchiveSummary {
     pub json_bytes: u64,
 }
 
+/// Archives until `stop` (or, with `--stop-at-end`, until everything is read). `healthy` is
+/// cleared while the object store fails and set again by the next success.
 pub fn run(
     config: &ArchiverConfig,
     stop: Arc<AtomicBool>,
+    healthy: Arc<AtomicBool>,
 ) -> Result<ArchiveSummary, ArchiverError> {
     let runtime = Arc::new(
         tokio::runtime::Builder::new_multi_thread()
@@ -166,6 +190,7 @@ pub fn run(
         runtime,
         producer: producer_config.create()?,
         codec: config.codec,
+        healthy,
         progress: HashMap::new(),
         units: HashMap::new(),
         buffered: 0,
@@ -290,6 +315,7 @@ impl State {
             }
             Err(e) => {
                 let reason = format!("not a canonical event: {e}");
+                metrics::counter!(metric::DEAD_LETTERED).increment(1);
                 tracing::warn!(partition = p, offset = msg.offset(), %reason, "record to dead-letter topic");
                 let headers = pulse_core::kafka::dead_letter_headers(
                     &reason,
@@ -375,8 +401,12 @@ impl State {
             self.rows += rows as u64;
             self.files += 1;
             self.parquet_bytes += len;
+            metrics::counter!(metric::ROWS).increment(rows as u64);
+            metrics::counter!(metric::FILES).increment(1);
+            metrics::counter!(metric::PARQUET_BYTES).increment(len);
         }
         self.json_bytes += unit.bytes as u64;
+        metrics::counter!(metric::JSON_BYTES).increment(unit.bytes as u64);
         let marker = layout::marker_path(p, range.last);
         self.retry("write marker", || {
             let (store, marker) = (store.clone(), marker.clone());
@@ -388,6 +418,8 @@ impl State {
             }
         });
         self.progress.insert(p, Some(range.last));
+        metrics::counter!(metric::UNITS).increment(1);
+        metrics::gauge!(metric::BUFFERED_BYTES).set(self.buffered as f64);
         tracing::debug!(
             partition = p,
             first = range.first,
@@ -411,8 +443,13 @@ impl State {
         let mut attempt = 0u32;
         loop {
             match self.runtime.block_on(op()) {
-                Ok(v) => return v,
+                Ok(v) => {
+                    self.healthy.store(true, Ordering::Relaxed);
+                    return v;
+                }
                 Err(e) => {
+                    self.healthy.store(false, Ordering::Relaxed);
+                    metrics::counter!(metric::STORE_FAILURES).increment(1);
                     let wait = Duration::from_millis(100 * 2u64.pow(attempt.min(6)));
                     tracing::warn!(error = %e, what, retry_in = ?wait, "object store operation failed");
                     std::thread::sleep(wait);

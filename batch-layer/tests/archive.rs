@@ -407,3 +407,80 @@ async fn bi_reports_on_the_embedded_engine_match_the_ground_truth() {
     });
     assert_eq!(got_sorted, want_sorted, "top_gender_7d");
 }
+
+// ---------------------------------------------------------------- operations endpoint
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// GETs `path` until `check` accepts (status, body), within the suite's patience.
+async fn poll_until(port: u16, path: &str, check: impl Fn(u16, &str) -> bool) -> (u16, String) {
+    let url = format!("http://127.0.0.1:{port}{path}");
+    let deadline = std::time::Instant::now() + pulse_tests::PATIENCE;
+    loop {
+        if let Ok(r) = reqwest::get(&url).await {
+            let status = r.status().as_u16();
+            let body = r.text().await.unwrap_or_default();
+            if check(status, &body) {
+                return (status, body);
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "{url}: {status} {body}"
+            );
+        }
+        assert!(std::time::Instant::now() < deadline, "{url} never answered");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+/// /healthz, /readyz and /metrics: counters follow the archive, and readiness drops while the
+/// object store cannot be written (here: an S3 endpoint nobody listens on).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn operations_endpoint_reports_progress_and_store_outages() {
+    let f = Fixture::new("ops", 2).await;
+    let events = generate(2_000, 36, 100, 1);
+    produce(&f.topic, &events).await;
+    let port = free_port();
+    let listen = format!("127.0.0.1:{port}");
+    let mut archiver = f.spawn(&["--roll-secs", "0.2", "--metrics-listen", &listen]);
+    let rows = format!("pulse_archiver_rows_total {}", events.len());
+    poll_until(port, "/metrics", |s, b| s == 200 && b.contains(&rows)).await;
+    assert_eq!(poll_until(port, "/readyz", |_, _| true).await.0, 200);
+    assert_eq!(poll_until(port, "/healthz", |_, _| true).await.0, 200);
+    archiver.kill().unwrap();
+    let _ = archiver.wait();
+
+    let dead = pulse_batch::store::StoreArgs {
+        url: format!("s3://pulse-test-{}/archive", free_port()),
+        store_options: [
+            ("aws_endpoint", format!("http://127.0.0.1:{}", free_port())),
+            ("aws_allow_http", "true".into()),
+            ("aws_access_key_id", "x".into()),
+            ("aws_secret_access_key", "x".into()),
+            ("aws_region", "us-east-1".into()),
+        ]
+        .into_iter()
+        .map(|(k, v)| (k.to_string(), v))
+        .collect(),
+    };
+    let g = Fixture::with_store("ops-dead", 1, dead, std::path::PathBuf::new()).await;
+    produce(&g.topic, &events[..10]).await;
+    let port = free_port();
+    let listen = format!("127.0.0.1:{port}");
+    let mut archiver = g.spawn(&["--roll-secs", "0.2", "--metrics-listen", &listen]);
+    let (_, body) = poll_until(port, "/readyz", |s, _| s == 503).await;
+    assert_eq!(body, "object store unavailable");
+    poll_until(port, "/metrics", |_, b| {
+        b.contains("pulse_archiver_store_failures_total")
+    })
+    .await;
+    assert_eq!(poll_until(port, "/healthz", |_, _| true).await.0, 200);
+    archiver.kill().unwrap();
+    let _ = archiver.wait();
+}

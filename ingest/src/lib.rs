@@ -10,6 +10,7 @@ pub mod body;
 pub mod config;
 pub mod loadgen;
 pub mod metrics;
+pub mod ops;
 pub mod publish;
 pub mod server;
 

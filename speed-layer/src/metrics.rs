@@ -1,13 +1,10 @@
 //! Metric names of the speed layer and the notifier, and the Prometheus endpoint.
 
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::AtomicBool;
 use std::sync::Arc;
 
-use axum::http::StatusCode;
-use axum::routing::get;
-use axum::Router;
-use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
+use metrics_exporter_prometheus::PrometheusHandle;
 
 pub const EVENTS_FOLDED: &str = "pulse_speed_events_folded_total";
 pub const EVENTS_SKIPPED: &str = "pulse_speed_events_skipped_total";
@@ -34,9 +31,7 @@ pub const NOTIFY_LATENCY: &str = "pulse_notifier_trigger_to_delivery_seconds";
 
 /// Installs the process-wide Prometheus recorder.
 pub fn install() -> PrometheusHandle {
-    PrometheusBuilder::new()
-        .install_recorder()
-        .unwrap_or_else(|_| PrometheusBuilder::new().build_recorder().handle())
+    pulse_ingest::ops::install_recorder()
 }
 
 /// Serves /healthz, /readyz (while `ready`) and /metrics until the process ends.
@@ -45,22 +40,5 @@ pub async fn serve(
     handle: PrometheusHandle,
     ready: Arc<AtomicBool>,
 ) -> std::io::Result<()> {
-    let app = Router::new()
-        .route("/healthz", get(|| async { "ok" }))
-        .route(
-            "/readyz",
-            get(move || {
-                let ready = ready.load(Ordering::Relaxed);
-                async move {
-                    if ready {
-                        (StatusCode::OK, "ready")
-                    } else {
-                        (StatusCode::SERVICE_UNAVAILABLE, "elasticsearch unavailable")
-                    }
-                }
-            }),
-        )
-        .route("/metrics", get(move || std::future::ready(handle.render())));
-    let listener = tokio::net::TcpListener::bind(addr).await?;
-    axum::serve(listener, app).await
+    pulse_ingest::ops::serve(addr, handle, ready, "elasticsearch unavailable").await
 }

@@ -24,15 +24,25 @@ fn main() -> anyhow::Result<()> {
     pulse_core::telemetry::init_tracing();
     let config = Cli::parse().config;
     let stop = Arc::new(AtomicBool::new(false));
+    let healthy = Arc::new(AtomicBool::new(true));
     let signal_stop = stop.clone();
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()?;
+    let handle = pulse_ingest::ops::install_recorder();
+    let (listen, ready) = (config.metrics_listen, healthy.clone());
+    rt.spawn(async move {
+        let reason = "object store unavailable";
+        if let Err(e) = pulse_ingest::ops::serve(listen, handle, ready, reason).await {
+            tracing::error!(error = %e, %listen, "metrics endpoint failed");
+        }
+    });
+    // The consumer loop is blocking; signals and the endpoint get a thread of their own.
     std::thread::spawn(move || {
         rt.block_on(pulse_ingest::server::shutdown_signal());
         signal_stop.store(true, Ordering::Relaxed);
     });
-    let summary = run(&config, stop)?;
+    let summary = run(&config, stop, healthy)?;
     tracing::info!(?summary, "archiver stopped");
     println!("{}", serde_json::to_string(&summary)?);
     Ok(())

@@ -72,7 +72,7 @@ impl Fixture {
         Self::with_store(name, partitions, store, PathBuf::new()).await
     }
 
-    async fn with_store(name: &str, partitions: i32, store: StoreArgs, dir: PathBuf) -> Self {
+    pub async fn with_store(name: &str, partitions: i32, store: StoreArgs, dir: PathBuf) -> Self {
         Self {
             topic: create_topic(&format!("ar-{name}"), partitions).await,
             dlq: create_topic(&format!("ar-{name}-dlq"), 1).await,
