@@ -131,6 +131,17 @@ fn rows(batches: &[RecordBatch]) -> Vec<Vec<Option<String>>> {
     out
 }
 
+/// The table's metadata as the REST API gives it.
+async fn table_info(s: &Setup) -> Value {
+    let url = format!(
+        "{}/projects/{}/datasets/{}/tables/events",
+        api_url(),
+        project(),
+        s.dataset
+    );
+    reqwest::get(url).await.unwrap().json().await.unwrap()
+}
+
 fn day(e: &Event) -> NaiveDate {
     e.timestamp.date_naive()
 }
@@ -184,24 +195,19 @@ async fn loading_a_day_replaces_its_partition_and_reruns_are_idempotent() {
     );
 
     // The table was created day-partitioned on `date`, expiring partitions after 3 days.
-    let table: Value = reqwest::get(format!(
-        "{}/projects/{}/datasets/{}/tables/events",
-        api_url(),
-        project(),
-        s.dataset
-    ))
-    .await
-    .unwrap()
-    .json()
-    .await
-    .unwrap();
+    let table = table_info(&s).await;
     assert_eq!(table["timePartitioning"]["type"], "DAY", "{table}");
     assert_eq!(table["timePartitioning"]["field"], "date");
     assert_eq!(table["timePartitioning"]["expirationMs"], "259200000");
 
-    // Loading the same day again changes nothing.
-    s.load(&["--date", &d.to_string()]).unwrap();
+    // Loading the same day again changes nothing; a new expiration is applied to the table.
+    s.load(&["--date", &d.to_string(), "--partition-expiration-days", "5"])
+        .unwrap();
     assert_eq!(s.query(&count_sql(d)).await, vec![truth(&events, d)]);
+    assert_eq!(
+        table_info(&s).await["timePartitioning"]["expirationMs"],
+        "432000000"
+    );
 
     // Late data for day D arrives and is archived; re-running the load picks it up.
     let late: Vec<Event> = generate(500, 42, 50, 1)
