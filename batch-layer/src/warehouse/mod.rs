@@ -43,8 +43,9 @@ pub struct WarehouseArgs {
     /// Service-account key file, with `--bq-auth service-account`.
     #[arg(long = "bq-key-file", env = "PULSE_BQ_KEY_FILE")]
     pub key_file: Option<PathBuf>,
-    /// Days BigQuery keeps a partition (the table's `partition_expiration_days`); unset keeps
-    /// them forever. Applied when the table is created, and updated on an existing table.
+    /// Days BigQuery keeps a partition (the table's `partition_expiration_days`). Set: applied
+    /// when the table is created and updated on an existing one. Unset: a new table keeps
+    /// partitions forever, an existing table keeps its setting.
     #[arg(
         long = "partition-expiration-days",
         env = "PULSE_BQ_PARTITION_EXPIRATION_DAYS"
