@@ -248,6 +248,7 @@ pub fn run(
         }
         if last_scan.elapsed() >= Duration::from_millis(100) {
             last_scan = Instant::now();
+            metrics::gauge!(metric::BUFFERED_BYTES).set(s.buffered as f64);
             let old: Vec<i32> = s
                 .units
                 .iter()

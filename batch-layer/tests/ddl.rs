@@ -34,9 +34,10 @@ fn ddl_columns_match_the_arrow_schema() {
     assert!(ddl.contains(&format!("PARTITION BY {PARTITION_COLUMN}")));
 }
 
-/// The table the loader creates has the DDL's columns, in order, with the same modes.
+/// The table the loader creates has the archive's columns, in order, with modes that match
+/// their nullability (the DDL is checked against the same Arrow schema above).
 #[test]
-fn loader_schema_matches_the_ddl_columns() {
+fn loader_schema_matches_the_arrow_schema() {
     let schema = table_schema();
     let fields = schema.fields().as_ref().unwrap();
     let arrow = event_schema();

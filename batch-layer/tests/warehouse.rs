@@ -303,6 +303,24 @@ async fn failed_loads_say_why_and_change_nothing() {
     );
     assert!(err.contains("part-099"), "names the file: {err}");
     assert_eq!(s.query(&count_sql(d)).await, vec![truth(&events, d)]);
+    let tables: Value = reqwest::get(format!(
+        "{}/projects/{}/datasets/{}/tables",
+        api_url(),
+        project(),
+        s.dataset
+    ))
+    .await
+    .unwrap()
+    .json()
+    .await
+    .unwrap();
+    let names: Vec<&str> = tables["tables"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter_map(|t| t["tableReference"]["tableId"].as_str())
+        .collect();
+    assert_eq!(names, vec!["events"], "no staging table left behind");
 
     // An archive BigQuery cannot read (not on Cloud Storage) is refused before any job.
     let out = Command::new(env!("CARGO_BIN_EXE_pulse-batch"))

@@ -1,7 +1,8 @@
 -- The warehouse table of Pulse events, one row per event, partitioned by event date.
 -- Columns follow pulse_core::schema::event_schema() (checked by a test in batch-layer).
 -- Replace `pulse` with your dataset; {{partition_expiration_days}} with a number or drop the
--- option (the loader creates the table with the same definition when it is missing).
+-- option. The loader creates the table with these columns and partitioning when it is missing
+-- (column descriptions are only in this file).
 CREATE TABLE IF NOT EXISTS pulse.events (
   message_id   STRING NOT NULL OPTIONS(description = "dedupe key of the event"),
   event        STRING NOT NULL OPTIONS(description = "snake_case event type"),

@@ -48,7 +48,7 @@ enum Command {
         #[arg(long, conflicts_with = "since", required_unless_present = "since")]
         date: Option<chrono::NaiveDate>,
         /// Load the last N days, today (UTC) included.
-        #[arg(long)]
+        #[arg(long, value_parser = clap::value_parser!(u32).range(1..))]
         since: Option<u32>,
         /// gs://bucket/prefix BigQuery reads the archive from; defaults to --archive-url when
         /// that is on Cloud Storage.

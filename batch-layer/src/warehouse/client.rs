@@ -82,14 +82,24 @@ impl Warehouse {
         let project = args.project.clone().ok_or(WarehouseError::MissingProject)?;
         let auth = authenticator(args.auth, args.key_file.as_ref()).await?;
         let api_url = args.api_url.trim_end_matches('/').to_string();
+        // Bounded requests: a hung connection must not outlive --bq-job-timeout-secs.
+        let http = reqwest::Client::builder()
+            .connect_timeout(Duration::from_secs(10))
+            .timeout(Duration::from_secs(120))
+            .build()
+            .map_err(|e| WarehouseError::Api {
+                what: "HTTP client".into(),
+                message: e.to_string(),
+            })?;
         let client = ClientBuilder::new()
             .with_v2_base_url(api_url.clone())
+            .with_client(http.clone())
             .build_from_authenticator(auth.clone())
             .await
             .map_err(|e| api_error("client", e))?;
         Ok(Self {
             client,
-            http: reqwest::Client::new(),
+            http,
             auth,
             api_url,
             project,
@@ -111,17 +121,30 @@ impl Warehouse {
     /// when two loaders race (a 409 from the loser counts as success).
     pub async fn ensure_table(&self) -> Result<(), WarehouseError> {
         let datasets = self.client.dataset();
-        if let Err(e) = datasets.get(&self.project, &self.dataset).await {
-            if http_status(&e) != Some(404) {
-                return Err(api_error(format!("dataset {}", self.dataset), e));
-            }
-            let ds = Dataset::new(&self.project, &self.dataset).location(&self.location);
-            if let Err(e) = datasets.create(ds).await {
-                if http_status(&e) != Some(409) {
-                    return Err(api_error(format!("creating dataset {}", self.dataset), e));
+        match datasets.get(&self.project, &self.dataset).await {
+            Ok(existing) => {
+                let location = existing.location.unwrap_or_default();
+                if !location.eq_ignore_ascii_case(&self.location) {
+                    return Err(WarehouseError::Api {
+                        what: format!("dataset {}", self.dataset),
+                        message: format!(
+                            "it is in location {location}, not {} (--bq-location)",
+                            self.location
+                        ),
+                    });
                 }
             }
-            tracing::info!(dataset = %self.dataset, "dataset created");
+            Err(e) if http_status(&e) == Some(404) => {
+                let ds = Dataset::new(&self.project, &self.dataset).location(&self.location);
+                match datasets.create(ds).await {
+                    Ok(_) => tracing::info!(dataset = %self.dataset, "dataset created"),
+                    Err(e) if http_status(&e) == Some(409) => {}
+                    Err(e) => {
+                        return Err(api_error(format!("creating dataset {}", self.dataset), e))
+                    }
+                }
+            }
+            Err(e) => return Err(api_error(format!("dataset {}", self.dataset), e)),
         }
         let partitioning = TimePartitioning {
             expiration_ms: self
@@ -137,14 +160,29 @@ impl Warehouse {
             .await
         {
             Ok(existing) => {
-                let current = existing
-                    .time_partitioning
-                    .as_ref()
-                    .and_then(|p| p.expiration_ms.clone());
-                if self.partition_expiration_days.is_some() && current != partitioning.expiration_ms
+                let current = existing.time_partitioning.clone().unwrap_or_default();
+                if current.r#type != "DAY" || current.field.as_deref() != Some(PARTITION_COLUMN) {
+                    return Err(WarehouseError::Api {
+                        what: format!("table {}", self.table),
+                        message: format!(
+                            "it exists but is not partitioned by day on `{PARTITION_COLUMN}` \
+                             ({current:?}); day loads need that"
+                        ),
+                    });
+                }
+                if self.partition_expiration_days.is_some()
+                    && current.expiration_ms != partitioning.expiration_ms
                 {
-                    let mut patch = existing.clone();
-                    patch.time_partitioning = Some(partitioning);
+                    // Only the partitioning: sending the whole table back could drop column
+                    // settings the client library does not model.
+                    let patch = Table {
+                        table_reference: existing.table_reference.clone(),
+                        time_partitioning: Some(TimePartitioning {
+                            expiration_ms: partitioning.expiration_ms.clone(),
+                            ..current
+                        }),
+                        ..Default::default()
+                    };
                     tables
                         .patch(&self.project, &self.dataset, &self.table, patch)
                         .await
@@ -170,77 +208,110 @@ impl Warehouse {
         }
     }
 
-    /// Inserts a job with this configuration and waits until it is done.
-    pub async fn run_job(&self, kind: &str, configuration: Value) -> Result<Job, WarehouseError> {
+    /// Inserts a job with this configuration and waits until it is done; returns its id and
+    /// its final state.
+    pub async fn run_job(
+        &self,
+        kind: &str,
+        configuration: Value,
+    ) -> Result<(String, Job), WarehouseError> {
         let job_id = format!("pulse_{kind}_{}", uuid::Uuid::now_v7().simple());
         let body = json!({
             "jobReference": {"projectId": self.project, "jobId": job_id, "location": self.location},
             "configuration": configuration,
         });
+        let url = format!("{}/projects/{}/jobs", self.api_url, self.project);
+        let mut pause = Duration::from_millis(500);
+        for attempt in 1.. {
+            match self.insert_job(&url, &body).await {
+                Ok(()) => break,
+                // The job id is ours, so a retried insert that finds it is a success.
+                Err((Some(409), _)) => break,
+                Err((status, message)) if attempt < 5 && transient(status) => {
+                    tracing::warn!(kind, %message, retry_in = ?pause, "job insert failed; retrying");
+                    tokio::time::sleep(pause).await;
+                    pause *= 2;
+                }
+                Err((_, message)) => {
+                    return Err(WarehouseError::Api {
+                        what: format!("{kind} job insert"),
+                        message,
+                    })
+                }
+            }
+        }
+        tracing::debug!(%job_id, kind, "job inserted");
+        let job = self.wait(&job_id).await?;
+        Ok((job_id, job))
+    }
+
+    /// One jobs.insert call; on failure the HTTP status (None: no answer) and the message.
+    async fn insert_job(&self, url: &str, body: &Value) -> Result<(), (Option<u16>, String)> {
         let token = self
             .auth
             .access_token()
             .await
-            .map_err(|e| api_error("credentials", e))?;
-        let url = format!("{}/projects/{}/jobs", self.api_url, self.project);
+            .map_err(|e| (None, format!("credentials: {e}")))?;
         let response = self
             .http
-            .post(&url)
+            .post(url)
             .bearer_auth(token)
-            .json(&body)
+            .json(body)
             .send()
             .await
-            .map_err(|e| WarehouseError::Api {
-                what: format!("{kind} job insert ({url})"),
-                message: e.to_string(),
-            })?;
+            .map_err(|e| (None, format!("{url}: {e}")))?;
         let status = response.status();
-        let text = response.text().await.unwrap_or_default();
-        if !status.is_success() {
-            let message = serde_json::from_str::<Value>(&text)
-                .ok()
-                .and_then(|v| v["error"]["message"].as_str().map(str::to_string))
-                .unwrap_or(text);
-            return Err(WarehouseError::Api {
-                what: format!("{kind} job insert"),
-                message: format!("{message} ({status})"),
-            });
+        if status.is_success() {
+            return Ok(());
         }
-        tracing::debug!(%job_id, kind, "job inserted");
-        self.wait(&job_id).await
+        let text = response.text().await.unwrap_or_default();
+        let message = serde_json::from_str::<Value>(&text)
+            .ok()
+            .and_then(|v| v["error"]["message"].as_str().map(str::to_string))
+            .unwrap_or(text);
+        Err((Some(status.as_u16()), format!("{message} ({status})")))
     }
 
     /// Polls the job until it is DONE; a job that ended with an error is an error, with every
     /// message BigQuery gave (the first is the summary, the rest say which file or row).
+    /// Transient polling failures are retried; at the timeout the job is cancelled, so a load
+    /// reported as failed does not land later.
     async fn wait(&self, job_id: &str) -> Result<Job, WarehouseError> {
         let started = Instant::now();
         let mut pause = Duration::from_millis(200);
         loop {
-            let job = self
+            let polled = self
                 .client
                 .job()
                 .get_job(&self.project, job_id, Some(&self.location))
-                .await
-                .map_err(|e| api_error(format!("job {job_id}"), e))?;
-            let status = job.status.clone().unwrap_or_default();
-            if status.state.as_deref() == Some("DONE") {
-                if let Some(err) = status.error_result {
-                    let mut messages: Vec<String> = err.message.into_iter().collect();
-                    for e in status.errors.unwrap_or_default() {
-                        if let Some(m) = e.message {
-                            if !messages.contains(&m) {
-                                messages.push(m);
-                            }
-                        }
+                .await;
+            match polled {
+                Ok(job) => {
+                    let status = job.status.clone().unwrap_or_default();
+                    if status.state.as_deref() == Some("DONE") {
+                        return match status.error_result {
+                            Some(err) => Err(WarehouseError::JobFailed {
+                                job_id: job_id.to_string(),
+                                message: job_messages(err.message, status.errors),
+                            }),
+                            None => Ok(job),
+                        };
                     }
-                    return Err(WarehouseError::JobFailed {
-                        job_id: job_id.to_string(),
-                        message: messages.join("; "),
-                    });
                 }
-                return Ok(job);
+                Err(e) if transient_bq(&e) => {
+                    tracing::warn!(error = %e, %job_id, "polling the job failed; retrying");
+                }
+                Err(e) => return Err(api_error(format!("job {job_id}"), e)),
             }
             if started.elapsed() > self.job_timeout {
+                if let Err(e) = self
+                    .client
+                    .job()
+                    .cancel_job(&self.project, job_id, Some(&self.location))
+                    .await
+                {
+                    tracing::warn!(error = %e, %job_id, "cancelling the timed-out job failed");
+                }
                 return Err(WarehouseError::Timeout {
                     job_id: job_id.to_string(),
                     secs: self.job_timeout.as_secs(),
@@ -254,7 +325,7 @@ impl Warehouse {
     /// Runs GoogleSQL with the dataset as default (so reports say `FROM events`) and returns the
     /// rows as text columns, the way the REST API gives them.
     pub async fn query(&self, sql: &str) -> Result<Vec<RecordBatch>, WarehouseError> {
-        let job = self
+        let (job_id, _) = self
             .run_job(
                 "query",
                 json!({"query": {
@@ -264,7 +335,6 @@ impl Warehouse {
                 }}),
             )
             .await?;
-        let job_id = job.job_reference.and_then(|r| r.job_id).unwrap_or_default();
         let mut batches = Vec::new();
         let mut page_token = None;
         loop {
@@ -286,6 +356,9 @@ impl Warehouse {
                 .into_iter()
                 .map(|f| f.name)
                 .collect();
+            if names.is_empty() {
+                return Ok(batches); // DML or DDL: nothing to show
+            }
             let rows = page.rows.unwrap_or_default();
             let columns: Vec<ArrayRef> = (0..names.len())
                 .map(|i| {
@@ -330,6 +403,42 @@ impl Warehouse {
             _ => Ok(()),
         }
     }
+}
+
+/// Worth retrying: no answer at all, rate limiting, or a server-side error.
+fn transient(status: Option<u16>) -> bool {
+    match status {
+        None => true,
+        Some(s) => s == 429 || s >= 500,
+    }
+}
+
+/// A failed library call worth retrying: the request did not get through, or the answer was
+/// rate limiting or a server error. Credentials and 4xx answers are final.
+fn transient_bq(e: &BQError) -> bool {
+    match e {
+        BQError::RequestError(_) => true,
+        BQError::ResponseError { error } => error.error.code == 429 || error.error.code >= 500,
+        _ => false,
+    }
+}
+
+/// The summary first, then the other messages BigQuery gave (which file, which row).
+fn job_messages(
+    summary: Option<String>,
+    errors: Option<Vec<gcp_bigquery_client::model::error_proto::ErrorProto>>,
+) -> String {
+    let mut messages: Vec<String> = summary.into_iter().collect();
+    for m in errors
+        .unwrap_or_default()
+        .into_iter()
+        .filter_map(|e| e.message)
+    {
+        if !messages.contains(&m) {
+            messages.push(m);
+        }
+    }
+    messages.join("; ")
 }
 
 /// A REST cell as text: scalars as they come, repeated fields as a JSON array of their values.

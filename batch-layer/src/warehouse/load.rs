@@ -129,34 +129,54 @@ pub async fn load_day(
             "more files than one load job takes: the partition is replaced by the first job and \
              appended to by the others, so it is partial until the last one finishes");
     }
+    let written = write_partition(wh, &chunks, &destination, date, mode, &mut report).await;
+    if mode == PartitionWrite::Staging {
+        // Also after a failure: a staging table left behind costs storage and confuses.
+        if let Err(e) = wh.drop_table(&destination).await {
+            tracing::warn!(error = %e, table = %destination, "dropping the staging table failed");
+        }
+    }
+    written?;
+    tracing::info!(%date, files = report.files, rows = report.rows, ?mode, "day loaded");
+    Ok(report)
+}
+
+/// The load job(s), and in staging mode the replace transaction.
+async fn write_partition(
+    wh: &Warehouse,
+    chunks: &[&[String]],
+    destination: &str,
+    date: NaiveDate,
+    mode: PartitionWrite,
+    report: &mut LoadReport,
+) -> Result<(), WarehouseError> {
     for (i, chunk) in chunks.iter().enumerate() {
         let config = load_configuration(
-            wh.table_ref(&destination),
+            wh.table_ref(destination),
             chunk,
             i == 0,
             mode == PartitionWrite::Staging,
         );
-        let job = wh.run_job("load", config).await?;
+        let (job_id, job) = wh.run_job("load", config).await?;
         report.rows += job
             .statistics
             .and_then(|s| s.load)
             .and_then(|l| l.output_rows)
             .and_then(|r| r.parse::<u64>().ok())
             .unwrap_or(0);
-        report.jobs.extend(job.job_reference.and_then(|r| r.job_id));
+        report.jobs.push(job_id);
     }
     if mode == PartitionWrite::Staging {
-        let job = wh
+        let script = replace_script(wh, destination, date);
+        let (job_id, _) = wh
             .run_job(
                 "replace",
-                json!({"query": {"query": replace_script(wh, &destination, date), "useLegacySql": false}}),
+                json!({"query": {"query": script, "useLegacySql": false}}),
             )
             .await?;
-        report.jobs.extend(job.job_reference.and_then(|r| r.job_id));
-        wh.drop_table(&destination).await?;
+        report.jobs.push(job_id);
     }
-    tracing::info!(%date, files = report.files, rows = report.rows, ?mode, "day loaded");
-    Ok(report)
+    Ok(())
 }
 
 /// One transaction: partition D of the table becomes exactly the staging rows of D.

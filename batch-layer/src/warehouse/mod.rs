@@ -48,7 +48,8 @@ pub struct WarehouseArgs {
     /// partitions forever, an existing table keeps its setting.
     #[arg(
         long = "partition-expiration-days",
-        env = "PULSE_BQ_PARTITION_EXPIRATION_DAYS"
+        env = "PULSE_BQ_PARTITION_EXPIRATION_DAYS",
+        value_parser = clap::value_parser!(u32).range(1..)
     )]
     pub partition_expiration_days: Option<u32>,
     /// Longest wait for one BigQuery job, seconds.
