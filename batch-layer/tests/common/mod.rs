@@ -83,12 +83,16 @@ impl Fixture {
     }
 
     pub fn spawn(&self, extra: &[&str]) -> Child {
+        self.spawn_in(&self.group, extra)
+    }
+
+    fn spawn_in(&self, group: &str, extra: &[&str]) -> Child {
         let logs = Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/test-logs");
         std::fs::create_dir_all(&logs).unwrap();
         let log = std::fs::OpenOptions::new()
             .create(true)
             .append(true)
-            .open(logs.join(format!("archiver-{}.log", self.group)))
+            .open(logs.join(format!("archiver-{group}.log")))
             .unwrap();
         Command::new(env!("CARGO_BIN_EXE_pulse-archiver"))
             .args([
@@ -99,7 +103,7 @@ impl Fixture {
                 "--dlq-topic",
                 &self.dlq,
             ])
-            .args(["--group", &self.group, "--archive-url", &self.store.url])
+            .args(["--group", group, "--archive-url", &self.store.url])
             .args(
                 self.store
                     .store_options
@@ -114,11 +118,17 @@ impl Fixture {
             .expect("spawn pulse-archiver")
     }
 
-    /// Runs the archiver until it has read every partition to its end.
+    /// Runs the archiver until it has read every partition to its end. It joins a fresh
+    /// consumer group: `--stop-at-end` stops when the partitions *assigned* to it are read, and
+    /// in the fixture's group SIGKILLed members hold theirs until their session expires. The
+    /// archive's progress lives in the object store, so a new group resumes exactly there.
     pub fn run_to_end(&self, extra: &[&str]) {
         let mut args = vec!["--stop-at-end"];
         args.extend_from_slice(extra);
-        let status = self.spawn(&args).wait().unwrap();
+        let status = self
+            .spawn_in(&unique("archiver-catch-up"), &args)
+            .wait()
+            .unwrap();
         assert!(status.success(), "archiver exited with {status}");
     }
 
