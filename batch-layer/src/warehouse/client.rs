@@ -223,7 +223,13 @@ impl Warehouse {
         let url = format!("{}/projects/{}/jobs", self.api_url, self.project);
         let mut pause = Duration::from_millis(500);
         for attempt in 1.. {
-            match self.insert_job(&url, &body).await {
+            // Credentials failing is final, not a reason to retry the insert.
+            let token = self
+                .auth
+                .access_token()
+                .await
+                .map_err(|e| api_error("credentials", e))?;
+            match self.insert_job(&url, &body, &token).await {
                 Ok(()) => break,
                 // The job id is ours, so a retried insert that finds it is a success.
                 Err((Some(409), _)) => break,
@@ -246,12 +252,12 @@ impl Warehouse {
     }
 
     /// One jobs.insert call; on failure the HTTP status (None: no answer) and the message.
-    async fn insert_job(&self, url: &str, body: &Value) -> Result<(), (Option<u16>, String)> {
-        let token = self
-            .auth
-            .access_token()
-            .await
-            .map_err(|e| (None, format!("credentials: {e}")))?;
+    async fn insert_job(
+        &self,
+        url: &str,
+        body: &Value,
+        token: &str,
+    ) -> Result<(), (Option<u16>, String)> {
         let response = self
             .http
             .post(url)
