@@ -17,6 +17,7 @@ use chrono::NaiveDate;
 use object_store::{ObjectStore, ObjectStoreExt, PutPayload};
 use pulse_core::kafka::{KafkaArgs, TopicArgs};
 use pulse_core::Event;
+use pulse_ingest::ops::Readiness;
 use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer, ConsumerContext, Rebalance};
 use rdkafka::message::Message;
 use rdkafka::producer::{BaseRecord, DefaultProducerContext, Producer, ThreadedProducer};
@@ -99,7 +100,7 @@ struct State {
     producer: ThreadedProducer<DefaultProducerContext>,
     codec: Codec,
     /// False while object-store operations fail (served as /readyz).
-    healthy: Arc<AtomicBool>,
+    ready: Readiness,
     /// Partition → last archived offset (from the markers); absent: not initialised yet.
     progress: HashMap<i32, Option<i64>>,
     units: HashMap<i32, Unit>,
@@ -167,12 +168,13 @@ pub struct ArchiveSummary {
     pub json_bytes: u64,
 }
 
-/// Archives until `stop` (or, with `--stop-at-end`, until everything is read). `healthy` is
-/// cleared while the object store fails and set again by the next success.
+/// Archives until `stop` (or, with `--stop-at-end`, until everything is read). `ready` turns
+/// unhealthy while the object store fails (set again by the next success), and the loop beats
+/// it on every turn.
 pub fn run(
     config: &ArchiverConfig,
     stop: Arc<AtomicBool>,
-    healthy: Arc<AtomicBool>,
+    ready: Readiness,
 ) -> Result<ArchiveSummary, ArchiverError> {
     let runtime = Arc::new(
         tokio::runtime::Builder::new_multi_thread()
@@ -190,7 +192,7 @@ pub fn run(
         runtime,
         producer: producer_config.create()?,
         codec: config.codec,
-        healthy,
+        ready,
         progress: HashMap::new(),
         units: HashMap::new(),
         buffered: 0,
@@ -248,6 +250,7 @@ pub fn run(
         }
         if last_scan.elapsed() >= Duration::from_millis(100) {
             last_scan = Instant::now();
+            s.ready.beat();
             metrics::gauge!(metric::BUFFERED_BYTES).set(s.buffered as f64);
             let old: Vec<i32> = s
                 .units
@@ -308,14 +311,13 @@ impl State {
             opened: Instant::now(),
         });
         unit.last = msg.offset();
-        match Event::from_canonical_json(payload) {
+        match Event::from_record(msg.key(), msg.payload()) {
             Ok(event) => {
                 unit.bytes += payload.len();
                 self.buffered += payload.len();
                 unit.events.push(event);
             }
-            Err(e) => {
-                let reason = format!("not a canonical event: {e}");
+            Err(reason) => {
                 metrics::counter!(metric::DEAD_LETTERED).increment(1);
                 tracing::warn!(partition = p, offset = msg.offset(), %reason, "record to dead-letter topic");
                 let headers = pulse_core::kafka::dead_letter_headers(
@@ -445,11 +447,11 @@ impl State {
         loop {
             match self.runtime.block_on(op()) {
                 Ok(v) => {
-                    self.healthy.store(true, Ordering::Relaxed);
+                    self.ready.set_healthy(true);
                     return v;
                 }
                 Err(e) => {
-                    self.healthy.store(false, Ordering::Relaxed);
+                    self.ready.set_healthy(false);
                     metrics::counter!(metric::STORE_FAILURES).increment(1);
                     let wait = Duration::from_millis(100 * 2u64.pow(attempt.min(6)));
                     tracing::warn!(error = %e, what, retry_in = ?wait, "object store operation failed");

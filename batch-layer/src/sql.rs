@@ -1,7 +1,9 @@
 //! BI SQL on the embedded engine (DataFusion) over the archive's committed Parquet files.
 //!
 //! The table is `events`, with the columns of `pulse_core::schema::event_schema` (the same as
-//! the BigQuery table). Reports in `warehouse-sql/reports/` take parameters as `{{name}}`,
+//! the BigQuery table): a view that shows each `(partner_id, message_id)` of a day once
+//! ([`crate::dedupe`]), as the BigQuery load does. `events_raw` is the archive as written,
+//! client retries included. Reports in `warehouse-sql/reports/` take parameters as `{{name}}`,
 //! substituted before running, so the same text runs on BigQuery with the same substitution.
 
 use std::collections::BTreeMap;
@@ -52,16 +54,30 @@ pub fn substitute(sql: &str, params: &BTreeMap<String, String>) -> Result<String
     Ok(out)
 }
 
-/// A session with `events` registered over the committed files of the archive.
+/// The raw archive's table name in a session.
+pub const RAW_TABLE: &str = "events_raw";
+
+/// A session with `events_raw` registered over the committed files of the archive and
+/// `events`, the deduplicated view over it.
 pub async fn session(store: Arc<dyn ObjectStore>) -> Result<SessionContext, SqlError> {
     let ctx = SessionContext::new();
     let base = ObjectStoreUrl::parse(STORE_URL)?;
     ctx.register_object_store(base.as_ref(), store.clone());
-    let files = layout::committed_files(store.as_ref(), None).await?;
+    register_raw(&ctx, store.as_ref()).await?;
+    let view = crate::dedupe::first_of_each_message(RAW_TABLE, None);
+    ctx.sql(&format!("CREATE VIEW events AS {view}")).await?;
+    Ok(ctx)
+}
+
+async fn register_raw(ctx: &SessionContext, store: &dyn ObjectStore) -> Result<(), SqlError> {
+    let files = layout::committed_files(store, None).await?;
     let schema = Arc::new(event_schema());
     if files.is_empty() {
-        ctx.register_table("events", Arc::new(MemTable::try_new(schema, vec![vec![]])?))?;
-        return Ok(ctx);
+        ctx.register_table(
+            RAW_TABLE,
+            Arc::new(MemTable::try_new(schema, vec![vec![]])?),
+        )?;
+        return Ok(());
     }
     let urls = files
         .iter()
@@ -72,8 +88,8 @@ pub async fn session(store: Arc<dyn ObjectStore>) -> Result<SessionContext, SqlE
     let config = ListingTableConfig::new_with_multi_paths(urls)
         .with_listing_options(options)
         .with_schema(schema);
-    ctx.register_table("events", Arc::new(ListingTable::try_new(config)?))?;
-    Ok(ctx)
+    ctx.register_table(RAW_TABLE, Arc::new(ListingTable::try_new(config)?))?;
+    Ok(())
 }
 
 pub async fn query(store: Arc<dyn ObjectStore>, sql: &str) -> Result<Vec<RecordBatch>, SqlError> {

@@ -201,10 +201,17 @@ async fn malformed_records_go_to_the_dead_letter_topic() {
     let f = Fixture::new("dlq", 2).await;
     let good = generate(300, 33, 20, 1);
     produce(&f.topic, &good[..150]).await;
+    // Canonical JSON without a user: ingest would refuse it, so the archiver does too.
+    let mut no_user: serde_json::Value =
+        serde_json::from_slice(&good[0].to_canonical_json()).unwrap();
+    no_user.as_object_mut().unwrap().remove("user_id");
+    no_user.as_object_mut().unwrap().remove("anonymous_id");
+    let no_user = serde_json::to_vec(&no_user).unwrap();
     let bad: Vec<(Option<&str>, &[u8])> = vec![
         (Some("k"), b"garbage"),
         (Some("k"), b"{\"event\": 1}"),
         (None, b""),
+        (Some("shop-a:"), &no_user),
     ];
     produce_raw(&f.topic, &bad).await;
     produce(&f.topic, &good[150..]).await;
@@ -213,9 +220,24 @@ async fn malformed_records_go_to_the_dead_letter_topic() {
     assert_eq!(total, good.len());
     let dead = read_topic(&f.dlq, bad.len(), Duration::from_secs(1));
     assert_eq!(dead.len(), bad.len());
-    assert!(dead.iter().all(|r| r
-        .header("pulse.error")
-        .is_some_and(|e| e.contains("not a canonical event"))));
+    let reasons: Vec<&str> = dead
+        .iter()
+        .filter_map(|r| r.header("pulse.error"))
+        .collect();
+    assert_eq!(
+        reasons
+            .iter()
+            .filter(|e| e.contains("not a canonical event"))
+            .count(),
+        3,
+        "{reasons:?}"
+    );
+    assert!(
+        reasons
+            .iter()
+            .any(|e| e.contains("invalid event: user_id: required field is missing")),
+        "{reasons:?}"
+    );
 }
 
 // ---------------------------------------------------------------- BI reports

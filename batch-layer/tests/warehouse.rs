@@ -387,3 +387,100 @@ async fn bi_reports_agree_on_bigquery_and_on_the_embedded_engine() {
         assert_eq!(a, b, "{name}");
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_report_is_unchanged_when_all_events_are_sent_twice() {
+    let once = Setup::new("bq-once").await;
+    let twice = Setup::new("bq-twice").await;
+    let events = generate(3_000, 45, 150, 4);
+    // Every client retried every event: same message ids, received later.
+    let retries: Vec<Event> = events
+        .iter()
+        .map(|e| {
+            let mut r = e.clone();
+            r.received_at += chrono::Duration::seconds(5);
+            r
+        })
+        .collect();
+    once.archive_events(&events).await;
+    produce(&twice.archive.topic, &events).await;
+    twice.archive_events(&retries).await;
+    let days = days_of(&events);
+    let since = days.len().to_string();
+    once.load(&["--since", &since]).unwrap();
+    let loads = twice.load(&["--since", &since]).unwrap();
+
+    // The archive stays the raw log; what readers see has each event once.
+    let raw = sql::query(twice.archive.store(), "SELECT COUNT(*) FROM events_raw")
+        .await
+        .unwrap();
+    assert_eq!(rows(&raw), vec![vec![Some((2 * events.len()).to_string())]]);
+    let duplicates: u64 = loads
+        .iter()
+        .map(|r| r["duplicates"].as_u64().unwrap())
+        .sum();
+    let loaded: u64 = loads.iter().map(|r| r["rows"].as_u64().unwrap()).sum();
+    assert_eq!(duplicates, events.len() as u64, "{loads:?}");
+    assert_eq!(loaded, events.len() as u64, "{loads:?}");
+    for d in &days {
+        assert_eq!(
+            twice.query(&count_sql(*d)).await,
+            vec![truth(&events, *d)],
+            "{d}"
+        );
+        let embedded = sql::query(twice.archive.store(), &count_sql(*d))
+            .await
+            .unwrap();
+        assert_eq!(
+            rows(&embedded),
+            vec![truth(&events, *d)],
+            "{d} on DataFusion"
+        );
+    }
+    // The first received copy is the one kept: generated events share one receive time,
+    // their retries have another.
+    let first = "SELECT COUNT(DISTINCT received_at) FROM events";
+    assert_eq!(twice.query(first).await, vec![vec![Some("1".into())]]);
+    let embedded = sql::query(twice.archive.store(), first).await.unwrap();
+    assert_eq!(rows(&embedded), vec![vec![Some("1".into())]]);
+
+    let wh_once = Warehouse::connect(&once.args()).await.unwrap();
+    let wh_twice = Warehouse::connect(&twice.args()).await.unwrap();
+    let params: BTreeMap<String, String> = [
+        ("start".to_string(), days[0].to_string()),
+        ("end".to_string(), days[days.len() - 1].to_string()),
+    ]
+    .into();
+    let mut reports: Vec<String> = std::fs::read_dir(
+        PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../warehouse-sql/reports"),
+    )
+    .unwrap()
+    .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+    .filter(|n| n.ends_with(".sql"))
+    .collect();
+    reports.sort();
+    for name in &reports {
+        let text = sql::substitute(&report(name), &params).unwrap();
+        let sorted = |mut r: Vec<Vec<Option<String>>>| {
+            r.sort();
+            r
+        };
+        let a = sorted(rows(
+            &sql::query(once.archive.store(), &text).await.unwrap(),
+        ));
+        let b = sorted(rows(
+            &sql::query(twice.archive.store(), &text).await.unwrap(),
+        ));
+        assert!(!a.is_empty(), "{name}: no rows");
+        assert_eq!(
+            a, b,
+            "{name} on DataFusion changed when every event was sent twice"
+        );
+        let a = sorted(rows(&wh_once.query(&text).await.unwrap()));
+        let b = sorted(rows(&wh_twice.query(&text).await.unwrap()));
+        assert_eq!(
+            a, b,
+            "{name} on BigQuery changed when every event was sent twice"
+        );
+    }
+}

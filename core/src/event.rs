@@ -95,6 +95,25 @@ impl Event {
         serde_json::from_slice(bytes)
     }
 
+    /// Decodes a record of the `events` topic as every consumer must: canonical JSON, the
+    /// rules of [`crate::validate::check_canonical`], and a Kafka key equal to the event's
+    /// own (a wrong key puts a user's events on several partitions: per-user order and the
+    /// profile watermark would no longer hold). The error is the dead-letter reason.
+    pub fn from_record(key: Option<&[u8]>, payload: Option<&[u8]>) -> Result<Self, String> {
+        let payload = payload.unwrap_or_default();
+        let event = Self::from_canonical_json(payload)
+            .map_err(|e| format!("not a canonical event: {e}"))?;
+        crate::validate::check_canonical(&event).map_err(|e| format!("invalid event: {e}"))?;
+        let expected = event.partition_key();
+        if key != Some(expected.as_bytes()) {
+            let key = key.map(String::from_utf8_lossy);
+            return Err(format!(
+                "record key {key:?} is not the event's key {expected:?}"
+            ));
+        }
+        Ok(event)
+    }
+
     pub fn to_canonical_json(&self) -> Vec<u8> {
         // Serialising a struct of strings, decimals and JSON maps cannot fail.
         serde_json::to_vec(self).unwrap_or_default()

@@ -174,6 +174,14 @@ pub struct TopicArgs {
         default_value = "triggers"
     )]
     pub triggers: String,
+    /// Profile documents Elasticsearch refused for good, with the reason: nothing is dropped
+    /// silently, and an operator can fix the cause and write them again.
+    #[arg(
+        long = "profiles-dlq-topic",
+        env = "PULSE_PROFILES_DLQ_TOPIC",
+        default_value = "profiles.dlq"
+    )]
+    pub profiles_dlq: String,
 }
 
 impl Default for TopicArgs {
@@ -182,6 +190,7 @@ impl Default for TopicArgs {
             events: "events".into(),
             dlq: "events.dlq".into(),
             triggers: "triggers".into(),
+            profiles_dlq: "profiles.dlq".into(),
         }
     }
 }

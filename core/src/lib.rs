@@ -15,6 +15,7 @@ pub mod parse;
 pub mod schema;
 pub mod segment;
 pub mod telemetry;
+pub mod validate;
 
 pub use error::EventError;
 pub use event::Event;

@@ -1,5 +1,21 @@
-//! Size limits. They protect every service behind ingest: one event is one Kafka record and one
-//! profile update, so an unbounded event is an unbounded cost everywhere downstream.
+//! Size and range limits. They protect every service behind ingest: one event is one Kafka
+//! record and one profile update, so an unbounded event is an unbounded cost everywhere
+//! downstream, and a value no fold can hold is a poison record for every consumer.
+
+use rust_decimal::Decimal;
+
+/// Largest `cart_amount` accepted, in absolute value: 10^12 (a trillion of any currency unit).
+/// Far above any real cart, and small enough that a profile can sum tens of thousands of them
+/// in `i64` minor units (see [`MAX_AMOUNT_SCALE`]) and BigQuery's NUMERIC holds every digit.
+pub const MAX_AMOUNT: Decimal = Decimal::from_parts(3_567_587_328, 232, 0, false, 0);
+
+/// Most decimal places of `cart_amount`: BigQuery NUMERIC's scale, so a load never rounds.
+pub const MAX_AMOUNT_SCALE: u32 = 9;
+
+/// Deepest nesting accepted inside `properties` and `context` (an object holding a scalar is
+/// depth 1). Well below serde_json's recursion limit of 128, which every consumer parses the
+/// whole event with: an event ingest accepts is always readable downstream.
+pub const MAX_JSON_DEPTH: usize = 32;
 
 /// Limits applied while parsing. The defaults follow Segment's (32 KiB per event), so payloads
 /// that Segment accepts are accepted here too.
@@ -13,6 +29,10 @@ pub struct Limits {
     pub max_string_chars: usize,
     /// Most categories kept on one event.
     pub max_categories: usize,
+    /// How far ahead of the receive time an event's `timestamp` may be, in seconds. Beyond it
+    /// the event is refused (a clock a year off would otherwise move `last_visit` into the
+    /// future for good and empty windowed models). 0 refuses any future timestamp.
+    pub max_future_secs: u32,
 }
 
 impl Default for Limits {
@@ -22,6 +42,17 @@ impl Default for Limits {
             max_batch_events: 2_000,
             max_string_chars: 4_096,
             max_categories: 32,
+            max_future_secs: 86_400,
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn max_amount_is_ten_to_the_twelfth() {
+        assert_eq!(MAX_AMOUNT, Decimal::from(1_000_000_000_000_i64));
     }
 }

@@ -19,6 +19,31 @@ const SEGMENT_ECOMMERCE: &[(&str, &str)] = &[
     ("page viewed", "page_view"),
 ];
 
+/// The event types Pulse knows by name: ARCHITECTURE.md's, the Segment e-commerce spec's
+/// (as mapped above) and the Segment call types. Stores that give each type a field of its own
+/// (the profile mapping's `event_counts.<type>`) index these and no others, so what partners
+/// name their events can never grow a schema without bound.
+pub const STANDARD_EVENT_TYPES: &[&str] = &[
+    "page_view",
+    "screen_view",
+    "product_list_view",
+    "product_view",
+    "product_click",
+    "add_to_cart",
+    "remove_from_cart",
+    "cart_view",
+    "checkout_started",
+    "purchase",
+    "refund",
+    "order_cancelled",
+    "wishlist",
+    "wishlist_remove",
+    "search",
+    "identify",
+    "alias",
+    "group",
+];
+
 /// Longest event type accepted; longer names are almost always a value sent in the wrong field.
 pub const MAX_EVENT_NAME: usize = 64;
 
@@ -76,6 +101,16 @@ mod tests {
         assert_eq!(n("Product Added").as_deref(), Some("add_to_cart"));
         assert_eq!(n("Order Completed").as_deref(), Some("purchase"));
         assert_eq!(n("product viewed").as_deref(), Some("product_view"));
+    }
+
+    #[test]
+    fn standard_types_are_normal_forms_and_cover_the_spec() {
+        for t in super::STANDARD_EVENT_TYPES {
+            assert_eq!(n(t).as_deref(), Some(*t));
+        }
+        for (_, mapped) in super::SEGMENT_ECOMMERCE {
+            assert!(super::STANDARD_EVENT_TYPES.contains(mapped), "{mapped}");
+        }
     }
 
     #[test]

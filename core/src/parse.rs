@@ -17,6 +17,9 @@ use crate::error::EventError;
 use crate::event::Event;
 use crate::limits::Limits;
 use crate::names::normalize_event_name;
+use crate::validate::{
+    check_amount_as_sent, check_canonical, MAX_MESSAGE_ID, MAX_PARTNER_ID, MAX_USER_ID,
+};
 
 /// What parsing needs from the request around the event.
 #[derive(Debug, Clone, Copy)]
@@ -107,7 +110,7 @@ pub(crate) fn event_from_fields(
         )
     })?;
     let partner_id = f
-        .string("partner_id", 128)?
+        .string("partner_id", MAX_PARTNER_ID)?
         .ok_or_else(|| EventError::field("partner_id", "required field is missing"))?;
     if partner_id.contains(':') {
         return Err(EventError::field(
@@ -115,8 +118,8 @@ pub(crate) fn event_from_fields(
             "must not contain ':' (it separates partner and user in the Kafka key)",
         ));
     }
-    let user_id = f.string("user_id", 256)?;
-    let anonymous_id = f.string("anonymous_id", 256)?;
+    let user_id = f.string("user_id", MAX_USER_ID)?;
+    let anonymous_id = f.string("anonymous_id", MAX_USER_ID)?;
     if user_id.is_none() && anonymous_id.is_none() {
         return Err(EventError::field(
             "user_id",
@@ -124,8 +127,20 @@ pub(crate) fn event_from_fields(
         ));
     }
     let timestamp = f.timestamp("timestamp")?.unwrap_or(ctx.received_at);
+    let latest = ctx.received_at + chrono::Duration::seconds(i64::from(ctx.limits.max_future_secs));
+    if timestamp > latest {
+        return Err(EventError::field(
+            "timestamp",
+            format!(
+                "{} is more than {} s ahead of the time it was received ({}); check the client's clock",
+                timestamp.to_rfc3339_opts(chrono::SecondsFormat::Millis, true),
+                ctx.limits.max_future_secs,
+                ctx.received_at.to_rfc3339_opts(chrono::SecondsFormat::Secs, true),
+            ),
+        ));
+    }
     let message_id = f
-        .string("message_id", 128)?
+        .string("message_id", MAX_MESSAGE_ID)?
         .unwrap_or_else(|| Uuid::new_v4().to_string());
     // The receive time is ingest's to state, never the client's.
     f.take("received_at");
@@ -163,6 +178,8 @@ pub(crate) fn event_from_fields(
             properties.entry(k).or_insert(v);
         }
     }
+    // The checks every consumer applies again: what ingest accepts, they can fold.
+    check_canonical(&event)?;
     Ok(event)
 }
 
@@ -261,7 +278,9 @@ impl<'a> RawObject<'a> {
         } else {
             match self.value(key, &raw)? {
                 Value::Null => return Ok(None),
-                Value::Number(n) => Cow::Owned(n.to_string()),
+                // The number as written, every digit: through a float, 18446744073709551617
+                // and 18446744073709551618 would both become 1.8446744073709552e19.
+                Value::Number(_) => Cow::Owned(raw.get().trim().to_string()),
                 other => return Err(EventError::expected(&self.path(key), "a string", &other)),
             }
         };
@@ -305,15 +324,26 @@ impl<'a> RawObject<'a> {
                 &value,
             ));
         };
-        parsed.map(Some).ok_or_else(|| {
-            EventError::field(
+        let shown = text.trim_matches('"').trim();
+        match parsed {
+            Some(amount) => check_amount_as_sent(&self.path(key), amount, shown).map(Some),
+            // Numeric text too large for any decimal (1e30): out of range, not a wrong type.
+            None if looks_numeric(shown) => Err(EventError::field(
+                self.path(key),
+                format!(
+                    "{} is out of range; amounts must be within ±{}",
+                    shown.chars().take(40).collect::<String>(),
+                    crate::limits::MAX_AMOUNT
+                ),
+            )),
+            None => Err(EventError::field(
                 self.path(key),
                 format!(
                     "expected a number or decimal string, got \"{}\"",
-                    text.trim_matches('"').chars().take(40).collect::<String>()
+                    shown.chars().take(40).collect::<String>()
                 ),
-            )
-        })
+            )),
+        }
     }
 
     /// RFC 3339 text, or epoch seconds / milliseconds as a number or a digit string.
@@ -430,6 +460,24 @@ impl<'a> RawObject<'a> {
         }
     }
 
+    /// A free JSON object (null → absent) both as values and as its fields' raw JSON text, so
+    /// a mapping that lifts one of its fields into a native one (a Segment `properties.sku`
+    /// into `product_id`) keeps a large numeric id digit for digit.
+    pub(crate) fn free_object(&mut self, key: &str) -> Result<Option<FreeObject>, EventError> {
+        let Some(raw) = self.take(key) else {
+            return Ok(None);
+        };
+        match self.value(key, &raw)? {
+            Value::Null => Ok(None),
+            Value::Object(m) if m.is_empty() => Ok(None),
+            Value::Object(values) => Ok(Some(FreeObject {
+                raw: FreeObject::raw_fields(raw.get()),
+                values,
+            })),
+            other => Err(EventError::expected(&self.path(key), "an object", &other)),
+        }
+    }
+
     /// The fields nobody read, as JSON values.
     pub(crate) fn into_rest(self) -> Result<Map<String, Value>, EventError> {
         let mut out = Map::new();
@@ -440,6 +488,40 @@ impl<'a> RawObject<'a> {
             out.insert(k.to_string(), self.value(k, raw)?);
         }
         Ok(out)
+    }
+}
+
+/// A free object of a payload: its values, and each field's JSON text as sent.
+pub(crate) struct FreeObject {
+    pub(crate) values: Map<String, Value>,
+    pub(crate) raw: Vec<(String, Box<RawValue>)>,
+}
+
+impl FreeObject {
+    fn raw_fields(text: &str) -> Vec<(String, Box<RawValue>)> {
+        serde_json::from_str::<std::collections::HashMap<String, Box<RawValue>>>(text)
+            .map(|m| m.into_iter().collect())
+            .unwrap_or_default()
+    }
+
+    /// The raw JSON text of a field, if present.
+    pub(crate) fn raw(&self, key: &str) -> Option<&RawValue> {
+        self.raw.iter().find(|(k, _)| k == key).map(|(_, v)| &**v)
+    }
+
+    /// A nested free object (Segment's `context.traits`), its raw text kept too.
+    pub(crate) fn nested(&self, key: &str) -> Option<FreeObject> {
+        let Some(Value::Object(values)) = self.values.get(key) else {
+            return None;
+        };
+        let raw = self
+            .raw(key)
+            .map(|r| Self::raw_fields(r.get()))
+            .unwrap_or_default();
+        Some(Self {
+            values: values.clone(),
+            raw,
+        })
     }
 }
 
@@ -521,6 +603,20 @@ fn kind(v: &Value) -> &'static str {
         Value::Array(_) => "an array",
         Value::Object(_) => "an object",
     }
+}
+
+/// Digits with an optional sign, point and exponent: a number, whatever its size.
+fn looks_numeric(text: &str) -> bool {
+    let mut digits = false;
+    for (i, c) in text.char_indices() {
+        match c {
+            '0'..='9' => digits = true,
+            '.' | 'e' | 'E' => {}
+            '-' | '+' if i == 0 || text[..i].ends_with(['e', 'E']) => {}
+            _ => return false,
+        }
+    }
+    digits
 }
 
 fn parse_decimal(text: &str) -> Option<Decimal> {
@@ -620,9 +716,9 @@ mod tests {
             assert_eq!(e.cart_amount.unwrap().normalize().to_string(), expect);
         }
         // The raw number text is used, so no float rounding even at 18 significant digits.
-        let raw = r#"{"event":"purchase","partner_id":"p","user_id":"u","cart_amount":1234567890123456.78}"#;
+        let raw = r#"{"event":"purchase","partner_id":"p","user_id":"u","cart_amount":999999999999.123456}"#;
         let e = parse_event(raw, &ctx()).unwrap();
-        assert_eq!(e.cart_amount.unwrap().to_string(), "1234567890123456.78");
+        assert_eq!(e.cart_amount.unwrap().to_string(), "999999999999.123456");
     }
 
     #[test]
@@ -719,6 +815,110 @@ mod tests {
             err(json!({"event": "x", "partner_id": "a:b", "user_id": "u"}))
                 .starts_with("partner_id: must not contain")
         );
+    }
+
+    #[test]
+    fn big_numeric_ids_keep_every_digit() {
+        let raw = |n: &str| {
+            format!(
+                r#"{{"event":"x","partner_id":"p","user_id":{n},"anonymous_id":{n},"message_id":{n},"session_id":{n},"product_id":{n}}}"#
+            )
+        };
+        let a = parse_event(&raw("18446744073709551617"), &ctx()).unwrap();
+        let b = parse_event(&raw("18446744073709551618"), &ctx()).unwrap();
+        for (x, y) in [
+            (a.user_id.clone(), b.user_id.clone()),
+            (a.anonymous_id.clone(), b.anonymous_id.clone()),
+            (Some(a.message_id.clone()), Some(b.message_id.clone())),
+            (a.session_id.clone(), b.session_id.clone()),
+            (a.product_id.clone(), b.product_id.clone()),
+        ] {
+            assert_eq!(x.as_deref(), Some("18446744073709551617"));
+            assert_eq!(y.as_deref(), Some("18446744073709551618"));
+        }
+        assert_ne!(a.partition_key(), b.partition_key());
+    }
+
+    #[test]
+    fn amounts_out_of_range_are_refused() {
+        for amount in [
+            r#""79228162514264337593543950335""#,
+            "79228162514264337593543950335",
+            "1e27",
+            r#""1e30""#,
+            "1e30",
+            "1000000000000.01",
+            "-2000000000000",
+        ] {
+            let raw = format!(
+                r#"{{"event":"purchase","partner_id":"p","user_id":"u","cart_amount":{amount}}}"#
+            );
+            let e = parse_event(&raw, &ctx()).unwrap_err().to_string();
+            assert!(
+                e.starts_with("cart_amount: ") && e.contains("out of range"),
+                "{amount}: {e}"
+            );
+        }
+        let e = err(
+            json!({"event": "purchase", "partner_id": "p", "user_id": "u", "cart_amount": "0.0000000001"}),
+        );
+        assert!(e.contains("more than 9 decimal places"), "{e}");
+        let ok = parse(
+            json!({"event": "purchase", "partner_id": "p", "user_id": "u", "cart_amount": "1000000000000"}),
+        );
+        assert!(ok.is_ok());
+    }
+
+    #[test]
+    fn future_timestamps_beyond_the_tolerance_are_refused() {
+        let at = |secs: i64| {
+            let t = ctx().received_at + chrono::Duration::seconds(secs);
+            json!({"event": "x", "partner_id": "p", "user_id": "u", "timestamp": t.to_rfc3339()})
+        };
+        assert!(parse(at(86_400)).is_ok());
+        let e = err(at(86_401));
+        assert!(e.starts_with("timestamp: ") && e.contains("ahead"), "{e}");
+        let e = err(at(365 * 86_400));
+        assert!(e.starts_with("timestamp: "), "{e}");
+        let strict = ParseContext {
+            limits: Limits {
+                max_future_secs: 0,
+                ..Limits::default()
+            },
+            ..ctx()
+        };
+        assert!(parse_event(&at(1).to_string(), &strict).is_err());
+    }
+
+    #[test]
+    fn deep_objects_are_refused_consistently() {
+        let nested = |levels: usize| {
+            let mut v = String::from("1");
+            for _ in 0..levels {
+                v = format!(r#"{{"x":{v}}}"#);
+            }
+            format!(r#"{{"event":"x","partner_id":"p","user_id":"u","properties":{v}}}"#)
+        };
+        let ok = parse_event(&nested(32), &ctx()).unwrap();
+        // What ingest accepts, a consumer reads back.
+        assert!(Event::from_canonical_json(&ok.to_canonical_json()).is_ok());
+        for levels in [33, 120, 126, 127, 130, 200] {
+            let e = parse_event(&nested(levels), &ctx())
+                .unwrap_err()
+                .to_string();
+            assert!(
+                e.starts_with("properties: nested") || e.contains("recursion limit"),
+                "{levels}: {e}"
+            );
+        }
+        // Unknown top-level fields land in properties: same limit.
+        let mut v = String::from("1");
+        for _ in 0..40 {
+            v = format!("[{v}]");
+        }
+        let raw = format!(r#"{{"event":"x","partner_id":"p","user_id":"u","extra":{v}}}"#);
+        let e = parse_event(&raw, &ctx()).unwrap_err().to_string();
+        assert!(e.starts_with("properties: nested"), "{e}");
     }
 
     #[test]

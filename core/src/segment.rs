@@ -12,7 +12,7 @@ use serde_json::{Map, Value};
 
 use crate::error::EventError;
 use crate::event::Event;
-use crate::parse::{check_size, event_from_fields, ParseContext, RawObject};
+use crate::parse::{check_size, event_from_fields, FreeObject, ParseContext, RawObject};
 
 /// The Segment call types.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -107,32 +107,32 @@ pub fn parse_segment(
         f.take(key);
     }
 
-    let context = f.object("context")?;
+    let context = f.free_object("context")?;
     if let Some(context) = &context {
-        map_context(&mut f, context);
-        f.insert_if_absent("context", owned(&Value::Object(context.clone())));
+        map_context(&mut f, &context.values);
+        f.insert_if_absent("context", owned(&Value::Object(context.values.clone())));
     }
 
-    let mut properties = f.object("properties")?.unwrap_or_default();
-    let traits = f
-        .object("traits")?
-        .or_else(|| context_traits(context.as_ref()));
+    let properties = f.free_object("properties")?;
+    let traits = match f.free_object("traits")? {
+        Some(t) => Some(t),
+        None => context.as_ref().and_then(|c| c.nested("traits")),
+    };
+    let mut kept = properties
+        .as_ref()
+        .map(|p| p.values.clone())
+        .unwrap_or_default();
     if let Some(traits) = traits {
         map_properties(&mut f, &traits);
-        properties.insert("traits".into(), Value::Object(traits));
+        kept.insert("traits".into(), Value::Object(traits.values));
     }
-    map_properties(&mut f, &properties);
-    if !properties.is_empty() {
-        f.insert_if_absent("properties", owned(&Value::Object(properties)));
+    if let Some(properties) = &properties {
+        map_properties(&mut f, properties);
+    }
+    if !kept.is_empty() {
+        f.insert_if_absent("properties", owned(&Value::Object(kept)));
     }
     event_from_fields(f, ctx)
-}
-
-fn context_traits(context: Option<&Map<String, Value>>) -> Option<Map<String, Value>> {
-    match context?.get("traits")? {
-        Value::Object(t) => Some(t.clone()),
-        _ => None,
-    }
 }
 
 /// `context.userAgent`, `context.locale` (`tr-TR` → language `tr`, country `TR`),
@@ -170,9 +170,10 @@ fn map_context(f: &mut RawObject<'_>, context: &Map<String, Value>) {
     }
 }
 
-/// Reads the e-commerce spec's property names into native fields. Properties themselves are
-/// kept whole under `properties`.
-fn map_properties(f: &mut RawObject<'_>, p: &Map<String, Value>) {
+/// Reads the e-commerce spec's property names into native fields, from the JSON text as sent
+/// (a numeric `sku` keeps every digit). Properties themselves are kept whole under
+/// `properties`.
+fn map_properties(f: &mut RawObject<'_>, p: &FreeObject) {
     let direct = [
         ("category", "category"),
         ("categories", "category"),
@@ -191,22 +192,26 @@ fn map_properties(f: &mut RawObject<'_>, p: &Map<String, Value>) {
         ("language", "language"),
     ];
     for (from, to) in direct {
-        if let Some(v) = p.get(from) {
-            f.insert_if_absent(to, owned(v));
+        if let Some(v) = p.raw(from) {
+            f.insert_if_absent(to, Cow::Owned(v.to_owned()));
         }
     }
     if f.contains("cart_amount") {
         return;
     }
     for key in ["cart_amount", "total", "revenue", "value"] {
-        if let Some(v) = p.get(key) {
-            f.insert_if_absent("cart_amount", owned(v));
+        if let Some(v) = p.raw(key) {
+            f.insert_if_absent("cart_amount", Cow::Owned(v.to_owned()));
             return;
         }
     }
     // "Product Added" carries a unit price and a quantity: the cart line is their product.
-    if let Some(price) = p.get("price") {
-        let quantity = p.get("quantity").and_then(Value::as_u64).unwrap_or(1);
+    if let Some(price) = p.values.get("price") {
+        let quantity = p
+            .values
+            .get("quantity")
+            .and_then(Value::as_u64)
+            .unwrap_or(1);
         let amount = match (price_text(price), quantity) {
             (Some(text), q) if q != 1 => rust_decimal::Decimal::from_str_exact(&text)
                 .ok()
@@ -285,6 +290,17 @@ mod tests {
         assert_eq!(e.user_agent.as_deref(), Some("Mozilla/5.0"));
         assert_eq!(e.context.unwrap()["library"]["name"], json!("analytics.js"));
         assert_eq!(e.properties.unwrap()["quantity"], json!(2));
+    }
+
+    #[test]
+    fn numeric_ids_in_properties_keep_every_digit() {
+        let payload = r#"{"type":"track","event":"Product Viewed","userId":18446744073709551617,
+            "messageId":18446744073709551619,"properties":{"sku":18446744073709551618,"session_id":18446744073709551620}}"#;
+        let e = parse_segment(payload, None, "shop", &ctx()).unwrap();
+        assert_eq!(e.user_id.as_deref(), Some("18446744073709551617"));
+        assert_eq!(e.message_id, "18446744073709551619");
+        assert_eq!(e.product_id.as_deref(), Some("18446744073709551618"));
+        assert_eq!(e.session_id.as_deref(), Some("18446744073709551620"));
     }
 
     #[test]

@@ -17,3 +17,39 @@ pub fn init_tracing() {
         builder.try_init()
     };
 }
+
+/// Makes a panic on any thread end the process (abort, non-zero exit) after logging it.
+///
+/// Rust's default only ends the panicking thread: a consumer whose worker thread died keeps
+/// the process alive, answering health checks while it folds nothing for anyone. Ending the
+/// process lets the orchestrator restart it, and the restart resumes from committed offsets.
+pub fn exit_on_panic() {
+    exit_on_panic_with(|_| {});
+}
+
+/// [`exit_on_panic`], calling `last_words` with the panic message first (the speed layer
+/// records which record it was folding, to dead-letter that record on the restart).
+pub fn exit_on_panic_with(last_words: impl Fn(&str) + Send + Sync + 'static) {
+    let default = std::panic::take_hook();
+    std::panic::set_hook(Box::new(move |info| {
+        default(info);
+        let message = panic_message(info);
+        tracing::error!(panic = %message, "panic: ending the process so that it is restarted");
+        last_words(&message);
+        std::process::abort();
+    }));
+}
+
+/// The panic's message and where it happened.
+pub fn panic_message(info: &std::panic::PanicHookInfo<'_>) -> String {
+    let payload = info.payload();
+    let text = payload
+        .downcast_ref::<&str>()
+        .map(|s| s.to_string())
+        .or_else(|| payload.downcast_ref::<String>().cloned())
+        .unwrap_or_else(|| "panic".to_string());
+    match info.location() {
+        Some(l) => format!("{text} at {}:{}", l.file(), l.line()),
+        None => text,
+    }
+}

@@ -1,8 +1,13 @@
-//! Write keys: which partner a request writes for.
+//! Partner keys: which partner a request writes (or reads) for.
 //!
-//! Segment's convention is kept so its SDKs work unchanged: the write key is the HTTP Basic
-//! user with an empty password (or, for analytics.js, `writeKey` in the body). `Bearer <key>`
-//! is accepted too.
+//! Two kinds, never interchangeable. **Write keys** are public by design: they ship in
+//! browser JavaScript and mobile apps, as Segment's do, so they can only add events. **Read
+//! keys** are a partner's secrets (like Segment's Profile API token) and are required by every
+//! endpoint that returns personal data; ingest never loads them.
+//!
+//! Segment's convention is kept so its SDKs work unchanged: the key is the HTTP Basic user
+//! with an empty password (or, for analytics.js, `writeKey` in the body). `Bearer <key>` is
+//! accepted too.
 
 use std::collections::HashMap;
 use std::path::Path;
@@ -10,34 +15,68 @@ use std::path::Path;
 use axum::http::HeaderMap;
 use base64::Engine;
 
+/// Which kind of key a [`PartnerKeys`] holds; it names the flags in error messages.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum KeyKind {
+    #[default]
+    Write,
+    Read,
+}
+
+impl KeyKind {
+    fn name(self) -> &'static str {
+        match self {
+            KeyKind::Write => "write",
+            KeyKind::Read => "read",
+        }
+    }
+}
+
+impl std::fmt::Display for KeyKind {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
 #[derive(Debug, thiserror::Error)]
 pub enum KeysError {
-    #[error("reading write keys file {path}: {source}")]
+    #[error("reading {kind} keys file {path}: {source}")]
     Read {
+        kind: KeyKind,
         path: String,
         source: std::io::Error,
     },
-    #[error("write keys file {path} must be a JSON object {{\"key\": \"partner_id\"}}: {source}")]
+    #[error("{kind} keys file {path} must be a JSON object {{\"key\": \"partner_id\"}}: {source}")]
     Parse {
+        kind: KeyKind,
         path: String,
         source: serde_json::Error,
     },
-    #[error("write key \"{0}\" must be KEY=PARTNER_ID")]
-    Flag(String),
+    #[error("{0} key \"{1}\" must be KEY=PARTNER_ID")]
+    Flag(KeyKind, String),
     #[error("partner id \"{0}\" must be non-empty and contain no ':'")]
     Partner(String),
     #[error(
-        "no write keys configured: pass --write-keys-file FILE or --write-key KEY=PARTNER \
-         (deploy/local/write-keys.json holds keys for local development)"
+        "no {0} keys configured: pass --{0}-keys-file FILE or --{0}-key KEY=PARTNER \
+         (deploy/local/{0}-keys.json holds keys for local development)"
     )]
-    None,
+    None(KeyKind),
+    #[error(
+        "a key is configured both as a write key and as a read key (partner {0}): write keys \
+         are public, so a read key must be a different secret"
+    )]
+    Shared(String),
 }
 
-/// Key → partner id.
+/// Key → partner id, for one kind of key.
 #[derive(Debug, Clone, Default)]
-pub struct WriteKeys {
+pub struct PartnerKeys {
+    kind: KeyKind,
     partners: HashMap<String, String>,
 }
+
+/// The keys ingest accepts.
+pub type WriteKeys = PartnerKeys;
 
 /// Why a request was not authenticated.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -46,17 +85,33 @@ pub enum AuthFailure {
     Unknown,
 }
 
-impl WriteKeys {
-    /// Loads keys from an optional JSON file plus `KEY=PARTNER` flags; at least one is required.
+impl PartnerKeys {
+    /// Loads write keys from an optional JSON file plus `KEY=PARTNER` flags; at least one is
+    /// required.
     pub fn load(file: Option<&Path>, flags: &[String]) -> Result<Self, KeysError> {
-        let mut keys = WriteKeys::default();
+        Self::load_kind(KeyKind::Write, file, flags)
+    }
+
+    /// Loads keys of `kind` from an optional JSON file plus `KEY=PARTNER` flags; at least one
+    /// is required.
+    pub fn load_kind(
+        kind: KeyKind,
+        file: Option<&Path>,
+        flags: &[String],
+    ) -> Result<Self, KeysError> {
+        let mut keys = PartnerKeys {
+            kind,
+            partners: HashMap::new(),
+        };
         if let Some(path) = file {
             let text = std::fs::read_to_string(path).map_err(|source| KeysError::Read {
+                kind,
                 path: path.display().to_string(),
                 source,
             })?;
             let map: HashMap<String, String> =
                 serde_json::from_str(&text).map_err(|source| KeysError::Parse {
+                    kind,
                     path: path.display().to_string(),
                     source,
                 })?;
@@ -67,13 +122,17 @@ impl WriteKeys {
         for flag in flags.iter().filter(|f| !f.trim().is_empty()) {
             let (k, p) = flag
                 .split_once('=')
-                .ok_or_else(|| KeysError::Flag(flag.clone()))?;
+                .ok_or_else(|| KeysError::Flag(kind, flag.clone()))?;
             keys.insert(k.trim().to_string(), p.trim().to_string())?;
         }
         if keys.partners.is_empty() {
-            return Err(KeysError::None);
+            return Err(KeysError::None(kind));
         }
         Ok(keys)
+    }
+
+    pub fn kind(&self) -> KeyKind {
+        self.kind
     }
 
     pub fn insert(&mut self, key: String, partner: String) -> Result<(), KeysError> {
@@ -81,10 +140,22 @@ impl WriteKeys {
             return Err(KeysError::Partner(partner));
         }
         if key.is_empty() {
-            return Err(KeysError::Flag(format!("={partner}")));
+            return Err(KeysError::Flag(self.kind, format!("={partner}")));
         }
         self.partners.insert(key, partner);
         Ok(())
+    }
+
+    /// Refuses a key that is in both rings: a secret that is also public is no secret.
+    pub fn check_disjoint(&self, other: &PartnerKeys) -> Result<(), KeysError> {
+        match self
+            .partners
+            .iter()
+            .find(|(k, _)| other.partners.contains_key(*k))
+        {
+            Some((_, partner)) => Err(KeysError::Shared(partner.clone())),
+            None => Ok(()),
+        }
     }
 
     pub fn len(&self) -> usize {
@@ -163,12 +234,30 @@ mod tests {
     }
 
     #[test]
+    fn a_key_cannot_be_both_public_and_secret() {
+        let write = WriteKeys::load(None, &["pub=p1".into(), "k2=p2".into()]).unwrap();
+        let read = PartnerKeys::load_kind(KeyKind::Read, None, &["k2=p2".into()]).unwrap();
+        assert!(matches!(read.check_disjoint(&write), Err(KeysError::Shared(p)) if p == "p2"));
+        let read = PartnerKeys::load_kind(KeyKind::Read, None, &["secret=p2".into()]).unwrap();
+        assert!(read.check_disjoint(&write).is_ok());
+    }
+
+    #[test]
     fn refuses_no_keys_and_bad_flags() {
-        assert!(matches!(WriteKeys::load(None, &[]), Err(KeysError::None)));
+        assert!(matches!(
+            WriteKeys::load(None, &[]),
+            Err(KeysError::None(KeyKind::Write))
+        ));
         assert!(matches!(
             WriteKeys::load(None, &["nokey".into()]),
-            Err(KeysError::Flag(_))
+            Err(KeysError::Flag(..))
         ));
+        let e = PartnerKeys::load_kind(KeyKind::Read, None, &[]).unwrap_err();
+        assert!(
+            e.to_string()
+                .starts_with("no read keys configured: pass --read-keys-file"),
+            "{e}"
+        );
         assert!(matches!(
             WriteKeys::load(None, &["k=a:b".into()]),
             Err(KeysError::Partner(_))

@@ -49,6 +49,12 @@ pub struct IngestConfig {
     #[arg(long, env = "PULSE_MAX_BATCH_EVENTS", default_value_t = Limits::default().max_batch_events)]
     pub max_batch_events: usize,
 
+    /// How far ahead of the receive time an event's `timestamp` may be, in seconds; events
+    /// further in the future are refused with 400 (a wrong client clock would otherwise move
+    /// `last_visit` into the future for good).
+    #[arg(long, env = "PULSE_MAX_FUTURE_SECS", default_value_t = Limits::default().max_future_secs)]
+    pub max_future_secs: u32,
+
     /// Seconds a client is told to wait (Retry-After) when Kafka is unavailable.
     #[arg(long, env = "PULSE_RETRY_AFTER_SECS", default_value_t = 5)]
     pub retry_after_secs: u64,
@@ -70,6 +76,7 @@ impl IngestConfig {
             max_body_bytes: 5 * 1024 * 1024,
             max_event_bytes: Limits::default().max_event_bytes,
             max_batch_events: Limits::default().max_batch_events,
+            max_future_secs: Limits::default().max_future_secs,
             retry_after_secs: 5,
             shutdown_timeout_secs: 30,
         }
@@ -79,6 +86,7 @@ impl IngestConfig {
         Limits {
             max_event_bytes: self.max_event_bytes,
             max_batch_events: self.max_batch_events,
+            max_future_secs: self.max_future_secs,
             ..Limits::default()
         }
     }

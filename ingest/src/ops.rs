@@ -3,8 +3,9 @@
 //! Lives here because every service already links the ingest crate for its shutdown signal.
 
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicI64, Ordering};
 use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use axum::http::StatusCode;
 use axum::routing::get;
@@ -19,30 +20,120 @@ pub fn install_recorder() -> PrometheusHandle {
         .unwrap_or_else(|_| PrometheusBuilder::new().build_recorder().handle())
 }
 
-/// Serves the endpoint until the process ends; `/readyz` answers 503 with `not_ready` while
-/// `ready` is false.
+/// Whether a service can do its work: its dependencies answer (`set_healthy`) and, for a
+/// consumer, its loop is still turning (`beat`). A loop that stopped making progress (wedged
+/// on a lock, stuck in a call) is not ready even though every dependency is fine, so an
+/// orchestrator takes it out of rotation and, with a liveness probe on `/readyz`, restarts it.
+#[derive(Clone)]
+pub struct Readiness {
+    inner: Arc<ReadinessState>,
+}
+
+struct ReadinessState {
+    healthy: AtomicBool,
+    /// Milliseconds since `started` at the last beat.
+    last_beat_ms: AtomicI64,
+    started: Instant,
+    /// No beat for this long means stalled; `None`: the service has no loop to watch.
+    stall_after: Option<Duration>,
+    not_ready: &'static str,
+}
+
+impl Readiness {
+    /// Ready while healthy; `not_ready` is the 503 answer's reason.
+    pub fn new(not_ready: &'static str) -> Self {
+        Self::build(not_ready, None)
+    }
+
+    /// Also not ready when [`Readiness::beat`] has not been called for `stall_after`.
+    pub fn with_heartbeat(not_ready: &'static str, stall_after: Duration) -> Self {
+        Self::build(not_ready, Some(stall_after))
+    }
+
+    fn build(not_ready: &'static str, stall_after: Option<Duration>) -> Self {
+        Self {
+            inner: Arc::new(ReadinessState {
+                healthy: AtomicBool::new(true),
+                last_beat_ms: AtomicI64::new(0),
+                started: Instant::now(),
+                stall_after,
+                not_ready,
+            }),
+        }
+    }
+
+    pub fn set_healthy(&self, healthy: bool) {
+        self.inner.healthy.store(healthy, Ordering::Relaxed);
+    }
+
+    /// The loop made progress.
+    pub fn beat(&self) {
+        let ms = self.inner.started.elapsed().as_millis() as i64;
+        self.inner.last_beat_ms.store(ms, Ordering::Relaxed);
+    }
+
+    /// `Ok` when ready, else the reason.
+    pub fn check(&self) -> Result<(), String> {
+        if !self.inner.healthy.load(Ordering::Relaxed) {
+            return Err(self.inner.not_ready.to_string());
+        }
+        if let Some(limit) = self.inner.stall_after {
+            let now = self.inner.started.elapsed().as_millis() as i64;
+            let quiet = now - self.inner.last_beat_ms.load(Ordering::Relaxed);
+            if quiet > limit.as_millis() as i64 {
+                return Err(format!(
+                    "consumer loop made no progress for {} s",
+                    quiet / 1000
+                ));
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Serves the endpoint until the process ends; `/readyz` answers 503 with the reason while
+/// `ready` says the service cannot work.
 pub async fn serve(
     addr: SocketAddr,
     handle: PrometheusHandle,
-    ready: Arc<AtomicBool>,
-    not_ready: &'static str,
+    ready: Readiness,
 ) -> std::io::Result<()> {
     let app = Router::new()
         .route("/healthz", get(|| async { "ok" }))
         .route(
             "/readyz",
             get(move || {
-                let ready = ready.load(Ordering::Relaxed);
-                async move {
-                    if ready {
-                        (StatusCode::OK, "ready")
-                    } else {
-                        (StatusCode::SERVICE_UNAVAILABLE, not_ready)
-                    }
-                }
+                let answer = match ready.check() {
+                    Ok(()) => (StatusCode::OK, "ready".to_string()),
+                    Err(reason) => (StatusCode::SERVICE_UNAVAILABLE, reason),
+                };
+                async move { answer }
             }),
         )
         .route("/metrics", get(move || std::future::ready(handle.render())));
     let listener = tokio::net::TcpListener::bind(addr).await?;
     axum::serve(listener, app).await
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn readiness_follows_health_and_heartbeat() {
+        let r = Readiness::with_heartbeat("elasticsearch unavailable", Duration::from_millis(50));
+        r.beat();
+        assert!(r.check().is_ok());
+        r.set_healthy(false);
+        assert_eq!(r.check().unwrap_err(), "elasticsearch unavailable");
+        r.set_healthy(true);
+        std::thread::sleep(Duration::from_millis(120));
+        assert!(r
+            .check()
+            .unwrap_err()
+            .starts_with("consumer loop made no progress"));
+        r.beat();
+        assert!(r.check().is_ok());
+        assert!(Readiness::new("x").check().is_ok());
+    }
 }

@@ -1,7 +1,9 @@
 //! The profile lookup API: a stateless HTTP tier in front of Elasticsearch.
 //!
-//! `GET /api/v1/getGender/{cid}?model=MODEL1|MODEL2|MODEL3` answers the seed's gender API:
-//! the partner comes from the write key (as in ingest), `cid` is the user id. The answer is
+//! `GET /api/v1/getGender/{cid}?model=MODEL1|MODEL2|MODEL3` answers the seed's gender API and
+//! `GET /api/v1/profiles/{cid}` the whole profile: the partner comes from its secret **read
+//! key** (never from a write key, which is public: it ships in apps and browsers), `cid` is
+//! the user id. The answer is
 //! computed from the model state stored in the profile, with the current time, so a windowed
 //! model (MODEL3) forgets old visits even for a user who has not come back since.
 
@@ -14,7 +16,7 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use axum::{Json, Router};
 use chrono::Utc;
-use pulse_ingest::auth::{AuthFailure, WriteKeys};
+use pulse_ingest::auth::{key_from_headers, PartnerKeys};
 use serde_json::json;
 
 use crate::models::{registry, ModelKind};
@@ -22,7 +24,10 @@ use crate::store::ProfileStore;
 
 pub struct ApiState {
     pub store: ProfileStore,
-    pub keys: WriteKeys,
+    /// The secrets that read a partner's profiles.
+    pub read_keys: PartnerKeys,
+    /// Known only to answer "this is a write key" instead of "unknown key"; never accepted.
+    pub write_keys: Option<PartnerKeys>,
     pub kinds: Vec<ModelKind>,
 }
 
@@ -35,12 +40,21 @@ pub fn router(state: Arc<ApiState>) -> Router {
 }
 
 impl ApiState {
-    pub fn new(store: ProfileStore, keys: WriteKeys) -> Self {
-        Self {
-            store,
-            keys,
-            kinds: registry(),
+    /// Refuses a key configured both as a read key and as a write key.
+    pub fn new(
+        store: ProfileStore,
+        read_keys: PartnerKeys,
+        write_keys: Option<PartnerKeys>,
+    ) -> Result<Self, pulse_ingest::auth::KeysError> {
+        if let Some(write) = &write_keys {
+            read_keys.check_disjoint(write)?;
         }
+        Ok(Self {
+            store,
+            read_keys,
+            write_keys,
+            kinds: registry(),
+        })
     }
 }
 
@@ -57,14 +71,30 @@ fn error(status: StatusCode, message: impl Into<String>) -> ApiError {
     ApiError(status, message.into())
 }
 
+/// The partner of the request's read key: 401 without a key or with an unknown one, 403 with
+/// a write key (it is valid, but public, so it reads nothing).
 fn partner<'a>(state: &'a ApiState, headers: &HeaderMap) -> Result<&'a str, ApiError> {
-    state.keys.partner_from_headers(headers).map_err(|f| {
-        let msg = match f {
-            AuthFailure::Missing => "missing key: send it as the HTTP Basic user or a Bearer token",
-            AuthFailure::Unknown => "unknown key",
-        };
-        error(StatusCode::UNAUTHORIZED, msg)
-    })
+    let Some(key) = key_from_headers(headers) else {
+        return Err(error(
+            StatusCode::UNAUTHORIZED,
+            "missing read key: send the partner's secret read key as the HTTP Basic user or a Bearer token",
+        ));
+    };
+    if let Ok(partner) = state.read_keys.partner_of(&key) {
+        return Ok(partner);
+    }
+    let is_write_key = state
+        .write_keys
+        .as_ref()
+        .is_some_and(|w| w.partner_of(&key).is_ok());
+    if is_write_key {
+        return Err(error(
+            StatusCode::FORBIDDEN,
+            "this is a write key: write keys are public (they ship in apps and browsers) and \
+             only send events; reading profiles needs the partner's secret read key",
+        ));
+    }
+    Err(error(StatusCode::UNAUTHORIZED, "unknown read key"))
 }
 
 async fn load(state: &ApiState, partner: &str, cid: &str) -> Result<serde_json::Value, ApiError> {

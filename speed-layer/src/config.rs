@@ -6,6 +6,7 @@ use std::time::Duration;
 
 use pulse_core::kafka::{KafkaArgs, TopicArgs};
 
+use crate::dedupe::DedupePolicy;
 use crate::store::EsArgs;
 
 #[derive(Debug, Clone, clap::Args)]
@@ -23,6 +24,9 @@ pub struct SpeedConfig {
 
     #[command(flatten)]
     pub flush: FlushPolicy,
+
+    #[command(flatten)]
+    pub dedupe: DedupePolicy,
 
     /// Most profiles held in memory; beyond it, clean profiles are evicted oldest first.
     #[arg(long, env = "PULSE_MAX_PROFILES", default_value_t = 2_000_000)]
@@ -53,6 +57,21 @@ pub struct SpeedConfig {
     /// for catch-up and replay jobs, and benchmarks.
     #[arg(long, env = "PULSE_STOP_AT_END")]
     pub stop_at_end: bool,
+
+    /// Where the speed layer keeps local state that must outlive a crash: the journal of a
+    /// record that made it panic, dead-lettered on the restart (see `poison`). In
+    /// Kubernetes, an `emptyDir` volume (it survives container restarts).
+    #[arg(
+        long,
+        env = "PULSE_SPEED_STATE_DIR",
+        default_value = "/tmp/pulse-speed"
+    )]
+    pub state_dir: PathBuf,
+
+    /// Fault injection for the crash tests: panic while folding the event with this
+    /// `message_id`. Never set it in production.
+    #[arg(long, env = "PULSE_FAILPOINT_PANIC_MESSAGE_ID", hide = true)]
+    pub failpoint_panic_message_id: Option<String>,
 
     /// Address of /healthz, /readyz and /metrics.
     #[arg(

@@ -19,6 +19,7 @@ use std::time::{Duration, Instant};
 
 use chrono::Utc;
 use pulse_core::Event;
+use pulse_ingest::ops::Readiness;
 use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer, ConsumerContext, Rebalance};
 use rdkafka::message::{Message, OwnedHeaders, OwnedMessage};
 use rdkafka::producer::{BaseRecord, Producer, ThreadedProducer};
@@ -26,8 +27,10 @@ use rdkafka::{ClientContext, Offset, TopicPartitionList};
 use tokio::runtime::Runtime;
 
 use crate::config::{FlushPolicy, SpeedConfig};
+use crate::dedupe::DedupePolicy;
 use crate::metrics as m;
 use crate::models::ModelKind;
+use crate::poison::{self, PoisonJournal};
 use crate::profile::{Fold, Profile, Watermark};
 use crate::store::{DocWrite, ItemOutcome, ProfileStore, StoreError};
 use crate::triggers::{RuleSet, TriggerMessage};
@@ -56,11 +59,13 @@ pub struct Engine {
     topic: String,
     dlq_topic: String,
     triggers_topic: String,
+    profiles_dlq_topic: String,
     store: ProfileStore,
     runtime: Arc<Runtime>,
     kinds: Vec<ModelKind>,
     rules: RuleSet,
     policy: FlushPolicy,
+    dedupe: DedupePolicy,
     max_profiles: usize,
     idle_evict: Duration,
     /// Triggers and dead letters. Infinite message timeout: librdkafka retries until the broker
@@ -76,9 +81,16 @@ pub struct Engine {
     rewind: HashSet<i32>,
     dirty: usize,
     last_flush: Instant,
-    healthy: Arc<AtomicBool>,
+    ready: Readiness,
+    /// Records that made an earlier run panic, by position, with the panic message: they are
+    /// dead-lettered instead of handled (see [`crate::poison`]).
+    poison: HashMap<(i32, i64), String>,
+    journal: PoisonJournal,
+    /// Test-only fault injection: panic while folding this message id.
+    failpoint: Option<String>,
     folded: u64,
     skipped: u64,
+    duplicates: u64,
     flushes: u64,
     docs_written: u64,
     in_flight: Option<InFlight>,
@@ -94,6 +106,8 @@ pub struct Engine {
 /// A flush running in the background while consumption goes on.
 struct InFlight {
     task: tokio::task::JoinHandle<Vec<Result<ItemOutcome, String>>>,
+    /// The documents, shared with the task: one refused for good goes to the dead-letter topic.
+    writes: Arc<Vec<DocWrite>>,
     /// (profile id, partition) per document, in write order.
     ids: Vec<(String, i32)>,
     /// Read positions when the flush started: what it may commit.
@@ -104,7 +118,7 @@ struct InFlight {
 /// Writes documents in `_bulk` chunks, two requests at a time; one outcome per document.
 async fn write_all(
     store: &ProfileStore,
-    writes: Vec<DocWrite>,
+    writes: &[DocWrite],
     chunk: usize,
 ) -> Vec<Result<ItemOutcome, String>> {
     let mut out = Vec::with_capacity(writes.len());
@@ -167,8 +181,14 @@ type SpeedConsumer = BaseConsumer<SpeedContext>;
 pub fn run(
     config: &SpeedConfig,
     stop: Arc<AtomicBool>,
-    healthy: Arc<AtomicBool>,
+    ready: Readiness,
 ) -> Result<RunSummary, EngineError> {
+    let journal = PoisonJournal::new(&config.state_dir, &config.topics.events, &config.group);
+    let poison = journal.load();
+    if !poison.is_empty() {
+        tracing::warn!(records = poison.len(), journal = %journal.path().display(),
+            "records that made an earlier run panic will be dead-lettered");
+    }
     crate::models::windowed_gender::set_window_days(config.window_days);
     let kinds = crate::models::select(&config.models).map_err(EngineError::Config)?;
     let rules = match &config.rules_file {
@@ -188,11 +208,13 @@ pub fn run(
         topic: config.topics.events.clone(),
         dlq_topic: config.topics.dlq.clone(),
         triggers_topic: config.topics.triggers.clone(),
+        profiles_dlq_topic: config.topics.profiles_dlq.clone(),
         store,
         runtime,
         kinds,
         rules,
         policy: config.flush.clone(),
+        dedupe: config.dedupe.clone(),
         max_profiles: config.max_profiles,
         idle_evict: Duration::from_secs(config.idle_evict_secs),
         producer: producer_config.create()?,
@@ -202,9 +224,13 @@ pub fn run(
         rewind: HashSet::new(),
         dirty: 0,
         last_flush: Instant::now(),
-        healthy,
+        ready,
+        poison,
+        journal,
+        failpoint: config.failpoint_panic_message_id.clone(),
         folded: 0,
         skipped: 0,
+        duplicates: 0,
         flushes: 0,
         docs_written: 0,
         in_flight: None,
@@ -256,14 +282,17 @@ pub fn run(
             }
         }
         let mut engine = lock(&engine);
+        engine.ready.beat();
         if !batch.is_empty() {
             engine.process(&batch);
         }
         engine.finish_flush(&consumer, false);
         engine.apply_rewinds(&consumer);
-        let due = engine
-            .policy
-            .is_due(engine.last_flush.elapsed(), engine.dirty);
+        // Also due when only positions moved (duplicates, dead letters): their offsets must
+        // be committed too, or the lag never shrinks and a restart re-reads them.
+        let since = engine.last_flush.elapsed();
+        let due = engine.policy.is_due(since, engine.dirty)
+            || (since >= engine.policy.interval() && engine.has_uncommitted());
         if due && engine.in_flight.is_none() && Instant::now() >= engine.retry_at {
             let partitions: Vec<i32> = engine.positions.keys().copied().collect();
             engine.start_flush(&partitions);
@@ -294,6 +323,7 @@ pub fn run(
         elapsed_secs: started_at.elapsed().as_secs_f64(),
         events_folded: engine_guard.folded,
         events_skipped: engine_guard.skipped,
+        events_duplicate: engine_guard.duplicates,
         flushes: engine_guard.flushes,
         docs_written: engine_guard.docs_written,
         profiles_in_memory: engine_guard.profiles.len(),
@@ -310,6 +340,8 @@ pub struct RunSummary {
     pub elapsed_secs: f64,
     pub events_folded: u64,
     pub events_skipped: u64,
+    /// Client retries recognised by message id and not folded again.
+    pub events_duplicate: u64,
     pub flushes: u64,
     pub docs_written: u64,
     pub profiles_in_memory: usize,
@@ -346,7 +378,13 @@ impl Engine {
             if self.rewind.contains(&msg.partition()) || !self.assigned.contains(&msg.partition()) {
                 continue;
             }
-            let result = decode(msg);
+            poison::working_on(msg.partition(), msg.offset());
+            let result = match self.poison.get(&(msg.partition(), msg.offset())) {
+                Some(reason) => Err(format!(
+                    "this record made pulse-speed panic ({reason}); dead-lettered on the restart"
+                )),
+                None => decode(msg),
+            };
             if let Ok((_, id)) = &result {
                 if !self.profiles.contains_key(id) && seen.insert(id.clone()) {
                     missing.push(id.clone());
@@ -356,26 +394,41 @@ impl Engine {
         }
         self.load(&missing);
         let now_ms = Utc::now().timestamp_millis();
-        let (folded, skipped) = (self.folded, self.skipped);
+        let (folded, skipped, duplicates) = (self.folded, self.skipped, self.duplicates);
         for (msg, result) in parsed {
             let partition = msg.partition();
             if self.rewind.contains(&partition) {
                 continue;
             }
-            match result {
+            poison::working_on(partition, msg.offset());
+            let refused = match result {
                 Ok((event, id)) => self.fold(&event, id, partition, msg.offset(), now_ms),
-                Err(reason) => self.dead_letter(msg, &reason),
+                Err(reason) => Some(reason),
+            };
+            if let Some(reason) = refused {
+                self.dead_letter(msg, &reason);
             }
             self.positions.insert(partition, msg.offset() + 1);
         }
+        poison::idle();
         // Metrics per batch, not per event: a registry lookup per event costs real throughput.
         metrics::counter!(m::EVENTS_FOLDED).increment(self.folded - folded);
         metrics::counter!(m::EVENTS_SKIPPED).increment(self.skipped - skipped);
+        metrics::counter!(m::EVENTS_DUPLICATE).increment(self.duplicates - duplicates);
         metrics::gauge!(m::PROFILES_IN_MEMORY).set(self.profiles.len() as f64);
         metrics::gauge!(m::PROFILES_DIRTY).set(self.dirty as f64);
     }
 
-    fn fold(&mut self, event: &Event, id: String, partition: i32, offset: i64, now_ms: i64) {
+    /// Folds one event and fires its triggers; returns the dead-letter reason of an event
+    /// that cannot be folded.
+    fn fold(
+        &mut self,
+        event: &Event,
+        id: String,
+        partition: i32,
+        offset: i64,
+        now_ms: i64,
+    ) -> Option<String> {
         let kinds = &self.kinds;
         let entry = self.profiles.entry(id).or_insert_with(|| Entry {
             profile: Profile::new(event, kinds),
@@ -383,14 +436,26 @@ impl Engine {
             dirty: false,
             touched: self.clock,
         });
+        if self.failpoint.as_deref() == Some(event.message_id.as_str()) {
+            panic!("failpoint: folding message_id {}", event.message_id);
+        }
         entry.touched = self.clock;
         // A profile loaded from the store belongs to the partition its events come from.
         entry.partition = partition;
-        match entry.profile.fold(event, Watermark { partition, offset }) {
+        match entry
+            .profile
+            .fold(event, Watermark { partition, offset }, &self.dedupe)
+        {
             Fold::Skipped => {
                 self.skipped += 1;
-                return;
+                return None;
             }
+            // A client retry: folded once already, and its triggers fired then.
+            Fold::Duplicate => {
+                self.duplicates += 1;
+                return None;
+            }
+            Fold::Refused(reason) => return Some(reason),
             Fold::Applied => {
                 self.folded += 1;
                 if !entry.dirty {
@@ -408,6 +473,7 @@ impl Engine {
             self.send(&self.triggers_topic, &key, &payload, OwnedHeaders::new());
             metrics::counter!(m::TRIGGERS_FIRED, "rule" => rule.id.clone()).increment(1);
         }
+        None
     }
 
     /// Sends a record, waiting out a full local queue (back-pressure, never a drop).
@@ -456,6 +522,30 @@ impl Engine {
         );
     }
 
+    /// A profile document Elasticsearch refused for good, with the reason and its version
+    /// (the offset of its last event), so it can be written again once the cause is fixed.
+    fn dead_letter_document(&self, write: &DocWrite, reason: &str) {
+        let version = write.version.to_string();
+        let headers = OwnedHeaders::new()
+            .insert(rdkafka::message::Header {
+                key: "pulse.error",
+                value: Some(reason),
+            })
+            .insert(rdkafka::message::Header {
+                key: "pulse.index",
+                value: Some(self.store.alias()),
+            })
+            .insert(rdkafka::message::Header {
+                key: "pulse.version",
+                value: Some(&version),
+            })
+            .insert(rdkafka::message::Header {
+                key: "pulse.consumer",
+                value: Some("speed"),
+            });
+        self.send(&self.profiles_dlq_topic, &write.id, &write.doc, headers);
+    }
+
     /// Loads profiles from Elasticsearch (batched mget), retrying while it is unavailable:
     /// a profile is never assumed new just because the store did not answer.
     fn load(&mut self, ids: &[String]) {
@@ -465,7 +555,7 @@ impl Engine {
                 match self.runtime.block_on(self.store.mget(chunk)) {
                     Ok(docs) => break docs,
                     Err(e) => {
-                        self.healthy.store(false, Ordering::Relaxed);
+                        self.ready.set_healthy(false);
                         let wait = self.policy.backoff(attempt);
                         tracing::warn!(error = %e, retry_in = ?wait, "loading profiles failed");
                         std::thread::sleep(wait);
@@ -473,7 +563,7 @@ impl Engine {
                     }
                 }
             };
-            self.healthy.store(true, Ordering::Relaxed);
+            self.ready.set_healthy(true);
             metrics::counter!(m::PROFILES_LOADED).increment(docs.len() as u64);
             for (id, doc) in docs {
                 match Profile::from_document(&doc, &self.kinds) {
@@ -532,11 +622,14 @@ impl Engine {
             .collect();
         let store = self.store.clone();
         let chunk = self.policy.bulk_docs.max(1);
+        let writes = Arc::new(writes);
+        let shared = writes.clone();
         let task = self
             .runtime
-            .spawn(async move { write_all(&store, writes, chunk).await });
+            .spawn(async move { write_all(&store, &shared, chunk).await });
         self.in_flight = Some(InFlight {
             task,
+            writes,
             ids,
             positions,
             started: Instant::now(),
@@ -558,7 +651,9 @@ impl Engine {
             .unwrap_or_else(|e| vec![Err(format!("flush task failed: {e}")); flight.ids.len()]);
         let mut failed: HashSet<i32> = HashSet::new();
         let mut first_error = None;
-        for ((id, partition), outcome) in flight.ids.iter().zip(outcomes) {
+        for (((id, partition), outcome), write) in
+            flight.ids.iter().zip(outcomes).zip(flight.writes.iter())
+        {
             match outcome {
                 Ok(ItemOutcome::Written) => self.docs_written += 1,
                 Ok(ItemOutcome::Stale) => {
@@ -569,10 +664,12 @@ impl Engine {
                     self.rewind.insert(*partition);
                 }
                 Ok(ItemOutcome::Rejected(reason)) => {
-                    // Counted and logged, not retried forever: one bad document must not hold
-                    // back every other profile of its partition.
+                    // Not retried forever (one bad document must not hold back every other
+                    // profile of its partition) and not dropped: the document goes to the
+                    // profiles dead-letter topic, which the commit below waits for.
                     metrics::counter!(m::DOCS_REJECTED).increment(1);
-                    tracing::error!(%id, reason, "elasticsearch rejected profile document");
+                    tracing::error!(%id, reason, "elasticsearch rejected profile document; to dead-letter topic");
+                    self.dead_letter_document(write, &reason);
                 }
                 Ok(ItemOutcome::Retry(reason)) | Err(reason) => {
                     failed.insert(*partition);
@@ -593,12 +690,12 @@ impl Engine {
         if let Some(e) = &first_error {
             self.flush_attempt += 1;
             self.retry_at = Instant::now() + self.policy.backoff(self.flush_attempt - 1);
-            self.healthy.store(false, Ordering::Relaxed);
+            self.ready.set_healthy(false);
             metrics::counter!(m::FLUSH_FAILURES).increment(1);
             tracing::warn!(error = %e, retry_in = ?self.policy.backoff(self.flush_attempt - 1), dirty = self.dirty, "flush failed");
         } else {
             self.flush_attempt = 0;
-            self.healthy.store(true, Ordering::Relaxed);
+            self.ready.set_healthy(true);
         }
         // Triggers and dead letters of the records about to be committed must be in Kafka.
         if let Err(e) = self.producer.flush(Duration::from_secs(30)) {
@@ -647,9 +744,31 @@ impl Engine {
                         self.committed.insert(e.partition(), o);
                     }
                 }
+                self.forget_committed_poison();
             }
             // Lost the partitions meanwhile: the new owner re-reads; watermarks keep it exact.
             Err(e) => tracing::warn!(error = %e, "commit failed"),
+        }
+    }
+
+    /// Whether some partition was read past its last commit.
+    fn has_uncommitted(&self) -> bool {
+        self.positions
+            .iter()
+            .any(|(p, o)| self.committed.get(p) != Some(o))
+    }
+
+    /// Drops journaled poison records whose offset is committed: they were dead-lettered and
+    /// will not be read again.
+    fn forget_committed_poison(&mut self) {
+        let before = self.poison.len();
+        let committed = &self.committed;
+        self.poison
+            .retain(|(p, o), _| committed.get(p).is_none_or(|c| *o >= *c));
+        if self.poison.len() != before {
+            if let Err(e) = self.journal.keep_only(&self.poison) {
+                tracing::warn!(error = %e, journal = %self.journal.path().display(), "rewriting the poison journal failed");
+            }
         }
     }
 
@@ -741,19 +860,9 @@ impl Engine {
 /// A record's event and profile id, or why it is not usable.
 type Decoded = Result<(Event, String), String>;
 
-/// The canonical event of a record, or why it is not one.
+/// The canonical event of a record and its profile id, or why it is not usable.
 fn decode(msg: &OwnedMessage) -> Decoded {
-    let payload = msg.payload().ok_or("record has no payload")?;
-    let event =
-        Event::from_canonical_json(payload).map_err(|e| format!("not a canonical event: {e}"))?;
-    let key = msg.key().map(String::from_utf8_lossy);
-    let expected = event.partition_key();
-    if key.as_deref() != Some(expected.as_str()) {
-        // A wrong key puts the user's events on several partitions: their order and the
-        // watermark would no longer hold.
-        return Err(format!(
-            "record key {key:?} is not the event's key {expected:?}"
-        ));
-    }
-    Ok((event, expected))
+    let event = Event::from_record(msg.key(), msg.payload())?;
+    let id = event.partition_key();
+    Ok((event, id))
 }

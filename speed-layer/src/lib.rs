@@ -1,17 +1,21 @@
 //! The Pulse speed layer.
 //!
 //! - [`engine`]: the consumer loop (profiles in memory, flush to Elasticsearch, commit after).
-//! - [`profile`] and [`models`]: what a profile is and how events fold into it.
+//! - [`profile`] and [`models`]: what a profile is and how events fold into it;
+//!   [`dedupe`]: the message ids a profile remembers, so a client retry counts once.
 //! - [`store`]: `ProfileStore`, profiles in Elasticsearch.
 //! - [`triggers`]: rules that fire on events; [`notifier`] delivers them to a webhook.
+//! - [`poison`]: a record that made the process panic is dead-lettered on the restart.
 //! - [`api`]: the stateless profile lookup API (`/api/v1/getGender/{cid}`).
 
 pub mod api;
 pub mod config;
+pub mod dedupe;
 pub mod engine;
 pub mod metrics;
 pub mod models;
 pub mod notifier;
+pub mod poison;
 pub mod profile;
 pub mod store;
 pub mod triggers;

@@ -1,13 +1,13 @@
 //! Metric names of the speed layer and the notifier, and the Prometheus endpoint.
 
 use std::net::SocketAddr;
-use std::sync::atomic::AtomicBool;
-use std::sync::Arc;
 
 use metrics_exporter_prometheus::PrometheusHandle;
+pub use pulse_ingest::ops::Readiness;
 
 pub const EVENTS_FOLDED: &str = "pulse_speed_events_folded_total";
 pub const EVENTS_SKIPPED: &str = "pulse_speed_events_skipped_total";
+pub const EVENTS_DUPLICATE: &str = "pulse_speed_events_duplicate_total";
 pub const EVENTS_DEAD_LETTERED: &str = "pulse_speed_events_dead_lettered_total";
 pub const TRIGGERS_FIRED: &str = "pulse_speed_triggers_fired_total";
 pub const PROFILES_IN_MEMORY: &str = "pulse_speed_profiles_in_memory";
@@ -34,11 +34,12 @@ pub fn install() -> PrometheusHandle {
     pulse_ingest::ops::install_recorder()
 }
 
-/// Serves /healthz, /readyz (while `ready`) and /metrics until the process ends.
+/// Serves /healthz, /readyz (503 with the reason while `ready` says so) and /metrics until the
+/// process ends.
 pub async fn serve(
     addr: SocketAddr,
     handle: PrometheusHandle,
-    ready: Arc<AtomicBool>,
+    ready: Readiness,
 ) -> std::io::Result<()> {
-    pulse_ingest::ops::serve(addr, handle, ready, "elasticsearch unavailable").await
+    pulse_ingest::ops::serve(addr, handle, ready).await
 }

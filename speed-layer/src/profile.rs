@@ -8,10 +8,19 @@ use rust_decimal::Decimal;
 use serde::{Deserialize, Serialize};
 use serde_json::{json, Map, Value};
 
+use crate::dedupe::{DedupePolicy, RecentMessages};
 use crate::models::{ModelKind, ModelState};
 
 /// Distinct categories kept per profile, most recent first.
 pub const MAX_CATEGORIES: usize = 20;
+
+/// Distinct event types counted per profile; further types are counted under
+/// [`OTHER_EVENTS`]. A partner that sends thousands of names grows no document without bound.
+pub const MAX_EVENT_TYPES: usize = 100;
+
+/// The `event_counts` key of types beyond [`MAX_EVENT_TYPES`]. Not a valid event type (those
+/// start with a letter), so it never collides with one.
+pub const OTHER_EVENTS: &str = "_other";
 
 /// Where in the topic the last event folded into a profile came from. Events at or below it are
 /// already in the profile and are skipped when re-read after a crash.
@@ -48,16 +57,23 @@ pub struct Profile {
     pub event_count: u64,
     pub event_counts: BTreeMap<String, u64>,
     pub watermark: Option<Watermark>,
+    /// Message ids folded recently: a client retry of one of them is not folded again.
+    pub recent: RecentMessages,
     /// Model name → state, for the models enabled.
     pub models: BTreeMap<&'static str, Box<dyn ModelState>>,
 }
 
 /// What folding one record did.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Fold {
     Applied,
     /// At or below the watermark: already in the profile.
     Skipped,
+    /// A message id the profile folded already: a client's retry, not a new event.
+    Duplicate,
+    /// The event cannot be folded (a sum would leave the amount range); the profile is
+    /// unchanged and the record is dead-lettered with this reason.
+    Refused(String),
 }
 
 impl Profile {
@@ -84,26 +100,53 @@ impl Profile {
             event_count: 0,
             event_counts: BTreeMap::new(),
             watermark: None,
+            recent: RecentMessages::default(),
             models: models.iter().map(|k| (k.name, k.fresh())).collect(),
         }
     }
 
-    /// Folds the event read at `at`, unless the profile already contains it.
-    pub fn fold(&mut self, event: &Event, at: Watermark) -> Fold {
+    /// Folds the event read at `at`, unless the profile already contains it (by offset or
+    /// by message id) or cannot hold it. Nothing changes unless the answer is `Applied`.
+    pub fn fold(&mut self, event: &Event, at: Watermark, dedupe: &DedupePolicy) -> Fold {
         if let Some(w) = self.watermark {
             if w.partition == at.partition && at.offset <= w.offset {
                 return Fold::Skipped;
             }
         }
+        if self.recent.contains(&event.message_id) {
+            return Fold::Duplicate;
+        }
+        // Sums first, checked, before anything changes: a refused event leaves no trace.
+        let (total_purchases, cart_amount) = match self.amounts_after(event) {
+            Ok(amounts) => amounts,
+            Err(reason) => return Fold::Refused(reason),
+        };
+        self.total_purchases = total_purchases;
+        self.cart_amount = cart_amount;
+        if event.event == "purchase" {
+            self.purchase_count = self.purchase_count.saturating_add(1);
+        }
         self.watermark = Some(at);
+        self.recent.insert(
+            &event.message_id,
+            event.received_at.timestamp_millis(),
+            dedupe,
+        );
         let ts = event.timestamp.timestamp();
         self.last_visit = self.last_visit.max(ts);
         self.first_seen = self.first_seen.min(ts);
-        self.event_count += 1;
-        match self.event_counts.get_mut(&event.event) {
-            Some(n) => *n += 1,
+        self.event_count = self.event_count.saturating_add(1);
+        let counted = if self.event_counts.contains_key(&event.event)
+            || self.event_counts.len() < MAX_EVENT_TYPES
+        {
+            event.event.as_str()
+        } else {
+            OTHER_EVENTS
+        };
+        match self.event_counts.get_mut(counted) {
+            Some(n) => *n = n.saturating_add(1),
             None => {
-                self.event_counts.insert(event.event.clone(), 1);
+                self.event_counts.insert(counted.to_string(), 1);
             }
         }
         let latest = |slot: &mut Option<String>, v: &Option<String>| {
@@ -123,21 +166,41 @@ impl Profile {
             self.category.insert(0, c.clone());
         }
         self.category.truncate(MAX_CATEGORIES);
-        let amount = event.cart_amount.unwrap_or_default();
-        match event.event.as_str() {
-            "purchase" => {
-                self.total_purchases += amount;
-                self.purchase_count += 1;
-                self.cart_amount = Decimal::ZERO;
-            }
-            "add_to_cart" => self.cart_amount += amount,
-            "remove_from_cart" => self.cart_amount = (self.cart_amount - amount).max(Decimal::ZERO),
-            _ => {}
-        }
         for model in self.models.values_mut() {
             model.fold(event);
         }
         Fold::Applied
+    }
+
+    /// `(total_purchases, cart_amount)` after the event, or why they cannot hold it: every sum
+    /// must stay exact in `i64` hundredths (the `total_purchases_minor` field portals sum).
+    fn amounts_after(&self, event: &Event) -> Result<(Decimal, Decimal), String> {
+        let amount = event.cart_amount.unwrap_or_default();
+        let checked = |field: &str, from: Decimal, result: Option<Decimal>| {
+            result.filter(|d| minor_units(*d).is_some()).ok_or_else(|| {
+                format!(
+                    "cart_amount: {field} {from} with {amount} leaves the range a profile sums exactly (±{})",
+                    max_profile_sum()
+                )
+            })
+        };
+        let total = self.total_purchases;
+        let cart = self.cart_amount;
+        Ok(match event.event.as_str() {
+            "purchase" => (
+                checked("total_purchases", total, total.checked_add(amount))?,
+                Decimal::ZERO,
+            ),
+            "add_to_cart" => (
+                total,
+                checked("cart_amount", cart, cart.checked_add(amount))?,
+            ),
+            "remove_from_cart" => (
+                total,
+                checked("cart_amount", cart, cart.checked_sub(amount))?.max(Decimal::ZERO),
+            ),
+            _ => (total, cart),
+        })
     }
 
     /// The Elasticsearch document. Amounts are exact decimal strings in `_source` (mapped as
@@ -152,12 +215,14 @@ impl Profile {
             "first_seen": self.first_seen,
             "category": self.category,
             "total_purchases": self.total_purchases.normalize().to_string(),
-            "total_purchases_minor": minor_units(self.total_purchases),
+            "total_purchases_minor": minor_units(self.total_purchases).unwrap_or(i64::MAX),
             "purchase_count": self.purchase_count,
             "cart_amount": self.cart_amount.normalize().to_string(),
             "event_count": self.event_count,
             "event_counts": self.event_counts,
+            "event_types": self.event_counts.keys().filter(|k| *k != OTHER_EVENTS).collect::<Vec<_>>(),
             "watermark": self.watermark,
+            "dedupe": self.recent.to_json(),
             "updated_at": now.timestamp_millis(),
         });
         let obj = doc.as_object_mut().expect("json! object");
@@ -235,6 +300,7 @@ impl Profile {
             watermark: doc
                 .get("watermark")
                 .and_then(|v| serde_json::from_value(v.clone()).ok()),
+            recent: RecentMessages::from_json(doc.get("dedupe")),
             models: kinds
                 .iter()
                 .map(|k| {
@@ -247,13 +313,16 @@ impl Profile {
 }
 
 /// Hundredths, for integer sums in aggregations. Exact for amounts with at most two decimals;
-/// finer amounts are rounded half-even here only (the decimal string stays exact).
-fn minor_units(amount: Decimal) -> i64 {
+/// finer amounts are rounded half-even here only (the decimal string stays exact). `None`
+/// when the amount is beyond what an `i64` of hundredths holds.
+fn minor_units(amount: Decimal) -> Option<i64> {
     use rust_decimal::prelude::ToPrimitive;
-    (amount * Decimal::ONE_HUNDRED)
-        .round()
-        .to_i64()
-        .unwrap_or(i64::MAX)
+    amount.checked_mul(Decimal::ONE_HUNDRED)?.round().to_i64()
+}
+
+/// The largest sum a profile holds: `i64::MAX` hundredths.
+fn max_profile_sum() -> Decimal {
+    Decimal::from(i64::MAX) / Decimal::ONE_HUNDRED
 }
 
 #[cfg(test)]
@@ -266,9 +335,14 @@ mod tests {
         parse_event(json, &ParseContext::now()).unwrap()
     }
 
+    fn at(partition: i32, offset: i64) -> Watermark {
+        Watermark { partition, offset }
+    }
+
     #[test]
     fn folds_and_skips_below_watermark() {
         let kinds = registry();
+        let d = DedupePolicy::default();
         let cart = ev(
             r#"{"event":"add_to_cart","partner_id":"p","user_id":"u","cart_amount":"10.10","category":["a","b"],"gender":"female"}"#,
         );
@@ -276,46 +350,10 @@ mod tests {
             r#"{"event":"purchase","partner_id":"p","user_id":"u","cart_amount":"0.20","country":"TR"}"#,
         );
         let mut p = Profile::new(&cart, &kinds);
-        assert_eq!(
-            p.fold(
-                &cart,
-                Watermark {
-                    partition: 3,
-                    offset: 10
-                }
-            ),
-            Fold::Applied
-        );
-        assert_eq!(
-            p.fold(
-                &buy,
-                Watermark {
-                    partition: 3,
-                    offset: 11
-                }
-            ),
-            Fold::Applied
-        );
-        assert_eq!(
-            p.fold(
-                &buy,
-                Watermark {
-                    partition: 3,
-                    offset: 11
-                }
-            ),
-            Fold::Skipped
-        );
-        assert_eq!(
-            p.fold(
-                &cart,
-                Watermark {
-                    partition: 3,
-                    offset: 5
-                }
-            ),
-            Fold::Skipped
-        );
+        assert_eq!(p.fold(&cart, at(3, 10), &d), Fold::Applied);
+        assert_eq!(p.fold(&buy, at(3, 11), &d), Fold::Applied);
+        assert_eq!(p.fold(&buy, at(3, 11), &d), Fold::Skipped);
+        assert_eq!(p.fold(&cart, at(3, 5), &d), Fold::Skipped);
         assert_eq!(p.total_purchases.to_string(), "0.20");
         assert_eq!(p.purchase_count, 1);
         assert_eq!(p.cart_amount, Decimal::ZERO);
@@ -326,23 +364,91 @@ mod tests {
         let doc = p.to_document(&kinds, now);
         assert_eq!(doc["gender_last"], json!("female"));
         assert_eq!(doc["total_purchases_minor"], json!(20));
+        assert_eq!(doc["event_types"], json!(["add_to_cart", "purchase"]));
         let back = Profile::from_document(&doc, &kinds).unwrap();
         assert_eq!(back.to_document(&kinds, now), doc);
     }
 
     #[test]
+    fn a_retried_message_id_is_folded_once_also_after_reload() {
+        let kinds = registry();
+        let d = DedupePolicy::default();
+        let buy = ev(
+            r#"{"event":"purchase","partner_id":"p","user_id":"u","cart_amount":"5","message_id":"order-1"}"#,
+        );
+        let mut p = Profile::new(&buy, &kinds);
+        assert_eq!(p.fold(&buy, at(0, 1), &d), Fold::Applied);
+        // The same message at a later offset: a client retry.
+        assert_eq!(p.fold(&buy, at(0, 2), &d), Fold::Duplicate);
+        let mut back = Profile::from_document(&p.to_document(&kinds, Utc::now()), &kinds).unwrap();
+        assert_eq!(back.fold(&buy, at(0, 3), &d), Fold::Duplicate);
+        assert_eq!(back.total_purchases.to_string(), "5");
+        assert_eq!(back.purchase_count, 1);
+        // Only the profile's own ids count: the same id elsewhere is a different event.
+        let other = ev(
+            r#"{"event":"purchase","partner_id":"q","user_id":"u","cart_amount":"5","message_id":"order-1"}"#,
+        );
+        let mut q = Profile::new(&other, &kinds);
+        assert_eq!(q.fold(&other, at(0, 4), &d), Fold::Applied);
+    }
+
+    #[test]
+    fn sums_that_leave_the_range_are_refused_without_a_trace() {
+        let kinds = registry();
+        let d = DedupePolicy::default();
+        let big = |id: &str| {
+            ev(&format!(
+                r#"{{"event":"purchase","partner_id":"p","user_id":"u","cart_amount":"1000000000000","message_id":"{id}"}}"#
+            ))
+        };
+        let mut p = Profile::new(&big("0"), &kinds);
+        p.total_purchases = max_profile_sum() - Decimal::from(10);
+        let before = p.to_document(&kinds, Utc::now());
+        match p.fold(&big("1"), at(0, 1), &d) {
+            Fold::Refused(reason) => assert!(
+                reason.starts_with("cart_amount: total_purchases"),
+                "{reason}"
+            ),
+            other => panic!("{other:?}"),
+        }
+        let after = p.to_document(&kinds, Utc::now());
+        assert_eq!(after["total_purchases"], before["total_purchases"]);
+        assert_eq!(after["watermark"], before["watermark"]);
+        assert_eq!(after["event_count"], before["event_count"]);
+        // Far below the bound, the same event folds.
+        let mut q = Profile::new(&big("2"), &kinds);
+        assert_eq!(q.fold(&big("2"), at(0, 2), &d), Fold::Applied);
+    }
+
+    #[test]
+    fn event_types_beyond_the_cap_count_as_other() {
+        let kinds = registry();
+        let d = DedupePolicy::default();
+        let first = ev(r#"{"event":"t0","partner_id":"p","user_id":"u"}"#);
+        let mut p = Profile::new(&first, &kinds);
+        for i in 0..(MAX_EVENT_TYPES + 50) {
+            let e = ev(&format!(
+                r#"{{"event":"t{i}","partner_id":"p","user_id":"u"}}"#
+            ));
+            assert_eq!(p.fold(&e, at(0, i as i64), &d), Fold::Applied);
+        }
+        assert_eq!(p.event_counts.len(), MAX_EVENT_TYPES + 1);
+        assert_eq!(p.event_counts[OTHER_EVENTS], 50);
+        assert_eq!(p.event_count, (MAX_EVENT_TYPES + 50) as u64);
+    }
+
+    #[test]
     fn float_free_sums() {
         let kinds = registry();
-        let buy = ev(r#"{"event":"purchase","partner_id":"p","user_id":"u","cart_amount":0.1}"#);
-        let mut p = Profile::new(&buy, &kinds);
+        let d = DedupePolicy::default();
+        let buy = |i: i64| {
+            ev(&format!(
+                r#"{{"event":"purchase","partner_id":"p","user_id":"u","cart_amount":0.1,"message_id":"m{i}"}}"#
+            ))
+        };
+        let mut p = Profile::new(&buy(0), &kinds);
         for i in 0..3 {
-            p.fold(
-                &buy,
-                Watermark {
-                    partition: 0,
-                    offset: i,
-                },
-            );
+            assert_eq!(p.fold(&buy(i), at(0, i), &d), Fold::Applied);
         }
         assert_eq!(p.total_purchases.to_string(), "0.3");
     }

@@ -350,10 +350,23 @@ async fn check(resp: elasticsearch::http::response::Response) -> Result<Value, S
     })
 }
 
-/// Keyword (not analysed) strings, dates as dates, amounts as exact strings mapped to `double`
-/// plus integer minor units, model state stored but not indexed.
+/// Keyword (not analysed) strings; `last_visit`/`first_seen` as `long` epoch seconds, so the
+/// documented range query with a plain number (`{"gte": 1796046970}`) means seconds (a `date`
+/// field would read a bare number as epoch *milliseconds*); amounts as exact strings mapped to
+/// `double` plus integer minor units; model state and dedupe ids stored but not indexed.
+///
+/// Nothing is mapped dynamically: `event_counts` indexes the standard event types only (the
+/// others stay in `_source`, counted, and every type a profile has is in the `event_types`
+/// keyword list). A partner that sends thousands of event names can never exhaust the index's
+/// field limit and make Elasticsearch refuse other partners' documents.
 pub fn profile_mapping() -> Value {
     let keyword = json!({"type": "keyword"});
+    let long = json!({"type": "long"});
+    let counts: serde_json::Map<String, Value> = pulse_core::names::STANDARD_EVENT_TYPES
+        .iter()
+        .chain([&crate::profile::OTHER_EVENTS])
+        .map(|t| (t.to_string(), long.clone()))
+        .collect();
     json!({
         "dynamic": false,
         "properties": {
@@ -368,24 +381,23 @@ pub fn profile_mapping() -> Value {
             "language": keyword,
             "referrer": {"type": "keyword", "ignore_above": 2048},
             "user_agent": {"type": "keyword", "ignore_above": 1024},
-            "last_visit": {"type": "date", "format": "epoch_second"},
-            "first_seen": {"type": "date", "format": "epoch_second"},
+            "last_visit": long,
+            "first_seen": long,
             "updated_at": {"type": "date", "format": "epoch_millis"},
             "category": keyword,
             "total_purchases": {"type": "double"},
-            "total_purchases_minor": {"type": "long"},
-            "purchase_count": {"type": "long"},
+            "total_purchases_minor": long,
+            "purchase_count": long,
             "cart_amount": {"type": "double"},
-            "event_count": {"type": "long"},
-            "event_counts": {"type": "object", "dynamic": true},
+            "event_count": long,
+            "event_counts": {"type": "object", "dynamic": false, "properties": counts},
+            "event_types": keyword,
             "gender_last": keyword,
             "gender_top": keyword,
             "gender_top_7d": keyword,
-            "watermark": {"properties": {"partition": {"type": "integer"}, "offset": {"type": "long"}}},
-            "models": {"type": "object", "enabled": false}
-        },
-        "dynamic_templates": [
-            {"counts": {"path_match": "event_counts.*", "mapping": {"type": "long"}}}
-        ]
+            "watermark": {"properties": {"partition": {"type": "integer"}, "offset": long}},
+            "models": {"type": "object", "enabled": false},
+            "dedupe": {"type": "object", "enabled": false}
+        }
     })
 }

@@ -1,8 +1,8 @@
 //! Trigger rules: "event = add_to_cart and cart_amount > 100 → push with template T".
 //!
 //! Rules come from a TOML file. A fired trigger carries an idempotency key derived from the
-//! rule and the event's `message_id`, so an event that is re-read after a crash, or replayed,
-//! produces the same key and the notifier (and the partner's push service, through the
+//! rule and the event's partner, user and `message_id`, so an event that is re-read after a
+//! crash, or replayed, produces the same key and the notifier (and the partner's push service, through the
 //! `Idempotency-Key` header) delivers it once.
 
 use std::path::Path;
@@ -139,9 +139,24 @@ impl TriggerRule {
         event.event == self.event && self.when.iter().all(|c| c.holds(event))
     }
 
-    /// Same rule, same event → same key, however often the event is read.
+    /// Same rule, same event → same key, however often the event is read or retried.
+    ///
+    /// Scoped by partner and user, not by `message_id` alone: two partners may both send
+    /// `order-1001` and both get their push, and no partner can suppress another's pushes by
+    /// guessing ids. The scope is hashed (SHA-256 of the JSON array `[partner, user,
+    /// message_id]`, unambiguous whatever the ids contain) so the key stays short enough for a
+    /// push provider's `Idempotency-Key` header whatever the id lengths.
     pub fn idempotency_key(&self, event: &Event) -> String {
-        format!("{}:{}", self.id, event.message_id)
+        use sha2::{Digest, Sha256};
+        let scope = serde_json::json!([event.partner_id, event.person_id(), event.message_id]);
+        let digest = Sha256::digest(scope.to_string().as_bytes());
+        let mut key = String::with_capacity(self.id.len() + 1 + 64);
+        key.push_str(&self.id);
+        key.push(':');
+        for b in digest.iter() {
+            key.push_str(&format!("{b:02x}"));
+        }
+        key
     }
 }
 
@@ -303,7 +318,33 @@ mod tests {
         assert_eq!(ids(&hit), vec!["cart-push"]);
         assert!(ids(&cheap).is_empty());
         assert!(ids(&elsewhere).is_empty());
-        assert_eq!(rules.rules[0].idempotency_key(&hit), "cart-push:m1");
+        let key = rules.rules[0].idempotency_key(&hit);
+        assert!(
+            key.starts_with("cart-push:") && key.len() == "cart-push:".len() + 64,
+            "{key}"
+        );
+        // Same event read again → same key.
+        assert_eq!(rules.rules[0].idempotency_key(&hit), key);
+    }
+
+    #[test]
+    fn keys_are_scoped_by_partner_and_user() {
+        let rules = RuleSet::from_toml(RULES).unwrap();
+        let rule = &rules.rules[1];
+        let buy = |partner: &str, user: &str, id: &str| {
+            ev(&format!(
+                r#"{{"event":"purchase","partner_id":"{partner}","user_id":"{user}","message_id":"{id}"}}"#
+            ))
+        };
+        let a = rule.idempotency_key(&buy("a", "u", "order-1001"));
+        assert_ne!(a, rule.idempotency_key(&buy("b", "u", "order-1001")));
+        assert_ne!(a, rule.idempotency_key(&buy("a", "v", "order-1001")));
+        assert_ne!(a, rule.idempotency_key(&buy("a", "u", "order-1002")));
+        // Separators inside ids cannot make two scopes collide.
+        assert_ne!(
+            rule.idempotency_key(&buy("a", "u:x", "y")),
+            rule.idempotency_key(&buy("a", "u", "x:y"))
+        );
     }
 
     #[test]

@@ -4,13 +4,13 @@
 
 mod common;
 
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
 use common::*;
-use pulse_ingest::auth::WriteKeys;
+use pulse_ingest::auth::{KeyKind, PartnerKeys, WriteKeys};
 use pulse_speed::api::{router, ApiState};
+use pulse_tests::proxy::CutProxy;
 use serde_json::{json, Value};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -35,8 +35,10 @@ async fn profiles_equal_ground_truth_and_the_api_answers_from_them() {
     assert!(truth.values().any(|t| t.top_gender() != t.last_gender));
 
     // The gender API, over HTTP, from the stored model state.
-    let keys = WriteKeys::load(None, &["ka=shop-a".into()]).unwrap();
-    let api = ApiState::new(f.store.clone(), keys);
+    // Reads need the partner's secret read key ("ra"); its public write key ("ka") is refused.
+    let write_keys = WriteKeys::load(None, &["ka=shop-a".into()]).unwrap();
+    let read_keys = PartnerKeys::load_kind(KeyKind::Read, None, &["ra=shop-a".into()]).unwrap();
+    let api = ApiState::new(f.store.clone(), read_keys, Some(write_keys)).unwrap();
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let url = format!("http://{}", listener.local_addr().unwrap());
     tokio::spawn(async move { axum::serve(listener, router(Arc::new(api))).await });
@@ -67,7 +69,7 @@ async fn profiles_equal_ground_truth_and_the_api_answers_from_them() {
             ("MODEL3", t.top_gender_window(chrono::Utc::now(), 7)),
         ] {
             let (status, body) =
-                get(format!("/api/v1/getGender/{cid}?model={model}"), Some("ka")).await;
+                get(format!("/api/v1/getGender/{cid}?model={model}"), Some("ra")).await;
             assert_eq!(status, 200, "{body}");
             assert_eq!(
                 body,
@@ -79,13 +81,13 @@ async fn profiles_equal_ground_truth_and_the_api_answers_from_them() {
     }
     assert!(checked >= 30);
     assert_eq!(
-        get("/api/v1/getGender/nobody?model=MODEL1".into(), Some("ka"))
+        get("/api/v1/getGender/nobody?model=MODEL1".into(), Some("ra"))
             .await
             .0,
         404
     );
     assert_eq!(
-        get("/api/v1/getGender/u1?model=MODEL9".into(), Some("ka"))
+        get("/api/v1/getGender/u1?model=MODEL9".into(), Some("ra"))
             .await
             .0,
         400
@@ -96,12 +98,41 @@ async fn profiles_equal_ground_truth_and_the_api_answers_from_them() {
             .0,
         401
     );
+    assert_eq!(
+        get("/api/v1/getGender/u1?model=MODEL1".into(), Some("nope"))
+            .await
+            .0,
+        401
+    );
+    // The public write key reads nothing, on every read endpoint, whatever the user.
+    let some_user = truth
+        .keys()
+        .find(|id| id.starts_with("shop-a:"))
+        .unwrap()
+        .trim_start_matches("shop-a:")
+        .to_string();
+    for path in [
+        format!("/api/v1/getGender/{some_user}?model=MODEL1"),
+        format!("/api/v1/profiles/{some_user}"),
+    ] {
+        let (status, body) = get(path.clone(), Some("ka")).await;
+        assert_eq!(status, 403, "{path}: {body}");
+        let msg = body["error"].as_str().unwrap_or_default();
+        assert!(
+            msg.contains("write key") && msg.contains("read key"),
+            "{msg}"
+        );
+        assert!(body.get("user_id").is_none() && body.get("gender").is_none());
+    }
+    let (status, body) = get(format!("/api/v1/profiles/{some_user}"), Some("ra")).await;
+    assert_eq!(status, 200);
+    assert_eq!(body["user_id"], json!(some_user));
     // A key sees only its own partner's users.
     let other = truth.keys().find(|id| id.starts_with("shop-b:")).unwrap();
     let cid = other.trim_start_matches("shop-b:");
     if !truth.contains_key(&format!("shop-a:{cid}")) {
         assert_eq!(
-            get(format!("/api/v1/getGender/{cid}"), Some("ka")).await.0,
+            get(format!("/api/v1/getGender/{cid}"), Some("ra")).await.0,
             404
         );
     }
@@ -179,49 +210,14 @@ async fn rebalance_between_two_replicas_keeps_profiles_exact() {
     );
 }
 
-/// A TCP proxy in front of Elasticsearch that the test can cut: down means every connection,
-/// open or new, is dropped, as when the cluster is unreachable.
-async fn es_proxy(up: Arc<AtomicBool>) -> String {
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    let target = es_url().trim_start_matches("http://").to_string();
-    tokio::spawn(async move {
-        loop {
-            let Ok((mut inbound, _)) = listener.accept().await else {
-                continue;
-            };
-            let up = up.clone();
-            let target = target.clone();
-            tokio::spawn(async move {
-                if !up.load(Ordering::SeqCst) {
-                    return;
-                }
-                let Ok(mut outbound) = tokio::net::TcpStream::connect(&target).await else {
-                    return;
-                };
-                let watch = async {
-                    while up.load(Ordering::SeqCst) {
-                        tokio::time::sleep(Duration::from_millis(50)).await;
-                    }
-                };
-                tokio::select! {
-                    _ = tokio::io::copy_bidirectional(&mut inbound, &mut outbound) => {}
-                    _ = watch => {}
-                }
-            });
-        }
-    });
-    format!("http://{addr}")
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn elasticsearch_outage_backs_off_then_catches_up_with_no_loss() {
     let f = Fixture::new("outage", 8).await;
     let events = generate(9_000, 14, 800, 10);
     let truth = ground_truth(&events);
     let (first, rest) = events.split_at(3_000);
-    let up = Arc::new(AtomicBool::new(true));
-    let proxy = es_proxy(up.clone()).await;
+    let es = CutProxy::start("127.0.0.1:0", es_url().trim_start_matches("http://")).await;
+    let proxy = format!("http://{}", es.addr);
     produce(&f.topic, first).await;
     let mut speed = f.spawn_speed(&[
         "--flush-interval-secs",
@@ -239,7 +235,7 @@ async fn elasticsearch_outage_backs_off_then_catches_up_with_no_loss() {
         first.len() as u64
     );
 
-    up.store(false, Ordering::SeqCst);
+    es.cut();
     produce(&f.topic, rest).await;
     tokio::time::sleep(Duration::from_secs(6)).await;
     let during = f.documents().await;
@@ -257,7 +253,7 @@ async fn elasticsearch_outage_backs_off_then_catches_up_with_no_loss() {
         "the speed layer stays up through the outage"
     );
 
-    up.store(true, Ordering::SeqCst);
+    es.restore();
     let docs = f.wait_for_events(events.len() as u64).await;
     terminate(&mut speed);
     let problems = diff(&docs, &truth);
@@ -278,7 +274,31 @@ async fn malformed_records_go_to_the_dead_letter_topic_and_the_consumer_goes_on(
     wrong_key.message_id = "wrong-key".into();
     let wrong_key_json = wrong_key.to_canonical_json();
     let huge = vec![b'x'; 200_000];
+    // JSON in the canonical shape that breaks a rule ingest enforces: consumers check the same.
+    let canonical = |edit: &dyn Fn(&mut Value)| {
+        let mut v: Value = serde_json::from_slice(&good[2].to_canonical_json()).unwrap();
+        edit(&mut v);
+        serde_json::to_vec(&v).unwrap()
+    };
+    let no_user = canonical(&|v| {
+        let o = v.as_object_mut().unwrap();
+        o.remove("user_id");
+        o.remove("anonymous_id");
+    });
+    let huge_amount = canonical(&|v| {
+        v["event"] = json!("purchase");
+        v["cart_amount"] = json!("79228162514264337593543950335");
+    });
+    let mut deep = json!(1);
+    for _ in 0..60 {
+        deep = json!({ "x": deep });
+    }
+    let too_deep = canonical(&|v| v["properties"] = deep.clone());
+    let key2 = good[2].partition_key();
     let bad: Vec<(Option<&str>, &[u8])> = vec![
+        (Some("shop-a:"), &no_user),
+        (Some(&key2), &huge_amount),
+        (Some(&key2), &too_deep),
         (Some("shop-a:u1"), b"not json at all"),
         (Some("shop-a:u1"), b"{\"event\": \"page_view\"}"),
         (
@@ -327,6 +347,16 @@ async fn malformed_records_go_to_the_dead_letter_topic_and_the_consumer_goes_on(
         reasons.iter().any(|r| r.contains("is not the event's key")),
         "{reasons:?}"
     );
+    for want in [
+        "invalid event: user_id: required field is missing",
+        "invalid event: cart_amount: 79228162514264337593543950335 is out of range",
+        "invalid event: properties: nested 60 levels deep",
+    ] {
+        assert!(
+            reasons.iter().any(|r| r.contains(want)),
+            "{want}: {reasons:?}"
+        );
+    }
     // Payloads are kept as they were, for inspection and replay.
     assert!(dead.iter().any(|r| r.payload == b"not json at all"));
 }

@@ -3,67 +3,13 @@
 mod common;
 
 use std::collections::HashMap;
-use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use axum::body::Bytes;
-use axum::http::{HeaderMap, StatusCode};
-use axum::routing::post;
-use axum::Router;
+use axum::http::StatusCode;
 use common::*;
 use pulse_speed::triggers::TriggerMessage;
 use rust_decimal::Decimal;
 use serde_json::Value;
-
-#[derive(Clone, Default)]
-struct Received {
-    /// (idempotency key, body, arrival)
-    calls: Arc<Mutex<Vec<(String, Value, Instant)>>>,
-}
-
-impl Received {
-    fn keys(&self) -> Vec<String> {
-        self.calls
-            .lock()
-            .unwrap()
-            .iter()
-            .map(|(k, _, _)| k.clone())
-            .collect()
-    }
-}
-
-/// A push webhook on a free port that records every call and answers `status`.
-async fn webhook(status: StatusCode) -> (String, Received) {
-    let received = Received::default();
-    let r = received.clone();
-    let app = Router::new().route(
-        "/push",
-        post(move |headers: HeaderMap, body: Bytes| {
-            let r = r.clone();
-            async move {
-                let key = headers
-                    .get("idempotency-key")
-                    .and_then(|v| v.to_str().ok())
-                    .unwrap_or("")
-                    .to_string();
-                let body = serde_json::from_slice(&body).unwrap_or(Value::Null);
-                r.calls.lock().unwrap().push((key, body, Instant::now()));
-                status
-            }
-        }),
-    );
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let url = format!("http://{}/push", listener.local_addr().unwrap());
-    tokio::spawn(async move { axum::serve(listener, app).await });
-    (url, received)
-}
-
-async fn wait_until(mut done: impl FnMut() -> bool) {
-    let deadline = Instant::now() + PATIENCE;
-    while !done() && Instant::now() < deadline {
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-}
 
 const RULES: &str = r#"
 [[rule]]
@@ -83,12 +29,13 @@ async fn each_qualifying_event_is_pushed_once_even_when_re_read() {
     std::fs::write(&rules, RULES).unwrap();
     let events = generate(4_000, 21, 400, 2);
     let hundred = Decimal::from(100);
+    let rule_set = pulse_speed::triggers::RuleSet::from_toml(RULES).unwrap();
     let expected: Vec<String> = events
         .iter()
         .filter(|e| e.event == "add_to_cart")
         .filter(|e| e.cart_amount.is_some_and(|a| a >= hundred))
         .filter(|e| matches!(e.country.as_deref(), Some("TR" | "GB")))
-        .map(|e| format!("cart-push:{}", e.message_id))
+        .map(|e| rule_set.rules[0].idempotency_key(e))
         .collect();
     assert!(
         expected.len() > 20,

@@ -4,6 +4,7 @@
 //! other's records.
 
 pub mod data;
+pub mod proxy;
 
 use std::collections::HashMap;
 use std::time::{Duration, Instant};

@@ -279,6 +279,21 @@ async fn bad_input_gets_status_and_message_and_writes_nothing() {
         message,
     };
     let big_event = json!({"event": "x", "partner_id": "partner-a", "user_id": "u", "properties": {"b": "x".repeat(40_000)}});
+    let amount = |a: &str| {
+        format!(
+            r#"{{"event":"purchase","partner_id":"partner-a","user_id":"u","cart_amount":{a}}}"#
+        )
+        .into_bytes()
+    };
+    let a_year_ahead = (chrono::Utc::now() + chrono::Duration::days(365)).to_rfc3339();
+    let nested = |levels: usize| {
+        let mut v = String::from("1");
+        for _ in 0..levels {
+            v = format!(r#"{{"x":{v}}}"#);
+        }
+        format!(r#"{{"event":"x","partner_id":"partner-a","user_id":"u","properties":{v}}}"#)
+            .into_bytes()
+    };
     let mut cases = vec![
         case("malformed", Some("key-a"), b"{\"event\": ".to_vec(), StatusCode::BAD_REQUEST, "malformed JSON"),
         case("malformed array", Some("key-a"), b"[{\"event\": 1},".to_vec(), StatusCode::BAD_REQUEST, "malformed JSON array"),
@@ -289,6 +304,13 @@ async fn bad_input_gets_status_and_message_and_writes_nothing() {
         case("missing user", Some("key-a"), json!({"event": "x", "partner_id": "partner-a"}).to_string().into(), StatusCode::BAD_REQUEST, "user_id: required field is missing"),
         case("wrong type", Some("key-a"), json!({"event": "purchase", "partner_id": "partner-a", "user_id": "u", "cart_amount": true}).to_string().into(), StatusCode::BAD_REQUEST, "cart_amount: expected a number or decimal string, got true"),
         case("wrong timestamp", Some("key-a"), json!({"event": "x", "partner_id": "partner-a", "user_id": "u", "timestamp": "yesterday"}).to_string().into(), StatusCode::BAD_REQUEST, "timestamp: expected an RFC 3339"),
+        case("amount at Decimal::MAX", Some("key-a"), amount("\"79228162514264337593543950335\""), StatusCode::BAD_REQUEST, "cart_amount: 79228162514264337593543950335 is out of range; amounts must be within ±1000000000000"),
+        case("amount 1e27", Some("key-a"), amount("1e27"), StatusCode::BAD_REQUEST, "cart_amount: 1e27 is out of range"),
+        case("amount beyond any decimal", Some("key-a"), amount("1e40"), StatusCode::BAD_REQUEST, "cart_amount: 1e40 is out of range"),
+        case("amount too precise", Some("key-a"), amount("\"0.0000000001\""), StatusCode::BAD_REQUEST, "cart_amount: 0.0000000001 has more than 9 decimal places"),
+        case("a year ahead", Some("key-a"), json!({"event": "x", "partner_id": "partner-a", "user_id": "u", "timestamp": a_year_ahead}).to_string().into(), StatusCode::BAD_REQUEST, "s ahead of the time it was received"),
+        case("120 levels deep", Some("key-a"), nested(120), StatusCode::BAD_REQUEST, "properties: nested 120 levels deep; at most 32 are accepted"),
+        case("130 levels deep", Some("key-a"), nested(130), StatusCode::BAD_REQUEST, "recursion limit exceeded"),
         case("bad one in batch", Some("key-a"), json!([ok("u1"), ok("u2"), {"event": "x", "partner_id": "partner-a", "user_id": ["u"]}]).to_string().into(), StatusCode::BAD_REQUEST, "first: event 2: user_id: expected a string, got an array"),
         case("oversized event", Some("key-a"), big_event.to_string().into(), StatusCode::BAD_REQUEST, "the limit is 32768 bytes"),
         case("oversized body", Some("key-a"), json!([big_event, big_event]).to_string().into(), StatusCode::PAYLOAD_TOO_LARGE, "larger than 65536 bytes"),
@@ -386,6 +408,47 @@ async fn bad_input_gets_status_and_message_and_writes_nothing() {
         "{metrics}"
     );
     assert!(metrics.contains("pulse_ingest_requests_total"), "{metrics}");
+    // And the service is still fine for everyone.
+    let ready = client().get(format!("{url}/readyz")).send().await.unwrap();
+    assert_eq!(ready.status(), StatusCode::OK);
+    ingest.stop().await.unwrap();
+}
+
+#[tokio::test]
+async fn numeric_ids_beyond_two_to_the_53_keep_every_digit() {
+    let topic = create_topic("it-bigids", 4).await;
+    let ingest = RunningIngest::start(ingest_config(&topic)).await;
+    // Raw text: a JSON library would round these through a float before we see them.
+    let body = r#"[
+        {"event":"purchase","partner_id":"partner-a","user_id":18446744073709551617,"message_id":18446744073709551617,"session_id":18446744073709551617,"product_id":18446744073709551617,"cart_amount":1},
+        {"event":"purchase","partner_id":"partner-a","user_id":18446744073709551618,"message_id":18446744073709551618,"session_id":18446744073709551618,"product_id":18446744073709551618,"cart_amount":1},
+        {"event":"page_view","partner_id":"partner-a","anonymous_id":18446744073709551619}
+    ]"#;
+    let (status, answer) = post(&ingest.url, "/v1/events", Some("key-a"), body.to_string()).await;
+    assert_eq!(status, StatusCode::OK, "{answer}");
+    assert_eq!(answer["message_ids"][0], json!("18446744073709551617"));
+    assert_eq!(answer["message_ids"][1], json!("18446744073709551618"));
+    let records = read_topic(&topic, 3, Duration::from_millis(500));
+    let mut keys: Vec<&str> = records.iter().map(|r| r.key.as_str()).collect();
+    keys.sort();
+    assert_eq!(
+        keys,
+        vec![
+            "partner-a:18446744073709551617",
+            "partner-a:18446744073709551618",
+            "partner-a:18446744073709551619"
+        ],
+        "two users, not one"
+    );
+    for r in &records {
+        let e = Event::from_canonical_json(&r.payload).unwrap();
+        let id = e.person_id().to_string();
+        if e.event == "purchase" {
+            assert_eq!(e.message_id, id);
+            assert_eq!(e.session_id.as_deref(), Some(id.as_str()));
+            assert_eq!(e.product_id.as_deref(), Some(id.as_str()));
+        }
+    }
     ingest.stop().await.unwrap();
 }
 

@@ -8,6 +8,10 @@ use std::sync::Arc;
 
 use clap::Parser;
 use pulse_batch::archiver::{run, ArchiverConfig};
+use pulse_ingest::ops::Readiness;
+
+/// A consumer loop that has not turned for this long is reported not ready.
+const STALL_AFTER: std::time::Duration = std::time::Duration::from_secs(60);
 
 #[derive(Parser)]
 #[command(
@@ -22,18 +26,19 @@ struct Cli {
 
 fn main() -> anyhow::Result<()> {
     pulse_core::telemetry::init_tracing();
+    pulse_core::telemetry::exit_on_panic();
     let config = Cli::parse().config;
     let stop = Arc::new(AtomicBool::new(false));
-    let healthy = Arc::new(AtomicBool::new(true));
+    // Not ready while the object store fails, or when the loop stops turning.
+    let ready = Readiness::with_heartbeat("object store unavailable", STALL_AFTER);
     let signal_stop = stop.clone();
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()?;
     let handle = pulse_ingest::ops::install_recorder();
-    let (listen, ready) = (config.metrics_listen, healthy.clone());
+    let (listen, endpoint_ready) = (config.metrics_listen, ready.clone());
     rt.spawn(async move {
-        let reason = "object store unavailable";
-        if let Err(e) = pulse_ingest::ops::serve(listen, handle, ready, reason).await {
+        if let Err(e) = pulse_ingest::ops::serve(listen, handle, endpoint_ready).await {
             tracing::error!(error = %e, %listen, "metrics endpoint failed");
         }
     });
@@ -42,7 +47,7 @@ fn main() -> anyhow::Result<()> {
         rt.block_on(pulse_ingest::server::shutdown_signal());
         signal_stop.store(true, Ordering::Relaxed);
     });
-    let summary = run(&config, stop, healthy)?;
+    let summary = run(&config, stop, ready)?;
     tracing::info!(?summary, "archiver stopped");
     println!("{}", serde_json::to_string(&summary)?);
     Ok(())

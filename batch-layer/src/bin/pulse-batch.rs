@@ -84,6 +84,7 @@ enum Engine {
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     pulse_core::telemetry::init_tracing();
+    pulse_core::telemetry::exit_on_panic();
     match Cli::parse().command {
         Command::Sql {
             query,
@@ -135,9 +136,11 @@ async fn main() -> anyhow::Result<()> {
                     println!("{}", serde_json::to_string(&report)?);
                 } else {
                     println!(
-                        "{}  {} rows from {} files into {}.{}.{}  ({:?}; jobs {})",
+                        "{}  {} rows ({} archived, {} client retries dropped) from {} files into {}.{}.{}  ({:?}; jobs {})",
                         report.date,
                         report.rows,
+                        report.archived_rows,
+                        report.duplicates,
                         report.files,
                         wh.project,
                         wh.dataset,

@@ -1,14 +1,17 @@
 //! Loading one day of the archive into its BigQuery partition, idempotently.
 //!
 //! Only committed files (covered by a progress marker, see [`crate::layout`]) are loaded, named
-//! one by one: a wildcard would also pick up a file the archiver is writing right now. Loading
-//! day D replaces partition D, so re-running it after late data arrived is safe:
+//! one by one: a wildcard would also pick up a file the archiver is writing right now. The
+//! files go into a staging table first; partition D is then replaced by the staging rows of D
+//! with each `(partner_id, message_id)` once ([`crate::dedupe`]: a client retry counts once in
+//! every report). Re-running a day after late data arrived is safe:
 //!
-//! - [`PartitionWrite::Decorator`] (production): a load job into `events$YYYYMMDD` with
-//!   WRITE_TRUNCATE, which BigQuery applies atomically to that partition alone.
-//! - [`PartitionWrite::Staging`]: a load job into a staging table, then one transaction that
-//!   deletes partition D and inserts the staging rows. Same effect, for engines without
-//!   partition decorators (the local emulator).
+//! - [`PartitionWrite::Decorator`] (production): a query job over the staging table with the
+//!   destination `events$YYYYMMDD` and WRITE_TRUNCATE, which BigQuery applies atomically to
+//!   that partition alone.
+//! - [`PartitionWrite::Staging`]: one transaction that deletes partition D and inserts the
+//!   deduplicated staging rows. Same effect, for engines without partition decorators (the
+//!   local emulator).
 
 use chrono::NaiveDate;
 use object_store::ObjectStore;
@@ -48,8 +51,12 @@ pub enum LoadError {
 pub struct LoadReport {
     pub date: NaiveDate,
     pub files: usize,
-    /// Rows BigQuery loaded (its `outputRows`), i.e. the rows partition D now holds.
+    /// Rows of the day's archive files (BigQuery's `outputRows` of the staging loads).
+    pub archived_rows: u64,
+    /// Rows partition D holds now: one per `(partner_id, message_id)`.
     pub rows: u64,
+    /// Archived rows that were client retries of a row kept (`archived_rows - rows`).
+    pub duplicates: u64,
     pub jobs: Vec<String>,
     pub mode: PartitionWrite,
 }
@@ -109,7 +116,9 @@ pub async fn load_day(
     let mut report = LoadReport {
         date,
         files: uris.len(),
+        archived_rows: 0,
         rows: 0,
+        duplicates: 0,
         jobs: Vec::new(),
         mode,
     };
@@ -119,46 +128,32 @@ pub async fn load_day(
         tracing::warn!(%date, "no committed archive files for this day; partition left as is");
         return Ok(report);
     }
-    let destination = match mode {
-        PartitionWrite::Decorator => partition_table(&wh.table, date),
-        PartitionWrite::Staging => staging_table(&wh.table, date),
-    };
+    let staging = staging_table(&wh.table, date);
     let chunks: Vec<&[String]> = uris.chunks(MAX_URIS_PER_JOB).collect();
-    if chunks.len() > 1 && mode == PartitionWrite::Decorator {
-        tracing::warn!(%date, files = uris.len(), jobs = chunks.len(),
-            "more files than one load job takes: the partition is replaced by the first job and \
-             appended to by the others, so it is partial until the last one finishes");
-    }
-    let written = write_partition(wh, &chunks, &destination, date, mode, &mut report).await;
-    if mode == PartitionWrite::Staging {
-        // Also after a failure: a staging table left behind costs storage and confuses.
-        if let Err(e) = wh.drop_table(&destination).await {
-            tracing::warn!(error = %e, table = %destination, "dropping the staging table failed");
-        }
+    let written = write_partition(wh, &chunks, &staging, date, mode, &mut report).await;
+    // Also after a failure: a staging table left behind costs storage and confuses.
+    if let Err(e) = wh.drop_table(&staging).await {
+        tracing::warn!(error = %e, table = %staging, "dropping the staging table failed");
     }
     written?;
-    tracing::info!(%date, files = report.files, rows = report.rows, ?mode, "day loaded");
+    tracing::info!(%date, files = report.files, archived_rows = report.archived_rows,
+        rows = report.rows, duplicates = report.duplicates, ?mode, "day loaded");
     Ok(report)
 }
 
-/// The load job(s), and in staging mode the replace transaction.
+/// The staging load job(s), then the deduplicated replace of partition D.
 async fn write_partition(
     wh: &Warehouse,
     chunks: &[&[String]],
-    destination: &str,
+    staging: &str,
     date: NaiveDate,
     mode: PartitionWrite,
     report: &mut LoadReport,
 ) -> Result<(), WarehouseError> {
     for (i, chunk) in chunks.iter().enumerate() {
-        let config = load_configuration(
-            wh.table_ref(destination),
-            chunk,
-            i == 0,
-            mode == PartitionWrite::Staging,
-        );
+        let config = load_configuration(wh.table_ref(staging), chunk, i == 0, true);
         let (job_id, job) = wh.run_job("load", config).await?;
-        report.rows += job
+        report.archived_rows += job
             .statistics
             .and_then(|s| s.load)
             .and_then(|l| l.output_rows)
@@ -166,30 +161,77 @@ async fn write_partition(
             .unwrap_or(0);
         report.jobs.push(job_id);
     }
-    if mode == PartitionWrite::Staging {
-        let script = replace_script(wh, destination, date);
-        let (job_id, _) = wh
-            .run_job(
-                "replace",
-                json!({"query": {"query": script, "useLegacySql": false}}),
-            )
-            .await?;
-        report.jobs.push(job_id);
-    }
+    let configuration = match mode {
+        PartitionWrite::Decorator => dedupe_query_configuration(wh, staging, date),
+        PartitionWrite::Staging => json!({"query": {
+            "query": replace_script(wh, staging, date),
+            "useLegacySql": false,
+        }}),
+    };
+    let (job_id, _) = wh.run_job("replace", configuration).await?;
+    report.jobs.push(job_id);
+    report.rows = count_day(wh, date).await?;
+    report.duplicates = report.archived_rows.saturating_sub(report.rows);
     Ok(())
 }
 
-/// One transaction: partition D of the table becomes exactly the staging rows of D.
+fn qualified(wh: &Warehouse, table: &str) -> String {
+    format!("`{}.{}.{}`", wh.project, wh.dataset, table)
+}
+
+fn day_filter(date: NaiveDate) -> String {
+    format!("`{PARTITION_COLUMN}` = DATE '{date}'")
+}
+
+/// Production: the deduplicated staging rows of D, written by a query job to `events$D` with
+/// WRITE_TRUNCATE (BigQuery replaces that partition atomically, whatever it held).
+pub fn dedupe_query_configuration(wh: &Warehouse, staging: &str, date: NaiveDate) -> Value {
+    let select =
+        crate::dedupe::first_of_each_message(&qualified(wh, staging), Some(&day_filter(date)));
+    json!({"query": {
+        "query": select,
+        "useLegacySql": false,
+        "destinationTable": wh.table_ref(&partition_table(&wh.table, date)),
+        "writeDisposition": "WRITE_TRUNCATE",
+        "createDisposition": "CREATE_NEVER",
+    }})
+}
+
+/// One transaction: partition D of the table becomes exactly the deduplicated staging rows of D.
 fn replace_script(wh: &Warehouse, staging: &str, date: NaiveDate) -> String {
-    let table = format!("`{}.{}.{}`", wh.project, wh.dataset, wh.table);
-    let staging = format!("`{}.{}.{}`", wh.project, wh.dataset, staging);
-    let day = format!("{PARTITION_COLUMN} = DATE '{date}'");
+    let table = qualified(wh, &wh.table);
+    let day = day_filter(date);
+    let select = crate::dedupe::first_of_each_message(&qualified(wh, staging), Some(&day));
     format!(
         "BEGIN TRANSACTION; \
          DELETE FROM {table} WHERE {day}; \
-         INSERT INTO {table} SELECT * FROM {staging} WHERE {day}; \
+         INSERT INTO {table} {select}; \
          COMMIT TRANSACTION;"
     )
+}
+
+/// Rows partition D holds.
+async fn count_day(wh: &Warehouse, date: NaiveDate) -> Result<u64, WarehouseError> {
+    let sql = format!(
+        "SELECT COUNT(*) AS n FROM {} WHERE {}",
+        qualified(wh, &wh.table),
+        day_filter(date)
+    );
+    let batches = wh.query(&sql).await?;
+    let n = batches
+        .first()
+        .filter(|b| b.num_rows() > 0)
+        .and_then(|b| {
+            b.column(0)
+                .as_any()
+                .downcast_ref::<arrow::array::StringArray>()
+                .map(|a| a.value(0).to_string())
+        })
+        .and_then(|t| t.parse::<u64>().ok());
+    n.ok_or_else(|| WarehouseError::Api {
+        what: format!("row count of partition {date}"),
+        message: "the query returned no number".into(),
+    })
 }
 
 /// `--since N`: the N days up to and including `today`, oldest first.

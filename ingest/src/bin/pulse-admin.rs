@@ -29,8 +29,8 @@ enum Command {
 
 #[derive(Subcommand)]
 enum TopicsCommand {
-    /// Create `events`, `events.dlq`, `triggers` and `triggers.dlq` if missing; check existing
-    /// ones. Idempotent.
+    /// Create `events`, `events.dlq`, `triggers`, `triggers.dlq` and `profiles.dlq` if missing;
+    /// check existing ones. Idempotent.
     Ensure(EnsureArgs),
     /// Records per partition (high minus low watermark) of a topic.
     Describe(InspectArgs),
@@ -191,6 +191,11 @@ async fn ensure(args: EnsureArgs) -> anyhow::Result<()> {
         },
         TopicSpec {
             name: format!("{}.dlq", args.topics.triggers),
+            partitions: args.aux_partitions,
+            replication: args.replication,
+        },
+        TopicSpec {
+            name: args.topics.profiles_dlq.clone(),
             partitions: args.aux_partitions,
             replication: args.replication,
         },

@@ -10,6 +10,7 @@ use pulse_ingest::{serve, IngestConfig};
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     pulse_core::telemetry::init_tracing();
+    pulse_core::telemetry::exit_on_panic();
     let config = IngestConfig::parse();
     let listener = tokio::net::TcpListener::bind(config.listen)
         .await

@@ -17,10 +17,12 @@ struct Cli {
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     pulse_core::telemetry::init_tracing();
+    pulse_core::telemetry::exit_on_panic();
     let config = Cli::parse().config;
     let handle = pulse_speed::metrics::install();
     let listen = config.metrics_listen;
-    let ready = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(true));
+    // The notifier has no dependency to watch beyond Kafka, which its client retries.
+    let ready = pulse_speed::metrics::Readiness::new("notifier not ready");
     tokio::spawn(async move {
         if let Err(e) = pulse_speed::metrics::serve(listen, handle, ready).await {
             tracing::error!(error = %e, %listen, "metrics endpoint failed");

@@ -4,7 +4,7 @@ use std::path::PathBuf;
 use std::sync::Arc;
 
 use clap::Parser;
-use pulse_ingest::auth::WriteKeys;
+use pulse_ingest::auth::{KeyKind, PartnerKeys};
 use pulse_speed::api::{router, ApiState};
 use pulse_speed::store::{EsArgs, ProfileStore};
 
@@ -19,7 +19,15 @@ struct Cli {
     listen: std::net::SocketAddr,
     #[command(flatten)]
     es: EsArgs,
-    /// Same keys file as ingest: a key reads its own partner's profiles.
+    /// JSON file mapping secret read keys to partner ids: `{"key": "partner_id", …}`. A read
+    /// key reads its own partner's profiles, nothing else.
+    #[arg(long, env = "PULSE_READ_KEYS_FILE")]
+    read_keys_file: Option<PathBuf>,
+    /// A read key as KEY=PARTNER_ID (repeatable; comma-separated in the environment).
+    #[arg(long = "read-key", env = "PULSE_READ_KEYS", value_delimiter = ',')]
+    read_keys: Vec<String>,
+    /// Ingest's write keys file (optional): a write key sent here is then answered 403 "needs
+    /// a read key" rather than 401 "unknown", and a key in both files is refused at start.
     #[arg(long, env = "PULSE_WRITE_KEYS_FILE")]
     write_keys_file: Option<PathBuf>,
     #[arg(long = "write-key", env = "PULSE_WRITE_KEYS", value_delimiter = ',')]
@@ -32,12 +40,20 @@ struct Cli {
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     pulse_core::telemetry::init_tracing();
+    pulse_core::telemetry::exit_on_panic();
     let cli = Cli::parse();
     pulse_speed::models::windowed_gender::set_window_days(cli.window_days);
-    let state = ApiState::new(
-        ProfileStore::new(&cli.es)?,
-        WriteKeys::load(cli.write_keys_file.as_deref(), &cli.write_keys)?,
-    );
+    let read_keys =
+        PartnerKeys::load_kind(KeyKind::Read, cli.read_keys_file.as_deref(), &cli.read_keys)?;
+    let write_keys = if cli.write_keys_file.is_some() || !cli.write_keys.is_empty() {
+        Some(PartnerKeys::load(
+            cli.write_keys_file.as_deref(),
+            &cli.write_keys,
+        )?)
+    } else {
+        None
+    };
+    let state = ApiState::new(ProfileStore::new(&cli.es)?, read_keys, write_keys)?;
     let listener = tokio::net::TcpListener::bind(cli.listen).await?;
     tracing::info!(listen = %cli.listen, "profile API listening");
     axum::serve(listener, router(Arc::new(state)))

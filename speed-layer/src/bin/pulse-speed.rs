@@ -8,6 +8,8 @@ use std::sync::Arc;
 
 use clap::{Parser, Subcommand};
 use pulse_speed::config::SpeedConfig;
+use pulse_speed::metrics::Readiness;
+use pulse_speed::poison::PoisonJournal;
 use pulse_speed::store::{EsArgs, ProfileStore};
 
 #[derive(Parser)]
@@ -45,6 +47,7 @@ fn main() -> anyhow::Result<()> {
             shards,
             replicas,
         } => {
+            pulse_core::telemetry::exit_on_panic();
             let rt = tokio::runtime::Runtime::new()?;
             let store = ProfileStore::new(&es)?;
             for line in rt.block_on(store.setup(shards, replicas))? {
@@ -56,17 +59,24 @@ fn main() -> anyhow::Result<()> {
     }
 }
 
+/// A consumer loop that has not turned for this long is reported not ready.
+const STALL_AFTER: std::time::Duration = std::time::Duration::from_secs(60);
+
 fn run(config: SpeedConfig) -> anyhow::Result<()> {
+    // A panic anywhere ends the process (so it is restarted), after journaling the record
+    // being folded, which the restart dead-letters instead of folding it again.
+    let journal = PoisonJournal::new(&config.state_dir, &config.topics.events, &config.group);
+    pulse_core::telemetry::exit_on_panic_with(move |message| journal.record_panic(message));
     let stop = Arc::new(AtomicBool::new(false));
-    let healthy = Arc::new(AtomicBool::new(true));
+    let ready = Readiness::with_heartbeat("elasticsearch unavailable", STALL_AFTER);
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(1)
         .enable_all()
         .build()?;
     let handle = pulse_speed::metrics::install();
-    let (listen, ready) = (config.metrics_listen, healthy.clone());
+    let (listen, endpoint_ready) = (config.metrics_listen, ready.clone());
     rt.spawn(async move {
-        if let Err(e) = pulse_speed::metrics::serve(listen, handle, ready).await {
+        if let Err(e) = pulse_speed::metrics::serve(listen, handle, endpoint_ready).await {
             tracing::error!(error = %e, %listen, "metrics endpoint failed");
         }
     });
@@ -75,7 +85,7 @@ fn run(config: SpeedConfig) -> anyhow::Result<()> {
         pulse_ingest::server::shutdown_signal().await;
         signal_stop.store(true, Ordering::Relaxed);
     });
-    let summary = pulse_speed::engine::run(&config, stop, healthy)?;
+    let summary = pulse_speed::engine::run(&config, stop, ready)?;
     tracing::info!(?summary, "speed layer stopped");
     println!("{}", serde_json::to_string(&summary)?);
     Ok(())

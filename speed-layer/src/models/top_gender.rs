@@ -17,7 +17,7 @@ impl ProfileModel for TopGender {
     fn fold(&mut self, event: &Event) {
         if let Some(g) = visit_gender(event) {
             match self.counts.get_mut(g) {
-                Some(n) => *n += 1,
+                Some(n) => *n = n.saturating_add(1),
                 None => {
                     self.counts.insert(g.to_string(), 1);
                 }

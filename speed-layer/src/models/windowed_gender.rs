@@ -49,7 +49,7 @@ impl ProfileModel for WindowedTopGender {
         let day = day_of(event.timestamp);
         let counts = self.days.entry(day).or_default();
         match counts.get_mut(g) {
-            Some(n) => *n += 1,
+            Some(n) => *n = n.saturating_add(1),
             None => {
                 counts.insert(g.to_string(), 1);
             }
@@ -71,7 +71,8 @@ impl ProfileModel for WindowedTopGender {
         let mut totals: BTreeMap<&String, u64> = BTreeMap::new();
         for (_, counts) in self.days.range(start..=today) {
             for (g, n) in counts {
-                *totals.entry(g).or_default() += n;
+                let total = totals.entry(g).or_default();
+                *total = total.saturating_add(*n);
             }
         }
         top(totals.into_iter())

@@ -6,7 +6,13 @@
 
 use std::collections::{BTreeMap, HashMap};
 use std::process::{Child, Command, Stdio};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
+
+use axum::body::Bytes;
+use axum::http::{HeaderMap, StatusCode};
+use axum::routing::post;
+use axum::Router;
 
 use chrono::{DateTime, TimeZone, Utc};
 use pulse_core::Event;
@@ -14,6 +20,7 @@ use pulse_speed::store::{EsArgs, ProfileStore};
 use rust_decimal::Decimal;
 use serde_json::Value;
 
+#[allow(unused_imports)] // each test file uses its own subset
 pub use pulse_tests::data::{generate, produce, produce_raw};
 pub use pulse_tests::{brokers, create_topic, read_topic, unique, PATIENCE};
 
@@ -55,12 +62,26 @@ impl Fixture {
         }
     }
 
+    /// This fixture's `--state-dir` (the poison-record journal).
+    pub fn state_dir(&self) -> String {
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("../target/test-state")
+            .join(&self.alias)
+            .display()
+            .to_string()
+    }
+
     pub fn es(&self) -> EsArgs {
         es_args(&self.alias)
     }
 
     /// `pulse-speed run` on this fixture, with extra flags.
     pub fn spawn_speed(&self, extra: &[&str]) -> Child {
+        self.spawn_speed_env(extra, &[])
+    }
+
+    /// `pulse-speed run` with extra flags and environment variables.
+    pub fn spawn_speed_env(&self, extra: &[&str], env: &[(&str, &str)]) -> Child {
         let mut cmd = Command::new(env!("CARGO_BIN_EXE_pulse-speed"));
         cmd.arg("run")
             .args(["--kafka-brokers", &brokers()])
@@ -78,13 +99,18 @@ impl Fixture {
                 "--profiles-index",
                 &format!("{}-v1", self.alias),
             ])
-            .args(["--group", &self.group, "--metrics-listen", "127.0.0.1:0"])
+            .args(["--group", &self.group])
+            .args(["--state-dir", &self.state_dir()])
             .args(extra)
             .env("RUST_LOG", "info,librdkafka=warn")
+            .envs(env.iter().copied())
             .stdout(Stdio::null())
             .stderr(log_file(&format!("speed-{}", self.alias)));
         if !extra.contains(&"--es-url") {
             cmd.args(["--es-url", &es_url()]);
+        }
+        if !extra.contains(&"--metrics-listen") {
+            cmd.args(["--metrics-listen", "127.0.0.1:0"]);
         }
         cmd.spawn().expect("spawn pulse-speed")
     }
@@ -328,4 +354,64 @@ pub fn diff(docs: &HashMap<String, Value>, truth: &HashMap<String, Truth>) -> Ve
         }
     }
     problems
+}
+
+// ---------------------------------------------------------------- push webhook
+
+#[derive(Clone, Default)]
+pub struct Received {
+    /// (idempotency key, body, arrival)
+    pub calls: Arc<Mutex<Vec<(String, Value, Instant)>>>,
+}
+
+impl Received {
+    pub fn keys(&self) -> Vec<String> {
+        self.calls
+            .lock()
+            .unwrap()
+            .iter()
+            .map(|(k, _, _)| k.clone())
+            .collect()
+    }
+}
+
+/// A push webhook on a free port that records every call and answers `status`.
+pub async fn webhook(status: StatusCode) -> (String, Received) {
+    let received = Received::default();
+    let r = received.clone();
+    let app = Router::new().route(
+        "/push",
+        post(move |headers: HeaderMap, body: Bytes| {
+            let r = r.clone();
+            async move {
+                let key = headers
+                    .get("idempotency-key")
+                    .and_then(|v| v.to_str().ok())
+                    .unwrap_or("")
+                    .to_string();
+                let body = serde_json::from_slice(&body).unwrap_or(Value::Null);
+                r.calls.lock().unwrap().push((key, body, Instant::now()));
+                status
+            }
+        }),
+    );
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}/push", listener.local_addr().unwrap());
+    tokio::spawn(async move { axum::serve(listener, app).await });
+    (url, received)
+}
+
+pub async fn wait_until(mut done: impl FnMut() -> bool) {
+    let deadline = Instant::now() + PATIENCE;
+    while !done() && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// A free local port for a child's `--metrics-listen`, so the test can query /readyz.
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("free port")
 }
