@@ -131,6 +131,19 @@ fn rows(batches: &[RecordBatch]) -> Vec<Vec<Option<String>>> {
     out
 }
 
+/// The file names of `warehouse-sql/reports/*.sql`, sorted.
+fn report_names() -> Vec<String> {
+    let mut reports: Vec<String> = std::fs::read_dir(
+        PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../warehouse-sql/reports"),
+    )
+    .unwrap()
+    .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+    .filter(|n| n.ends_with(".sql"))
+    .collect();
+    reports.sort();
+    reports
+}
+
 /// The table's metadata as the REST API gives it.
 async fn table_info(s: &Setup) -> Value {
     let url = format!(
@@ -356,14 +369,7 @@ async fn bi_reports_agree_on_bigquery_and_on_the_embedded_engine() {
         ("end".to_string(), days[days.len() - 2].to_string()),
     ]
     .into();
-    let mut reports: Vec<String> = std::fs::read_dir(
-        PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../warehouse-sql/reports"),
-    )
-    .unwrap()
-    .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
-    .filter(|n| n.ends_with(".sql"))
-    .collect();
-    reports.sort();
+    let reports = report_names();
     assert!(reports.len() >= 6, "{reports:?}");
     for name in &reports {
         let text = sql::substitute(&report(name), &params).unwrap();
@@ -451,14 +457,7 @@ async fn every_report_is_unchanged_when_all_events_are_sent_twice() {
         ("end".to_string(), days[days.len() - 1].to_string()),
     ]
     .into();
-    let mut reports: Vec<String> = std::fs::read_dir(
-        PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../warehouse-sql/reports"),
-    )
-    .unwrap()
-    .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
-    .filter(|n| n.ends_with(".sql"))
-    .collect();
-    reports.sort();
+    let reports = report_names();
     for name in &reports {
         let text = sql::substitute(&report(name), &params).unwrap();
         let sorted = |mut r: Vec<Vec<Option<String>>>| {

@@ -12,7 +12,8 @@ use std::time::Duration;
 use elasticsearch::http::transport::{SingleNodeConnectionPool, TransportBuilder};
 use elasticsearch::http::StatusCode;
 use elasticsearch::indices::{
-    IndicesCreateParts, IndicesExistsAliasParts, IndicesPutAliasParts, IndicesPutIndexTemplateParts,
+    IndicesCreateParts, IndicesExistsAliasParts, IndicesGetMappingParts, IndicesPutAliasParts,
+    IndicesPutIndexTemplateParts, IndicesPutMappingParts,
 };
 use elasticsearch::{BulkParts, Elasticsearch, GetParts, MgetParts};
 use serde_json::{json, Value};
@@ -188,6 +189,7 @@ impl ProfileStore {
             && body.contains("resource_already_exists_exception")
         {
             done.push(format!("index {} exists", self.args.index));
+            done.extend(self.upgrade_mapping().await?);
             let exists = self
                 .client
                 .indices()
@@ -216,6 +218,56 @@ impl ProfileStore {
             });
         }
         Ok(done)
+    }
+
+    /// Brings an index made by an older `setup` as close to the current mapping as
+    /// Elasticsearch allows in place: the fields added since (`event_types`, `dedupe`) and
+    /// `event_counts` no longer mapped dynamically. A field whose type changed cannot be
+    /// changed in place; that is reported, with what to do.
+    async fn upgrade_mapping(&self) -> Result<Vec<String>, StoreError> {
+        let current = profile_mapping();
+        let wanted = &current["properties"];
+        let update = json!({"properties": {
+            "event_types": wanted["event_types"],
+            "dedupe": wanted["dedupe"],
+            "event_counts": wanted["event_counts"],
+        }});
+        let resp = self
+            .client
+            .indices()
+            .put_mapping(IndicesPutMappingParts::Index(&[&self.args.index]))
+            .body(update)
+            .send()
+            .await?;
+        check(resp).await?;
+        let mut lines = vec![format!("mapping of {} brought up to date", self.args.index)];
+        let resp = self
+            .client
+            .indices()
+            .get_mapping(IndicesGetMappingParts::Index(&[&self.args.index]))
+            .send()
+            .await?;
+        let body = check(resp).await?;
+        let properties = body
+            .as_object()
+            .and_then(|o| o.values().next())
+            .map(|i| &i["mappings"]["properties"]);
+        for field in ["last_visit", "first_seen"] {
+            let have = properties.and_then(|p| p[field]["type"].as_str());
+            let want = wanted[field]["type"].as_str();
+            if have.is_some() && have != want {
+                lines.push(format!(
+                    "warning: {} maps {field} as {} (an older layout), not {}: a range query \
+                     with a plain number reads it as epoch milliseconds. Create a new index \
+                     (--profiles-index {}-v2) and move the alias to it once it is rebuilt",
+                    self.args.index,
+                    have.unwrap_or_default(),
+                    want.unwrap_or_default(),
+                    self.args.alias
+                ));
+            }
+        }
+        Ok(lines)
     }
 
     /// Documents by id (real-time, so a profile flushed a moment ago by another replica is
