@@ -229,6 +229,8 @@ pub enum TopicError {
         name: String,
         code: RDKafkaErrorCode,
     },
+    #[error("topic {0} was created, but not all its partitions had a leader within the timeout")]
+    NoLeader(String),
 }
 
 /// Creates missing topics; checks the partition count of existing ones. Idempotent.
@@ -308,7 +310,42 @@ pub async fn ensure_topics(
             Err((name, code)) => return Err(TopicError::Create { name, code }),
         }
     }
+    let names: Vec<&str> = missing.iter().map(|s| s.name.as_str()).collect();
+    wait_for_leaders(&admin, &names, timeout).await?;
     Ok(outcomes)
+}
+
+/// Creating a topic returns before its partitions have leaders, and until they do every
+/// client gets `NotLeaderForPartition`: `ensure` answers only once the topics are usable.
+async fn wait_for_leaders(
+    admin: &AdminClient<DefaultClientContext>,
+    names: &[&str],
+    timeout: Duration,
+) -> Result<(), TopicError> {
+    let deadline = std::time::Instant::now() + timeout;
+    for name in names {
+        loop {
+            let metadata = admin.inner().fetch_metadata(Some(name), timeout)?;
+            let led = metadata
+                .topics()
+                .iter()
+                .find(|t| t.name() == *name && t.error().is_none())
+                .is_some_and(|t| {
+                    !t.partitions().is_empty()
+                        && t.partitions()
+                            .iter()
+                            .all(|p| p.error().is_none() && p.leader() >= 0)
+                });
+            if led {
+                break;
+            }
+            if std::time::Instant::now() > deadline {
+                return Err(TopicError::NoLeader(name.to_string()));
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+    Ok(())
 }
 
 #[cfg(test)]

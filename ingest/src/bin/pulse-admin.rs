@@ -101,12 +101,32 @@ fn watermarks(args: &InspectArgs) -> anyhow::Result<Vec<(i32, i64, i64)>> {
         .ok_or_else(|| anyhow::anyhow!("topic {} does not exist", args.topic))?;
     let mut out = Vec::new();
     for p in topic.partitions() {
-        let (low, high) =
-            consumer.fetch_watermarks(&args.topic, p.id(), Duration::from_secs(10))?;
+        let (low, high) = fetch_watermarks(&consumer, &args.topic, p.id())?;
         out.push((p.id(), low, high));
     }
     out.sort();
     Ok(out)
+}
+
+/// A partition's watermarks. Right after a topic is created the broker can still answer
+/// "not leader" for a few seconds while leadership settles; that is waited out, up to 15 s.
+fn fetch_watermarks(
+    consumer: &BaseConsumer,
+    topic: &str,
+    partition: i32,
+) -> anyhow::Result<(i64, i64)> {
+    use rdkafka::error::{KafkaError, RDKafkaErrorCode};
+    let deadline = std::time::Instant::now() + Duration::from_secs(15);
+    loop {
+        match consumer.fetch_watermarks(topic, partition, Duration::from_secs(10)) {
+            Err(KafkaError::MetadataFetch(
+                RDKafkaErrorCode::NotLeaderForPartition | RDKafkaErrorCode::LeaderNotAvailable,
+            )) if std::time::Instant::now() < deadline => {
+                std::thread::sleep(Duration::from_millis(200));
+            }
+            other => return Ok(other?),
+        }
+    }
 }
 
 fn describe(args: &InspectArgs) -> anyhow::Result<()> {
