@@ -1,5 +1,8 @@
-//! The one rule every warehouse reader applies: each `(partner_id, message_id)` of a day
-//! counts once, the first received.
+//! The one rule every warehouse reader applies: each `(partner_id, message_id)` of a day counts
+//! once, the first received: ARCHITECTURE.md's dedupe key. (The speed layer scopes by partner,
+//! user and id, because a profile is all it can see; a retry always carries its user, so both
+//! agree on every real retry. Only two *different* users of one partner sending one id differ:
+//! two profile events, one warehouse row.)
 //!
 //! The archive stays the raw log, exactly what Kafka holds, client retries included: it is the
 //! master dataset, and dropping rows there would make it disagree with the topic. Readers see
@@ -24,18 +27,36 @@ pub fn columns() -> String {
         .join(", ")
 }
 
+/// Columns that break ties after `received_at`, so every engine keeps the same row: ingest
+/// stamps one receive time per request, and a client could send two different events with
+/// one id in it. (A producer retry writes the same record twice: identical rows, either will
+/// do.) NULLs sort first everywhere, as BigQuery does by default.
+const TIE_BREAKERS: &[&str] = &[
+    "timestamp",
+    "event",
+    "product_id",
+    "cart_amount",
+    "session_id",
+    "current_url",
+    "search_query",
+];
+
 /// `SELECT <columns> FROM <source> [WHERE <filter>]`, keeping the first received row of
-/// each `(date, partner_id, message_id)`. Ties (the same record twice, as a producer retry
-/// writes it) are identical rows, so which one is kept does not matter.
+/// each `(date, partner_id, message_id)`.
 pub fn first_of_each_message(source: &str, filter: Option<&str>) -> String {
     let columns = columns();
     let filter = filter.map(|f| format!(" WHERE {f}")).unwrap_or_default();
+    let order: Vec<String> = std::iter::once("received_at")
+        .chain(TIE_BREAKERS.iter().copied())
+        .map(|c| format!("`{c}` ASC NULLS FIRST"))
+        .collect();
     format!(
         "SELECT {columns} FROM (\
          SELECT *, ROW_NUMBER() OVER (\
          PARTITION BY `date`, `partner_id`, `message_id` \
-         ORDER BY `received_at`, `timestamp`, `event`) AS pulse_copy \
-         FROM {source}{filter}) AS ranked WHERE pulse_copy = 1"
+         ORDER BY {}) AS pulse_copy \
+         FROM {source}{filter}) AS ranked WHERE pulse_copy = 1",
+        order.join(", ")
     )
 }
 

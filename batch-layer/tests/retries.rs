@@ -363,7 +363,6 @@ async fn a_batch_retried_after_a_broker_cut_counts_once_in_profiles_pushes_and_t
             .args(["--source-uri", &format!("gs://{bucket}/archive")])
             .args(["--bq-api-url", &api_url, "--bq-project", &project])
             .args(["--bq-dataset", &dataset, "--bq-auth", "none"])
-            .args(["--partition-write", "staging"])
             .env("RUST_LOG", "warn")
             .output()
             .unwrap();

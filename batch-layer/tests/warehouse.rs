@@ -5,9 +5,7 @@
 //! the emulator as on the embedded engine.
 //!
 //! The emulator reads `gs://bucket/path` from `$PULSE_GCS_ROOT/bucket/path`, so the archive is
-//! written there by the local object store and loaded through gs:// URIs. It has no partition
-//! decorators, so loads use `--partition-write staging`; the decorator request is covered by a
-//! unit test of its body only (see the README).
+//! written there by the local object store and loaded through gs:// URIs.
 
 mod common;
 
@@ -86,7 +84,6 @@ impl Setup {
             .args(["--source-uri", &self.source_uri])
             .args(["--bq-api-url", &api_url(), "--bq-project", &project()])
             .args(["--bq-dataset", &self.dataset, "--bq-auth", "none"])
-            .args(["--partition-write", "staging"])
             .args(extra)
             .env("RUST_LOG", "warn")
             .output()

@@ -17,6 +17,11 @@ pub const MAX_AMOUNT_SCALE: u32 = 9;
 /// whole event with: an event ingest accepts is always readable downstream.
 pub const MAX_JSON_DEPTH: usize = 32;
 
+/// The most `max_future_secs` can be set to (7 days). Consumers refuse any record dated
+/// further ahead of its `received_at`, whatever ingest was configured with, so a foreign
+/// producer's clock cannot move profiles into the future either.
+pub const MAX_FUTURE_SECS_CEILING: u32 = 7 * 86_400;
+
 /// Limits applied while parsing. The defaults follow Segment's (32 KiB per event), so payloads
 /// that Segment accepts are accepted here too.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -112,20 +112,10 @@ pub(crate) fn event_from_fields(
     let partner_id = f
         .string("partner_id", MAX_PARTNER_ID)?
         .ok_or_else(|| EventError::field("partner_id", "required field is missing"))?;
-    if partner_id.contains(':') {
-        return Err(EventError::field(
-            "partner_id",
-            "must not contain ':' (it separates partner and user in the Kafka key)",
-        ));
-    }
+    // The ':' rule and "user_id or anonymous_id" are checked with the others, in
+    // `check_canonical` below, which every consumer applies too.
     let user_id = f.string("user_id", MAX_USER_ID)?;
     let anonymous_id = f.string("anonymous_id", MAX_USER_ID)?;
-    if user_id.is_none() && anonymous_id.is_none() {
-        return Err(EventError::field(
-            "user_id",
-            "required field is missing (send user_id or anonymous_id)",
-        ));
-    }
     let timestamp = f.timestamp("timestamp")?.unwrap_or(ctx.received_at);
     let latest = ctx.received_at + chrono::Duration::seconds(i64::from(ctx.limits.max_future_secs));
     if timestamp > latest {

@@ -32,10 +32,11 @@ pub fn exit_on_panic() {
 pub fn exit_on_panic_with(last_words: impl Fn(&str) + Send + Sync + 'static) {
     let default = std::panic::take_hook();
     std::panic::set_hook(Box::new(move |info| {
-        default(info);
+        // Last words first: logging could itself fail.
         let message = panic_message(info);
-        tracing::error!(panic = %message, "panic: ending the process so that it is restarted");
         last_words(&message);
+        default(info);
+        tracing::error!(panic = %message, "panic: ending the process so that it is restarted");
         std::process::abort();
     }));
 }

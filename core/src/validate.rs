@@ -11,7 +11,7 @@ use serde_json::{Map, Value};
 
 use crate::error::EventError;
 use crate::event::Event;
-use crate::limits::{MAX_AMOUNT, MAX_AMOUNT_SCALE, MAX_JSON_DEPTH};
+use crate::limits::{MAX_AMOUNT, MAX_AMOUNT_SCALE, MAX_FUTURE_SECS_CEILING, MAX_JSON_DEPTH};
 use crate::names::MAX_EVENT_NAME;
 
 /// Longest `partner_id`, `message_id` and user ids, in characters.
@@ -60,6 +60,17 @@ pub fn check_canonical(event: &Event) -> Result<(), EventError> {
     }
     check_depth("properties", event.properties.as_ref())?;
     check_depth("context", event.context.as_ref())?;
+    let ceiling = chrono::Duration::seconds(i64::from(MAX_FUTURE_SECS_CEILING));
+    if event.timestamp > event.received_at + ceiling {
+        return Err(EventError::field(
+            "timestamp",
+            format!(
+                "{} is more than {MAX_FUTURE_SECS_CEILING} s ahead of received_at {}",
+                event.timestamp.to_rfc3339(),
+                event.received_at.to_rfc3339()
+            ),
+        ));
+    }
     Ok(())
 }
 
@@ -176,6 +187,22 @@ mod tests {
         assert!(check_amount("cart_amount", d("0.1234567891")).is_err());
         // Trailing zeros are not decimal places that matter.
         assert!(check_amount("cart_amount", d("1.50000000000")).is_ok());
+    }
+
+    #[test]
+    fn a_record_dated_beyond_the_ceiling_is_refused() {
+        let mut e = crate::parse_event(
+            r#"{"event":"x","partner_id":"p","user_id":"u"}"#,
+            &crate::ParseContext::now(),
+        )
+        .unwrap();
+        assert!(check_canonical(&e).is_ok());
+        e.timestamp = e.received_at + chrono::Duration::days(8);
+        let err = check_canonical(&e).unwrap_err().to_string();
+        assert!(
+            err.starts_with("timestamp: ") && err.contains("ahead"),
+            "{err}"
+        );
     }
 
     #[test]

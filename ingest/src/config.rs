@@ -52,7 +52,9 @@ pub struct IngestConfig {
     /// How far ahead of the receive time an event's `timestamp` may be, in seconds; events
     /// further in the future are refused with 400 (a wrong client clock would otherwise move
     /// `last_visit` into the future for good).
-    #[arg(long, env = "PULSE_MAX_FUTURE_SECS", default_value_t = Limits::default().max_future_secs)]
+    /// At most 604800 (7 days): consumers refuse anything further ahead whatever this says.
+    #[arg(long, env = "PULSE_MAX_FUTURE_SECS", default_value_t = Limits::default().max_future_secs,
+          value_parser = clap::value_parser!(u32).range(0..=i64::from(pulse_core::limits::MAX_FUTURE_SECS_CEILING)))]
     pub max_future_secs: u32,
 
     /// Seconds a client is told to wait (Retry-After) when Kafka is unavailable.

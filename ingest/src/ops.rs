@@ -40,6 +40,10 @@ struct ReadinessState {
 }
 
 impl Readiness {
+    /// How long a consumer loop may go without a beat before it is reported not ready: far
+    /// above one turn (a poll of 100 ms, a batch, a flush), far below "someone noticed".
+    pub const STALL_AFTER: Duration = Duration::from_secs(60);
+
     /// Ready while healthy; `not_ready` is the 503 answer's reason.
     pub fn new(not_ready: &'static str) -> Self {
         Self::build(not_ready, None)

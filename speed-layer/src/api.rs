@@ -161,8 +161,10 @@ async fn get_profile(
     };
     match load(&state, &partner, &cid).await {
         Ok(mut doc) => {
+            // Internal state, not the profile: model state and the dedupe digests.
             if let Some(o) = doc.as_object_mut() {
                 o.remove("models");
+                o.remove("dedupe");
             }
             Json(doc).into_response()
         }

@@ -82,6 +82,13 @@ pub struct SpeedConfig {
     pub metrics_listen: SocketAddr,
 }
 
+impl SpeedConfig {
+    /// The journal of records that made this consumer panic (see [`crate::poison`]).
+    pub fn poison_journal(&self) -> crate::poison::PoisonJournal {
+        crate::poison::PoisonJournal::new(&self.state_dir, &self.topics.events, &self.group)
+    }
+}
+
 /// When dirty profiles are written to Elasticsearch.
 #[derive(Debug, Clone, clap::Args)]
 pub struct FlushPolicy {

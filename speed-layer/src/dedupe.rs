@@ -4,10 +4,13 @@
 //! ingest replica can write a batch and then fail to answer: the same event then sits in the
 //! topic twice, at two offsets. The offset watermark cannot tell them apart; the message id
 //! can. One user's events share a key, hence a partition and a profile, so the profile is the
-//! natural, exact place to remember which ids it has folded: no global set, no false
-//! positives, nothing another partner can reach (the scope is the profile, i.e. partner and
-//! user). The ids are stored with the document (not indexed), so they survive eviction,
-//! reload and crashes exactly like the rest of the profile.
+//! natural place to remember which ids it has folded: no global set, nothing another partner
+//! can reach (the scope is the profile, i.e. partner and user). What is remembered is a
+//! 128-bit digest of each id (the first half of its SHA-256), not the id: ids are up to 128
+//! characters of the client's choosing, and a public write key must not be able to grow a
+//! profile by 128 KiB; a digest is 24 bytes with its time in memory, and two ids of one user
+//! colliding is a 2^-128 event, not a 1% one. The digests are stored with the document (not
+//! indexed), so they survive eviction, reload and crashes exactly like the rest of the profile.
 //!
 //! Bounded by a time window on `received_at` and a count cap ([`DedupePolicy`]): a retry that
 //! arrives later than the window after the newest event, or behind more than the cap of newer
@@ -46,21 +49,23 @@ impl Default for DedupePolicy {
     }
 }
 
-/// Hashes compare fast; the id itself decides, so a collision cannot drop an event.
-fn hasher() -> &'static ahash::RandomState {
-    static STATE: std::sync::OnceLock<ahash::RandomState> = std::sync::OnceLock::new();
-    STATE.get_or_init(ahash::RandomState::new)
+/// The first 128 bits of the id's SHA-256: stable across processes (it is stored).
+fn digest(id: &str) -> u128 {
+    use sha2::{Digest, Sha256};
+    let full = Sha256::digest(id.as_bytes());
+    let mut first = [0u8; 16];
+    first.copy_from_slice(&full[..16]);
+    u128::from_be_bytes(first)
 }
 
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 struct Seen {
-    hash: u64,
-    id: Box<str>,
+    digest: u128,
     /// `received_at` of the event, epoch milliseconds.
     at_ms: i64,
 }
 
-/// The message ids a profile folded recently, oldest first.
+/// The message ids a profile folded recently (as digests), oldest first.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct RecentMessages {
     seen: VecDeque<Seen>,
@@ -69,15 +74,14 @@ pub struct RecentMessages {
 
 impl RecentMessages {
     pub fn contains(&self, id: &str) -> bool {
-        let hash = hasher().hash_one(id);
-        self.seen.iter().any(|s| s.hash == hash && &*s.id == id)
+        let digest = digest(id);
+        self.seen.iter().any(|s| s.digest == digest)
     }
 
     /// Remembers `id`, then forgets what fell out of the window or beyond the cap.
     pub fn insert(&mut self, id: &str, at_ms: i64, policy: &DedupePolicy) {
         self.seen.push_back(Seen {
-            hash: hasher().hash_one(id),
-            id: id.into(),
+            digest: digest(id),
             at_ms,
         });
         self.newest_ms = self.newest_ms.max(at_ms);
@@ -98,31 +102,30 @@ impl RecentMessages {
         self.seen.is_empty()
     }
 
-    /// `{"ids": [...], "received_at": [...]}`: stored in the document, not indexed.
+    /// `{"digests": ["<32 hex digits>", ...], "received_at": [...]}`: stored in the
+    /// document, not indexed.
     pub fn to_json(&self) -> Value {
-        let ids: Vec<&str> = self.seen.iter().map(|s| &*s.id).collect();
+        let digests: Vec<String> = self
+            .seen
+            .iter()
+            .map(|s| format!("{:032x}", s.digest))
+            .collect();
         let at: Vec<i64> = self.seen.iter().map(|s| s.at_ms).collect();
-        json!({"ids": ids, "received_at": at})
+        json!({"digests": digests, "received_at": at})
     }
 
     /// Restores what [`Self::to_json`] wrote; anything unreadable restores as empty (a profile
     /// written before dedupe existed).
     pub fn from_json(v: Option<&Value>) -> Self {
-        let (Some(ids), Some(at)) = (
-            v.and_then(|v| v.get("ids")).and_then(Value::as_array),
-            v.and_then(|v| v.get("received_at"))
-                .and_then(Value::as_array),
-        ) else {
+        let field = |name: &str| v.and_then(|v| v.get(name)).and_then(Value::as_array);
+        let (Some(digests), Some(at)) = (field("digests"), field("received_at")) else {
             return Self::default();
         };
         let mut out = Self::default();
-        for (id, at) in ids.iter().zip(at) {
-            if let (Some(id), Some(at_ms)) = (id.as_str(), at.as_i64()) {
-                out.seen.push_back(Seen {
-                    hash: hasher().hash_one(id),
-                    id: id.into(),
-                    at_ms,
-                });
+        for (d, at) in digests.iter().zip(at) {
+            let digest = d.as_str().and_then(|h| u128::from_str_radix(h, 16).ok());
+            if let (Some(digest), Some(at_ms)) = (digest, at.as_i64()) {
+                out.seen.push_back(Seen { digest, at_ms });
                 out.newest_ms = out.newest_ms.max(at_ms);
             }
         }
@@ -162,6 +165,10 @@ mod tests {
         let back = RecentMessages::from_json(Some(&r.to_json()));
         assert_eq!(back, r);
         assert!(RecentMessages::from_json(None).is_empty());
-        assert!(RecentMessages::from_json(Some(&json!({"ids": 3}))).is_empty());
+        assert!(RecentMessages::from_json(Some(&json!({"digests": 3}))).is_empty());
+        // A digest is 32 hex digits whatever the id's length.
+        let mut long = RecentMessages::default();
+        long.insert(&"x".repeat(128), 1, &DedupePolicy::default());
+        assert_eq!(long.to_json()["digests"][0].as_str().unwrap().len(), 32);
     }
 }

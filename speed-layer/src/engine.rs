@@ -183,7 +183,7 @@ pub fn run(
     stop: Arc<AtomicBool>,
     ready: Readiness,
 ) -> Result<RunSummary, EngineError> {
-    let journal = PoisonJournal::new(&config.state_dir, &config.topics.events, &config.group);
+    let journal = config.poison_journal();
     let poison = journal.load();
     if !poison.is_empty() {
         tracing::warn!(records = poison.len(), journal = %journal.path().display(),
@@ -392,6 +392,8 @@ impl Engine {
             }
             parsed.push((msg, result));
         }
+        // Loading is not any one record's doing.
+        poison::idle();
         self.load(&missing);
         let now_ms = Utc::now().timestamp_millis();
         let (folded, skipped, duplicates) = (self.folded, self.skipped, self.duplicates);
@@ -522,27 +524,21 @@ impl Engine {
         );
     }
 
-    /// A profile document Elasticsearch refused for good, with the reason and its version
-    /// (the offset of its last event), so it can be written again once the cause is fixed.
-    fn dead_letter_document(&self, write: &DocWrite, reason: &str) {
-        let version = write.version.to_string();
-        let headers = OwnedHeaders::new()
-            .insert(rdkafka::message::Header {
-                key: "pulse.error",
-                value: Some(reason),
-            })
-            .insert(rdkafka::message::Header {
-                key: "pulse.index",
-                value: Some(self.store.alias()),
-            })
-            .insert(rdkafka::message::Header {
-                key: "pulse.version",
-                value: Some(&version),
-            })
-            .insert(rdkafka::message::Header {
-                key: "pulse.consumer",
-                value: Some("speed"),
-            });
+    /// A profile document Elasticsearch refused for good, with the reason, the event that
+    /// last changed it as its source (the document's version is that offset) and the index,
+    /// so it can be written again once the cause is fixed.
+    fn dead_letter_document(&self, write: &DocWrite, partition: i32, reason: &str) {
+        let headers = pulse_core::kafka::dead_letter_headers(
+            reason,
+            &self.topic,
+            partition,
+            write.version,
+            "speed",
+        )
+        .insert(rdkafka::message::Header {
+            key: "pulse.index",
+            value: Some(self.store.alias()),
+        });
         self.send(&self.profiles_dlq_topic, &write.id, &write.doc, headers);
     }
 
@@ -669,7 +665,7 @@ impl Engine {
                     // profiles dead-letter topic, which the commit below waits for.
                     metrics::counter!(m::DOCS_REJECTED).increment(1);
                     tracing::error!(%id, reason, "elasticsearch rejected profile document; to dead-letter topic");
-                    self.dead_letter_document(write, &reason);
+                    self.dead_letter_document(write, *partition, &reason);
                 }
                 Ok(ItemOutcome::Retry(reason)) | Err(reason) => {
                     failed.insert(*partition);
@@ -761,12 +757,18 @@ impl Engine {
     /// Drops journaled poison records whose offset is committed: they were dead-lettered and
     /// will not be read again.
     fn forget_committed_poison(&mut self) {
-        let before = self.poison.len();
         let committed = &self.committed;
-        self.poison
-            .retain(|(p, o), _| committed.get(p).is_none_or(|c| *o >= *c));
-        if self.poison.len() != before {
-            if let Err(e) = self.journal.keep_only(&self.poison) {
+        let done: Vec<(i32, i64)> = self
+            .poison
+            .keys()
+            .filter(|(p, o)| committed.get(p).is_some_and(|c| *o < *c))
+            .copied()
+            .collect();
+        if !done.is_empty() {
+            for key in &done {
+                self.poison.remove(key);
+            }
+            if let Err(e) = self.journal.forget(&done) {
                 tracing::warn!(error = %e, journal = %self.journal.path().display(), "rewriting the poison journal failed");
             }
         }

@@ -1,35 +1,44 @@
 //! Poison records: a record that made the speed layer panic is dead-lettered on the restart
 //! instead of crashing it again and again.
 //!
-//! The engine notes which record it is handling ([`working_on`], two relaxed atomic stores per
-//! record). If handling it panics, the panic hook ([`PoisonJournal::record_panic`]) appends
-//! that record's position and the panic message to a journal file before the process aborts.
-//! On the restart the engine reads the journal and sends the record to `events.dlq` with the
-//! reason instead of handling it; entries are dropped once their offset is committed.
+//! The engine thread notes which record it is decoding or folding ([`working_on`], a
+//! thread-local store per record). If that panics, the panic hook
+//! ([`PoisonJournal::record_panic`]), which runs on the panicking thread, appends that record's
+//! position and the panic message to a journal file before the process aborts. A panic on any
+//! other thread (the flush task, the metrics endpoint), or on the engine thread between
+//! records, journals nothing: it is not a record's fault. On the restart the engine reads the
+//! journal and sends the record to `events.dlq` with the reason instead of handling it;
+//! entries are dropped once their offset is committed, or after [`MAX_ENTRY_AGE`].
 //!
-//! The journal is a local file (`--state-dir`): in Kubernetes put it on an `emptyDir`, which
-//! survives container restarts. If the partition moves to another replica meanwhile, that one
-//! panics on the record once, journals it, and skips it after its own restart.
+//! The journal is a local file (`--state-dir`, one per replica): in Kubernetes put it on an
+//! `emptyDir`, which survives container restarts. If the partition moves to another replica
+//! meanwhile, that one panics on the record once, journals it, and skips it after its own
+//! restart.
 
+use std::cell::Cell;
 use std::collections::HashMap;
 use std::io::Write;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicI32, AtomicI64, Ordering};
 
 use serde::{Deserialize, Serialize};
 
-static PARTITION: AtomicI32 = AtomicI32::new(-1);
-static OFFSET: AtomicI64 = AtomicI64::new(-1);
+/// Entries older than this are dropped when the journal is read: their record was handled by
+/// whichever replica owns its partition now, or the topic was recreated since.
+pub const MAX_ENTRY_AGE_SECS: i64 = 7 * 86_400;
 
-/// The engine is handling the record at `(partition, offset)`.
-pub fn working_on(partition: i32, offset: i64) {
-    PARTITION.store(partition, Ordering::Relaxed);
-    OFFSET.store(offset, Ordering::Relaxed);
+thread_local! {
+    /// The record this thread is handling, if any.
+    static CURRENT: Cell<Option<(i32, i64)>> = const { Cell::new(None) };
 }
 
-/// The engine is between records (a panic now is not a record's fault).
+/// This thread is handling the record at `(partition, offset)`.
+pub fn working_on(partition: i32, offset: i64) {
+    CURRENT.with(|c| c.set(Some((partition, offset))));
+}
+
+/// This thread is between records (a panic now is not a record's fault).
 pub fn idle() {
-    PARTITION.store(-1, Ordering::Relaxed);
+    CURRENT.with(|c| c.set(None));
 }
 
 /// One record that made the process panic.
@@ -39,6 +48,9 @@ pub struct Poison {
     pub partition: i32,
     pub offset: i64,
     pub reason: String,
+    /// When it was journaled, epoch seconds.
+    #[serde(default)]
+    pub at: i64,
 }
 
 /// The journal file of poison records for one topic and consumer group.
@@ -70,18 +82,18 @@ impl PoisonJournal {
         &self.path
     }
 
-    /// From the panic hook: journals the record being handled, if any. Best effort, never
-    /// panics (a panic inside a panic hook aborts without a word).
+    /// From the panic hook: journals the record the panicking thread is handling, if any.
+    /// Best effort, never panics (a panic inside a panic hook aborts without a word).
     pub fn record_panic(&self, reason: &str) {
-        let partition = PARTITION.load(Ordering::Relaxed);
-        if partition < 0 {
+        let Some((partition, offset)) = CURRENT.with(Cell::get) else {
             return;
-        }
+        };
         let entry = Poison {
             topic: self.topic.clone(),
             partition,
-            offset: OFFSET.load(Ordering::Relaxed),
+            offset,
             reason: reason.chars().take(1000).collect(),
+            at: chrono::Utc::now().timestamp(),
         };
         let Ok(line) = serde_json::to_string(&entry) else {
             return;
@@ -109,21 +121,34 @@ impl PoisonJournal {
         }
     }
 
+    fn entries(&self) -> Vec<Poison> {
+        let Ok(text) = std::fs::read_to_string(&self.path) else {
+            return Vec::new();
+        };
+        let oldest = chrono::Utc::now().timestamp() - MAX_ENTRY_AGE_SECS;
+        text.lines()
+            .filter_map(|l| serde_json::from_str::<Poison>(l).ok())
+            .filter(|p| p.topic == self.topic && p.at >= oldest)
+            .collect()
+    }
+
     /// The journaled records of this topic, by position. A missing or unreadable file is an
     /// empty journal (unreadable lines are skipped).
     pub fn load(&self) -> HashMap<(i32, i64), String> {
-        let Ok(text) = std::fs::read_to_string(&self.path) else {
-            return HashMap::new();
-        };
-        text.lines()
-            .filter_map(|l| serde_json::from_str::<Poison>(l).ok())
-            .filter(|p| p.topic == self.topic)
+        self.entries()
+            .into_iter()
             .map(|p| ((p.partition, p.offset), p.reason))
             .collect()
     }
 
-    /// Rewrites the journal with `left` (removing it when empty).
-    pub fn keep_only(&self, left: &HashMap<(i32, i64), String>) -> std::io::Result<()> {
+    /// Removes the entries at `done` (read again from the file, so entries journaled since
+    /// this process started are kept); removes the file when nothing is left.
+    pub fn forget(&self, done: &[(i32, i64)]) -> std::io::Result<()> {
+        let left: Vec<Poison> = self
+            .entries()
+            .into_iter()
+            .filter(|p| !done.contains(&(p.partition, p.offset)))
+            .collect();
         if left.is_empty() {
             return match std::fs::remove_file(&self.path) {
                 Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(e),
@@ -131,14 +156,8 @@ impl PoisonJournal {
             };
         }
         let mut text = String::new();
-        for ((partition, offset), reason) in left {
-            let entry = Poison {
-                topic: self.topic.clone(),
-                partition: *partition,
-                offset: *offset,
-                reason: reason.clone(),
-            };
-            text.push_str(&serde_json::to_string(&entry).unwrap_or_default());
+        for entry in &left {
+            text.push_str(&serde_json::to_string(entry).unwrap_or_default());
             text.push('\n');
         }
         let tmp = self.path.with_extension("tmp");
@@ -168,7 +187,14 @@ mod tests {
         );
         // Another topic's journal does not see it.
         assert!(PoisonJournal::new(&dir, "other", "speed").load().is_empty());
-        j.keep_only(&HashMap::new()).unwrap();
+        // A panic on another thread is not this record's fault.
+        working_on(7, 43);
+        std::thread::scope(|s| {
+            s.spawn(|| j.record_panic("flush task"));
+        });
+        idle();
+        assert_eq!(j.load().len(), 1);
+        j.forget(&[(7, 42)]).unwrap();
         assert!(j.load().is_empty() && !j.path().exists());
         let _ = std::fs::remove_dir_all(dir);
     }

@@ -381,7 +381,10 @@ async fn documents_elasticsearch_refuses_go_to_the_profiles_dead_letter_topic() 
     );
     let reason = dead[0].header("pulse.error").unwrap();
     assert!(reason.contains("country"), "{reason}");
-    assert!(dead[0].header("pulse.version").is_some());
+    // The source is the event that last changed the document: its offset is the version.
+    assert_eq!(dead[0].header("pulse.source.topic"), Some(f.topic.as_str()));
+    assert!(dead[0].header("pulse.source.offset").is_some());
+    assert_eq!(dead[0].header("pulse.index"), Some(f.alias.as_str()));
     assert!(
         metrics.contains("pulse_speed_docs_rejected_total 1"),
         "{metrics}"

@@ -10,9 +10,6 @@ use clap::Parser;
 use pulse_batch::archiver::{run, ArchiverConfig};
 use pulse_ingest::ops::Readiness;
 
-/// A consumer loop that has not turned for this long is reported not ready.
-const STALL_AFTER: std::time::Duration = std::time::Duration::from_secs(60);
-
 #[derive(Parser)]
 #[command(
     name = "pulse-archiver",
@@ -30,7 +27,7 @@ fn main() -> anyhow::Result<()> {
     let config = Cli::parse().config;
     let stop = Arc::new(AtomicBool::new(false));
     // Not ready while the object store fails, or when the loop stops turning.
-    let ready = Readiness::with_heartbeat("object store unavailable", STALL_AFTER);
+    let ready = Readiness::with_heartbeat("object store unavailable", Readiness::STALL_AFTER);
     let signal_stop = stop.clone();
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()

@@ -7,7 +7,7 @@ use clap::{Parser, Subcommand};
 use pulse_batch::sql::{self, OutputFormat};
 use pulse_batch::store::{open_store, StoreArgs};
 use pulse_batch::warehouse::load::{last_days, load_day, source_prefix};
-use pulse_batch::warehouse::{PartitionWrite, Warehouse, WarehouseArgs};
+use pulse_batch::warehouse::{Warehouse, WarehouseArgs};
 
 #[derive(Parser)]
 #[command(
@@ -54,9 +54,6 @@ enum Command {
         /// that is on Cloud Storage.
         #[arg(long, env = "PULSE_BQ_SOURCE_URI")]
         source_uri: Option<String>,
-        /// How a partition is replaced: decorator (BigQuery) or staging (emulators).
-        #[arg(long, env = "PULSE_BQ_PARTITION_WRITE", value_enum, default_value_t = PartitionWrite::Decorator)]
-        partition_write: PartitionWrite,
         /// Print each day's report as a JSON line.
         #[arg(long)]
         json: bool,
@@ -116,7 +113,6 @@ async fn main() -> anyhow::Result<()> {
             date,
             since,
             source_uri,
-            partition_write,
             json,
             store,
             warehouse,
@@ -131,12 +127,12 @@ async fn main() -> anyhow::Result<()> {
             let wh = Warehouse::connect(&warehouse).await?;
             wh.ensure_table().await?;
             for day in days {
-                let report = load_day(&wh, archive.as_ref(), &prefix, day, partition_write).await?;
+                let report = load_day(&wh, archive.as_ref(), &prefix, day).await?;
                 if json {
                     println!("{}", serde_json::to_string(&report)?);
                 } else {
                     println!(
-                        "{}  {} rows ({} archived, {} client retries dropped) from {} files into {}.{}.{}  ({:?}; jobs {})",
+                        "{}  {} rows ({} archived, {} client retries dropped) from {} files into {}.{}.{}  (jobs {})",
                         report.date,
                         report.rows,
                         report.archived_rows,
@@ -145,7 +141,6 @@ async fn main() -> anyhow::Result<()> {
                         wh.project,
                         wh.dataset,
                         wh.table,
-                        report.mode,
                         report.jobs.join(", ")
                     );
                 }

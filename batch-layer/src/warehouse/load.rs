@@ -4,14 +4,14 @@
 //! one by one: a wildcard would also pick up a file the archiver is writing right now. The
 //! files go into a staging table first; partition D is then replaced by the staging rows of D
 //! with each `(partner_id, message_id)` once ([`crate::dedupe`]: a client retry counts once in
-//! every report). Re-running a day after late data arrived is safe:
+//! every report), in one multi-statement transaction: `DELETE` partition D, `INSERT` the
+//! deduplicated staging rows of D. BigQuery applies it atomically and touches no other
+//! partition, so re-running a day after late data arrived is safe.
 //!
-//! - [`PartitionWrite::Decorator`] (production): a query job over the staging table with the
-//!   destination `events$YYYYMMDD` and WRITE_TRUNCATE, which BigQuery applies atomically to
-//!   that partition alone.
-//! - [`PartitionWrite::Staging`]: one transaction that deletes partition D and inserts the
-//!   deduplicated staging rows. Same effect, for engines without partition decorators (the
-//!   local emulator).
+//! Why not a load or query job into the partition decorator `events$YYYYMMDD` with
+//! WRITE_TRUNCATE: a load job cannot deduplicate, and a query job's result columns are all
+//! NULLABLE, which BigQuery refuses to write over the table's REQUIRED columns. The
+//! transaction is also what the local emulator runs, so the production path is the tested one.
 
 use chrono::NaiveDate;
 use object_store::ObjectStore;
@@ -23,15 +23,6 @@ use crate::layout;
 
 /// A load job takes at most 10,000 source URIs.
 const MAX_URIS_PER_JOB: usize = 10_000;
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum, serde::Serialize)]
-#[serde(rename_all = "kebab-case")]
-pub enum PartitionWrite {
-    /// `events$YYYYMMDD` + WRITE_TRUNCATE: BigQuery replaces the partition atomically.
-    Decorator,
-    /// Staging table + DELETE/INSERT transaction: for engines without partition decorators.
-    Staging,
-}
 
 #[derive(Debug, thiserror::Error)]
 pub enum LoadError {
@@ -58,7 +49,6 @@ pub struct LoadReport {
     /// Archived rows that were client retries of a row kept (`archived_rows - rows`).
     pub duplicates: u64,
     pub jobs: Vec<String>,
-    pub mode: PartitionWrite,
 }
 
 /// The gs:// prefix BigQuery reads the archive under: `--source-uri`, else the archive URL
@@ -70,11 +60,6 @@ pub fn source_prefix(source_uri: Option<&str>, archive_url: &str) -> Result<Stri
     } else {
         Err(LoadError::SourceUri(prefix.to_string()))
     }
-}
-
-/// `events$20261121`: the table name that addresses one day partition.
-pub fn partition_table(table: &str, date: NaiveDate) -> String {
-    format!("{table}${}", date.format("%Y%m%d"))
 }
 
 fn staging_table(table: &str, date: NaiveDate) -> String {
@@ -106,7 +91,6 @@ pub async fn load_day(
     store: &dyn ObjectStore,
     source_prefix: &str,
     date: NaiveDate,
-    mode: PartitionWrite,
 ) -> Result<LoadReport, LoadError> {
     let uris: Vec<String> = layout::committed_files(store, Some(date))
         .await?
@@ -120,7 +104,6 @@ pub async fn load_day(
         rows: 0,
         duplicates: 0,
         jobs: Vec::new(),
-        mode,
     };
     if uris.is_empty() {
         // Nothing archived for the day: leave whatever the partition holds rather than
@@ -130,14 +113,14 @@ pub async fn load_day(
     }
     let staging = staging_table(&wh.table, date);
     let chunks: Vec<&[String]> = uris.chunks(MAX_URIS_PER_JOB).collect();
-    let written = write_partition(wh, &chunks, &staging, date, mode, &mut report).await;
+    let written = write_partition(wh, &chunks, &staging, date, &mut report).await;
     // Also after a failure: a staging table left behind costs storage and confuses.
     if let Err(e) = wh.drop_table(&staging).await {
         tracing::warn!(error = %e, table = %staging, "dropping the staging table failed");
     }
     written?;
     tracing::info!(%date, files = report.files, archived_rows = report.archived_rows,
-        rows = report.rows, duplicates = report.duplicates, ?mode, "day loaded");
+        rows = report.rows, duplicates = report.duplicates, "day loaded");
     Ok(report)
 }
 
@@ -147,7 +130,6 @@ async fn write_partition(
     chunks: &[&[String]],
     staging: &str,
     date: NaiveDate,
-    mode: PartitionWrite,
     report: &mut LoadReport,
 ) -> Result<(), WarehouseError> {
     for (i, chunk) in chunks.iter().enumerate() {
@@ -161,13 +143,10 @@ async fn write_partition(
             .unwrap_or(0);
         report.jobs.push(job_id);
     }
-    let configuration = match mode {
-        PartitionWrite::Decorator => dedupe_query_configuration(wh, staging, date),
-        PartitionWrite::Staging => json!({"query": {
-            "query": replace_script(wh, staging, date),
-            "useLegacySql": false,
-        }}),
-    };
+    let configuration = json!({"query": {
+        "query": replace_script(wh, staging, date),
+        "useLegacySql": false,
+    }});
     let (job_id, _) = wh.run_job("replace", configuration).await?;
     report.jobs.push(job_id);
     report.rows = count_day(wh, date).await?;
@@ -183,29 +162,17 @@ fn day_filter(date: NaiveDate) -> String {
     format!("`{PARTITION_COLUMN}` = DATE '{date}'")
 }
 
-/// Production: the deduplicated staging rows of D, written by a query job to `events$D` with
-/// WRITE_TRUNCATE (BigQuery replaces that partition atomically, whatever it held).
-pub fn dedupe_query_configuration(wh: &Warehouse, staging: &str, date: NaiveDate) -> Value {
-    let select =
-        crate::dedupe::first_of_each_message(&qualified(wh, staging), Some(&day_filter(date)));
-    json!({"query": {
-        "query": select,
-        "useLegacySql": false,
-        "destinationTable": wh.table_ref(&partition_table(&wh.table, date)),
-        "writeDisposition": "WRITE_TRUNCATE",
-        "createDisposition": "CREATE_NEVER",
-    }})
-}
-
 /// One transaction: partition D of the table becomes exactly the deduplicated staging rows of D.
 fn replace_script(wh: &Warehouse, staging: &str, date: NaiveDate) -> String {
     let table = qualified(wh, &wh.table);
     let day = day_filter(date);
     let select = crate::dedupe::first_of_each_message(&qualified(wh, staging), Some(&day));
+    // Columns named: the insert must not depend on the order the table happens to have.
+    let columns = crate::dedupe::columns();
     format!(
         "BEGIN TRANSACTION; \
          DELETE FROM {table} WHERE {day}; \
-         INSERT INTO {table} {select}; \
+         INSERT INTO {table} ({columns}) {select}; \
          COMMIT TRANSACTION;"
     )
 }
@@ -251,22 +218,14 @@ mod tests {
     }
 
     #[test]
-    fn decorator_names_the_day_partition() {
-        assert_eq!(
-            partition_table("events", d("2026-11-21")),
-            "events$20261121"
-        );
-    }
-
-    #[test]
-    fn decorator_load_truncates_only_that_partition() {
-        let dest = json!({"projectId": "p", "datasetId": "d", "tableId": partition_table("events", d("2026-11-21"))});
+    fn staging_load_truncates_the_staging_table_and_lists_each_file() {
+        let dest = json!({"projectId": "p", "datasetId": "d", "tableId": "events__load_20261121"});
         let uris = vec!["gs://b/events/dt=2026-11-21/part-000-1-2.parquet".to_string()];
-        let c = load_configuration(dest, &uris, true, false);
+        let c = load_configuration(dest, &uris, true, true);
         let load = &c["load"];
-        assert_eq!(load["destinationTable"]["tableId"], "events$20261121");
+        assert_eq!(load["destinationTable"]["tableId"], "events__load_20261121");
         assert_eq!(load["writeDisposition"], "WRITE_TRUNCATE");
-        assert_eq!(load["createDisposition"], "CREATE_NEVER");
+        assert_eq!(load["createDisposition"], "CREATE_IF_NEEDED");
         assert_eq!(load["sourceFormat"], "PARQUET");
         assert_eq!(load["parquetOptions"]["enableListInference"], true);
         assert_eq!(load["sourceUris"][0], uris[0]);

@@ -15,7 +15,7 @@ use std::path::PathBuf;
 
 pub use auth::AuthMode;
 pub use client::{Warehouse, WarehouseError};
-pub use load::{LoadReport, PartitionWrite};
+pub use load::LoadReport;
 
 /// Where the warehouse is and how to reach it. Every flag has a `PULSE_BQ_…` twin;
 /// `deploy/local/stack env` points them at the local emulator.

@@ -9,7 +9,6 @@ use std::sync::Arc;
 use clap::{Parser, Subcommand};
 use pulse_speed::config::SpeedConfig;
 use pulse_speed::metrics::Readiness;
-use pulse_speed::poison::PoisonJournal;
 use pulse_speed::store::{EsArgs, ProfileStore};
 
 #[derive(Parser)]
@@ -59,16 +58,13 @@ fn main() -> anyhow::Result<()> {
     }
 }
 
-/// A consumer loop that has not turned for this long is reported not ready.
-const STALL_AFTER: std::time::Duration = std::time::Duration::from_secs(60);
-
 fn run(config: SpeedConfig) -> anyhow::Result<()> {
     // A panic anywhere ends the process (so it is restarted), after journaling the record
     // being folded, which the restart dead-letters instead of folding it again.
-    let journal = PoisonJournal::new(&config.state_dir, &config.topics.events, &config.group);
+    let journal = config.poison_journal();
     pulse_core::telemetry::exit_on_panic_with(move |message| journal.record_panic(message));
     let stop = Arc::new(AtomicBool::new(false));
-    let ready = Readiness::with_heartbeat("elasticsearch unavailable", STALL_AFTER);
+    let ready = Readiness::with_heartbeat("elasticsearch unavailable", Readiness::STALL_AFTER);
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(1)
         .enable_all()
