@@ -23,8 +23,8 @@ use serde_json::{json, Value};
 /// How many recent message ids each profile remembers, and for how long.
 #[derive(Debug, Clone, clap::Args)]
 pub struct DedupePolicy {
-    /// A retried event is recognised if it arrives within this many seconds (by ingest's
-    /// `received_at`) of the newest event of the same user.
+    /// How long a message id is remembered, in seconds of ingest's `received_at`: until the
+    /// user has an event received this much later than it.
     #[arg(
         long = "dedupe-window-secs",
         env = "PULSE_DEDUPE_WINDOW_SECS",
