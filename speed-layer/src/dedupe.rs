@@ -6,10 +6,10 @@
 //! can. One user's events share a key, hence a partition and a profile, so the profile is the
 //! natural place to remember which ids it has folded: no global set, nothing another partner
 //! can reach (the scope is the profile, i.e. partner and user). What is remembered is a
-//! 128-bit digest of each id (the first half of its SHA-256), not the id: ids are up to 128
+//! 96-bit digest of each id (the start of its SHA-256), not the id: ids are up to 128
 //! characters of the client's choosing, and a public write key must not be able to grow a
-//! profile by 128 KiB; a digest is 24 bytes with its time in memory, and two ids of one user
-//! colliding is a 2^-128 event, not a 1% one. The digests are stored with the document (not
+//! profile by 128 KiB; a digest is 16 bytes with its time, and two of a user's 1,000 ids
+//! colliding is a 10^-23 event, not a 1% one. The digests are stored with the document (not
 //! indexed), so they survive eviction, reload and crashes exactly like the rest of the profile.
 //!
 //! Bounded by a time window on `received_at` and a count cap ([`DedupePolicy`]): a retry that
@@ -49,85 +49,105 @@ impl Default for DedupePolicy {
     }
 }
 
-/// The first 128 bits of the id's SHA-256: stable across processes (it is stored).
-fn digest(id: &str) -> u128 {
-    use sha2::{Digest, Sha256};
-    let full = Sha256::digest(id.as_bytes());
-    let mut first = [0u8; 16];
-    first.copy_from_slice(&full[..16]);
-    u128::from_be_bytes(first)
-}
-
+/// A message id as remembered: the first 96 bits of its SHA-256, stable across processes (it
+/// is stored). Computed once per event, for both the lookup and the insert.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-struct Seen {
-    digest: u128,
-    /// `received_at` of the event, epoch milliseconds.
-    at_ms: i64,
+pub struct MessageDigest([u8; DIGEST_BYTES]);
+
+const DIGEST_BYTES: usize = 12;
+/// Bytes per entry in the stored form: the digest and the receive time in epoch seconds.
+const ENTRY_BYTES: usize = DIGEST_BYTES + 4;
+
+impl MessageDigest {
+    pub fn of(id: &str) -> Self {
+        use sha2::{Digest, Sha256};
+        let full = Sha256::digest(id.as_bytes());
+        let mut first = [0u8; DIGEST_BYTES];
+        first.copy_from_slice(&full[..DIGEST_BYTES]);
+        Self(first)
+    }
 }
 
-/// The message ids a profile folded recently (as digests), oldest first.
+/// The message ids a profile folded recently (as digests), oldest first, with their receive
+/// times in epoch seconds (the window needs no finer grain). Two parallel queues, so a lookup
+/// scans 12-byte digests only.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct RecentMessages {
-    seen: VecDeque<Seen>,
-    newest_ms: i64,
+    digests: VecDeque<MessageDigest>,
+    received: VecDeque<u32>,
+    newest: u32,
 }
 
 impl RecentMessages {
-    pub fn contains(&self, id: &str) -> bool {
-        let digest = digest(id);
-        self.seen.iter().any(|s| s.digest == digest)
+    pub fn contains(&self, digest: MessageDigest) -> bool {
+        self.digests.contains(&digest)
     }
 
-    /// Remembers `id`, then forgets what fell out of the window or beyond the cap.
-    pub fn insert(&mut self, id: &str, at_ms: i64, policy: &DedupePolicy) {
-        self.seen.push_back(Seen {
-            digest: digest(id),
-            at_ms,
-        });
-        self.newest_ms = self.newest_ms.max(at_ms);
-        let window_ms = i64::try_from(policy.window_secs.saturating_mul(1000)).unwrap_or(i64::MAX);
-        let oldest_kept = self.newest_ms.saturating_sub(window_ms);
-        while self.seen.len() > policy.max_ids
-            || self.seen.front().is_some_and(|s| s.at_ms < oldest_kept)
+    /// Remembers a message received at `at_ms`, then forgets what fell out of the window or
+    /// beyond the cap.
+    pub fn insert(&mut self, digest: MessageDigest, at_ms: i64, policy: &DedupePolicy) {
+        let at = u32::try_from(at_ms.div_euclid(1000)).unwrap_or(u32::MAX);
+        self.digests.push_back(digest);
+        self.received.push_back(at);
+        self.newest = self.newest.max(at);
+        let window = u32::try_from(policy.window_secs).unwrap_or(u32::MAX);
+        let oldest_kept = self.newest.saturating_sub(window);
+        while self.digests.len() > policy.max_ids
+            || self.received.front().is_some_and(|t| *t < oldest_kept)
         {
-            self.seen.pop_front();
+            self.digests.pop_front();
+            self.received.pop_front();
         }
     }
 
     pub fn len(&self) -> usize {
-        self.seen.len()
+        self.digests.len()
     }
 
     pub fn is_empty(&self) -> bool {
-        self.seen.is_empty()
+        self.digests.is_empty()
     }
 
-    /// `{"digests": ["<32 hex digits>", ...], "received_at": [...]}`: stored in the
-    /// document, not indexed.
+    /// `{"v": 1, "entries": "<base64>"}`, 16 bytes per id (digest, then the receive time as
+    /// big-endian epoch seconds): one string, so a profile with 1,000 ids adds 21 KB to its
+    /// document, not 2,000 JSON values for Elasticsearch to parse on every write. Stored, not
+    /// indexed.
     pub fn to_json(&self) -> Value {
-        let digests: Vec<String> = self
-            .seen
-            .iter()
-            .map(|s| format!("{:032x}", s.digest))
-            .collect();
-        let at: Vec<i64> = self.seen.iter().map(|s| s.at_ms).collect();
-        json!({"digests": digests, "received_at": at})
+        use base64::Engine;
+        let mut bytes = Vec::with_capacity(self.digests.len() * ENTRY_BYTES);
+        for (d, t) in self.digests.iter().zip(&self.received) {
+            bytes.extend_from_slice(&d.0);
+            bytes.extend_from_slice(&t.to_be_bytes());
+        }
+        let entries = base64::engine::general_purpose::STANDARD_NO_PAD.encode(bytes);
+        json!({"v": 1, "entries": entries})
     }
 
     /// Restores what [`Self::to_json`] wrote; anything unreadable restores as empty (a profile
-    /// written before dedupe existed).
+    /// written before dedupe existed, or by an older layout).
     pub fn from_json(v: Option<&Value>) -> Self {
-        let field = |name: &str| v.and_then(|v| v.get(name)).and_then(Value::as_array);
-        let (Some(digests), Some(at)) = (field("digests"), field("received_at")) else {
+        use base64::Engine;
+        let Some(text) = v
+            .filter(|v| v.get("v").and_then(Value::as_u64) == Some(1))
+            .and_then(|v| v.get("entries"))
+            .and_then(Value::as_str)
+        else {
+            return Self::default();
+        };
+        let Ok(bytes) = base64::engine::general_purpose::STANDARD_NO_PAD.decode(text) else {
             return Self::default();
         };
         let mut out = Self::default();
-        for (d, at) in digests.iter().zip(at) {
-            let digest = d.as_str().and_then(|h| u128::from_str_radix(h, 16).ok());
-            if let (Some(digest), Some(at_ms)) = (digest, at.as_i64()) {
-                out.seen.push_back(Seen { digest, at_ms });
-                out.newest_ms = out.newest_ms.max(at_ms);
-            }
+        for entry in bytes.chunks_exact(ENTRY_BYTES) {
+            let (digest, at) = entry.split_at(DIGEST_BYTES);
+            let mut d = [0u8; DIGEST_BYTES];
+            d.copy_from_slice(digest);
+            let mut t = [0u8; 4];
+            t.copy_from_slice(at);
+            let at = u32::from_be_bytes(t);
+            out.digests.push_back(MessageDigest(d));
+            out.received.push_back(at);
+            out.newest = out.newest.max(at);
         }
         out
     }
@@ -137,6 +157,10 @@ impl RecentMessages {
 mod tests {
     use super::*;
 
+    fn d(id: &str) -> MessageDigest {
+        MessageDigest::of(id)
+    }
+
     #[test]
     fn remembers_within_window_and_cap() {
         let policy = DedupePolicy {
@@ -144,31 +168,39 @@ mod tests {
             max_ids: 3,
         };
         let mut r = RecentMessages::default();
-        r.insert("a", 0, &policy);
-        r.insert("b", 1_000, &policy);
-        assert!(r.contains("a") && r.contains("b") && !r.contains("c"));
+        r.insert(d("a"), 0, &policy);
+        r.insert(d("b"), 1_000, &policy);
+        assert!(r.contains(d("a")) && r.contains(d("b")) && !r.contains(d("c")));
         // 61 s later, "a" and "b" are out of the window.
-        r.insert("c", 61_500, &policy);
-        assert!(!r.contains("a") && !r.contains("b") && r.contains("c"));
+        r.insert(d("c"), 62_000, &policy);
+        assert!(!r.contains(d("a")) && !r.contains(d("b")) && r.contains(d("c")));
         for id in ["d", "e", "f"] {
-            r.insert(id, 62_000, &policy);
+            r.insert(d(id), 62_000, &policy);
         }
         assert_eq!(r.len(), 3);
-        assert!(!r.contains("c") && r.contains("f"));
+        assert!(!r.contains(d("c")) && r.contains(d("f")));
     }
 
     #[test]
     fn round_trips_through_the_document() {
         let mut r = RecentMessages::default();
-        r.insert("m-1", 5, &DedupePolicy::default());
-        r.insert("m-2", 7, &DedupePolicy::default());
+        r.insert(d("m-1"), 5_000, &DedupePolicy::default());
+        r.insert(d("m-2"), 7_000, &DedupePolicy::default());
         let back = RecentMessages::from_json(Some(&r.to_json()));
         assert_eq!(back, r);
         assert!(RecentMessages::from_json(None).is_empty());
-        assert!(RecentMessages::from_json(Some(&json!({"digests": 3}))).is_empty());
-        // A digest is 32 hex digits whatever the id's length.
+        assert!(RecentMessages::from_json(Some(&json!({"v": 1, "entries": 3}))).is_empty());
+        assert!(RecentMessages::from_json(Some(&json!({"v": 1, "entries": "!!"}))).is_empty());
+        // 16 bytes per id whatever the id's length: 1,000 ids stay near 21 KB of text.
         let mut long = RecentMessages::default();
-        long.insert(&"x".repeat(128), 1, &DedupePolicy::default());
-        assert_eq!(long.to_json()["digests"][0].as_str().unwrap().len(), 32);
+        for i in 0..1_000 {
+            long.insert(
+                d(&format!("{i}{}", "x".repeat(120))),
+                1,
+                &DedupePolicy::default(),
+            );
+        }
+        let text = long.to_json()["entries"].as_str().unwrap().len();
+        assert!((21_000..21_500).contains(&text), "{text}");
     }
 }

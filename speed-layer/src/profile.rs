@@ -8,7 +8,7 @@ use rust_decimal::Decimal;
 use serde::{Deserialize, Serialize};
 use serde_json::{json, Map, Value};
 
-use crate::dedupe::{DedupePolicy, RecentMessages};
+use crate::dedupe::{DedupePolicy, MessageDigest, RecentMessages};
 use crate::models::{ModelKind, ModelState};
 
 /// Distinct categories kept per profile, most recent first.
@@ -113,7 +113,8 @@ impl Profile {
                 return Fold::Skipped;
             }
         }
-        if self.recent.contains(&event.message_id) {
+        let digest = MessageDigest::of(&event.message_id);
+        if self.recent.contains(digest) {
             return Fold::Duplicate;
         }
         // Sums first, checked, before anything changes: a refused event leaves no trace.
@@ -127,11 +128,8 @@ impl Profile {
             self.purchase_count = self.purchase_count.saturating_add(1);
         }
         self.watermark = Some(at);
-        self.recent.insert(
-            &event.message_id,
-            event.received_at.timestamp_millis(),
-            dedupe,
-        );
+        self.recent
+            .insert(digest, event.received_at.timestamp_millis(), dedupe);
         let ts = event.timestamp.timestamp();
         self.last_visit = self.last_visit.max(ts);
         self.first_seen = self.first_seen.min(ts);
