@@ -39,6 +39,21 @@ async fn wait_ready(port: u16) -> Option<u16> {
     }
 }
 
+/// Replaces the fixture's index with one created with `mappings` (merged over the index
+/// template, as Elasticsearch does), behind the fixture's alias.
+async fn recreate_index(f: &Fixture, mappings: Value) {
+    let url = format!("{}/{}-v1", es_url(), f.alias);
+    let http = reqwest::Client::new();
+    http.delete(&url).send().await.unwrap();
+    let created = http
+        .put(&url)
+        .json(&json!({"mappings": mappings, "aliases": {&f.alias: {"is_write_index": true}}}))
+        .send()
+        .await
+        .unwrap();
+    assert!(created.status().is_success(), "{:?}", created.text().await);
+}
+
 const CART_RULE: &str = r#"
 [[rule]]
 id = "any-cart"
@@ -325,22 +340,7 @@ async fn documents_elasticsearch_refuses_go_to_the_profiles_dead_letter_topic() 
     let profiles_dlq = create_topic("sp-refused-pdlq", 1).await;
     // An index whose mapping disagrees with the documents (country as a number), as after a
     // bad manual change: every document with a country is refused for good.
-    let index = format!("{}-v1", f.alias);
-    let http = reqwest::Client::new();
-    http.delete(format!("{}/{index}", es_url()))
-        .send()
-        .await
-        .unwrap();
-    let created = http
-        .put(format!("{}/{index}", es_url()))
-        .json(
-            &json!({"mappings": {"properties": {"country": {"type": "long"}}},
-            "aliases": {&f.alias: {"is_write_index": true}}}),
-        )
-        .send()
-        .await
-        .unwrap();
-    assert!(created.status().is_success(), "{:?}", created.text().await);
+    recreate_index(&f, json!({"properties": {"country": {"type": "long"}}})).await;
     let events = vec![
         ev(json!({"event": "page_view", "partner_id": "shop-a", "user_id": "no-country"})),
         ev(json!({"event": "page_view", "partner_id": "shop-a", "user_id": "tr", "country": "TR"})),
@@ -445,25 +445,16 @@ async fn setup_upgrades_an_index_of_the_older_layout_and_says_what_it_cannot() {
     let f = Fixture::new("upgrade", 1).await;
     // The layout `setup` wrote before: event counts mapped dynamically, dates as `date`.
     let index = format!("{}-v1", f.alias);
-    let http = reqwest::Client::new();
-    http.delete(format!("{}/{index}", es_url()))
-        .send()
-        .await
-        .unwrap();
-    let old = json!({"mappings": {"dynamic": false, "properties": {
+    recreate_index(
+        &f,
+        json!({"dynamic": false, "properties": {
             "partner_id": {"type": "keyword"},
             "last_visit": {"type": "date", "format": "epoch_second"},
             "first_seen": {"type": "date", "format": "epoch_second"},
             "event_counts": {"type": "object", "dynamic": true}},
-            "dynamic_templates": [{"counts": {"path_match": "event_counts.*", "mapping": {"type": "long"}}}]},
-        "aliases": {&f.alias: {"is_write_index": true}}});
-    let created = http
-        .put(format!("{}/{index}", es_url()))
-        .json(&old)
-        .send()
-        .await
-        .unwrap();
-    assert!(created.status().is_success(), "{:?}", created.text().await);
+            "dynamic_templates": [{"counts": {"path_match": "event_counts.*", "mapping": {"type": "long"}}}]}),
+    )
+    .await;
     let lines = f.store.setup(1, 0).await.unwrap();
     assert!(
         lines.iter().any(|l| l.contains("brought up to date")),
