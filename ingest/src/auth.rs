@@ -68,11 +68,34 @@ pub enum KeysError {
     Shared(String),
 }
 
-/// Key → partner id, for one kind of key.
+/// Key → partner id, for one kind of key, and the web origins each partner's keys may be
+/// used from.
 #[derive(Debug, Clone, Default)]
 pub struct PartnerKeys {
     kind: KeyKind,
     partners: HashMap<String, String>,
+    /// Partner → allowed browser origins. A partner absent here allows any origin (the
+    /// default: a partner tightens it by listing its sites).
+    origins: HashMap<String, Vec<String>>,
+}
+
+/// One entry of a keys file: `"key": "partner"`, or `"key": {"partner": "p", "origins":
+/// ["https://shop.example"]}` to restrict the browser origins the key is accepted from.
+#[derive(Debug, serde::Deserialize)]
+#[serde(untagged)]
+enum KeyEntry {
+    Partner(String),
+    Full {
+        partner: String,
+        #[serde(default)]
+        origins: Option<Vec<String>>,
+    },
+}
+
+/// An origin as compared: lower case, no trailing slash (`https://Shop.example/` is
+/// `https://shop.example`).
+fn normalize_origin(origin: &str) -> String {
+    origin.trim().trim_end_matches('/').to_ascii_lowercase()
 }
 
 /// The keys ingest accepts.
@@ -101,7 +124,7 @@ impl PartnerKeys {
     ) -> Result<Self, KeysError> {
         let mut keys = PartnerKeys {
             kind,
-            partners: HashMap::new(),
+            ..PartnerKeys::default()
         };
         if let Some(path) = file {
             let text = std::fs::read_to_string(path).map_err(|source| KeysError::Read {
@@ -109,14 +132,25 @@ impl PartnerKeys {
                 path: path.display().to_string(),
                 source,
             })?;
-            let map: HashMap<String, String> =
+            let map: HashMap<String, KeyEntry> =
                 serde_json::from_str(&text).map_err(|source| KeysError::Parse {
                     kind,
                     path: path.display().to_string(),
                     source,
                 })?;
-            for (k, p) in map {
-                keys.insert(k, p)?;
+            for (k, entry) in map {
+                match entry {
+                    KeyEntry::Partner(p) => keys.insert(k, p)?,
+                    KeyEntry::Full { partner, origins } => {
+                        if let Some(origins) = origins {
+                            keys.origins
+                                .entry(partner.clone())
+                                .or_default()
+                                .extend(origins.iter().map(|o| normalize_origin(o)));
+                        }
+                        keys.insert(k, partner)?;
+                    }
+                }
             }
         }
         for flag in flags.iter().filter(|f| !f.trim().is_empty()) {
@@ -133,6 +167,23 @@ impl PartnerKeys {
 
     pub fn kind(&self) -> KeyKind {
         self.kind
+    }
+
+    /// Whether a browser page at `origin` may use `partner`'s keys: yes unless the partner
+    /// listed its origins and this is not one of them (`"*"` in the list allows any).
+    pub fn origin_allowed(&self, partner: &str, origin: &str) -> bool {
+        match self.origins.get(partner) {
+            None => true,
+            Some(list) => {
+                let origin = normalize_origin(origin);
+                list.iter().any(|o| o == "*" || *o == origin)
+            }
+        }
+    }
+
+    /// The origins `partner` allows, for error messages (`None`: any).
+    pub fn allowed_origins(&self, partner: &str) -> Option<&[String]> {
+        self.origins.get(partner).map(Vec::as_slice)
     }
 
     pub fn insert(&mut self, key: String, partner: String) -> Result<(), KeysError> {
@@ -231,6 +282,27 @@ mod tests {
             keys.partner_from_headers(&headers("Basic !!!")),
             Err(AuthFailure::Missing)
         );
+    }
+
+    #[test]
+    fn origins_per_partner_from_the_keys_file() {
+        let path = std::env::temp_dir().join(format!("pulse-keys-{}.json", std::process::id()));
+        std::fs::write(
+            &path,
+            r#"{"k1": "open", "k2": {"partner": "strict", "origins": ["https://Shop.example/"]},
+                "k3": {"partner": "any", "origins": ["*"]}, "k4": {"partner": "plain"}}"#,
+        )
+        .unwrap();
+        let keys = WriteKeys::load(Some(&path), &[]).unwrap();
+        let _ = std::fs::remove_file(&path);
+        assert_eq!(keys.partner_of("k2"), Ok("strict"));
+        assert!(keys.origin_allowed("open", "https://anything.example"));
+        assert!(keys.origin_allowed("plain", "https://anything.example"));
+        assert!(keys.origin_allowed("any", "https://anything.example"));
+        assert!(keys.origin_allowed("strict", "https://shop.example"));
+        assert!(keys.origin_allowed("strict", "HTTPS://SHOP.EXAMPLE"));
+        assert!(!keys.origin_allowed("strict", "https://evil.example"));
+        assert!(!keys.origin_allowed("strict", "null"));
     }
 
     #[test]

@@ -68,18 +68,61 @@ impl AppState {
     }
 }
 
+/// Segment's call paths: the long form and the one-letter form the official browser and
+/// mobile SDKs post to (`/v1/t`, `/v1/b`, …), handled identically.
+const SEGMENT_PATHS: &[(&str, &str, Format)] = &[
+    ("/v1/track", "/v1/t", Format::Segment(SegmentCall::Track)),
+    (
+        "/v1/identify",
+        "/v1/i",
+        Format::Segment(SegmentCall::Identify),
+    ),
+    ("/v1/page", "/v1/p", Format::Segment(SegmentCall::Page)),
+    ("/v1/screen", "/v1/s", Format::Segment(SegmentCall::Screen)),
+    ("/v1/alias", "/v1/a", Format::Segment(SegmentCall::Alias)),
+    ("/v1/group", "/v1/g", Format::Segment(SegmentCall::Group)),
+    ("/v1/batch", "/v1/b", Format::SegmentBatch),
+];
+
+fn route_for(format: Format) -> axum::routing::MethodRouter<Arc<AppState>> {
+    post(
+        move |State(s): State<Arc<AppState>>, headers: HeaderMap, body: Body| async move {
+            handle(s, format, headers, body).await
+        },
+    )
+}
+
+/// CORS for browser clients (Segment's analytics.js posts from the partner's pages): any
+/// origin may ask (the preflight carries no key, so it cannot be judged per partner); the
+/// request itself is then refused with 403 when its key's partner did not allow that origin
+/// (see [`check_origin`]). No credentials: keys travel in the body or `Authorization`.
+fn cors() -> tower_http::cors::CorsLayer {
+    use axum::http::{HeaderName, Method};
+    tower_http::cors::CorsLayer::new()
+        .allow_origin(tower_http::cors::AllowOrigin::mirror_request())
+        .allow_methods([Method::POST, Method::OPTIONS])
+        .allow_headers([
+            header::CONTENT_TYPE,
+            header::AUTHORIZATION,
+            header::CONTENT_ENCODING,
+            HeaderName::from_static("x-retry-count"),
+        ])
+        .max_age(Duration::from_secs(86_400))
+}
+
 pub fn router(state: Arc<AppState>) -> Router {
-    Router::new()
-        .route("/v1/events", post(native))
-        .route("/v1/track", post(segment_track))
-        .route("/v1/identify", post(segment_identify))
-        .route("/v1/page", post(segment_page))
-        .route("/v1/screen", post(segment_screen))
-        .route("/v1/batch", post(segment_batch))
-        .route("/v1/import", post(segment_batch))
-        .route("/healthz", get(|| async { "ok" }))
+    let mut app = Router::new()
+        .route("/v1/events", route_for(Format::Native))
+        .route("/v1/import", route_for(Format::SegmentBatch));
+    for (long, short, format) in SEGMENT_PATHS {
+        app = app
+            .route(long, route_for(*format))
+            .route(short, route_for(*format));
+    }
+    app.route("/healthz", get(|| async { "ok" }))
         .route("/readyz", get(readyz))
         .route("/metrics", get(metrics_page))
+        .layer(cors())
         .with_state(state)
 }
 
@@ -133,37 +176,11 @@ impl Format {
             Format::Segment(SegmentCall::Identify) => "identify",
             Format::Segment(SegmentCall::Page) => "page",
             Format::Segment(SegmentCall::Screen) => "screen",
-            Format::Segment(_) => "segment",
+            Format::Segment(SegmentCall::Alias) => "alias",
+            Format::Segment(SegmentCall::Group) => "group",
             Format::SegmentBatch => "batch",
         }
     }
-}
-
-async fn native(State(s): State<Arc<AppState>>, headers: HeaderMap, body: Body) -> Response {
-    handle(s, Format::Native, headers, body).await
-}
-async fn segment_track(State(s): State<Arc<AppState>>, headers: HeaderMap, body: Body) -> Response {
-    handle(s, Format::Segment(SegmentCall::Track), headers, body).await
-}
-async fn segment_identify(
-    State(s): State<Arc<AppState>>,
-    headers: HeaderMap,
-    body: Body,
-) -> Response {
-    handle(s, Format::Segment(SegmentCall::Identify), headers, body).await
-}
-async fn segment_page(State(s): State<Arc<AppState>>, headers: HeaderMap, body: Body) -> Response {
-    handle(s, Format::Segment(SegmentCall::Page), headers, body).await
-}
-async fn segment_screen(
-    State(s): State<Arc<AppState>>,
-    headers: HeaderMap,
-    body: Body,
-) -> Response {
-    handle(s, Format::Segment(SegmentCall::Screen), headers, body).await
-}
-async fn segment_batch(State(s): State<Arc<AppState>>, headers: HeaderMap, body: Body) -> Response {
-    handle(s, Format::SegmentBatch, headers, body).await
 }
 
 async fn handle(state: Arc<AppState>, format: Format, headers: HeaderMap, body: Body) -> Response {
@@ -313,6 +330,7 @@ async fn accept(
         }
     };
 
+    check_origin(state, headers, partner)?;
     let events = validate(parsed, partner)?;
     metrics::histogram!(m::REQUEST_EVENTS).record(events.len() as f64);
     let results = state.publisher.publish(&events).await;
@@ -364,6 +382,30 @@ async fn accept(
         .into_response(),
     };
     Ok(response)
+}
+
+/// A request from a web page (`Origin` set) must come from an origin the key's partner
+/// allows: a write key copied off one shop's site is refused on another's.
+fn check_origin(state: &AppState, headers: &HeaderMap, partner: &str) -> Result<(), Rejection> {
+    let Some(origin) = header_str(headers, header::ORIGIN) else {
+        return Ok(());
+    };
+    if state.keys.origin_allowed(partner, origin) {
+        return Ok(());
+    }
+    let allowed = state
+        .keys
+        .allowed_origins(partner)
+        .map(|o| o.join(", "))
+        .unwrap_or_default();
+    Err(reject_events(
+        "origin",
+        StatusCode::FORBIDDEN,
+        format!(
+            "origin {} is not allowed for this write key (partner {partner} allows: {allowed})",
+            origin.chars().take(200).collect::<String>()
+        ),
+    ))
 }
 
 fn authenticated(result: Result<&str, AuthFailure>) -> Result<&str, Rejection> {

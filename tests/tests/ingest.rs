@@ -529,3 +529,160 @@ async fn ready_when_topic_exists() {
     assert_eq!(resp.status(), StatusCode::SERVICE_UNAVAILABLE);
     ingest.stop().await.unwrap();
 }
+
+#[tokio::test]
+async fn browser_and_mobile_sdk_paths_cors_and_text_plain_bodies() {
+    let topic = create_topic("it-sdk", 4).await;
+    let keys = std::env::temp_dir().join(format!("{}.json", pulse_tests::unique("keys")));
+    std::fs::write(
+        &keys,
+        r#"{"key-a": {"partner": "partner-a", "origins": ["https://shop-a.example"]}, "key-b": "partner-b"}"#,
+    )
+    .unwrap();
+    let mut config = ingest_config(&topic);
+    config.write_keys = vec![];
+    config.write_keys_file = Some(keys.clone());
+    let ingest = RunningIngest::start(config).await;
+    let url = ingest.url.clone();
+    let shop = "https://shop-a.example";
+
+    // The preflight a browser sends before a JSON POST from another origin.
+    let pre = client()
+        .request(reqwest::Method::OPTIONS, format!("{url}/v1/t"))
+        .header("origin", shop)
+        .header("access-control-request-method", "POST")
+        .header(
+            "access-control-request-headers",
+            "content-type,authorization,x-retry-count",
+        )
+        .send()
+        .await
+        .unwrap();
+    assert!(pre.status().is_success(), "{}", pre.status());
+    let h = pre.headers();
+    assert_eq!(h["access-control-allow-origin"], shop);
+    let allowed = h["access-control-allow-headers"]
+        .to_str()
+        .unwrap()
+        .to_lowercase();
+    for name in ["content-type", "authorization", "x-retry-count"] {
+        assert!(allowed.contains(name), "{allowed}");
+    }
+    assert!(h.get("access-control-allow-credentials").is_none());
+
+    // Every path the official SDKs post to, as analytics.js sends it: text/plain, key in body.
+    let calls = [
+        (
+            "/v1/t",
+            json!({"type": "track", "event": "Product Added", "userId": "u1", "messageId": "sdk-t", "properties": {"price": 5}}),
+        ),
+        (
+            "/v1/p",
+            json!({"type": "page", "name": "Home", "anonymousId": "a1", "messageId": "sdk-p"}),
+        ),
+        (
+            "/v1/i",
+            json!({"type": "identify", "userId": "u1", "messageId": "sdk-i", "traits": {"gender": "female"}}),
+        ),
+        (
+            "/v1/s",
+            json!({"type": "screen", "userId": "u1", "messageId": "sdk-s"}),
+        ),
+        (
+            "/v1/a",
+            json!({"type": "alias", "userId": "u1", "previousId": "a1", "messageId": "sdk-a"}),
+        ),
+        (
+            "/v1/g",
+            json!({"type": "group", "userId": "u1", "groupId": "g1", "messageId": "sdk-g"}),
+        ),
+        (
+            "/v1/b",
+            json!({"batch": [{"type": "track", "event": "Order Completed", "userId": "u1", "messageId": "sdk-b", "properties": {"total": "9.90"}}]}),
+        ),
+        (
+            "/v1/alias",
+            json!({"type": "alias", "userId": "u2", "previousId": "a2", "messageId": "sdk-alias"}),
+        ),
+        (
+            "/v1/group",
+            json!({"type": "group", "userId": "u2", "groupId": "g2", "messageId": "sdk-group"}),
+        ),
+    ];
+    for (path, mut body) in calls.clone() {
+        body["writeKey"] = json!("key-a");
+        let resp = client()
+            .post(format!("{url}{path}"))
+            .header("content-type", "text/plain")
+            .header("origin", shop)
+            .body(body.to_string())
+            .send()
+            .await
+            .unwrap();
+        let status = resp.status();
+        let acao = resp.headers().get("access-control-allow-origin").cloned();
+        let answer: Value = resp.json().await.unwrap_or(Value::Null);
+        assert_eq!(status, StatusCode::OK, "{path}: {answer}");
+        assert_eq!(answer, json!({"success": true}), "{path}");
+        assert_eq!(
+            acao.as_ref().and_then(|v| v.to_str().ok()),
+            Some(shop),
+            "{path}"
+        );
+    }
+
+    // The same key from a page of another origin: refused, saying why; nothing written.
+    let stolen = client()
+        .post(format!("{url}/v1/t"))
+        .header("content-type", "text/plain")
+        .header("origin", "https://evil.example")
+        .body(
+            json!({"type": "track", "event": "x", "userId": "u9", "writeKey": "key-a"}).to_string(),
+        )
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(stolen.status(), StatusCode::FORBIDDEN);
+    let message = stolen.json::<Value>().await.unwrap()["error"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    assert!(
+        message.contains("origin https://evil.example is not allowed")
+            && message.contains("https://shop-a.example"),
+        "{message}"
+    );
+    // A partner that listed no origins accepts any page (the default).
+    let (status, _) = post(
+        &url,
+        "/v1/t",
+        Some("key-b"),
+        json!({"type": "track", "event": "x", "userId": "b1", "messageId": "sdk-b1"}).to_string(),
+    )
+    .await;
+    assert_eq!(status, StatusCode::OK);
+
+    let records = read_topic(&topic, calls.len() + 1, Duration::from_millis(500));
+    let _ = std::fs::remove_file(&keys);
+    assert_eq!(
+        records.len(),
+        calls.len() + 1,
+        "the refused call wrote nothing"
+    );
+    let events: Vec<Event> = records
+        .iter()
+        .map(|r| Event::from_canonical_json(&r.payload).unwrap())
+        .collect();
+    let by_id = |id: &str| events.iter().find(|e| e.message_id == id).unwrap();
+    assert_eq!(by_id("sdk-t").event, "add_to_cart");
+    assert_eq!(by_id("sdk-p").anonymous_id.as_deref(), Some("a1"));
+    assert_eq!(by_id("sdk-a").event, "alias");
+    assert_eq!(by_id("sdk-g").event, "group");
+    assert_eq!(by_id("sdk-b").event, "purchase");
+    assert!(events
+        .iter()
+        .filter(|e| e.message_id != "sdk-b1")
+        .all(|e| e.partner_id == "partner-a"));
+    assert_eq!(by_id("sdk-b1").partner_id, "partner-b");
+    ingest.stop().await.unwrap();
+}
