@@ -104,14 +104,24 @@ impl Event {
         let event = Self::from_canonical_json(payload)
             .map_err(|e| format!("not a canonical event: {e}"))?;
         crate::validate::check_canonical(&event).map_err(|e| format!("invalid event: {e}"))?;
-        let expected = event.partition_key();
-        if key != Some(expected.as_bytes()) {
+        if !key.is_some_and(|k| event.has_key(k)) {
             let key = key.map(String::from_utf8_lossy);
             return Err(format!(
-                "record key {key:?} is not the event's key {expected:?}"
+                "record key {key:?} is not the event's key {:?}",
+                event.partition_key()
             ));
         }
         Ok(event)
+    }
+
+    /// Whether `key` is this event's [`Event::partition_key`], compared piece by piece: no
+    /// string is built for the check every consumer makes on every record.
+    pub fn has_key(&self, key: &[u8]) -> bool {
+        let (partner, user) = (self.partner_id.as_bytes(), self.person_id().as_bytes());
+        key.len() == partner.len() + 1 + user.len()
+            && key.starts_with(partner)
+            && key[partner.len()] == b':'
+            && key.ends_with(user)
     }
 
     pub fn to_canonical_json(&self) -> Vec<u8> {

@@ -827,6 +827,10 @@ mod tests {
             assert_eq!(y.as_deref(), Some("18446744073709551618"));
         }
         assert_ne!(a.partition_key(), b.partition_key());
+        assert!(a.has_key(a.partition_key().as_bytes()));
+        assert!(!a.has_key(b.partition_key().as_bytes()));
+        assert!(!a.has_key(b"p:"));
+        assert!(!a.has_key(b"p;18446744073709551617"));
     }
 
     #[test]

@@ -379,7 +379,12 @@ impl Engine {
                 continue;
             }
             poison::working_on(msg.partition(), msg.offset());
-            let result = match self.poison.get(&(msg.partition(), msg.offset())) {
+            let poisoned = if self.poison.is_empty() {
+                None
+            } else {
+                self.poison.get(&(msg.partition(), msg.offset()))
+            };
+            let result = match poisoned {
                 Some(reason) => Err(format!(
                     "this record made pulse-speed panic ({reason}); dead-lettered on the restart"
                 )),
