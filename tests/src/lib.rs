@@ -5,6 +5,7 @@
 
 pub mod data;
 pub mod proxy;
+pub mod sdk;
 
 use std::collections::HashMap;
 use std::time::{Duration, Instant};
