@@ -9,7 +9,6 @@
 //! point there are no duplicate rows and no gaps. See [`crate::layout`].
 
 use std::collections::{BTreeMap, HashMap, HashSet};
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
@@ -17,7 +16,7 @@ use chrono::NaiveDate;
 use object_store::{ObjectStore, ObjectStoreExt, PutPayload};
 use pulse_core::kafka::{KafkaArgs, TopicArgs};
 use pulse_core::Event;
-use pulse_ingest::ops::Readiness;
+use pulse_service::{Readiness, Shutdown};
 use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer, ConsumerContext, Rebalance};
 use rdkafka::message::Message;
 use rdkafka::producer::{BaseRecord, DefaultProducerContext, Producer, ThreadedProducer};
@@ -173,7 +172,7 @@ pub struct ArchiveSummary {
 /// it on every turn.
 pub fn run(
     config: &ArchiverConfig,
-    stop: Arc<AtomicBool>,
+    stop: Shutdown,
     ready: Readiness,
 ) -> Result<ArchiveSummary, ArchiverError> {
     let runtime = Arc::new(
@@ -215,7 +214,7 @@ pub fn run(
     let started = Instant::now();
     let mut at_end: HashSet<i32> = HashSet::new();
     let mut last_scan = Instant::now();
-    while !stop.load(Ordering::Relaxed) {
+    while !stop.is_stopped() {
         let polled = consumer.poll(Duration::from_millis(100));
         // Only an idle poll or an end-of-partition can mean "all read": asking librdkafka for
         // the assignment on every record costs more than archiving it.

@@ -14,7 +14,7 @@ mod common;
 use std::collections::{BTreeMap, HashMap};
 use std::path::PathBuf;
 use std::process::Command;
-use std::sync::atomic::{AtomicBool, Ordering};
+
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -217,10 +217,10 @@ async fn a_batch_retried_after_a_broker_cut_counts_once_in_profiles_pushes_and_t
         std::env::temp_dir().join(&alias).to_str().unwrap(),
     ])
     .config;
-    let stop = Arc::new(AtomicBool::new(false));
+    let stop = pulse_service::Shutdown::new();
     let speed_stop = stop.clone();
     let speed = std::thread::spawn(move || {
-        let ready = pulse_ingest::ops::Readiness::new("elasticsearch unavailable");
+        let ready = pulse_service::Readiness::new("elasticsearch unavailable");
         pulse_speed::engine::run(&speed_config, speed_stop, ready)
     });
     let pushes: Arc<Mutex<Vec<String>>> = Arc::default();
@@ -324,7 +324,7 @@ async fn a_batch_retried_after_a_broker_cut_counts_once_in_profiles_pushes_and_t
     // The speed layer fired each once too (the retries were recognised before triggers).
     let fired = read_topic(&triggers, want.len(), Duration::from_secs(1));
     assert_eq!(fired.len(), want.len(), "triggers fired");
-    stop.store(true, Ordering::Relaxed);
+    stop.stop();
     speed.join().unwrap().unwrap();
     let _ = notifier_stop.send(());
     notifier.await.unwrap().unwrap();

@@ -28,11 +28,11 @@ use serde::Serialize;
 use serde_json::json;
 use tokio::net::TcpListener;
 
-use crate::auth::{AuthFailure, KeysError, WriteKeys};
 use crate::body::{self, BodyError};
 use crate::config::IngestConfig;
 use crate::metrics::{self as m, prometheus};
 use crate::publish::{EventPublisher, PublishError};
+use pulse_service::keys::{AuthFailure, KeysError, WriteKeys};
 
 /// Errors that stop the service from starting or serving.
 #[derive(Debug, thiserror::Error)]
@@ -119,9 +119,8 @@ pub fn router(state: Arc<AppState>) -> Router {
             .route(long, route_for(*format))
             .route(short, route_for(*format));
     }
-    app.route("/healthz", get(|| async { "ok" }))
+    app.merge(pulse_service::ops::routes(state.prometheus.clone()))
         .route("/readyz", get(readyz))
-        .route("/metrics", get(metrics_page))
         .layer(cors())
         .with_state(state)
 }
@@ -499,35 +498,4 @@ async fn readyz(State(state): State<Arc<AppState>>) -> Response {
         )
             .into_response(),
     }
-}
-
-async fn metrics_page(State(state): State<Arc<AppState>>) -> Response {
-    (
-        [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],
-        state.prometheus.render(),
-    )
-        .into_response()
-}
-
-/// Resolves on SIGTERM or Ctrl-C.
-pub async fn shutdown_signal() {
-    let ctrl_c = async {
-        let _ = tokio::signal::ctrl_c().await;
-    };
-    #[cfg(unix)]
-    let term = async {
-        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-            Ok(mut s) => {
-                s.recv().await;
-            }
-            Err(_) => std::future::pending::<()>().await,
-        }
-    };
-    #[cfg(not(unix))]
-    let term = std::future::pending::<()>();
-    tokio::select! {
-        _ = ctrl_c => {},
-        _ = term => {},
-    }
-    tracing::info!("shutdown signal received");
 }

@@ -16,7 +16,7 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use axum::{Json, Router};
 use chrono::Utc;
-use pulse_ingest::auth::{key_from_headers, PartnerKeys};
+use pulse_service::keys::{key_from_headers, PartnerKeys};
 use serde_json::json;
 
 use crate::models::{registry, ModelKind};
@@ -35,7 +35,10 @@ pub fn router(state: Arc<ApiState>) -> Router {
     Router::new()
         .route("/api/v1/getGender/{cid}", get(get_gender))
         .route("/api/v1/profiles/{cid}", get(get_profile))
-        .route("/healthz", get(|| async { "ok" }))
+        .route("/readyz", get(readyz))
+        .merge(pulse_service::ops::routes(
+            pulse_service::ops::recorder(&[]),
+        ))
         .with_state(state)
 }
 
@@ -45,7 +48,7 @@ impl ApiState {
         store: ProfileStore,
         read_keys: PartnerKeys,
         write_keys: Option<PartnerKeys>,
-    ) -> Result<Self, pulse_ingest::auth::KeysError> {
+    ) -> Result<Self, pulse_service::keys::KeysError> {
         if let Some(write) = &write_keys {
             read_keys.check_disjoint(write)?;
         }
@@ -109,6 +112,19 @@ async fn load(state: &ApiState, partner: &str, cid: &str) -> Result<serde_json::
                 "profile store unavailable",
             ))
         }
+    }
+}
+
+/// Ready while Elasticsearch answers a document read through the profiles alias (of a
+/// document that does not exist: "not found" is an answer, an error or no answer is not).
+async fn readyz(State(state): State<Arc<ApiState>>) -> Response {
+    match state.store.get("readyz-probe").await {
+        Ok(_) => (StatusCode::OK, "ready").into_response(),
+        Err(e) => (
+            StatusCode::SERVICE_UNAVAILABLE,
+            format!("elasticsearch unavailable: {e}"),
+        )
+            .into_response(),
     }
 }
 

@@ -13,13 +13,12 @@
 //! (which runs inside `poll`) can flush synchronously before a partition is given away.
 
 use std::collections::{HashMap, HashSet};
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
 use chrono::Utc;
 use pulse_core::Event;
-use pulse_ingest::ops::Readiness;
+use pulse_service::{Readiness, Shutdown};
 use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer, ConsumerContext, Rebalance};
 use rdkafka::message::{Message, OwnedHeaders, OwnedMessage};
 use rdkafka::producer::{BaseRecord, Producer, ThreadedProducer};
@@ -180,7 +179,7 @@ type SpeedConsumer = BaseConsumer<SpeedContext>;
 /// Runs the speed layer until `stop` is set, then flushes, commits and leaves the group.
 pub fn run(
     config: &SpeedConfig,
-    stop: Arc<AtomicBool>,
+    stop: Shutdown,
     ready: Readiness,
 ) -> Result<RunSummary, EngineError> {
     let journal = config.poison_journal();
@@ -253,7 +252,7 @@ pub fn run(
     let mut batch: Vec<OwnedMessage> = Vec::with_capacity(config.max_batch);
     let mut at_end: HashSet<i32> = HashSet::new();
     let started_at = Instant::now();
-    while !stop.load(Ordering::Relaxed) {
+    while !stop.is_stopped() {
         batch.clear();
         let started = Instant::now();
         // The first poll waits for data; then take what is already there, briefly, so one
@@ -299,7 +298,7 @@ pub fn run(
         }
         // Back-pressure: with too many unflushed profiles (Elasticsearch slow or down), stop
         // reading until a flush gets through. Lag grows; memory does not.
-        while engine.dirty >= engine.policy.max_dirty && !stop.load(Ordering::Relaxed) {
+        while engine.dirty >= engine.policy.max_dirty && !stop.is_stopped() {
             if engine.finish_flush(&consumer, true).is_none() {
                 let partitions: Vec<i32> = engine.positions.keys().copied().collect();
                 let wait = engine.retry_at.saturating_duration_since(Instant::now());

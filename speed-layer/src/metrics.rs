@@ -1,9 +1,5 @@
-//! Metric names of the speed layer and the notifier, and the Prometheus endpoint.
-
-use std::net::SocketAddr;
-
-use metrics_exporter_prometheus::PrometheusHandle;
-pub use pulse_ingest::ops::Readiness;
+//! Metric names of the speed layer and the notifier (the endpoint that serves them is
+//! `pulse_service::ops`).
 
 pub const EVENTS_FOLDED: &str = "pulse_speed_events_folded_total";
 pub const EVENTS_SKIPPED: &str = "pulse_speed_events_skipped_total";
@@ -28,18 +24,3 @@ pub const NOTIFY_EXPIRED: &str = "pulse_notifier_expired_total";
 pub const NOTIFY_RETRIES: &str = "pulse_notifier_retries_total";
 pub const NOTIFY_DEAD_LETTERED: &str = "pulse_notifier_dead_lettered_total";
 pub const NOTIFY_LATENCY: &str = "pulse_notifier_trigger_to_delivery_seconds";
-
-/// Installs the process-wide Prometheus recorder.
-pub fn install() -> PrometheusHandle {
-    pulse_ingest::ops::install_recorder()
-}
-
-/// Serves /healthz, /readyz (503 with the reason while `ready` says so) and /metrics until the
-/// process ends.
-pub async fn serve(
-    addr: SocketAddr,
-    handle: PrometheusHandle,
-    ready: Readiness,
-) -> std::io::Result<()> {
-    pulse_ingest::ops::serve(addr, handle, ready).await
-}

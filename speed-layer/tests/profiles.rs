@@ -8,7 +8,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use common::*;
-use pulse_ingest::auth::{KeyKind, PartnerKeys, WriteKeys};
+use pulse_service::keys::{KeyKind, PartnerKeys, WriteKeys};
 use pulse_speed::api::{router, ApiState};
 use pulse_tests::proxy::CutProxy;
 use serde_json::{json, Value};

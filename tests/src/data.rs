@@ -5,7 +5,7 @@ use std::time::Duration;
 use chrono::Utc;
 use pulse_core::kafka::KafkaArgs;
 use pulse_core::{parse_event, Event, ParseContext};
-use pulse_ingest::loadgen::{Clickstream, ClickstreamConfig, Partner};
+use pulse_loadgen::{Clickstream, ClickstreamConfig, Partner};
 use rdkafka::producer::{FutureProducer, FutureRecord};
 
 use crate::brokers;

@@ -3,7 +3,7 @@
 use std::collections::HashSet;
 use std::time::Duration;
 
-use pulse_ingest::loadgen::{run, ClickstreamConfig, LoadConfig, Partner};
+use pulse_loadgen::{run, ClickstreamConfig, LoadConfig, Partner};
 use pulse_tests::*;
 
 #[tokio::test]

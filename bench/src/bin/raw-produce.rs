@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 use clap::Parser;
 use pulse_core::kafka::KafkaArgs;
 use pulse_core::{parse_event, ParseContext};
-use pulse_ingest::loadgen::{partners_from_keys_file, Clickstream, ClickstreamConfig};
+use pulse_loadgen::{partners_from_keys_file, Clickstream, ClickstreamConfig};
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 use rdkafka::producer::{BaseRecord, DeliveryResult, Producer, ProducerContext, ThreadedProducer};
 use rdkafka::ClientContext;

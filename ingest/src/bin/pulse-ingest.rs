@@ -4,7 +4,6 @@
 static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 use clap::Parser;
-use pulse_ingest::server::shutdown_signal;
 use pulse_ingest::{serve, IngestConfig};
 
 #[tokio::main]
@@ -15,6 +14,7 @@ async fn main() -> anyhow::Result<()> {
     let listener = tokio::net::TcpListener::bind(config.listen)
         .await
         .map_err(|e| anyhow::anyhow!("cannot listen on {}: {e}", config.listen))?;
-    serve(config, listener, shutdown_signal()).await?;
+    let shutdown = pulse_service::Shutdown::on_signals();
+    serve(config, listener, async move { shutdown.stopped().await }).await?;
     Ok(())
 }

@@ -1,6 +1,7 @@
 //! `pulse-notifier`: delivers fired triggers to the partner's push webhook.
 
 use clap::Parser;
+use pulse_service::{ops, Readiness, Shutdown};
 use pulse_speed::notifier::{Notifier, NotifierConfig};
 
 #[derive(Parser)]
@@ -19,17 +20,19 @@ async fn main() -> anyhow::Result<()> {
     pulse_core::telemetry::init_tracing();
     pulse_core::telemetry::exit_on_panic();
     let config = Cli::parse().config;
-    let handle = pulse_speed::metrics::install();
+    let shutdown = Shutdown::on_signals();
+    let handle = ops::recorder(&[]);
     let listen = config.metrics_listen;
     // The notifier has no dependency to watch beyond Kafka, which its client retries.
-    let ready = pulse_speed::metrics::Readiness::new("notifier not ready");
+    let ready = Readiness::new("notifier not ready");
+    let endpoint = shutdown.clone();
     tokio::spawn(async move {
-        if let Err(e) = pulse_speed::metrics::serve(listen, handle, ready).await {
+        if let Err(e) = ops::serve(listen, handle, ready, endpoint).await {
             tracing::error!(error = %e, %listen, "metrics endpoint failed");
         }
     });
     Notifier::new(config)?
-        .run(pulse_ingest::server::shutdown_signal())
+        .run(async move { shutdown.stopped().await })
         .await?;
     Ok(())
 }

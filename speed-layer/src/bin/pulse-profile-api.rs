@@ -4,7 +4,7 @@ use std::path::PathBuf;
 use std::sync::Arc;
 
 use clap::Parser;
-use pulse_ingest::auth::{KeyKind, PartnerKeys};
+use pulse_service::keys::{KeyKind, PartnerKeys};
 use pulse_speed::api::{router, ApiState};
 use pulse_speed::store::{EsArgs, ProfileStore};
 
@@ -53,11 +53,12 @@ async fn main() -> anyhow::Result<()> {
     } else {
         None
     };
+    let shutdown = pulse_service::Shutdown::on_signals();
     let state = ApiState::new(ProfileStore::new(&cli.es)?, read_keys, write_keys)?;
     let listener = tokio::net::TcpListener::bind(cli.listen).await?;
     tracing::info!(listen = %cli.listen, "profile API listening");
     axum::serve(listener, router(Arc::new(state)))
-        .with_graceful_shutdown(pulse_ingest::server::shutdown_signal())
+        .with_graceful_shutdown(async move { shutdown.stopped().await })
         .await?;
     Ok(())
 }

@@ -3,12 +3,9 @@
 #[global_allocator]
 static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Arc;
-
 use clap::{Parser, Subcommand};
+use pulse_service::{ops, Readiness, Shutdown};
 use pulse_speed::config::SpeedConfig;
-use pulse_speed::metrics::Readiness;
 use pulse_speed::store::{EsArgs, ProfileStore};
 
 #[derive(Parser)]
@@ -63,23 +60,19 @@ fn run(config: SpeedConfig) -> anyhow::Result<()> {
     // being folded, which the restart dead-letters instead of folding it again.
     let journal = config.poison_journal();
     pulse_core::telemetry::exit_on_panic_with(move |message| journal.record_panic(message));
-    let stop = Arc::new(AtomicBool::new(false));
-    let ready = Readiness::with_heartbeat("elasticsearch unavailable", Readiness::STALL_AFTER);
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(1)
         .enable_all()
         .build()?;
-    let handle = pulse_speed::metrics::install();
-    let (listen, endpoint_ready) = (config.metrics_listen, ready.clone());
+    let stop = rt.block_on(async { Shutdown::on_signals() });
+    let ready = Readiness::with_heartbeat("elasticsearch unavailable", Readiness::STALL_AFTER);
+    let handle = ops::recorder(&[]);
+    let (listen, endpoint_ready, endpoint_stop) =
+        (config.metrics_listen, ready.clone(), stop.clone());
     rt.spawn(async move {
-        if let Err(e) = pulse_speed::metrics::serve(listen, handle, endpoint_ready).await {
+        if let Err(e) = ops::serve(listen, handle, endpoint_ready, endpoint_stop).await {
             tracing::error!(error = %e, %listen, "metrics endpoint failed");
         }
-    });
-    let signal_stop = stop.clone();
-    rt.spawn(async move {
-        pulse_ingest::server::shutdown_signal().await;
-        signal_stop.store(true, Ordering::Relaxed);
     });
     let summary = pulse_speed::engine::run(&config, stop, ready)?;
     tracing::info!(?summary, "speed layer stopped");

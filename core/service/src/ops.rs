@@ -1,23 +1,58 @@
 //! The operations endpoint every Pulse service exposes: `/healthz` (the process answers),
-//! `/readyz` (it can do its work: 503 with the reason otherwise) and Prometheus `/metrics`.
-//! Lives here because every service already links the ingest crate for its shutdown signal.
+//! `/readyz` (it can do its work: 503 with the reason otherwise) and Prometheus `/metrics`,
+//! and the one process-wide Prometheus recorder behind it.
 
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, AtomicI64, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
 
-use axum::http::StatusCode;
+use axum::http::{header, StatusCode};
 use axum::routing::get;
 use axum::Router;
-use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
+use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
 
-/// Installs the process-wide Prometheus recorder (or, if one is installed already, as when
-/// tests start several services in one process, returns a detached one).
-pub fn install_recorder() -> PrometheusHandle {
-    PrometheusBuilder::new()
-        .install_recorder()
-        .unwrap_or_else(|_| PrometheusBuilder::new().build_recorder().handle())
+use crate::Shutdown;
+
+/// The process-wide Prometheus recorder, installed by the first call; `buckets` gives
+/// histogram buckets by metric name (without them a histogram is rendered as a summary).
+/// Later calls, as when a test starts several services in one process, get the same handle.
+pub fn recorder(buckets: &[(&str, &[f64])]) -> PrometheusHandle {
+    static HANDLE: OnceLock<PrometheusHandle> = OnceLock::new();
+    HANDLE
+        .get_or_init(|| {
+            let mut builder = PrometheusBuilder::new();
+            for (name, bounds) in buckets {
+                builder =
+                    match builder.set_buckets_for_metric(Matcher::Full(name.to_string()), bounds) {
+                        Ok(b) => b,
+                        Err(e) => {
+                            tracing::warn!(metric = name, error = %e, "histogram buckets ignored");
+                            PrometheusBuilder::new()
+                        }
+                    };
+            }
+            match builder.install_recorder() {
+                Ok(handle) => handle,
+                // Another recorder is installed (an embedding program's): render ours unused.
+                Err(_) => PrometheusBuilder::new().build_recorder().handle(),
+            }
+        })
+        .clone()
+}
+
+/// `/healthz` and `/metrics`, for a service that answers `/readyz` itself (ingest asks Kafka
+/// on each probe) and merges these into its own router.
+pub fn routes<S: Clone + Send + Sync + 'static>(handle: PrometheusHandle) -> Router<S> {
+    Router::new()
+        .route("/healthz", get(|| async { "ok" }))
+        .route(
+            "/metrics",
+            get(move || {
+                let page = handle.render();
+                async move { ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], page) }
+            }),
+        )
 }
 
 /// Whether a service can do its work: its dependencies answer (`set_healthy`) and, for a
@@ -95,28 +130,28 @@ impl Readiness {
     }
 }
 
-/// Serves the endpoint until the process ends; `/readyz` answers 503 with the reason while
-/// `ready` says the service cannot work.
+/// Serves the endpoint until `shutdown`; `/readyz` answers 503 with the reason while `ready`
+/// says the service cannot work.
 pub async fn serve(
     addr: SocketAddr,
     handle: PrometheusHandle,
     ready: Readiness,
+    shutdown: Shutdown,
 ) -> std::io::Result<()> {
-    let app = Router::new()
-        .route("/healthz", get(|| async { "ok" }))
-        .route(
-            "/readyz",
-            get(move || {
-                let answer = match ready.check() {
-                    Ok(()) => (StatusCode::OK, "ready".to_string()),
-                    Err(reason) => (StatusCode::SERVICE_UNAVAILABLE, reason),
-                };
-                async move { answer }
-            }),
-        )
-        .route("/metrics", get(move || std::future::ready(handle.render())));
+    let app = routes(handle).route(
+        "/readyz",
+        get(move || {
+            let answer = match ready.check() {
+                Ok(()) => (StatusCode::OK, "ready".to_string()),
+                Err(reason) => (StatusCode::SERVICE_UNAVAILABLE, reason),
+            };
+            async move { answer }
+        }),
+    );
     let listener = tokio::net::TcpListener::bind(addr).await?;
-    axum::serve(listener, app).await
+    axum::serve(listener, app)
+        .with_graceful_shutdown(async move { shutdown.stopped().await })
+        .await
 }
 
 #[cfg(test)]

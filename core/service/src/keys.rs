@@ -213,6 +213,17 @@ impl PartnerKeys {
         self.partners.len()
     }
 
+    /// Every (key, partner), ordered by key.
+    pub fn by_key(&self) -> Vec<(&str, &str)> {
+        let mut all: Vec<(&str, &str)> = self
+            .partners
+            .iter()
+            .map(|(k, p)| (k.as_str(), p.as_str()))
+            .collect();
+        all.sort_unstable();
+        all
+    }
+
     pub fn is_empty(&self) -> bool {
         self.partners.is_empty()
     }

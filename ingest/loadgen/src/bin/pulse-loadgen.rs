@@ -7,7 +7,7 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use clap::Parser;
-use pulse_ingest::loadgen::{self, ClickstreamConfig, LoadConfig};
+use pulse_loadgen::{self as loadgen, ClickstreamConfig, LoadConfig};
 
 #[derive(Parser)]
 #[command(
