@@ -16,11 +16,11 @@ use chrono::NaiveDate;
 use object_store::{ObjectStore, ObjectStoreExt, PutPayload};
 use pulse_core::kafka::{KafkaArgs, TopicArgs};
 use pulse_core::Event;
-use pulse_service::{Readiness, Shutdown};
+use pulse_service::{Readiness, RetryPolicy, Shutdown};
 use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer, ConsumerContext, Rebalance};
 use rdkafka::message::Message;
 use rdkafka::producer::{BaseRecord, DefaultProducerContext, Producer, ThreadedProducer};
-use rdkafka::{ClientContext, Offset, TopicPartitionList};
+use rdkafka::ClientContext;
 use tokio::runtime::Runtime;
 
 use crate::layout::{self, FileRange};
@@ -80,7 +80,28 @@ pub enum ArchiverError {
     Store(String),
     #[error("runtime: {0}")]
     Io(#[from] std::io::Error),
+    /// A unit that cannot be archived. The process stops before any marker is written past
+    /// the unit's range, so the restart reads the range again: nothing is skipped.
+    #[error("partition {partition}, offsets {first}..={last}: building the Parquet file failed: {message}")]
+    Parquet {
+        partition: i32,
+        first: i64,
+        last: i64,
+        message: String,
+    },
 }
+
+/// Why a unit was not archived (it stays unmarked, so it is archived again later).
+enum RollFailure {
+    /// The process is stopping during an outage; the restart re-reads the range.
+    Stopped,
+    Fatal(ArchiverError),
+}
+
+/// Object-store calls are retried until they work (the archive may lag, it must not skip)
+/// or the process stops.
+const STORE_RETRY: RetryPolicy =
+    RetryPolicy::forever(Duration::from_millis(100), Duration::from_secs(6));
 
 /// One partition's open unit.
 struct Unit {
@@ -100,6 +121,10 @@ struct State {
     codec: Codec,
     /// False while object-store operations fail (served as /readyz).
     ready: Readiness,
+    shutdown: Shutdown,
+    /// A unit that could not be archived while rolling outside the loop (at a revocation):
+    /// the loop stops with it.
+    failure: Option<ArchiverError>,
     /// Partition → last archived offset (from the markers); absent: not initialised yet.
     progress: HashMap<i32, Option<i64>>,
     units: HashMap<i32, Unit>,
@@ -133,7 +158,9 @@ impl ConsumerContext for ArchiverContext {
                 // Roll what we have so the next owner starts after it; if this fails the
                 // next owner re-reads the range (files beyond the marker are cleaned up).
                 if !consumer.assignment_lost() {
-                    state.roll(consumer, p);
+                    if let Err(RollFailure::Fatal(e)) = state.roll(consumer, p) {
+                        state.failure.get_or_insert(e);
+                    }
                 }
                 state.units.remove(&p);
                 state.progress.remove(&p);
@@ -192,6 +219,8 @@ pub fn run(
         producer: producer_config.create()?,
         codec: config.codec,
         ready,
+        shutdown: stop.clone(),
+        failure: None,
         progress: HashMap::new(),
         units: HashMap::new(),
         buffered: 0,
@@ -230,7 +259,7 @@ pub fn run(
                     .get(&p)
                     .is_some_and(|u| u.bytes >= config.roll_bytes)
                 {
-                    s.roll(&consumer, p);
+                    s.roll(&consumer, p).or_else(stopping)?;
                 }
                 while s.buffered > config.max_buffer_bytes {
                     let Some(largest) =
@@ -238,7 +267,7 @@ pub fn run(
                     else {
                         break;
                     };
-                    s.roll(&consumer, largest);
+                    s.roll(&consumer, largest).or_else(stopping)?;
                 }
             }
             Some(Err(rdkafka::error::KafkaError::PartitionEOF(p))) => {
@@ -258,8 +287,11 @@ pub fn run(
                 .map(|(p, _)| *p)
                 .collect();
             for p in old {
-                s.roll(&consumer, p);
+                s.roll(&consumer, p).or_else(stopping)?;
             }
+        }
+        if let Some(e) = s.failure.take() {
+            return Err(e);
         }
         drop(s);
         if config.stop_at_end && maybe_done {
@@ -273,7 +305,8 @@ pub fn run(
     let mut s = lock(&state);
     let open: Vec<i32> = s.units.keys().copied().collect();
     for p in open {
-        s.roll(&consumer, p);
+        // At a stop during an outage these are left unmarked and read again by the restart.
+        s.roll(&consumer, p).or_else(stopping)?;
     }
     let summary = ArchiveSummary {
         elapsed_secs: started.elapsed().as_secs_f64(),
@@ -287,6 +320,39 @@ pub fn run(
     Ok(summary)
 }
 
+/// The unit's Parquet bytes. `PULSE_FAILPOINT_PARQUET_OFFSET=<offset>` (tests only) makes the
+/// build of a unit that holds that offset fail, as a bug in the writer would.
+fn build_parquet(
+    events: &[Event],
+    codec: Codec,
+    range: FileRange,
+) -> Result<Vec<u8>, ArchiverError> {
+    static FAIL_AT: std::sync::OnceLock<Option<i64>> = std::sync::OnceLock::new();
+    let fail_at = *FAIL_AT.get_or_init(|| {
+        std::env::var("PULSE_FAILPOINT_PARQUET_OFFSET")
+            .ok()
+            .and_then(|v| v.parse().ok())
+    });
+    let failed = |message: String| ArchiverError::Parquet {
+        partition: range.partition,
+        first: range.first,
+        last: range.last,
+        message,
+    };
+    if fail_at.is_some_and(|o| (range.first..=range.last).contains(&o)) {
+        return Err(failed("failpoint PULSE_FAILPOINT_PARQUET_OFFSET".into()));
+    }
+    parquet_file::write(events, codec).map_err(|e| failed(e.to_string()))
+}
+
+/// A roll given up because the process stops is not an error: the range is read again.
+fn stopping(failure: RollFailure) -> Result<(), ArchiverError> {
+    match failure {
+        RollFailure::Stopped => Ok(()),
+        RollFailure::Fatal(e) => Err(e),
+    }
+}
+
 impl State {
     /// Buffers one record (or dead-letters it), unless the archive already has it.
     fn take(&mut self, msg: &rdkafka::message::BorrowedMessage<'_>) {
@@ -296,7 +362,10 @@ impl State {
         }
         let done = match self.progress.get(&p) {
             Some(done) => *done,
-            None => self.init_partition(p),
+            None => match self.init_partition(p) {
+                Some(done) => done,
+                None => return,
+            },
         };
         if done.is_some_and(|d| msg.offset() <= d) {
             return; // archived before a crash or a rebalance
@@ -340,10 +409,11 @@ impl State {
         }
     }
 
-    /// Reads the partition's progress from the markers and deletes files beyond it.
-    fn init_partition(&mut self, p: i32) -> Option<i64> {
+    /// Reads the partition's progress from the markers and deletes files beyond it; `None`
+    /// when the process stopped before the object store answered.
+    fn init_partition(&mut self, p: i32) -> Option<Option<i64>> {
         let store = self.store.clone();
-        let done = self.retry("read progress", || {
+        let read = self.retry("read progress", || {
             let store = store.clone();
             async move {
                 let progress = layout::progress(store.as_ref()).await?.get(&p).copied();
@@ -356,15 +426,19 @@ impl State {
                 Ok(progress)
             }
         });
+        // Stopped during an outage: the partition stays uninitialised and nothing of it is
+        // buffered; the restart reads it.
+        let done = read.ok()?;
         tracing::info!(partition = p, archived_up_to = ?done, "partition initialised from the object store");
         self.progress.insert(p, done);
-        done
+        Some(done)
     }
 
-    /// Writes the partition's unit: files per date, then the marker, then the commit.
-    fn roll(&mut self, consumer: &ArchiverConsumer, p: i32) {
+    /// Writes the partition's unit: files per date, then the marker, then the commit. On any
+    /// failure no marker is written, so the range stays unarchived and is read again.
+    fn roll(&mut self, consumer: &ArchiverConsumer, p: i32) -> Result<(), RollFailure> {
         let Some(unit) = self.units.remove(&p) else {
-            return;
+            return Ok(());
         };
         self.buffered -= unit.bytes;
         let range = FileRange {
@@ -378,19 +452,25 @@ impl State {
         }
         let mut files = Vec::with_capacity(by_date.len());
         for (dt, events) in &by_date {
-            match parquet_file::write(events, self.codec) {
+            match build_parquet(events, self.codec, range) {
                 Ok(bytes) => files.push((layout::data_path(*dt, range), bytes, events.len())),
                 Err(e) => {
-                    // Cannot happen for canonical events; keep the range unarchived so it is
-                    // retried after a restart rather than silently lost.
-                    tracing::error!(error = %e, partition = p, "building parquet failed; unit not archived");
-                    return;
+                    // The unit's events are gone from memory and a later marker would cover
+                    // its range: stop before writing one, so the restart archives it.
+                    tracing::error!(error = %e, partition = p, "building parquet failed; stopping before the range is passed");
+                    return Err(RollFailure::Fatal(e));
                 }
             }
         }
         // Dead letters of this range must be in Kafka before the marker says it is done.
-        while let Err(e) = self.producer.flush(Duration::from_secs(30)) {
-            tracing::warn!(error = %e, "waiting for dead letters to be acknowledged");
+        let flushed = STORE_RETRY.run_blocking(
+            &self.shutdown,
+            "acknowledgement of dead letters",
+            |_| true,
+            || self.producer.flush(Duration::from_secs(30)),
+        );
+        if flushed.is_err() {
+            return Err(RollFailure::Stopped);
         }
         let store = self.store.clone();
         for (path, bytes, rows) in files {
@@ -399,7 +479,8 @@ impl State {
             self.retry("upload", || {
                 let (store, path, payload) = (store.clone(), path.clone(), payload.clone());
                 async move { store.put(&path, payload).await.map(|_| ()) }
-            });
+            })
+            .map_err(|_| RollFailure::Stopped)?;
             self.rows += rows as u64;
             self.files += 1;
             self.parquet_bytes += len;
@@ -418,7 +499,8 @@ impl State {
                     .await
                     .map(|_| ())
             }
-        });
+        })
+        .map_err(|_| RollFailure::Stopped)?;
         self.progress.insert(p, Some(range.last));
         metrics::counter!(metric::UNITS).increment(1);
         metrics::gauge!(metric::BUFFERED_BYTES).set(self.buffered as f64);
@@ -428,36 +510,35 @@ impl State {
             last = range.last,
             "unit archived"
         );
-        let mut tpl = TopicPartitionList::new();
-        let _ = tpl.add_partition_offset(&self.topic, p, Offset::Offset(range.last + 1));
+        let tpl = pulse_service::consumer::commit_list(&self.topic, [(p, range.last + 1)]);
         if let Err(e) = consumer.commit(&tpl, CommitMode::Async) {
             tracing::debug!(error = %e, "commit failed (progress is in the object store)");
         }
+        Ok(())
     }
 
-    /// Runs an object-store operation until it succeeds, backing off: the archive may lag,
-    /// it must not skip.
-    fn retry<T, F, Fut>(&self, what: &str, op: F) -> T
+    /// Runs an object-store operation until it succeeds (the archive may lag, it must not
+    /// skip) or the process stops: `Err` means stopped, the work not done.
+    fn retry<T, F, Fut>(&self, what: &str, op: F) -> Result<T, object_store::Error>
     where
         F: Fn() -> Fut,
         Fut: std::future::Future<Output = object_store::Result<T>>,
     {
-        let mut attempt = 0u32;
-        loop {
-            match self.runtime.block_on(op()) {
-                Ok(v) => {
-                    self.ready.set_healthy(true);
-                    return v;
-                }
-                Err(e) => {
-                    self.ready.set_healthy(false);
+        let ready = self.ready.clone();
+        let attempt = || {
+            let call = op();
+            let ready = ready.clone();
+            async move {
+                let result = call.await;
+                ready.set_healthy(result.is_ok());
+                if result.is_err() {
                     metrics::counter!(metric::STORE_FAILURES).increment(1);
-                    let wait = Duration::from_millis(100 * 2u64.pow(attempt.min(6)));
-                    tracing::warn!(error = %e, what, retry_in = ?wait, "object store operation failed");
-                    std::thread::sleep(wait);
-                    attempt += 1;
                 }
+                result
             }
-        }
+        };
+        self.runtime
+            .block_on(STORE_RETRY.run(&self.shutdown, what, |_| true, attempt))
+            .map_err(|e| e.into_inner())
     }
 }

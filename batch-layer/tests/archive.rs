@@ -16,7 +16,7 @@ use common::{run_report, Fixture};
 use pulse_batch::layout;
 use pulse_core::Event;
 use pulse_tests::data::{generate, produce, produce_raw};
-use pulse_tests::read_topic;
+use pulse_tests::{read_topic, unique};
 use rust_decimal::Decimal;
 use serde_json::Value;
 
@@ -194,6 +194,48 @@ async fn archive_on_an_s3_store_is_complete_across_sigkills() {
             e.message_id
         );
     }
+}
+
+/// A unit whose Parquet file cannot be built (a writer bug, injected by a failpoint) stops
+/// the archiver with an error that names the range, before any marker passes it; the
+/// restart archives it, and every event is there once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_unit_that_cannot_be_built_stops_the_archiver_before_its_range_is_passed() {
+    let f = Fixture::new("parquet-fail", 1).await;
+    let events = generate(3_000, 36, 300, 1);
+    produce(&f.topic, &events).await;
+    let group = unique("archiver-failing");
+    let status = f
+        .command(
+            &group,
+            &[
+                "--stop-at-end",
+                "--roll-secs",
+                "0.05",
+                "--roll-bytes",
+                "20000",
+            ],
+        )
+        .env("PULSE_FAILPOINT_PARQUET_OFFSET", "1500")
+        .status()
+        .unwrap();
+    assert!(!status.success(), "the archiver must stop with an error");
+    let log = std::fs::read_to_string(Fixture::log_path(&group)).unwrap();
+    assert!(
+        log.contains("partition 0, offsets") && log.contains("building the Parquet file failed"),
+        "{log}"
+    );
+    let progress = layout::progress(f.store().as_ref()).await.unwrap();
+    let done = progress.get(&0).copied();
+    assert!(
+        done.is_none_or(|d| d < 1500),
+        "a marker passed the failed range: {done:?}"
+    );
+    // Without the fault the restart archives the range it stopped at, and nothing twice.
+    f.run_to_end(&["--roll-secs", "0.05", "--roll-bytes", "20000"]);
+    let (rows, total) = rows_by_id(&f.rows().await);
+    assert_eq!(total, events.len(), "no duplicates");
+    assert_eq!(rows.len(), events.len(), "no gaps");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -503,6 +545,19 @@ async fn operations_endpoint_reports_progress_and_store_outages() {
     })
     .await;
     assert_eq!(poll_until(port, "/healthz", |_, _| true).await.0, 200);
-    archiver.kill().unwrap();
-    let _ = archiver.wait();
+    // SIGTERM in the middle of the outage ends the retries: the archiver stops cleanly,
+    // leaving the unarchived range to the next run, instead of waiting for the store.
+    unsafe { libc::kill(archiver.id() as i32, libc::SIGTERM) };
+    let deadline = std::time::Instant::now() + pulse_tests::PATIENCE;
+    let status = loop {
+        if let Some(status) = archiver.try_wait().unwrap() {
+            break status;
+        }
+        if std::time::Instant::now() > deadline {
+            archiver.kill().unwrap();
+            panic!("SIGTERM did not stop the archiver during an object-store outage");
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    assert!(status.success(), "{status}");
 }

@@ -259,13 +259,12 @@ async fn a_batch_retried_after_a_broker_cut_counts_once_in_profiles_pushes_and_t
         "127.0.0.1:0",
     ])
     .config;
-    let (notifier_stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let notifier_stop = pulse_service::Shutdown::new();
+    let notifier_shutdown = notifier_stop.clone();
     let notifier = tokio::spawn(async move {
         Notifier::new(notifier_config)
             .unwrap()
-            .run(async {
-                let _ = stopped.await;
-            })
+            .run(notifier_shutdown)
             .await
     });
 
@@ -326,7 +325,7 @@ async fn a_batch_retried_after_a_broker_cut_counts_once_in_profiles_pushes_and_t
     assert_eq!(fired.len(), want.len(), "triggers fired");
     stop.stop();
     speed.join().unwrap().unwrap();
-    let _ = notifier_stop.send(());
+    notifier_stop.stop();
     notifier.await.unwrap().unwrap();
 
     // Warehouse: the archiver writes what Kafka holds (duplicates included), the load keeps

@@ -22,7 +22,7 @@ use pulse_service::{Readiness, Shutdown};
 use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer, ConsumerContext, Rebalance};
 use rdkafka::message::{Message, OwnedHeaders, OwnedMessage};
 use rdkafka::producer::{BaseRecord, Producer, ThreadedProducer};
-use rdkafka::{ClientContext, Offset, TopicPartitionList};
+use rdkafka::{ClientContext, Offset};
 use tokio::runtime::Runtime;
 
 use crate::config::{FlushPolicy, SpeedConfig};
@@ -728,12 +728,13 @@ impl Engine {
     }
 
     fn commit(&mut self, consumer: &SpeedConsumer, positions: &[(i32, i64)]) {
-        let mut tpl = TopicPartitionList::new();
-        for (p, next) in positions {
-            if self.committed.get(p) != Some(next) {
-                let _ = tpl.add_partition_offset(&self.topic, *p, Offset::Offset(*next));
-            }
-        }
+        let tpl = pulse_service::consumer::commit_list(
+            &self.topic,
+            positions
+                .iter()
+                .copied()
+                .filter(|(p, next)| self.committed.get(p) != Some(next)),
+        );
         if tpl.count() == 0 {
             return;
         }

@@ -12,8 +12,9 @@ use std::time::{Duration, Instant};
 use chrono::Utc;
 use lru::LruCache;
 use pulse_core::kafka::KafkaArgs;
+use pulse_service::{RetryPolicy, Shutdown};
 use rdkafka::consumer::{CommitMode, Consumer, StreamConsumer};
-use rdkafka::message::{Header, Message, OwnedHeaders};
+use rdkafka::message::{BorrowedMessage, Message};
 use rdkafka::producer::{FutureProducer, FutureRecord};
 use serde_json::json;
 
@@ -100,11 +101,8 @@ impl Notifier {
         })
     }
 
-    /// Consumes triggers until `stop` resolves.
-    pub async fn run(
-        mut self,
-        stop: impl std::future::Future<Output = ()>,
-    ) -> Result<(), rdkafka::error::KafkaError> {
+    /// Consumes triggers until `shutdown` stops the process (also in the middle of a retry).
+    pub async fn run(mut self, shutdown: Shutdown) -> Result<(), rdkafka::error::KafkaError> {
         let consumer: StreamConsumer = self
             .config
             .kafka
@@ -112,10 +110,9 @@ impl Notifier {
             .create()?;
         consumer.subscribe(&[&self.config.topic])?;
         tracing::info!(topic = %self.config.topic, webhook = %self.config.webhook_url, "notifier consuming");
-        tokio::pin!(stop);
         loop {
             let msg = tokio::select! {
-                _ = &mut stop => break,
+                _ = shutdown.stopped() => break,
                 msg = consumer.recv() => msg,
             };
             let msg = match msg {
@@ -131,11 +128,23 @@ impl Notifier {
                 .map(|k| String::from_utf8_lossy(k).into_owned())
                 .unwrap_or_default();
             let outcome = match serde_json::from_slice::<TriggerMessage>(&payload) {
-                Ok(trigger) => self.handle(&trigger).await,
+                Ok(trigger) => self.handle(&trigger, &shutdown).await,
                 Err(e) => Outcome::DeadLettered(format!("not a trigger message: {e}")),
             };
+            if shutdown.is_stopped() && outcome != Outcome::Delivered {
+                // Stopped mid-delivery: not committed, so the next owner handles it.
+                break;
+            }
             if let Outcome::DeadLettered(reason) = &outcome {
-                self.dead_letter(&key, &payload, reason).await;
+                // The commit below covers this trigger: it must be in the dead-letter topic
+                // first. Without that (stopping during a Kafka outage) leave it uncommitted.
+                if self
+                    .dead_letter(&msg, &key, &payload, reason, &shutdown)
+                    .await
+                    .is_err()
+                {
+                    break;
+                }
             }
             tracing::debug!(?outcome, offset = msg.offset(), "trigger handled");
             if let Err(e) = consumer.commit_message(&msg, CommitMode::Async) {
@@ -146,8 +155,16 @@ impl Notifier {
         Ok(())
     }
 
+    /// The delivery retries: `--webhook-backoff-ms` doubling (up to 1,024 times it), at most
+    /// `--webhook-max-attempts` tries.
+    fn delivery_retry(&self) -> RetryPolicy {
+        let first = Duration::from_millis(self.config.backoff_ms);
+        RetryPolicy::forever(first, first * 1024)
+            .with_attempts(self.config.max_attempts.max(1) as usize)
+    }
+
     /// Dedupe, rate limit, deliver with retries.
-    pub async fn handle(&mut self, trigger: &TriggerMessage) -> Outcome {
+    pub async fn handle(&mut self, trigger: &TriggerMessage, shutdown: &Shutdown) -> Outcome {
         if self.delivered.contains(&trigger.idempotency_key) {
             metrics::counter!(m::NOTIFY_DUPLICATE).increment(1);
             return Outcome::Duplicate;
@@ -170,70 +187,128 @@ impl Notifier {
             }
         }
         let body = push_body(trigger);
-        let mut last_error = String::new();
-        for attempt in 0..self.config.max_attempts.max(1) {
-            if attempt > 0 {
-                metrics::counter!(m::NOTIFY_RETRIES).increment(1);
-                let wait = self
-                    .config
-                    .backoff_ms
-                    .saturating_mul(1 << (attempt - 1).min(10));
-                tokio::time::sleep(Duration::from_millis(wait)).await;
-            }
-            let result = self
-                .http
-                .post(&self.config.webhook_url)
-                .header("Idempotency-Key", &trigger.idempotency_key)
-                .json(&body)
-                .send()
-                .await;
-            match result {
-                Ok(resp) if resp.status().is_success() => {
-                    self.delivered.put(trigger.idempotency_key.clone(), ());
-                    self.last_push.put(user, Instant::now());
-                    metrics::counter!(m::NOTIFY_DELIVERED).increment(1);
-                    let latency =
-                        (Utc::now().timestamp_millis() - trigger.fired_at).max(0) as f64 / 1000.0;
-                    metrics::histogram!(m::NOTIFY_LATENCY).record(latency);
-                    return Outcome::Delivered;
-                }
-                Ok(resp) => {
-                    let status = resp.status();
-                    last_error = format!("webhook answered {status}");
-                    // A 4xx other than 408/429 will not change with retries.
-                    if status.is_client_error() && status.as_u16() != 408 && status.as_u16() != 429
-                    {
-                        break;
+        let mut attempts = 0u32;
+        let delivered = self
+            .delivery_retry()
+            .run(
+                shutdown,
+                "webhook delivery",
+                |e: &DeliveryError| e.retryable,
+                || {
+                    attempts += 1;
+                    if attempts > 1 {
+                        metrics::counter!(m::NOTIFY_RETRIES).increment(1);
                     }
-                }
-                Err(e) => last_error = format!("webhook unreachable: {e}"),
+                    self.deliver(trigger, &body)
+                },
+            )
+            .await;
+        match delivered {
+            Ok(()) => {
+                self.delivered.put(trigger.idempotency_key.clone(), ());
+                self.last_push.put(user, Instant::now());
+                metrics::counter!(m::NOTIFY_DELIVERED).increment(1);
+                let latency =
+                    (Utc::now().timestamp_millis() - trigger.fired_at).max(0) as f64 / 1000.0;
+                metrics::histogram!(m::NOTIFY_LATENCY).record(latency);
+                Outcome::Delivered
             }
-            tracing::warn!(key = %trigger.idempotency_key, attempt, error = %last_error, "delivery failed");
+            Err(e) => Outcome::DeadLettered(e.into_inner().message),
         }
-        Outcome::DeadLettered(last_error)
     }
 
-    async fn dead_letter(&self, key: &str, payload: &[u8], reason: &str) {
-        metrics::counter!(m::NOTIFY_DEAD_LETTERED).increment(1);
-        tracing::error!(key, reason, "trigger to dead-letter topic");
-        let headers = OwnedHeaders::new()
-            .insert(Header {
-                key: "pulse.error",
-                value: Some(reason),
-            })
-            .insert(Header {
-                key: "pulse.consumer",
-                value: Some("notifier"),
-            });
-        let record = FutureRecord::to(&self.config.dlq_topic)
-            .key(key)
-            .payload(payload)
-            .headers(headers);
-        // Until the dead letter is in Kafka the offset is not committed: wait for it.
-        if let Err((e, _)) = self.producer.send(record, Duration::from_secs(60)).await {
-            tracing::error!(error = %e, "dead letter not written; trigger will be re-read after restart");
+    /// One POST to the webhook.
+    async fn deliver(
+        &self,
+        trigger: &TriggerMessage,
+        body: &serde_json::Value,
+    ) -> Result<(), DeliveryError> {
+        let result = self
+            .http
+            .post(&self.config.webhook_url)
+            .header("Idempotency-Key", &trigger.idempotency_key)
+            .json(body)
+            .send()
+            .await;
+        match result {
+            Ok(resp) if resp.status().is_success() => Ok(()),
+            Ok(resp) => Err(DeliveryError {
+                message: format!("webhook answered {}", resp.status()),
+                retryable: retryable_status(resp.status().as_u16()),
+            }),
+            Err(e) => Err(DeliveryError {
+                message: format!("webhook unreachable: {e}"),
+                retryable: true,
+            }),
         }
     }
+
+    /// Writes the trigger to the dead-letter topic with the headers every consumer's dead
+    /// letters carry, retrying until Kafka acknowledged it; `Err` only when stopped first.
+    async fn dead_letter(
+        &self,
+        msg: &BorrowedMessage<'_>,
+        key: &str,
+        payload: &[u8],
+        reason: &str,
+        shutdown: &Shutdown,
+    ) -> Result<(), ()> {
+        metrics::counter!(m::NOTIFY_DEAD_LETTERED).increment(1);
+        tracing::error!(key, reason, "trigger to dead-letter topic");
+        let written = DEAD_LETTER_RETRY
+            .run(
+                shutdown,
+                "dead letter",
+                |_| true,
+                || {
+                    let headers = pulse_core::kafka::dead_letter_headers(
+                        reason,
+                        msg.topic(),
+                        msg.partition(),
+                        msg.offset(),
+                        "notifier",
+                    );
+                    let record = FutureRecord::to(&self.config.dlq_topic)
+                        .key(key)
+                        .payload(payload)
+                        .headers(headers);
+                    async move {
+                        self.producer
+                            .send(record, Duration::from_secs(30))
+                            .await
+                            .map(|_| ())
+                            .map_err(|(e, _)| e)
+                    }
+                },
+            )
+            .await;
+        written.map_err(|e| {
+            tracing::error!(error = %e, "dead letter not written; the trigger stays uncommitted");
+        })
+    }
+}
+
+/// Dead letters are retried until Kafka takes them or the process stops.
+const DEAD_LETTER_RETRY: RetryPolicy =
+    RetryPolicy::forever(Duration::from_millis(200), Duration::from_secs(10));
+
+/// A failed POST, and whether another attempt may succeed.
+#[derive(Debug)]
+struct DeliveryError {
+    message: String,
+    retryable: bool,
+}
+
+impl std::fmt::Display for DeliveryError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.message)
+    }
+}
+
+/// Worth another attempt: a timeout, rate limiting or a server-side error. Any other 4xx
+/// will not change with retries.
+fn retryable_status(status: u16) -> bool {
+    matches!(status, 408 | 429) || status >= 500
 }
 
 /// An FCM-style body (`message.notification` + string-valued `data`).
@@ -261,4 +336,43 @@ pub fn push_body(t: &TriggerMessage) -> serde_json::Value {
             "data": data,
         }
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Which webhook answers are retried: the push provider's transient failures, never a
+    /// request it refused for good (a retry would only be refused again, then dead-lettered
+    /// later than need be).
+    #[test]
+    fn transient_answers_are_retried_and_refusals_are_not() {
+        for status in [408, 429, 500, 502, 503, 504] {
+            assert!(retryable_status(status), "{status}");
+        }
+        for status in [400, 401, 403, 404, 410, 413, 422] {
+            assert!(!retryable_status(status), "{status}");
+        }
+    }
+
+    #[test]
+    fn delivery_retry_follows_the_flags() {
+        let config = NotifierConfig {
+            kafka: KafkaArgs::with_brokers("localhost:9092"),
+            topic: "triggers".into(),
+            dlq_topic: "triggers.dlq".into(),
+            group: "notifier".into(),
+            webhook_url: "http://localhost:1/push".into(),
+            max_attempts: 5,
+            backoff_ms: 200,
+            rate_limit_secs: 0,
+            max_trigger_age_secs: 0,
+            timeout_secs: 1,
+            metrics_listen: "127.0.0.1:0".parse().unwrap(),
+        };
+        let notifier = Notifier::new(config).unwrap();
+        let delays: Vec<Duration> = notifier.delivery_retry().delays().collect();
+        assert_eq!(delays.len(), 4, "five attempts, four waits");
+        assert!(delays[0] >= Duration::from_millis(100) && delays[0] <= Duration::from_millis(200));
+    }
 }

@@ -87,35 +87,48 @@ impl Fixture {
     }
 
     fn spawn_in(&self, group: &str, extra: &[&str]) -> Child {
-        let logs = Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/test-logs");
-        std::fs::create_dir_all(&logs).unwrap();
+        self.command(group, extra)
+            .spawn()
+            .expect("spawn pulse-archiver")
+    }
+
+    /// The archiver's log file for `group`.
+    pub fn log_path(group: &str) -> PathBuf {
+        Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("../target/test-logs")
+            .join(format!("archiver-{group}.log"))
+    }
+
+    /// The archiver command in consumer group `group`, logging to [`Fixture::log_path`].
+    pub fn command(&self, group: &str, extra: &[&str]) -> Command {
+        let path = Self::log_path(group);
+        std::fs::create_dir_all(path.parent().expect("log dir")).unwrap();
         let log = std::fs::OpenOptions::new()
             .create(true)
             .append(true)
-            .open(logs.join(format!("archiver-{group}.log")))
+            .open(&path)
             .unwrap();
-        Command::new(env!("CARGO_BIN_EXE_pulse-archiver"))
-            .args([
-                "--kafka-brokers",
-                &brokers(),
-                "--events-topic",
-                &self.topic,
-                "--dlq-topic",
-                &self.dlq,
-            ])
-            .args(["--group", group, "--archive-url", &self.store.url])
-            .args(
-                self.store
-                    .store_options
-                    .iter()
-                    .flat_map(|(k, v)| ["--store-opt".to_string(), format!("{k}={v}")]),
-            )
-            .args(extra)
-            .env("RUST_LOG", "info,librdkafka=warn")
-            .stdout(Stdio::null())
-            .stderr(Stdio::from(log))
-            .spawn()
-            .expect("spawn pulse-archiver")
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_pulse-archiver"));
+        cmd.args([
+            "--kafka-brokers",
+            &brokers(),
+            "--events-topic",
+            &self.topic,
+            "--dlq-topic",
+            &self.dlq,
+        ])
+        .args(["--group", group, "--archive-url", &self.store.url])
+        .args(
+            self.store
+                .store_options
+                .iter()
+                .flat_map(|(k, v)| ["--store-opt".to_string(), format!("{k}={v}")]),
+        )
+        .args(extra)
+        .env("RUST_LOG", "info,librdkafka=warn")
+        .stdout(Stdio::null())
+        .stderr(Stdio::from(log));
+        cmd
     }
 
     /// Runs the archiver until it has read every partition to its end. It joins a fresh

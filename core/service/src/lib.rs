@@ -1,10 +1,14 @@
 //! The plumbing every Pulse service shares, at the bottom of the crate graph beside the event
 //! model: the operations endpoint and the one Prometheus recorder ([`ops`]), the shutdown
-//! handle every loop observes ([`Shutdown`]) and the partner key files ([`keys`]).
+//! handle every loop observes ([`Shutdown`]), the one retry policy ([`retry`]), the pieces
+//! of the consumer skeleton ([`consumer`]) and the partner key files ([`keys`]).
 
+pub mod consumer;
 pub mod keys;
 pub mod ops;
+pub mod retry;
 mod shutdown;
 
 pub use ops::Readiness;
+pub use retry::{RetryError, RetryPolicy};
 pub use shutdown::Shutdown;

@@ -31,8 +31,6 @@ async fn main() -> anyhow::Result<()> {
             tracing::error!(error = %e, %listen, "metrics endpoint failed");
         }
     });
-    Notifier::new(config)?
-        .run(async move { shutdown.stopped().await })
-        .await?;
+    Notifier::new(config)?.run(shutdown).await?;
     Ok(())
 }
