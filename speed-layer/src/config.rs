@@ -1,5 +1,6 @@
 //! Speed-layer settings: every one a CLI flag with a `PULSE_…` environment twin.
 
+use pulse_service::RetryPolicy;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::Duration;
@@ -127,10 +128,13 @@ impl FlushPolicy {
         dirty > 0 && (since_last >= self.interval() || dirty >= self.max_dirty)
     }
 
-    /// Exponential backoff: 100 ms, 200 ms, … capped.
-    pub fn backoff(&self, attempt: u32) -> Duration {
-        let secs = 0.1 * 2f64.powi(attempt.min(16) as i32);
-        Duration::from_secs_f64(secs.min(self.max_backoff_secs.max(0.1)))
+    /// How Elasticsearch calls are retried: from 100 ms, doubling, up to
+    /// `--max-backoff-secs` (with jitter; see `pulse_service::RetryPolicy`).
+    pub fn retry(&self) -> RetryPolicy {
+        RetryPolicy::forever(
+            Duration::from_millis(100),
+            Duration::from_secs_f64(self.max_backoff_secs.max(0.1)),
+        )
     }
 }
 
@@ -150,7 +154,12 @@ mod tests {
         assert!(!p.is_due(Duration::from_secs(1), 9));
         assert!(p.is_due(Duration::from_secs(1), 10));
         assert!(p.is_due(Duration::from_secs(30), 1));
-        assert_eq!(p.backoff(0), Duration::from_millis(100));
-        assert_eq!(p.backoff(20), Duration::from_secs(5));
+        assert_eq!(p.retry().first, Duration::from_millis(100));
+        assert_eq!(p.retry().max, Duration::from_secs(5));
+        assert!(p
+            .retry()
+            .delays()
+            .take(30)
+            .all(|d| d <= Duration::from_secs(5)));
     }
 }

@@ -93,8 +93,11 @@ pub struct Engine {
     flushes: u64,
     docs_written: u64,
     in_flight: Option<InFlight>,
-    flush_attempt: u32,
+    /// The waits before the next retries of a failing flush; `None` after a success.
+    flush_retries: Option<Box<dyn Iterator<Item = Duration> + Send>>,
     retry_at: Instant,
+    /// Stops the retries of loading profiles (a SIGTERM during an outage).
+    shutdown: Shutdown,
     /// Time of the batch being processed (one clock read per batch, not per event).
     clock: Instant,
     /// Partitions this replica owns now. Records of a batch read before a revocation are
@@ -233,8 +236,9 @@ pub fn run(
         flushes: 0,
         docs_written: 0,
         in_flight: None,
-        flush_attempt: 0,
+        flush_retries: None,
         retry_at: Instant::now(),
+        shutdown: stop.clone(),
         clock: Instant::now(),
         assigned: HashSet::new(),
     }));
@@ -302,7 +306,9 @@ pub fn run(
             if engine.finish_flush(&consumer, true).is_none() {
                 let partitions: Vec<i32> = engine.positions.keys().copied().collect();
                 let wait = engine.retry_at.saturating_duration_since(Instant::now());
-                std::thread::sleep(wait);
+                if !stop.sleep_blocking(wait) {
+                    break;
+                }
                 engine.start_flush(&partitions);
             }
         }
@@ -315,7 +321,9 @@ pub fn run(
     tracing::info!("stopping: final flush and commit");
     let mut engine_guard = lock(&engine);
     let partitions: Vec<i32> = engine_guard.positions.keys().copied().collect();
-    if !engine_guard.flush_now(&consumer, &partitions, 20) {
+    // Eight tries wait at most 12.7 s in all (100 ms doubling, jittered down): within the
+    // 30 s an orchestrator gives a stopping pod, and a flush given up is only re-read later.
+    if !engine_guard.flush_now(&consumer, &partitions, 8) {
         tracing::error!("giving up the final flush; records since the last commit will be re-read");
     }
     let summary = RunSummary {
@@ -398,7 +406,11 @@ impl Engine {
         }
         // Loading is not any one record's doing.
         poison::idle();
-        self.load(&missing);
+        if !self.load(&missing) {
+            // Stopping during an outage: nothing of the batch is folded or passed, so it is
+            // read again after the restart.
+            return;
+        }
         let now_ms = Utc::now().timestamp_millis();
         let (folded, skipped, duplicates) = (self.folded, self.skipped, self.duplicates);
         for (msg, result) in parsed {
@@ -547,23 +559,24 @@ impl Engine {
     }
 
     /// Loads profiles from Elasticsearch (batched mget), retrying while it is unavailable:
-    /// a profile is never assumed new just because the store did not answer.
-    fn load(&mut self, ids: &[String]) {
+    /// a profile is never assumed new just because the store did not answer. `false` when
+    /// the process stopped before Elasticsearch answered.
+    fn load(&mut self, ids: &[String]) -> bool {
         for chunk in ids.chunks(1000) {
-            let mut attempt = 0;
-            let docs = loop {
-                match self.runtime.block_on(self.store.mget(chunk)) {
-                    Ok(docs) => break docs,
-                    Err(e) => {
-                        self.ready.set_healthy(false);
-                        let wait = self.policy.backoff(attempt);
-                        tracing::warn!(error = %e, retry_in = ?wait, "loading profiles failed");
-                        std::thread::sleep(wait);
-                        attempt += 1;
-                    }
-                }
+            let (store, ready) = (&self.store, &self.ready);
+            let loaded = self.runtime.block_on(self.policy.retry().run(
+                &self.shutdown,
+                "loading profiles",
+                |_| true,
+                || async move {
+                    let docs = store.mget(chunk).await;
+                    ready.set_healthy(docs.is_ok());
+                    docs
+                },
+            ));
+            let Ok(docs) = loaded else {
+                return false;
             };
-            self.ready.set_healthy(true);
             metrics::counter!(m::PROFILES_LOADED).increment(docs.len() as u64);
             for (id, doc) in docs {
                 match Profile::from_document(&doc, &self.kinds) {
@@ -585,6 +598,7 @@ impl Engine {
                 }
             }
         }
+        true
     }
 
     /// Starts writing the dirty profiles of `partitions` in the background, unless a flush is
@@ -688,13 +702,18 @@ impl Engine {
         metrics::histogram!(m::FLUSH_SECONDS).record(flight.started.elapsed().as_secs_f64());
         tracing::info!(docs = flight.ids.len(), took = ?flight.started.elapsed(), failed = failed.len(), "flushed");
         if let Some(e) = &first_error {
-            self.flush_attempt += 1;
-            self.retry_at = Instant::now() + self.policy.backoff(self.flush_attempt - 1);
+            let policy = self.policy.retry();
+            let wait = self
+                .flush_retries
+                .get_or_insert_with(|| Box::new(policy.delays()))
+                .next()
+                .unwrap_or(policy.max);
+            self.retry_at = Instant::now() + wait;
             self.ready.set_healthy(false);
             metrics::counter!(m::FLUSH_FAILURES).increment(1);
-            tracing::warn!(error = %e, retry_in = ?self.policy.backoff(self.flush_attempt - 1), dirty = self.dirty, "flush failed");
+            tracing::warn!(error = %e, retry_in = ?wait, dirty = self.dirty, "flush failed");
         } else {
-            self.flush_attempt = 0;
+            self.flush_retries = None;
             self.ready.set_healthy(true);
         }
         // Triggers and dead letters of the records about to be committed must be in Kafka.
@@ -717,14 +736,22 @@ impl Engine {
     /// shutdown, where the caller must know the outcome before going on.
     fn flush_now(&mut self, consumer: &SpeedConsumer, partitions: &[i32], attempts: u32) -> bool {
         self.finish_flush(consumer, true);
-        for attempt in 0..attempts.max(1) {
+        // Bounded, and not cut short by a stop: this is the flush a stop asks for.
+        let mut waits = self
+            .policy
+            .retry()
+            .with_attempts(attempts as usize)
+            .delays();
+        loop {
             self.start_flush(partitions);
             if self.finish_flush(consumer, true) != Some(true) {
                 return true;
             }
-            std::thread::sleep(self.policy.backoff(attempt));
+            match waits.next() {
+                Some(wait) => std::thread::sleep(wait),
+                None => return false,
+            }
         }
-        false
     }
 
     fn commit(&mut self, consumer: &SpeedConsumer, positions: &[(i32, i64)]) {

@@ -264,6 +264,33 @@ async fn elasticsearch_outage_backs_off_then_catches_up_with_no_loss() {
     );
 }
 
+/// A SIGTERM while Elasticsearch is down ends the retries of loading profiles (the process
+/// exits cleanly instead of waiting for the outage to end), and nothing is lost: the restart
+/// reads what was not folded and flushed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_during_an_elasticsearch_outage_stops_the_speed_layer_and_loses_nothing() {
+    let f = Fixture::new("outage-stop", 4).await;
+    let events = generate(2_000, 16, 300, 3);
+    let truth = ground_truth(&events);
+    let es = CutProxy::start("127.0.0.1:0", es_url().trim_start_matches("http://")).await;
+    let proxy = format!("http://{}", es.addr);
+    es.cut();
+    produce(&f.topic, &events).await;
+    let mut speed = f.spawn_speed(&["--flush-interval-secs", "0.5", "--es-url", &proxy]);
+    // Long enough to be inside the retries of loading the first profiles.
+    tokio::time::sleep(Duration::from_secs(4)).await;
+    assert!(speed.try_wait().unwrap().is_none(), "still retrying");
+    let status = terminate_in_time(&mut speed).await;
+    assert!(status.success(), "{status}");
+
+    es.restore();
+    let mut speed = f.spawn_speed(&["--flush-interval-secs", "0.5"]);
+    let docs = f.wait_for_events(events.len() as u64).await;
+    terminate(&mut speed);
+    let problems = diff(&docs, &truth);
+    assert!(problems.is_empty(), "{}", problems.join("\n"));
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn malformed_records_go_to_the_dead_letter_topic_and_the_consumer_goes_on() {
     let f = Fixture::new("dlq", 4).await;

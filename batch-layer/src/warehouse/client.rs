@@ -19,6 +19,7 @@ use gcp_bigquery_client::model::get_query_results_parameters::GetQueryResultsPar
 use gcp_bigquery_client::model::job::Job;
 use gcp_bigquery_client::model::table::Table;
 use gcp_bigquery_client::model::time_partitioning::TimePartitioning;
+use pulse_service::{RetryPolicy, Shutdown};
 use serde_json::{json, Value};
 
 use super::auth::{authenticator, AuthError};
@@ -221,30 +222,42 @@ impl Warehouse {
             "configuration": configuration,
         });
         let url = format!("{}/projects/{}/jobs", self.api_url, self.project);
-        let mut pause = Duration::from_millis(500);
-        for attempt in 1.. {
-            // Credentials failing is final, not a reason to retry the insert.
-            let token = self
-                .auth
-                .access_token()
-                .await
-                .map_err(|e| api_error("credentials", e))?;
-            match self.insert_job(&url, &body, &token).await {
-                Ok(()) => break,
-                // The job id is ours, so a retried insert that finds it is a success.
-                Err((Some(409), _)) => break,
-                Err((status, message)) if attempt < 5 && transient(status) => {
-                    tracing::warn!(kind, %message, retry_in = ?pause, "job insert failed; retrying");
-                    tokio::time::sleep(pause).await;
-                    pause *= 2;
-                }
-                Err((_, message)) => {
-                    return Err(WarehouseError::Api {
-                        what: format!("{kind} job insert"),
-                        message,
-                    })
-                }
-            }
+        // A one-shot command: its own stop is Ctrl-C, which ends the process; the handle is
+        // here so that the retry is the same one every service uses.
+        let inserted = INSERT_RETRY
+            .run(
+                &Shutdown::new(),
+                "job insert",
+                |e: &InsertError| transient(e.status),
+                || async {
+                    // Credentials failing is final, not a reason to retry the insert.
+                    let token = self.auth.access_token().await.map_err(|e| InsertError {
+                        status: None,
+                        message: e.to_string(),
+                        credentials: true,
+                    })?;
+                    match self.insert_job(&url, &body, &token).await {
+                        // The job id is ours, so a retried insert that finds it is a success.
+                        Ok(()) | Err((Some(409), _)) => Ok(()),
+                        Err((status, message)) => Err(InsertError {
+                            status,
+                            message,
+                            credentials: false,
+                        }),
+                    }
+                },
+            )
+            .await;
+        if let Err(e) = inserted {
+            let e = e.into_inner();
+            return Err(WarehouseError::Api {
+                what: if e.credentials {
+                    "credentials".to_string()
+                } else {
+                    format!("{kind} job insert")
+                },
+                message: e.message,
+            });
         }
         tracing::debug!(%job_id, kind, "job inserted");
         let job = self.wait(&job_id).await?;
@@ -408,6 +421,25 @@ impl Warehouse {
             }
             _ => Ok(()),
         }
+    }
+}
+
+/// A job insert is tried five times (from 0.5 s, doubling).
+const INSERT_RETRY: RetryPolicy =
+    RetryPolicy::forever(Duration::from_millis(500), Duration::from_secs(8)).with_attempts(5);
+
+/// A failed jobs.insert: the HTTP status (None: no answer) and the message.
+#[derive(Debug)]
+struct InsertError {
+    status: Option<u16>,
+    message: String,
+    /// The access token could not be had: final.
+    credentials: bool,
+}
+
+impl std::fmt::Display for InsertError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.message)
     }
 }
 

@@ -94,27 +94,17 @@ impl RetryPolicy {
         Fut: Future<Output = Result<T, E>>,
     {
         let mut delays = self.delays();
-        let mut attempt = 1usize;
-        loop {
+        for attempt in 1.. {
             let error = match op().await {
                 Ok(v) => return Ok(v),
                 Err(e) => e,
             };
-            if shutdown.is_stopped() {
-                return Err(RetryError::Stopped(error));
+            let wait = next_wait(&mut delays, shutdown, &retryable, error, what, attempt)?;
+            if !shutdown.sleep(wait.0).await {
+                return Err(RetryError::Stopped(wait.1));
             }
-            if !retryable(&error) {
-                return Err(RetryError::Failed(error));
-            }
-            let Some(wait) = delays.next() else {
-                return Err(RetryError::Failed(error));
-            };
-            tracing::warn!(what, attempt, error = %error, retry_in = ?wait, "failed; retrying");
-            if !shutdown.sleep(wait).await {
-                return Err(RetryError::Stopped(error));
-            }
-            attempt += 1;
         }
+        unreachable!("attempts are counted without end")
     }
 
     /// [`RetryPolicy::run`] for a thread outside the runtime (the consumer loops), with an
@@ -131,28 +121,41 @@ impl RetryPolicy {
         F: FnMut() -> Result<T, E>,
     {
         let mut delays = self.delays();
-        let mut attempt = 1usize;
-        loop {
+        for attempt in 1.. {
             let error = match op() {
                 Ok(v) => return Ok(v),
                 Err(e) => e,
             };
-            if shutdown.is_stopped() {
-                return Err(RetryError::Stopped(error));
+            let wait = next_wait(&mut delays, shutdown, &retryable, error, what, attempt)?;
+            if !shutdown.sleep_blocking(wait.0) {
+                return Err(RetryError::Stopped(wait.1));
             }
-            if !retryable(&error) {
-                return Err(RetryError::Failed(error));
-            }
-            let Some(wait) = delays.next() else {
-                return Err(RetryError::Failed(error));
-            };
-            tracing::warn!(what, attempt, error = %error, retry_in = ?wait, "failed; retrying");
-            if !shutdown.sleep_blocking(wait) {
-                return Err(RetryError::Stopped(error));
-            }
-            attempt += 1;
         }
+        unreachable!("attempts are counted without end")
     }
+}
+
+/// After a failed attempt: give up (stopping, a final error, no attempts left) or the wait
+/// before the next one, with the error kept for when that wait is cut short.
+fn next_wait<E: Display>(
+    delays: &mut impl Iterator<Item = Duration>,
+    shutdown: &Shutdown,
+    retryable: impl Fn(&E) -> bool,
+    error: E,
+    what: &str,
+    attempt: u64,
+) -> Result<(Duration, E), RetryError<E>> {
+    if shutdown.is_stopped() {
+        return Err(RetryError::Stopped(error));
+    }
+    if !retryable(&error) {
+        return Err(RetryError::Failed(error));
+    }
+    let Some(wait) = delays.next() else {
+        return Err(RetryError::Failed(error));
+    };
+    tracing::warn!(what, attempt, error = %error, retry_in = ?wait, "failed; retrying");
+    Ok((wait, error))
 }
 
 #[cfg(test)]

@@ -198,6 +198,26 @@ pub fn terminate(child: &mut Child) {
     let _ = child.wait();
 }
 
+/// Sends SIGTERM and returns the exit status; panics when the process is still running
+/// after PATIENCE (a stop that hangs is the defect this catches, not a slow one).
+pub async fn terminate_in_time(child: &mut Child) -> std::process::ExitStatus {
+    // SAFETY: kill(2) on a pid we own; no memory is shared.
+    unsafe {
+        libc::kill(child.id() as i32, libc::SIGTERM);
+    }
+    let deadline = std::time::Instant::now() + pulse_tests::PATIENCE;
+    loop {
+        if let Some(status) = child.try_wait().expect("wait") {
+            return status;
+        }
+        if std::time::Instant::now() > deadline {
+            let _ = child.kill();
+            panic!("SIGTERM did not stop the process");
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
 /// The expected profile of one user, folded here without the engine's code.
 #[derive(Debug, Default, Clone)]
 pub struct Truth {
