@@ -16,6 +16,7 @@ use common::{run_report, Fixture};
 use pulse_batch::layout;
 use pulse_core::Event;
 use pulse_tests::data::{generate, produce, produce_raw};
+use pulse_tests::process::{free_port, poll_until, terminate_in_time};
 use pulse_tests::{read_topic, unique};
 use rust_decimal::Decimal;
 use serde_json::Value;
@@ -474,35 +475,6 @@ async fn bi_reports_on_the_embedded_engine_match_the_ground_truth() {
 
 // ---------------------------------------------------------------- operations endpoint
 
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
-/// GETs `path` until `check` accepts (status, body), within the suite's patience.
-async fn poll_until(port: u16, path: &str, check: impl Fn(u16, &str) -> bool) -> (u16, String) {
-    let url = format!("http://127.0.0.1:{port}{path}");
-    let deadline = std::time::Instant::now() + pulse_tests::PATIENCE;
-    loop {
-        if let Ok(r) = reqwest::get(&url).await {
-            let status = r.status().as_u16();
-            let body = r.text().await.unwrap_or_default();
-            if check(status, &body) {
-                return (status, body);
-            }
-            assert!(
-                std::time::Instant::now() < deadline,
-                "{url}: {status} {body}"
-            );
-        }
-        assert!(std::time::Instant::now() < deadline, "{url} never answered");
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
-}
-
 /// /healthz, /readyz and /metrics: counters follow the archive, and readiness drops while the
 /// object store cannot be written (here: an S3 endpoint nobody listens on).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -547,17 +519,6 @@ async fn operations_endpoint_reports_progress_and_store_outages() {
     assert_eq!(poll_until(port, "/healthz", |_, _| true).await.0, 200);
     // SIGTERM in the middle of the outage ends the retries: the archiver stops cleanly,
     // leaving the unarchived range to the next run, instead of waiting for the store.
-    unsafe { libc::kill(archiver.id() as i32, libc::SIGTERM) };
-    let deadline = std::time::Instant::now() + pulse_tests::PATIENCE;
-    let status = loop {
-        if let Some(status) = archiver.try_wait().unwrap() {
-            break status;
-        }
-        if std::time::Instant::now() > deadline {
-            archiver.kill().unwrap();
-            panic!("SIGTERM did not stop the archiver during an object-store outage");
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    };
+    let status = terminate_in_time(&mut archiver).await;
     assert!(status.success(), "{status}");
 }

@@ -28,6 +28,7 @@ use pulse_speed::config::SpeedConfig;
 use pulse_speed::notifier::{Notifier, NotifierConfig};
 use pulse_speed::store::{EsArgs, ProfileStore};
 use pulse_speed::triggers::RuleSet;
+use pulse_tests::process::env_or;
 use pulse_tests::proxy::CutProxy;
 use pulse_tests::{create_topic, ingest_config, read_topic, unique, RunningIngest, PATIENCE};
 use rust_decimal::Decimal;
@@ -43,10 +44,6 @@ struct SpeedCli {
 struct NotifierCli {
     #[command(flatten)]
     config: NotifierConfig,
-}
-
-fn env_or(name: &str, default: &str) -> String {
-    std::env::var(name).unwrap_or_else(|_| default.to_string())
 }
 
 const RULES: &str = r#"
@@ -114,10 +111,7 @@ async fn a_batch_retried_after_a_broker_cut_counts_once_in_profiles_pushes_and_t
     let triggers = create_topic("ar-retry-trg", 2).await;
 
     // Ingest talks to the broker through a proxy the test can cut.
-    let listener = env_or("PULSE_KAFKA_CUTTABLE_LISTENER", "localhost:19094");
-    let advertised = env_or("PULSE_KAFKA_CUTTABLE_BROKERS", "localhost:19095");
-    let port = advertised.rsplit(':').next().unwrap();
-    let proxy = CutProxy::start(&format!("127.0.0.1:{port}"), &listener).await;
+    let (proxy, advertised) = CutProxy::for_cuttable_broker().await;
     let mut config = ingest_config(&archive.topic);
     config.kafka = pulse_core::kafka::KafkaArgs {
         brokers: advertised.clone(),
@@ -186,7 +180,7 @@ async fn a_batch_retried_after_a_broker_cut_counts_once_in_profiles_pushes_and_t
 
     // Speed layer and notifier, in this process.
     let alias = unique("prof-e2e").to_lowercase();
-    let es_url = env_or("PULSE_ES_URL", "http://localhost:9200");
+    let es_url = pulse_tests::es_url();
     let store = ProfileStore::new(&EsArgs::local(&es_url, &alias, &format!("{alias}-v1"))).unwrap();
     store.setup(1, 0).await.unwrap();
     let rules_path = std::env::temp_dir().join(format!("{alias}.toml"));

@@ -4,6 +4,7 @@
 //! other's records.
 
 pub mod data;
+pub mod process;
 pub mod proxy;
 pub mod sdk;
 
@@ -23,7 +24,11 @@ use tokio::task::JoinHandle;
 pub const PATIENCE: Duration = Duration::from_secs(60);
 
 pub fn brokers() -> String {
-    std::env::var("PULSE_KAFKA_BROKERS").unwrap_or_else(|_| "localhost:9092".into())
+    process::env_or("PULSE_KAFKA_BROKERS", "localhost:9092")
+}
+
+pub fn es_url() -> String {
+    process::env_or("PULSE_ES_URL", "http://localhost:9200")
 }
 
 pub fn unique(prefix: &str) -> String {

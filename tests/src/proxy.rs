@@ -50,6 +50,21 @@ impl CutProxy {
         Self { up, addr }
     }
 
+    /// A proxy on the port the stack's `CUTTABLE` Kafka listener advertises (see
+    /// `deploy/local/stack`), forwarding to that listener, and the brokers string that
+    /// reaches Kafka only through it. The advertised port is fixed: one per test binary.
+    pub async fn for_cuttable_broker() -> (Self, String) {
+        let listener = crate::process::env_or("PULSE_KAFKA_CUTTABLE_LISTENER", "localhost:19094");
+        let advertised = crate::process::env_or("PULSE_KAFKA_CUTTABLE_BROKERS", "localhost:19095");
+        let port = advertised
+            .rsplit(':')
+            .next()
+            .expect("host:port")
+            .to_string();
+        let proxy = Self::start(&format!("127.0.0.1:{port}"), &listener).await;
+        (proxy, advertised)
+    }
+
     pub fn cut(&self) {
         self.up.store(false, Ordering::SeqCst);
     }

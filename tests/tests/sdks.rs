@@ -200,13 +200,8 @@ async fn the_browser_sdk_retries_through_a_kafka_outage_until_pulse_accepts_ever
     let topic = create_topic("it-browser-outage", 4).await;
     let shop = ShopPage::serve(&tools).await;
     // Ingest reaches the broker through the stack's CUTTABLE listener and a proxy the test can
-    // cut (see batch-layer/tests/retries.rs).
-    let listener =
-        std::env::var("PULSE_KAFKA_CUTTABLE_LISTENER").unwrap_or_else(|_| "localhost:19094".into());
-    let advertised =
-        std::env::var("PULSE_KAFKA_CUTTABLE_BROKERS").unwrap_or_else(|_| "localhost:19095".into());
-    let port = advertised.rsplit(':').next().unwrap().to_string();
-    let proxy = CutProxy::start(&format!("127.0.0.1:{port}"), &listener).await;
+    // cut.
+    let (proxy, advertised) = CutProxy::for_cuttable_broker().await;
     let mut config = ingest_config(&topic);
     config.kafka = pulse_core::kafka::KafkaArgs {
         brokers: advertised,

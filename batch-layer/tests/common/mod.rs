@@ -94,20 +94,11 @@ impl Fixture {
 
     /// The archiver's log file for `group`.
     pub fn log_path(group: &str) -> PathBuf {
-        Path::new(env!("CARGO_MANIFEST_DIR"))
-            .join("../target/test-logs")
-            .join(format!("archiver-{group}.log"))
+        pulse_tests::process::log_path(&format!("archiver-{group}"))
     }
 
     /// The archiver command in consumer group `group`, logging to [`Fixture::log_path`].
     pub fn command(&self, group: &str, extra: &[&str]) -> Command {
-        let path = Self::log_path(group);
-        std::fs::create_dir_all(path.parent().expect("log dir")).unwrap();
-        let log = std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(&path)
-            .unwrap();
         let mut cmd = Command::new(env!("CARGO_BIN_EXE_pulse-archiver"));
         cmd.args([
             "--kafka-brokers",
@@ -127,7 +118,7 @@ impl Fixture {
         .args(extra)
         .env("RUST_LOG", "info,librdkafka=warn")
         .stdout(Stdio::null())
-        .stderr(Stdio::from(log));
+        .stderr(pulse_tests::process::log_file(&format!("archiver-{group}")));
         cmd
     }
 

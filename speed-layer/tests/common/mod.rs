@@ -22,11 +22,9 @@ use serde_json::Value;
 
 #[allow(unused_imports)] // each test file uses its own subset
 pub use pulse_tests::data::{generate, produce, produce_raw};
-pub use pulse_tests::{brokers, create_topic, read_topic, unique, PATIENCE};
-
-pub fn es_url() -> String {
-    std::env::var("PULSE_ES_URL").unwrap_or_else(|_| "http://localhost:9200".into())
-}
+#[allow(unused_imports)] // each test file uses its own subset
+pub use pulse_tests::process::{free_port, log_file, terminate, terminate_in_time, wait_until};
+pub use pulse_tests::{brokers, create_topic, es_url, read_topic, unique, PATIENCE};
 
 /// One test's topics, consumer group and profile alias.
 pub struct Fixture {
@@ -175,47 +173,6 @@ impl Fixture {
 
 fn es_args(alias: &str) -> EsArgs {
     EsArgs::local(&es_url(), alias, &format!("{alias}-v1"))
-}
-
-/// Child logs go to target/test-logs/, so a failing test can be diagnosed.
-fn log_file(name: &str) -> Stdio {
-    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/test-logs");
-    let _ = std::fs::create_dir_all(&dir);
-    std::fs::OpenOptions::new()
-        .create(true)
-        .append(true)
-        .open(dir.join(format!("{name}.log")))
-        .map(Stdio::from)
-        .unwrap_or_else(|_| Stdio::null())
-}
-
-/// Sends SIGTERM (graceful stop) and waits.
-pub fn terminate(child: &mut Child) {
-    // SAFETY: kill(2) on a pid we own; no memory is shared.
-    unsafe {
-        libc::kill(child.id() as i32, libc::SIGTERM);
-    }
-    let _ = child.wait();
-}
-
-/// Sends SIGTERM and returns the exit status; panics when the process is still running
-/// after PATIENCE (a stop that hangs is the defect this catches, not a slow one).
-pub async fn terminate_in_time(child: &mut Child) -> std::process::ExitStatus {
-    // SAFETY: kill(2) on a pid we own; no memory is shared.
-    unsafe {
-        libc::kill(child.id() as i32, libc::SIGTERM);
-    }
-    let deadline = std::time::Instant::now() + pulse_tests::PATIENCE;
-    loop {
-        if let Some(status) = child.try_wait().expect("wait") {
-            return status;
-        }
-        if std::time::Instant::now() > deadline {
-            let _ = child.kill();
-            panic!("SIGTERM did not stop the process");
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
 }
 
 /// The expected profile of one user, folded here without the engine's code.
@@ -419,19 +376,4 @@ pub async fn webhook(status: StatusCode) -> (String, Received) {
     let url = format!("http://{}/push", listener.local_addr().unwrap());
     tokio::spawn(async move { axum::serve(listener, app).await });
     (url, received)
-}
-
-pub async fn wait_until(mut done: impl FnMut() -> bool) {
-    let deadline = Instant::now() + PATIENCE;
-    while !done() && Instant::now() < deadline {
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-}
-
-/// A free local port for a child's `--metrics-listen`, so the test can query /readyz.
-pub fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .expect("free port")
 }
