@@ -16,10 +16,10 @@ use chrono::NaiveDate;
 use object_store::{ObjectStore, ObjectStoreExt, PutPayload};
 use pulse_core::kafka::{KafkaArgs, TopicArgs};
 use pulse_core::Event;
+use pulse_service::outbox::{Outbox, Source};
 use pulse_service::{Readiness, RetryPolicy, Shutdown};
 use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer, ConsumerContext, Rebalance};
 use rdkafka::message::Message;
-use rdkafka::producer::{BaseRecord, DefaultProducerContext, Producer, ThreadedProducer};
 use rdkafka::ClientContext;
 use tokio::runtime::Runtime;
 
@@ -117,7 +117,8 @@ struct State {
     dlq_topic: String,
     store: Arc<dyn ObjectStore>,
     runtime: Arc<Runtime>,
-    producer: ThreadedProducer<DefaultProducerContext>,
+    /// Dead letters, acknowledged before the marker of their range is written.
+    outbox: Outbox,
     codec: Codec,
     /// False while object-store operations fail (served as /readyz).
     ready: Readiness,
@@ -209,14 +210,12 @@ pub fn run(
             .build()?,
     );
     let store = open_store(&config.store).map_err(|e| ArchiverError::Store(e.to_string()))?;
-    let mut producer_config = config.kafka.producer_config();
-    producer_config.set("message.timeout.ms", "0");
     let state = Arc::new(Mutex::new(State {
         topic: config.topics.events.clone(),
         dlq_topic: config.topics.dlq.clone(),
         store,
         runtime,
-        producer: producer_config.create()?,
+        outbox: Outbox::new(config.kafka.producer_config(), "archiver")?,
         codec: config.codec,
         ready,
         shutdown: stop.clone(),
@@ -388,23 +387,14 @@ impl State {
             Err(reason) => {
                 metrics::counter!(metric::DEAD_LETTERED).increment(1);
                 tracing::warn!(partition = p, offset = msg.offset(), %reason, "record to dead-letter topic");
-                let headers = pulse_core::kafka::dead_letter_headers(
-                    &reason,
-                    msg.topic(),
-                    p,
-                    msg.offset(),
-                    "archiver",
-                );
-                let key = msg.key().unwrap_or_default().to_vec();
-                let mut record = BaseRecord::to(&self.dlq_topic)
-                    .key(&key)
-                    .payload(payload)
-                    .headers(headers);
-                while let Err((e, r)) = self.producer.send(record) {
-                    tracing::warn!(error = %e, "dead-letter produce failed; retrying");
-                    record = r;
-                    std::thread::sleep(Duration::from_millis(50));
-                }
+                let source = Source {
+                    topic: msg.topic(),
+                    partition: p,
+                    offset: msg.offset(),
+                };
+                let key = msg.key().unwrap_or_default();
+                self.outbox
+                    .dead_letter(&self.dlq_topic, source, key, payload, &reason, &[]);
             }
         }
     }
@@ -467,7 +457,7 @@ impl State {
             &self.shutdown,
             "acknowledgement of dead letters",
             |_| true,
-            || self.producer.flush(Duration::from_secs(30)),
+            || self.outbox.flush(Duration::from_secs(30)),
         );
         if flushed.is_err() {
             return Err(RollFailure::Stopped);

@@ -106,40 +106,6 @@ impl KafkaArgs {
     }
 }
 
-/// Headers of a dead-lettered record: why it was refused, where it came from, and which
-/// consumer gave up on it. The payload stays as it was, for inspection and replay.
-pub fn dead_letter_headers(
-    reason: &str,
-    topic: &str,
-    partition: i32,
-    offset: i64,
-    consumer: &str,
-) -> rdkafka::message::OwnedHeaders {
-    use rdkafka::message::Header;
-    let (partition, offset) = (partition.to_string(), offset.to_string());
-    rdkafka::message::OwnedHeaders::new()
-        .insert(Header {
-            key: "pulse.error",
-            value: Some(reason),
-        })
-        .insert(Header {
-            key: "pulse.source.topic",
-            value: Some(topic),
-        })
-        .insert(Header {
-            key: "pulse.source.partition",
-            value: Some(&partition),
-        })
-        .insert(Header {
-            key: "pulse.source.offset",
-            value: Some(&offset),
-        })
-        .insert(Header {
-            key: "pulse.consumer",
-            value: Some(consumer),
-        })
-}
-
 /// Whether a client error only reports reaching the end of a partition: how `--stop-at-end`
 /// consumers learn they are done, not a fault worth logging as one.
 pub fn is_end_of_partition(error: &rdkafka::error::KafkaError) -> bool {

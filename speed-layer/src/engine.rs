@@ -18,10 +18,10 @@ use std::time::{Duration, Instant};
 
 use chrono::Utc;
 use pulse_core::Event;
+use pulse_service::outbox::{Outbox, Source};
 use pulse_service::{Readiness, Shutdown};
 use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer, ConsumerContext, Rebalance};
 use rdkafka::message::{Message, OwnedHeaders, OwnedMessage};
-use rdkafka::producer::{BaseRecord, Producer, ThreadedProducer};
 use rdkafka::{ClientContext, Offset};
 use tokio::runtime::Runtime;
 
@@ -69,7 +69,7 @@ pub struct Engine {
     idle_evict: Duration,
     /// Triggers and dead letters. Infinite message timeout: librdkafka retries until the broker
     /// takes them, and offsets are committed only after `flush` saw them delivered.
-    producer: ThreadedProducer<rdkafka::producer::DefaultProducerContext>,
+    outbox: Outbox,
     /// Keys are user ids from the outside: ahash is fast and keyed per process.
     profiles: HashMap<String, Entry, ahash::RandomState>,
     /// Partition → offset of the next record to read (last handled + 1).
@@ -204,8 +204,6 @@ pub fn run(
             .build()?,
     );
     let store = ProfileStore::new(&config.es)?;
-    let mut producer_config = config.kafka.producer_config();
-    producer_config.set("message.timeout.ms", "0");
     let engine = Arc::new(Mutex::new(Engine {
         topic: config.topics.events.clone(),
         dlq_topic: config.topics.dlq.clone(),
@@ -219,7 +217,7 @@ pub fn run(
         dedupe: config.dedupe.clone(),
         max_profiles: config.max_profiles,
         idle_evict: Duration::from_secs(config.idle_evict_secs),
-        producer: producer_config.create()?,
+        outbox: Outbox::new(config.kafka.producer_config(), "speed")?,
         profiles: HashMap::default(),
         positions: HashMap::new(),
         committed: HashMap::new(),
@@ -488,28 +486,15 @@ impl Engine {
             let message = TriggerMessage::new(rule, event, now_ms);
             let payload = serde_json::to_vec(&message).unwrap_or_default();
             let key = message.key();
-            self.send(&self.triggers_topic, &key, &payload, OwnedHeaders::new());
+            self.outbox.send(
+                &self.triggers_topic,
+                key.as_bytes(),
+                &payload,
+                OwnedHeaders::new(),
+            );
             metrics::counter!(m::TRIGGERS_FIRED, "rule" => rule.id.clone()).increment(1);
         }
         None
-    }
-
-    /// Sends a record, waiting out a full local queue (back-pressure, never a drop).
-    fn send(&self, topic: &str, key: &str, payload: &[u8], headers: OwnedHeaders) {
-        let mut record = BaseRecord::to(topic)
-            .key(key)
-            .payload(payload)
-            .headers(headers);
-        loop {
-            match self.producer.send(record) {
-                Ok(()) => return,
-                Err((e, r)) => {
-                    tracing::warn!(error = %e, topic, "produce failed; retrying");
-                    record = r;
-                    std::thread::sleep(Duration::from_millis(50));
-                }
-            }
-        }
     }
 
     /// A record we cannot use goes to the dead-letter topic with the reason and its origin.
@@ -521,22 +506,18 @@ impl Engine {
             "record to dead-letter topic"
         );
         metrics::counter!(m::EVENTS_DEAD_LETTERED).increment(1);
-        let headers = pulse_core::kafka::dead_letter_headers(
-            reason,
-            msg.topic(),
-            msg.partition(),
-            msg.offset(),
-            "speed",
-        );
-        let key = msg
-            .key()
-            .map(|k| String::from_utf8_lossy(k).into_owned())
-            .unwrap_or_default();
-        self.send(
+        let source = Source {
+            topic: msg.topic(),
+            partition: msg.partition(),
+            offset: msg.offset(),
+        };
+        self.outbox.dead_letter(
             &self.dlq_topic,
-            &key,
+            source,
+            msg.key().unwrap_or_default(),
             msg.payload().unwrap_or_default(),
-            headers,
+            reason,
+            &[],
         );
     }
 
@@ -544,18 +525,19 @@ impl Engine {
     /// last changed it as its source (the document's version is that offset) and the index,
     /// so it can be written again once the cause is fixed.
     fn dead_letter_document(&self, write: &DocWrite, partition: i32, reason: &str) {
-        let headers = pulse_core::kafka::dead_letter_headers(
-            reason,
-            &self.topic,
+        let source = Source {
+            topic: &self.topic,
             partition,
-            write.version,
-            "speed",
-        )
-        .insert(rdkafka::message::Header {
-            key: "pulse.index",
-            value: Some(self.store.alias()),
-        });
-        self.send(&self.profiles_dlq_topic, &write.id, &write.doc, headers);
+            offset: write.version,
+        };
+        self.outbox.dead_letter(
+            &self.profiles_dlq_topic,
+            source,
+            write.id.as_bytes(),
+            &write.doc,
+            reason,
+            &[("pulse.index", self.store.alias())],
+        );
     }
 
     /// Loads profiles from Elasticsearch (batched mget), retrying while it is unavailable:
@@ -717,7 +699,7 @@ impl Engine {
             self.ready.set_healthy(true);
         }
         // Triggers and dead letters of the records about to be committed must be in Kafka.
-        if let Err(e) = self.producer.flush(Duration::from_secs(30)) {
+        if let Err(e) = self.outbox.flush(Duration::from_secs(30)) {
             tracing::warn!(error = %e, "triggers/dead letters not acknowledged yet; not committing");
             return Some(true);
         }

@@ -12,6 +12,7 @@ use std::time::{Duration, Instant};
 use chrono::Utc;
 use lru::LruCache;
 use pulse_core::kafka::KafkaArgs;
+use pulse_service::outbox::{dead_letter_headers, Source};
 use pulse_service::{RetryPolicy, Shutdown};
 use rdkafka::consumer::{CommitMode, Consumer, StreamConsumer};
 use rdkafka::message::{BorrowedMessage, Message};
@@ -261,13 +262,12 @@ impl Notifier {
                 "dead letter",
                 |_| true,
                 || {
-                    let headers = pulse_core::kafka::dead_letter_headers(
-                        reason,
-                        msg.topic(),
-                        msg.partition(),
-                        msg.offset(),
-                        "notifier",
-                    );
+                    let source = Source {
+                        topic: msg.topic(),
+                        partition: msg.partition(),
+                        offset: msg.offset(),
+                    };
+                    let headers = dead_letter_headers(reason, source, "notifier");
                     let record = FutureRecord::to(&self.config.dlq_topic)
                         .key(key)
                         .payload(payload)
