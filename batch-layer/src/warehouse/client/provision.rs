@@ -1,0 +1,118 @@
+//! Provisioning: the dataset and the day-partitioned table, created or brought to the
+//! configured expiration; dropping a table.
+
+use gcp_bigquery_client::model::dataset::Dataset;
+use gcp_bigquery_client::model::table::Table;
+use gcp_bigquery_client::model::time_partitioning::TimePartitioning;
+
+use super::{api_error, http_status, Warehouse, WarehouseError, DAY_MS};
+use crate::warehouse::schema::{table_schema, PARTITION_COLUMN};
+
+impl Warehouse {
+    /// Creates the dataset and the day-partitioned table when missing, and brings the
+    /// partition expiration of an existing table to the configured one. Idempotent, and safe
+    /// when two loaders race (a 409 from the loser counts as success).
+    pub async fn ensure_table(&self) -> Result<(), WarehouseError> {
+        let datasets = self.client.dataset();
+        match datasets.get(&self.project, &self.dataset).await {
+            Ok(existing) => {
+                let location = existing.location.unwrap_or_default();
+                if !location.eq_ignore_ascii_case(&self.location) {
+                    return Err(WarehouseError::Api {
+                        what: format!("dataset {}", self.dataset),
+                        message: format!(
+                            "it is in location {location}, not {} (--bq-location)",
+                            self.location
+                        ),
+                    });
+                }
+            }
+            Err(e) if http_status(&e) == Some(404) => {
+                let ds = Dataset::new(&self.project, &self.dataset).location(&self.location);
+                match datasets.create(ds).await {
+                    Ok(_) => tracing::info!(dataset = %self.dataset, "dataset created"),
+                    Err(e) if http_status(&e) == Some(409) => {}
+                    Err(e) => {
+                        return Err(api_error(format!("creating dataset {}", self.dataset), e))
+                    }
+                }
+            }
+            Err(e) => return Err(api_error(format!("dataset {}", self.dataset), e)),
+        }
+        let partitioning = TimePartitioning {
+            expiration_ms: self
+                .partition_expiration_days
+                .map(|d| (u64::from(d) * DAY_MS).to_string()),
+            field: Some(PARTITION_COLUMN.to_string()),
+            require_partition_filter: None,
+            r#type: "DAY".to_string(),
+        };
+        let tables = self.client.table();
+        match tables
+            .get(&self.project, &self.dataset, &self.table, None)
+            .await
+        {
+            Ok(existing) => {
+                let current = existing.time_partitioning.clone().unwrap_or_default();
+                if current.r#type != "DAY" || current.field.as_deref() != Some(PARTITION_COLUMN) {
+                    return Err(WarehouseError::Api {
+                        what: format!("table {}", self.table),
+                        message: format!(
+                            "it exists but is not partitioned by day on `{PARTITION_COLUMN}` \
+                             ({current:?}); day loads need that"
+                        ),
+                    });
+                }
+                if self.partition_expiration_days.is_some()
+                    && current.expiration_ms != partitioning.expiration_ms
+                {
+                    // Only the partitioning: sending the whole table back could drop column
+                    // settings the client library does not model.
+                    let patch = Table {
+                        table_reference: existing.table_reference.clone(),
+                        time_partitioning: Some(TimePartitioning {
+                            expiration_ms: partitioning.expiration_ms.clone(),
+                            ..current
+                        }),
+                        ..Default::default()
+                    };
+                    tables
+                        .patch(&self.project, &self.dataset, &self.table, patch)
+                        .await
+                        .map_err(|e| api_error("updating partition expiration", e))?;
+                    tracing::info!(days = ?self.partition_expiration_days, "partition expiration updated");
+                }
+                Ok(())
+            }
+            Err(e) if http_status(&e) == Some(404) => {
+                let table = Table::new(&self.project, &self.dataset, &self.table, table_schema())
+                    .description("Pulse clickstream events, loaded daily from the Parquet archive")
+                    .time_partitioning(partitioning);
+                match tables.create(table).await {
+                    Ok(_) => {
+                        tracing::info!(table = %self.table, "table created");
+                        Ok(())
+                    }
+                    Err(e) if http_status(&e) == Some(409) => Ok(()),
+                    Err(e) => Err(api_error(format!("creating table {}", self.table), e)),
+                }
+            }
+            Err(e) => Err(api_error(format!("table {}", self.table), e)),
+        }
+    }
+
+    /// Deletes a table of the dataset; a missing one is fine.
+    pub async fn drop_table(&self, table_id: &str) -> Result<(), WarehouseError> {
+        match self
+            .client
+            .table()
+            .delete(&self.project, &self.dataset, table_id)
+            .await
+        {
+            Err(e) if http_status(&e) != Some(404) => {
+                Err(api_error(format!("deleting table {table_id}"), e))
+            }
+            _ => Ok(()),
+        }
+    }
+}
