@@ -132,8 +132,9 @@ impl Notifier {
                 Ok(trigger) => self.handle(&trigger, &shutdown).await,
                 Err(e) => Outcome::DeadLettered(format!("not a trigger message: {e}")),
             };
-            if shutdown.is_stopped() && outcome != Outcome::Delivered {
-                // Stopped mid-delivery: not committed, so the next owner handles it.
+            if shutdown.is_stopped() && matches!(outcome, Outcome::DeadLettered(_)) {
+                // A delivery whose retries the stop cut short: not committed, so the next
+                // owner delivers it (a delivered, duplicate or skipped one is committed).
                 break;
             }
             if let Outcome::DeadLettered(reason) = &outcome {
