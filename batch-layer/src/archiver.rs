@@ -345,6 +345,8 @@ fn build_parquet(
 }
 
 /// A roll given up because the process stops is not an error: the range is read again.
+/// This is safe only because `Stopped` means the shutdown is set: the loop takes no further
+/// record, so no later unit of that partition, and no marker past the dropped range, follows.
 fn stopping(failure: RollFailure) -> Result<(), ArchiverError> {
     match failure {
         RollFailure::Stopped => Ok(()),
