@@ -8,19 +8,19 @@
 //! files and marker) are deleted before the range is written again. So after a SIGKILL at any
 //! point there are no duplicate rows and no gaps. See [`crate::layout`].
 
-use std::collections::{BTreeMap, HashMap, HashSet};
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::collections::{BTreeMap, HashMap};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use chrono::NaiveDate;
 use object_store::{ObjectStore, ObjectStoreExt, PutPayload};
 use pulse_core::kafka::{KafkaArgs, TopicArgs};
 use pulse_core::Event;
+use pulse_service::consumer::{self, Commit, EndOfPartitions, PartitionOwner, Positions};
 use pulse_service::outbox::{Outbox, Source};
 use pulse_service::{Readiness, RetryPolicy, Shutdown};
-use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer, ConsumerContext, Rebalance};
-use rdkafka::message::Message;
-use rdkafka::ClientContext;
+use rdkafka::consumer::Consumer;
+use rdkafka::message::{Message, OwnedMessage};
 use tokio::runtime::Runtime;
 
 use crate::layout::{self, FileRange};
@@ -103,6 +103,9 @@ enum RollFailure {
 const STORE_RETRY: RetryPolicy =
     RetryPolicy::forever(Duration::from_millis(100), Duration::from_secs(6));
 
+/// Records read in one batch: one lock of the state per batch, not per record.
+const ARCHIVER_BATCH: usize = 1_000;
+
 /// One partition's open unit.
 struct Unit {
     first: i64,
@@ -113,7 +116,6 @@ struct Unit {
 }
 
 struct State {
-    topic: String,
     dlq_topic: String,
     store: Arc<dyn ObjectStore>,
     runtime: Arc<Runtime>,
@@ -130,60 +132,37 @@ struct State {
     progress: HashMap<i32, Option<i64>>,
     units: HashMap<i32, Unit>,
     buffered: usize,
-    assigned: HashSet<i32>,
+    /// The owned partitions and their commits (for lag monitoring only: the markers are
+    /// the truth).
+    positions: Positions,
     pub rows: u64,
     pub files: u64,
     pub parquet_bytes: u64,
     pub json_bytes: u64,
 }
 
-struct ArchiverContext {
-    state: Arc<Mutex<State>>,
-}
-
-impl ClientContext for ArchiverContext {
-    fn error(&self, error: rdkafka::error::KafkaError, reason: &str) {
-        if !pulse_core::kafka::is_end_of_partition(&error) {
-            tracing::error!(%error, reason, "kafka client error");
-        }
+impl PartitionOwner for State {
+    fn assigned(&mut self, partitions: &[i32]) {
+        self.positions.assign(partitions);
     }
-}
 
-impl ConsumerContext for ArchiverContext {
-    fn pre_rebalance(&self, consumer: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
-        if let Rebalance::Revoke(tpl) = rebalance {
-            let mut state = lock(&self.state);
-            for e in tpl.elements() {
-                let p = e.partition();
-                state.assigned.remove(&p);
-                // Roll what we have so the next owner starts after it; if this fails the
-                // next owner re-reads the range (files beyond the marker are cleaned up).
-                if !consumer.assignment_lost() {
-                    if let Err(RollFailure::Fatal(e)) = state.roll(consumer, p) {
-                        state.failure.get_or_insert(e);
-                    }
+    fn revoking(&mut self, commit: &dyn Commit, partitions: &[i32], lost: bool) {
+        for &p in partitions {
+            // Roll what we have so the next owner starts after it; if this fails the next
+            // owner re-reads the range (files beyond the marker are cleaned up).
+            if !lost {
+                if let Err(RollFailure::Fatal(e)) = self.roll(commit, p) {
+                    self.failure.get_or_insert(e);
                 }
-                state.units.remove(&p);
-                state.progress.remove(&p);
             }
-        }
-    }
-
-    fn post_rebalance(&self, _c: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
-        if let Rebalance::Assign(tpl) = rebalance {
-            let mut state = lock(&self.state);
-            for e in tpl.elements() {
-                state.assigned.insert(e.partition());
+            if let Some(unit) = self.units.remove(&p) {
+                self.buffered -= unit.bytes;
             }
+            self.progress.remove(&p);
         }
+        self.positions.revoke(partitions);
     }
 }
-
-fn lock(state: &Mutex<State>) -> MutexGuard<'_, State> {
-    state.lock().unwrap_or_else(|p| p.into_inner())
-}
-
-type ArchiverConsumer = BaseConsumer<ArchiverContext>;
 
 /// What a run wrote.
 #[derive(Debug, Clone, serde::Serialize)]
@@ -211,7 +190,6 @@ pub fn run(
     );
     let store = open_store(&config.store).map_err(|e| ArchiverError::Store(e.to_string()))?;
     let state = Arc::new(Mutex::new(State {
-        topic: config.topics.events.clone(),
         dlq_topic: config.topics.dlq.clone(),
         store,
         runtime,
@@ -223,7 +201,7 @@ pub fn run(
         progress: HashMap::new(),
         units: HashMap::new(),
         buffered: 0,
-        assigned: HashSet::new(),
+        positions: Positions::default(),
         rows: 0,
         files: 0,
         parquet_bytes: 0,
@@ -233,47 +211,41 @@ pub fn run(
     if config.stop_at_end {
         cc.set("enable.partition.eof", "true");
     }
-    let consumer: ArchiverConsumer = cc.create_with_context(ArchiverContext {
-        state: state.clone(),
-    })?;
-    consumer.subscribe(&[&config.topics.events])?;
+    let consumer = consumer::join(&cc, &config.topics.events, state.clone())?;
     tracing::info!(topic = %config.topics.events, store = %config.store.url, "archiver consuming");
     let roll_age = Duration::from_secs_f64(config.roll_secs.max(0.05));
     let started = Instant::now();
-    let mut at_end: HashSet<i32> = HashSet::new();
+    let mut ends = EndOfPartitions::default();
+    let mut batch: Vec<OwnedMessage> = Vec::with_capacity(ARCHIVER_BATCH);
     let mut last_scan = Instant::now();
     while !stop.is_stopped() {
-        let polled = consumer.poll(Duration::from_millis(100));
-        // Only an idle poll or an end-of-partition can mean "all read": asking librdkafka for
-        // the assignment on every record costs more than archiving it.
-        let maybe_done = !matches!(polled, Some(Ok(_)));
-        let mut s = lock(&state);
-        match polled {
-            Some(Ok(msg)) => {
-                at_end.remove(&msg.partition());
-                s.take(&msg);
-                let p = msg.partition();
-                drop(msg);
-                if s.units
-                    .get(&p)
-                    .is_some_and(|u| u.bytes >= config.roll_bytes)
-                {
-                    s.roll(&consumer, p).or_else(stopping)?;
-                }
-                while s.buffered > config.max_buffer_bytes {
-                    let Some(largest) =
-                        s.units.iter().max_by_key(|(_, u)| u.bytes).map(|(p, _)| *p)
-                    else {
-                        break;
-                    };
-                    s.roll(&consumer, largest).or_else(stopping)?;
-                }
+        let (wait, linger) = (Duration::from_millis(100), Duration::from_millis(20));
+        consumer::poll_batch(
+            &consumer,
+            &mut batch,
+            ARCHIVER_BATCH,
+            wait,
+            linger,
+            &mut ends,
+        );
+        let mut s = consumer::lock(&state);
+        let commit = consumer::committer(&consumer);
+        for msg in &batch {
+            s.take(msg);
+            let p = msg.partition();
+            if s.units
+                .get(&p)
+                .is_some_and(|u| u.bytes >= config.roll_bytes)
+            {
+                s.roll(&commit, p).or_else(stopping)?;
             }
-            Some(Err(rdkafka::error::KafkaError::PartitionEOF(p))) => {
-                at_end.insert(p);
+            while s.buffered > config.max_buffer_bytes {
+                let Some(largest) = s.units.iter().max_by_key(|(_, u)| u.bytes).map(|(p, _)| *p)
+                else {
+                    break;
+                };
+                s.roll(&commit, largest).or_else(stopping)?;
             }
-            Some(Err(e)) => tracing::warn!(error = %e, "consumer error"),
-            None => {}
         }
         if last_scan.elapsed() >= Duration::from_millis(100) {
             last_scan = Instant::now();
@@ -286,26 +258,25 @@ pub fn run(
                 .map(|(p, _)| *p)
                 .collect();
             for p in old {
-                s.roll(&consumer, p).or_else(stopping)?;
+                s.roll(&commit, p).or_else(stopping)?;
             }
         }
         if let Some(e) = s.failure.take() {
             return Err(e);
         }
         drop(s);
-        if config.stop_at_end && maybe_done {
-            if let Ok(a) = consumer.assignment() {
-                if a.count() > 0 && a.elements().iter().all(|e| at_end.contains(&e.partition())) {
-                    break;
-                }
-            }
+        // Only an idle poll can mean "all read": asking librdkafka for the assignment on
+        // every batch costs more than archiving it.
+        if config.stop_at_end && batch.is_empty() && ends.all_read(&consumer) {
+            break;
         }
     }
-    let mut s = lock(&state);
+    let mut s = consumer::lock(&state);
     let open: Vec<i32> = s.units.keys().copied().collect();
+    let commit = consumer::committer(&consumer);
     for p in open {
         // At a stop during an outage these are left unmarked and read again by the restart.
-        s.roll(&consumer, p).or_else(stopping)?;
+        s.roll(&commit, p).or_else(stopping)?;
     }
     let summary = ArchiveSummary {
         elapsed_secs: started.elapsed().as_secs_f64(),
@@ -356,9 +327,9 @@ fn stopping(failure: RollFailure) -> Result<(), ArchiverError> {
 
 impl State {
     /// Buffers one record (or dead-letters it), unless the archive already has it.
-    fn take(&mut self, msg: &rdkafka::message::BorrowedMessage<'_>) {
+    fn take(&mut self, msg: &OwnedMessage) {
         let p = msg.partition();
-        if !self.assigned.contains(&p) {
+        if !self.positions.owns(p) {
             return;
         }
         let done = match self.progress.get(&p) {
@@ -428,7 +399,7 @@ impl State {
 
     /// Writes the partition's unit: files per date, then the marker, then the commit. On any
     /// failure no marker is written, so the range stays unarchived and is read again.
-    fn roll(&mut self, consumer: &ArchiverConsumer, p: i32) -> Result<(), RollFailure> {
+    fn roll(&mut self, commit: &dyn Commit, p: i32) -> Result<(), RollFailure> {
         let Some(unit) = self.units.remove(&p) else {
             return Ok(());
         };
@@ -502,8 +473,7 @@ impl State {
             last = range.last,
             "unit archived"
         );
-        let tpl = pulse_service::consumer::commit_list(&self.topic, [(p, range.last + 1)]);
-        if let Err(e) = consumer.commit(&tpl, CommitMode::Async) {
+        if let Err(e) = self.positions.commit(commit, &[(p, range.last + 1)]) {
             tracing::debug!(error = %e, "commit failed (progress is in the object store)");
         }
         Ok(())

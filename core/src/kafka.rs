@@ -106,16 +106,6 @@ impl KafkaArgs {
     }
 }
 
-/// Whether a client error only reports reaching the end of a partition: how `--stop-at-end`
-/// consumers learn they are done, not a fault worth logging as one.
-pub fn is_end_of_partition(error: &rdkafka::error::KafkaError) -> bool {
-    use rdkafka::error::KafkaError;
-    matches!(
-        error,
-        KafkaError::PartitionEOF(_) | KafkaError::Global(RDKafkaErrorCode::PartitionEOF)
-    )
-}
-
 /// Names of the topics Pulse uses.
 #[derive(Debug, Clone, clap::Args)]
 pub struct TopicArgs {

@@ -7,6 +7,7 @@
 //! overwriting newer data.
 
 use std::collections::HashMap;
+use std::future::Future;
 use std::time::Duration;
 
 use elasticsearch::http::transport::{SingleNodeConnectionPool, TransportBuilder};
@@ -109,6 +110,44 @@ pub enum ItemOutcome {
     Retry(String),
     /// Refused for good (mapping error, say). Logged and counted by the caller.
     Rejected(String),
+}
+
+/// What the speed engine needs of a profile store: real-time reads by id, and bulk writes with
+/// an external version that refuse a document older than the stored one (409). [`ProfileStore`]
+/// is Elasticsearch; the engine's unit tests use one in memory.
+pub trait DocumentStore: Clone + Send + Sync + 'static {
+    /// The alias (or index) the documents are read and written through.
+    fn alias(&self) -> &str;
+    /// Documents by id; missing ids are absent from the map.
+    fn mget(
+        &self,
+        ids: &[String],
+    ) -> impl Future<Output = Result<HashMap<String, Value>, StoreError>> + Send;
+    /// Writes documents, one outcome per document in input order.
+    fn bulk_write(
+        &self,
+        docs: &[DocWrite],
+    ) -> impl Future<Output = Result<Vec<ItemOutcome>, StoreError>> + Send;
+}
+
+impl DocumentStore for ProfileStore {
+    fn alias(&self) -> &str {
+        ProfileStore::alias(self)
+    }
+
+    fn mget(
+        &self,
+        ids: &[String],
+    ) -> impl Future<Output = Result<HashMap<String, Value>, StoreError>> + Send {
+        ProfileStore::mget(self, ids)
+    }
+
+    fn bulk_write(
+        &self,
+        docs: &[DocWrite],
+    ) -> impl Future<Output = Result<Vec<ItemOutcome>, StoreError>> + Send {
+        ProfileStore::bulk_write(self, docs)
+    }
 }
 
 /// Reads and writes profile documents.

@@ -1,11 +1,37 @@
-//! Pieces of the consumer skeleton the speed layer and the archiver share.
+//! The consumer skeleton the speed layer and the archiver share: a member of a consumer group
+//! that owns partitions, reads them, and commits a partition's position only after the work
+//! that covers it is done (profiles flushed, a Parquet unit and its marker written).
+//!
+//! - [`group`]: joining the group, and the rebalance hooks ([`PartitionOwner`]) that run inside
+//!   `poll`, so that a revoked partition's work is finished before another member reads it;
+//!   reading what is there in one batch ([`poll_batch`]) and knowing when every partition was
+//!   read to its end ([`EndOfPartitions`], for `--stop-at-end`).
+//! - [`positions`]: which partitions are owned, how far each was read and committed, and where
+//!   a re-read starts.
+//! - [`Commit`]: what commits positions, the group's consumer in production, a recorder in the
+//!   unit tests of the consumers' logic.
 
+pub mod group;
+pub mod positions;
+
+pub use group::{
+    committer, is_end_of_partition, join, lock, poll_batch, EndOfPartitions, GroupConsumer,
+    GroupContext, PartitionOwner,
+};
+pub use positions::Positions;
+
+use rdkafka::error::KafkaError;
 use rdkafka::{Offset, TopicPartitionList};
 
 /// Counted when a position cannot be put into a commit: that partition's commit is left out
 /// (it is committed with a later one), and an operator sees it rather than a lag that
 /// never shrinks for no stated reason.
 pub const COMMIT_PREPARATION_FAILURES: &str = "pulse_commit_preparation_failures_total";
+
+/// Commits read positions (partition, next offset to read) of the consumer's topic.
+pub trait Commit {
+    fn commit(&self, positions: &[(i32, i64)]) -> Result<(), KafkaError>;
+}
 
 /// The list to commit for `positions` (partition, next offset to read) of `topic`. A
 /// position librdkafka refuses is logged and counted, never silently dropped.

@@ -1,0 +1,266 @@
+//! The speed layer's consumer loop: events in, profiles folded in memory, triggers fired at
+//! once, dirty profiles flushed to Elasticsearch on the [`FlushPolicy`], offsets committed only
+//! after the flush that covers them.
+//!
+//! Exactly-once effect: every profile document carries the (partition, offset) of the last
+//! event folded into it, and is written with that offset as its external version. After a
+//! crash, records are re-read from the last commit and those at or below a document's
+//! watermark are skipped.
+//!
+//! The loop runs on its own thread with a blocking consumer, so the rebalance callback (which
+//! runs inside `poll`) can flush synchronously before a partition is given away.
+//!
+//! - [`state`]: profiles, positions and the flush/commit/re-read/evict rules, without Kafka;
+//!   [`cache`]: the profiles in memory; [`flush`]: the background write and its report.
+//! - [`records`]: a batch of records decoded, loaded, folded; triggers fired.
+//! - [`outbox`]: triggers and dead letters to Kafka; [`rebalance`]: partitions coming and going.
+//!
+//! [`FlushPolicy`]: crate::config::FlushPolicy
+
+mod cache;
+mod flush;
+mod outbox;
+mod rebalance;
+mod records;
+mod state;
+#[cfg(test)]
+mod tests;
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use pulse_service::consumer::{self, Commit, EndOfPartitions, GroupConsumer};
+use pulse_service::outbox::Outbox;
+use pulse_service::{Readiness, Shutdown};
+use rdkafka::consumer::Consumer;
+use rdkafka::message::OwnedMessage;
+use rdkafka::Offset;
+
+use crate::config::SpeedConfig;
+use crate::poison::PoisonJournal;
+use crate::store::{ProfileStore, StoreError};
+use crate::triggers::RuleSet;
+use outbox::SpeedOutbox;
+use state::{ProfileState, Settings};
+
+#[derive(Debug, thiserror::Error)]
+pub enum EngineError {
+    #[error("kafka: {0}")]
+    Kafka(#[from] rdkafka::error::KafkaError),
+    #[error("elasticsearch: {0}")]
+    Store(#[from] StoreError),
+    #[error("{0}")]
+    Config(String),
+    #[error("runtime: {0}")]
+    Runtime(#[from] std::io::Error),
+}
+
+/// Everything the loop and the rebalance callback share.
+pub(crate) struct Engine {
+    state: ProfileState<ProfileStore>,
+    outbox: SpeedOutbox,
+    rules: RuleSet,
+    /// Records that made an earlier run panic, by position, with the panic message: they are
+    /// dead-lettered instead of handled (see [`crate::poison`]).
+    poison: HashMap<(i32, i64), String>,
+    journal: PoisonJournal,
+    /// Test-only fault injection: panic while folding this message id.
+    failpoint: Option<String>,
+}
+
+type SpeedConsumer = GroupConsumer<Engine>;
+
+/// Runs the speed layer until `stop` is set, then flushes, commits and leaves the group.
+pub fn run(
+    config: &SpeedConfig,
+    stop: Shutdown,
+    ready: Readiness,
+) -> Result<RunSummary, EngineError> {
+    let journal = config.poison_journal();
+    let poison = journal.load();
+    if !poison.is_empty() {
+        tracing::warn!(records = poison.len(), journal = %journal.path().display(),
+            "records that made an earlier run panic will be dead-lettered");
+    }
+    crate::models::windowed_gender::set_window_days(config.window_days);
+    let settings = Settings {
+        kinds: crate::models::select(&config.models).map_err(EngineError::Config)?,
+        dedupe: config.dedupe.clone(),
+        policy: config.flush.clone(),
+        max_profiles: config.max_profiles,
+        idle_evict: Duration::from_secs(config.idle_evict_secs),
+    };
+    let rules = match &config.rules_file {
+        Some(path) => RuleSet::load(path).map_err(|e| EngineError::Config(e.to_string()))?,
+        None => RuleSet::default(),
+    };
+    let runtime = Arc::new(
+        tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .enable_all()
+            .build()?,
+    );
+    let store = ProfileStore::new(&config.es)?;
+    // Triggers and dead letters: offsets are committed only after the outbox saw them
+    // acknowledged.
+    let outbox = Outbox::new(config.kafka.producer_config(), "speed")?;
+    let rule_count = rules.rules.len();
+    let engine = Arc::new(Mutex::new(Engine {
+        state: ProfileState::new(store, runtime, settings, ready.clone(), stop.clone()),
+        outbox: SpeedOutbox::new(outbox, &config.topics, &config.es.alias),
+        rules,
+        poison,
+        journal,
+        failpoint: config.failpoint_panic_message_id.clone(),
+    }));
+    let mut consumer_config = config.kafka.consumer_config(&config.group);
+    consumer_config.set("max.poll.interval.ms", "600000");
+    if config.stop_at_end {
+        consumer_config.set("enable.partition.eof", "true");
+    }
+    let consumer = consumer::join(&consumer_config, &config.topics.events, engine.clone())?;
+    tracing::info!(topic = %config.topics.events, group = %config.group, rules = rule_count, "speed layer consuming");
+
+    let mut batch: Vec<OwnedMessage> = Vec::with_capacity(config.max_batch);
+    let mut ends = EndOfPartitions::default();
+    let started_at = Instant::now();
+    while !stop.is_stopped() {
+        // The first poll waits for data; then take what is already there, briefly, so one
+        // mget serves many records without holding back a trigger noticeably.
+        let (wait, linger) = (Duration::from_millis(100), Duration::from_millis(20));
+        consumer::poll_batch(
+            &consumer,
+            &mut batch,
+            config.max_batch,
+            wait,
+            linger,
+            &mut ends,
+        );
+        let mut engine = consumer::lock(&engine);
+        let commit = consumer::committer(&consumer);
+        ready.beat();
+        if !batch.is_empty() {
+            engine.process(&batch);
+        }
+        engine.finish_flush(&commit, false);
+        engine.apply_rewinds(&consumer);
+        if engine.state.flush_due() {
+            engine.state.start_flush_all();
+        }
+        // Back-pressure: with too many unflushed profiles (Elasticsearch slow or down), stop
+        // reading until a flush gets through. Lag grows; memory does not.
+        while engine.state.over_dirty_bound() && !stop.is_stopped() {
+            if engine.finish_flush(&commit, true).is_none() {
+                if !stop.sleep_blocking(engine.state.retry_in()) {
+                    break;
+                }
+                engine.state.start_flush_all();
+            }
+        }
+        drop(engine);
+        if config.stop_at_end && batch.is_empty() && ends.all_read(&consumer) {
+            tracing::info!("every assigned partition read to its end");
+            break;
+        }
+    }
+    tracing::info!("stopping: final flush and commit");
+    let mut engine = consumer::lock(&engine);
+    let partitions = engine.state.positions.read();
+    // Eight tries wait at most 12.7 s in all (100 ms doubling, jittered down): within the
+    // 30 s an orchestrator gives a stopping pod, and a flush given up is only re-read later.
+    if !engine.flush_now(&consumer::committer(&consumer), &partitions, 8) {
+        tracing::error!("giving up the final flush; records since the last commit will be re-read");
+    }
+    let counts = engine.state.counts;
+    let summary = RunSummary {
+        elapsed_secs: started_at.elapsed().as_secs_f64(),
+        events_folded: counts.folded,
+        events_skipped: counts.skipped,
+        events_duplicate: counts.duplicates,
+        flushes: counts.flushes,
+        docs_written: counts.docs_written,
+        profiles_in_memory: engine.state.cache.len(),
+        peak_rss_kb: peak_rss_kb(),
+    };
+    drop(engine);
+    consumer.unsubscribe();
+    Ok(summary)
+}
+
+/// What a run did, printed by `pulse-speed run` on exit.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct RunSummary {
+    pub elapsed_secs: f64,
+    pub events_folded: u64,
+    pub events_skipped: u64,
+    /// Client retries recognised by message id and not folded again.
+    pub events_duplicate: u64,
+    pub flushes: u64,
+    pub docs_written: u64,
+    pub profiles_in_memory: usize,
+    pub peak_rss_kb: Option<u64>,
+}
+
+/// Peak resident memory of this process (Linux), for the memory-per-profile figure.
+fn peak_rss_kb() -> Option<u64> {
+    let status = std::fs::read_to_string("/proc/self/status").ok()?;
+    let line = status.lines().find(|l| l.starts_with("VmHWM:"))?;
+    line.split_whitespace().nth(1)?.parse().ok()
+}
+
+impl Engine {
+    /// Completes the flush in flight (see [`ProfileState::finish_flush`]), then forgets the
+    /// poison records its commit passed.
+    fn finish_flush(&mut self, commit: &dyn Commit, wait: bool) -> Option<bool> {
+        let fx = self.outbox.effects(commit);
+        let finished = self.state.finish_flush(&fx, wait);
+        self.forget_committed_poison();
+        finished
+    }
+
+    fn flush_now(&mut self, commit: &dyn Commit, partitions: &[i32], attempts: usize) -> bool {
+        let fx = self.outbox.effects(commit);
+        let done = self.state.flush_now(&fx, partitions, attempts);
+        self.forget_committed_poison();
+        done
+    }
+
+    /// Seeks each partition whose stored profile was newer back to where its re-read starts.
+    fn apply_rewinds(&mut self, consumer: &SpeedConsumer) {
+        for (p, at) in self.state.take_rewinds() {
+            let Some(offset) = at else {
+                continue;
+            };
+            let topic = &self.outbox.events_topic;
+            if let Err(e) = consumer.seek(topic, p, Offset::Offset(offset), Duration::from_secs(10))
+            {
+                tracing::error!(partition = p, offset, error = %e, "seek for re-read failed; trying again");
+                self.state.rewind_later(p);
+            }
+        }
+    }
+
+    /// Drops journaled poison records whose offset is committed: they were dead-lettered and
+    /// will not be read again.
+    fn forget_committed_poison(&mut self) {
+        if self.poison.is_empty() {
+            return;
+        }
+        let positions = &self.state.positions;
+        let done: Vec<(i32, i64)> = self
+            .poison
+            .keys()
+            .filter(|(p, o)| positions.committed(*p).is_some_and(|c| *o < c))
+            .copied()
+            .collect();
+        if !done.is_empty() {
+            for key in &done {
+                self.poison.remove(key);
+            }
+            if let Err(e) = self.journal.forget(&done) {
+                tracing::warn!(error = %e, journal = %self.journal.path().display(), "rewriting the poison journal failed");
+            }
+        }
+    }
+}

@@ -1,0 +1,126 @@
+//! Handling a batch of records: decode each (or dead-letter it), load the profiles not in
+//! memory with one `mget`, fold each event in order and fire its triggers at once.
+
+use std::collections::HashSet;
+use std::time::Instant;
+
+use chrono::Utc;
+use pulse_core::Event;
+use rdkafka::message::{Message, OwnedMessage};
+
+use super::Engine;
+use crate::metrics as m;
+use crate::poison;
+use crate::profile::Fold;
+use crate::triggers::TriggerMessage;
+
+/// A record's event and profile id, or why it is not usable.
+type Decoded = Result<(Event, String), String>;
+
+impl Engine {
+    /// Folds a batch of records: one mget for the profiles not in memory, then each record in
+    /// order. Records of partitions no longer owned, or about to be re-read, are dropped: they
+    /// are another replica's now, or will come again.
+    pub(super) fn process(&mut self, batch: &[OwnedMessage]) {
+        let clock = Instant::now();
+        let mut parsed: Vec<(&OwnedMessage, Decoded)> = Vec::with_capacity(batch.len());
+        let mut missing: Vec<String> = Vec::new();
+        let mut seen: HashSet<String> = HashSet::new();
+        for msg in batch {
+            let partition = msg.partition();
+            if self.state.is_rewinding(partition) || !self.state.positions.owns(partition) {
+                continue;
+            }
+            poison::working_on(partition, msg.offset());
+            let result = match self.poisoned(partition, msg.offset()) {
+                Some(reason) => Err(format!(
+                    "this record made pulse-speed panic ({reason}); dead-lettered on the restart"
+                )),
+                None => decode(msg),
+            };
+            if let Ok((_, id)) = &result {
+                if !self.state.cache.contains(id) && seen.insert(id.clone()) {
+                    missing.push(id.clone());
+                }
+            }
+            parsed.push((msg, result));
+        }
+        // Loading is not any one record's doing.
+        poison::idle();
+        if !self.state.load(&missing) {
+            // Stopping during an outage: nothing of the batch is folded or passed, so it is
+            // read again after the restart.
+            return;
+        }
+        let now_ms = Utc::now().timestamp_millis();
+        let before = self.state.counts;
+        for (msg, result) in parsed {
+            let partition = msg.partition();
+            if self.state.is_rewinding(partition) {
+                continue;
+            }
+            poison::working_on(partition, msg.offset());
+            let refused = match result {
+                Ok((event, id)) => self.fold(&event, id, partition, msg.offset(), clock, now_ms),
+                Err(reason) => Some(reason),
+            };
+            if let Some(reason) = refused {
+                self.outbox.dead_letter_record(msg, &reason);
+            }
+            self.state.positions.handled(partition, msg.offset());
+        }
+        poison::idle();
+        // Metrics per batch, not per event: a registry lookup per event costs real throughput.
+        let after = self.state.counts;
+        metrics::counter!(m::EVENTS_FOLDED).increment(after.folded - before.folded);
+        metrics::counter!(m::EVENTS_SKIPPED).increment(after.skipped - before.skipped);
+        metrics::counter!(m::EVENTS_DUPLICATE).increment(after.duplicates - before.duplicates);
+        self.state.gauges();
+    }
+
+    /// Folds one event and fires its triggers; returns the dead-letter reason of an event
+    /// that cannot be folded.
+    fn fold(
+        &mut self,
+        event: &Event,
+        id: String,
+        partition: i32,
+        offset: i64,
+        clock: Instant,
+        now_ms: i64,
+    ) -> Option<String> {
+        if self.failpoint.as_deref() == Some(event.message_id.as_str()) {
+            panic!("failpoint: folding message_id {}", event.message_id);
+        }
+        match self.state.fold(event, id, partition, offset, clock) {
+            // Already in the profile, or a client retry folded once already (its triggers
+            // fired then).
+            Fold::Skipped | Fold::Duplicate => return None,
+            Fold::Refused(reason) => return Some(reason),
+            Fold::Applied => {}
+        }
+        // Fired now, not at flush: a marketer's trigger must not wait 30 s. A re-read event
+        // fires again with the same idempotency key; the notifier delivers it once.
+        for rule in self.rules.matching(event) {
+            self.outbox
+                .trigger(&TriggerMessage::new(rule, event, now_ms));
+            metrics::counter!(m::TRIGGERS_FIRED, "rule" => rule.id.clone()).increment(1);
+        }
+        None
+    }
+
+    /// The panic message of a record that made an earlier run panic.
+    fn poisoned(&self, partition: i32, offset: i64) -> Option<&String> {
+        if self.poison.is_empty() {
+            return None;
+        }
+        self.poison.get(&(partition, offset))
+    }
+}
+
+/// The canonical event of a record and its profile id, or why it is not usable.
+fn decode(msg: &OwnedMessage) -> Decoded {
+    let event = Event::from_record(msg.key(), msg.payload())?;
+    let id = event.partition_key();
+    Ok((event, id))
+}

@@ -1,0 +1,309 @@
+//! The speed layer's state, without Kafka: the profiles of the owned partitions, their read
+//! positions and the flush in flight, and the rules that tie them together:
+//!
+//! - a position is committed only after the flush that covers it stored every profile its
+//!   events changed (and the triggers and dead letters of those events are acknowledged);
+//! - a partition whose stored profile turned out newer (409) is re-read from its last commit,
+//!   on top of the stored documents, and not committed meanwhile;
+//! - a revoked partition is flushed and committed if possible, then forgotten;
+//! - a dirty profile is never evicted.
+//!
+//! It reaches the store through [`DocumentStore`] and Kafka through [`Effects`], so these
+//! rules are unit-tested against an in-memory store (see `tests.rs`).
+
+use std::collections::HashSet;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use chrono::Utc;
+use pulse_core::Event;
+use pulse_service::consumer::{Commit, Positions};
+use pulse_service::{Readiness, Shutdown};
+use tokio::runtime::Runtime;
+
+use super::cache::ProfileCache;
+use super::flush::{Flusher, Pending};
+use crate::config::FlushPolicy;
+use crate::dedupe::DedupePolicy;
+use crate::metrics as m;
+use crate::models::ModelKind;
+use crate::profile::{Fold, Profile, Watermark};
+use crate::store::{DocWrite, DocumentStore};
+
+/// What the state needs of Kafka besides commits.
+pub(crate) trait Effects: Commit {
+    /// A document the store refused for good goes to the profiles dead-letter topic.
+    fn dead_letter_document(&self, write: &DocWrite, partition: i32, reason: &str);
+    /// Waits until every trigger and dead letter sent so far is acknowledged: the records
+    /// behind them may be committed only then.
+    fn confirm(&self) -> Result<(), String>;
+}
+
+/// How the state folds, flushes and evicts.
+#[derive(Clone)]
+pub(crate) struct Settings {
+    pub kinds: Vec<ModelKind>,
+    pub dedupe: DedupePolicy,
+    pub policy: FlushPolicy,
+    pub max_profiles: usize,
+    pub idle_evict: Duration,
+}
+
+/// What the state did, for the run summary.
+#[derive(Debug, Default, Clone, Copy)]
+pub(crate) struct Counts {
+    pub folded: u64,
+    pub skipped: u64,
+    pub duplicates: u64,
+    pub flushes: u64,
+    pub docs_written: u64,
+}
+
+pub(crate) struct ProfileState<S> {
+    pub cache: ProfileCache,
+    pub positions: Positions,
+    pub counts: Counts,
+    flusher: Flusher<S>,
+    runtime: Arc<Runtime>,
+    settings: Settings,
+    /// Partitions to re-read from their last commit (a newer document was found in the store).
+    pub(super) rewind: HashSet<i32>,
+    last_flush: Instant,
+    ready: Readiness,
+    /// Stops the retries of loading profiles (a SIGTERM during an outage).
+    shutdown: Shutdown,
+}
+
+impl<S: DocumentStore> ProfileState<S> {
+    pub fn new(
+        store: S,
+        runtime: Arc<Runtime>,
+        settings: Settings,
+        ready: Readiness,
+        shutdown: Shutdown,
+    ) -> Self {
+        let flusher = Flusher::new(
+            store,
+            runtime.clone(),
+            settings.policy.bulk_docs,
+            settings.policy.retry(),
+        );
+        Self {
+            cache: ProfileCache::default(),
+            positions: Positions::default(),
+            counts: Counts::default(),
+            flusher,
+            runtime,
+            settings,
+            rewind: HashSet::new(),
+            last_flush: Instant::now(),
+            ready,
+            shutdown,
+        }
+    }
+
+    /// Loads the profiles `ids` from the store (batched mget), retrying while it is
+    /// unavailable: a profile is never assumed new just because the store did not answer.
+    /// `false` when the process stopped before the store answered.
+    pub fn load(&mut self, ids: &[String]) -> bool {
+        for chunk in ids.chunks(1000) {
+            let (store, ready) = (self.flusher.store(), &self.ready);
+            let loaded = self.runtime.block_on(self.settings.policy.retry().run(
+                &self.shutdown,
+                "loading profiles",
+                |_| true,
+                || async move {
+                    let docs = store.mget(chunk).await;
+                    ready.set_healthy(docs.is_ok());
+                    docs
+                },
+            ));
+            let Ok(docs) = loaded else {
+                return false;
+            };
+            metrics::counter!(m::PROFILES_LOADED).increment(docs.len() as u64);
+            let now = Instant::now();
+            for (id, doc) in docs {
+                match Profile::from_document(&doc, &self.settings.kinds) {
+                    Ok(profile) => self.cache.insert_loaded(id, profile, now),
+                    Err(e) => {
+                        tracing::error!(id, error = %e, "stored profile unreadable; it will be rebuilt from new events only")
+                    }
+                }
+            }
+        }
+        true
+    }
+
+    /// Folds `event` (the record at `offset` of `partition`) into the profile `id`, touched
+    /// at `touched` (one clock read per batch, not per event).
+    pub fn fold(
+        &mut self,
+        event: &Event,
+        id: String,
+        partition: i32,
+        offset: i64,
+        touched: Instant,
+    ) -> Fold {
+        let (kinds, dedupe) = (&self.settings.kinds, &self.settings.dedupe);
+        let at = Watermark { partition, offset };
+        let outcome = self.cache.fold(
+            id,
+            partition,
+            touched,
+            || Profile::new(event, kinds),
+            |profile| profile.fold(event, at, dedupe),
+        );
+        match outcome {
+            Fold::Applied => self.counts.folded += 1,
+            Fold::Skipped => self.counts.skipped += 1,
+            Fold::Duplicate => self.counts.duplicates += 1,
+            Fold::Refused(_) => {}
+        }
+        outcome
+    }
+
+    /// Whether records of `partition` are being dropped until its re-read starts.
+    pub fn is_rewinding(&self, partition: i32) -> bool {
+        self.rewind.contains(&partition)
+    }
+
+    /// Whether a flush should start now: dirty profiles past the interval or the bound,
+    /// positions to commit past the interval (duplicates and dead letters move positions
+    /// too, or the lag would never shrink), or a failed flush whose wait is over.
+    pub fn flush_due(&self) -> bool {
+        let (policy, since) = (&self.settings.policy, self.last_flush.elapsed());
+        let dirty = self.cache.dirty();
+        let due = policy.is_due(since, dirty)
+            || (since >= policy.interval() && self.positions.has_uncommitted())
+            || (self.flusher.is_retrying() && dirty > 0);
+        due && self.flusher.may_start()
+    }
+
+    /// Whether reading must wait for a flush: too many profiles are not stored yet.
+    pub fn over_dirty_bound(&self) -> bool {
+        self.cache.dirty() >= self.settings.policy.max_dirty
+    }
+
+    pub fn retry_in(&self) -> Duration {
+        self.flusher.retry_in()
+    }
+
+    /// Starts writing the dirty profiles of `partitions` in the background, unless a flush is
+    /// in flight. Their read positions now are what it may commit.
+    pub fn start_flush(&mut self, partitions: &[i32]) {
+        if !self.flusher.is_idle() {
+            return;
+        }
+        let (kinds, now) = (&self.settings.kinds, Utc::now());
+        let wanted: HashSet<i32> = partitions.iter().copied().collect();
+        let pending = self
+            .cache
+            .take_dirty(&wanted, |profile| DocWrite {
+                id: profile.id.clone(),
+                version: profile.watermark.map_or(0, |w| w.offset),
+                doc: serde_json::to_vec(&profile.to_document(kinds, now)).unwrap_or_default(),
+            })
+            .into_iter()
+            .map(|(write, partition)| Pending { write, partition })
+            .collect();
+        self.flusher.start(pending, self.positions.of(partitions));
+    }
+
+    /// Starts a flush of every partition read.
+    pub fn start_flush_all(&mut self) {
+        let partitions = self.positions.read();
+        self.start_flush(&partitions);
+    }
+
+    /// Completes the flush in flight if it is done (or waits for it with `wait`): failed
+    /// profiles become dirty again, refused ones are dead-lettered, and partitions whose
+    /// profiles are all stored are committed up to the positions of the flush's start.
+    /// `None` if no flush finished; otherwise whether it failed.
+    pub fn finish_flush(&mut self, fx: &dyn Effects, wait: bool) -> Option<bool> {
+        let report = self.flusher.finish(wait)?;
+        self.counts.docs_written += report.written as u64;
+        for id in &report.retry {
+            self.cache.redirty(id);
+        }
+        for p in &report.stale {
+            metrics::counter!(m::DOCS_STALE).increment(1);
+            tracing::warn!(
+                partition = p,
+                "stored profile is newer; re-reading partition"
+            );
+            self.rewind.insert(*p);
+        }
+        for (write, partition, reason) in &report.rejected {
+            // Not retried forever (one bad document must not hold back every other profile
+            // of its partition) and not dropped: it goes to the profiles dead-letter topic,
+            // which the commit below waits for.
+            metrics::counter!(m::DOCS_REJECTED).increment(1);
+            tracing::error!(id = %write.id, reason, "profile document refused; to dead-letter topic");
+            fx.dead_letter_document(write, *partition, reason);
+        }
+        self.counts.flushes += 1;
+        metrics::counter!(m::FLUSHES).increment(1);
+        metrics::histogram!(m::FLUSH_SECONDS).record(report.took.as_secs_f64());
+        tracing::info!(docs = report.docs, took = ?report.took, failed = report.failed.len(), "flushed");
+        self.ready.set_healthy(report.first_error.is_none());
+        if let Some(e) = &report.first_error {
+            metrics::counter!(m::FLUSH_FAILURES).increment(1);
+            tracing::warn!(error = %e, retry_in = ?self.flusher.retry_in(), dirty = self.cache.dirty(), "flush failed");
+        }
+        if let Err(e) = fx.confirm() {
+            tracing::warn!(error = %e, "triggers/dead letters not acknowledged yet; not committing");
+            return Some(true);
+        }
+        let commit: Vec<(i32, i64)> = report
+            .positions_written()
+            .filter(|(p, _)| !self.rewind.contains(p))
+            .collect();
+        // Lost the partitions meanwhile: the new owner re-reads; watermarks keep it exact.
+        if let Err(e) = self.positions.commit(fx, &commit) {
+            tracing::warn!(error = %e, "commit failed");
+        }
+        self.last_flush = Instant::now();
+        self.evict();
+        Some(report.first_error.is_some())
+    }
+
+    /// Flushes `partitions` now and waits, retrying with backoff up to `attempts` times; not
+    /// cut short by a stop, since this is the flush a stop or a revocation asks for. Whether
+    /// it got through.
+    pub fn flush_now(&mut self, fx: &dyn Effects, partitions: &[i32], attempts: usize) -> bool {
+        self.finish_flush(fx, true);
+        let mut waits = self
+            .settings
+            .policy
+            .retry()
+            .with_attempts(attempts)
+            .delays();
+        loop {
+            self.start_flush(partitions);
+            if self.finish_flush(fx, true) != Some(true) {
+                return true;
+            }
+            match waits.next() {
+                Some(wait) => std::thread::sleep(wait),
+                None => return false,
+            }
+        }
+    }
+
+    /// Evicts clean profiles idle past the threshold, and the oldest clean ones beyond the
+    /// memory bound.
+    fn evict(&mut self) {
+        let (idle, max) = (self.settings.idle_evict, self.settings.max_profiles);
+        let evicted = self.cache.evict(idle, max, Instant::now());
+        if evicted > 0 {
+            metrics::counter!(m::EVICTIONS).increment(evicted as u64);
+        }
+        self.gauges();
+    }
+
+    pub fn gauges(&self) {
+        metrics::gauge!(m::PROFILES_IN_MEMORY).set(self.cache.len() as f64);
+        metrics::gauge!(m::PROFILES_DIRTY).set(self.cache.dirty() as f64);
+    }
+}

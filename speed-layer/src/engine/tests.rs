@@ -1,0 +1,419 @@
+//! Unit tests of the flush, commit, re-read and eviction rules of [`ProfileState`], against a
+//! profile store in memory that answers as Elasticsearch does (external versions: an older
+//! version is refused with 409) and an effects recorder in place of Kafka.
+
+use std::cell::RefCell;
+use std::collections::HashMap;
+use std::future::Future;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use pulse_core::{parse_event, Event, ParseContext};
+use pulse_service::consumer::Commit;
+use pulse_service::{Readiness, Shutdown};
+use rdkafka::error::{KafkaError, RDKafkaErrorCode};
+use serde_json::Value;
+
+use super::state::{Effects, ProfileState, Settings};
+use crate::config::FlushPolicy;
+use crate::dedupe::DedupePolicy;
+use crate::profile::Fold;
+use crate::store::{DocWrite, DocumentStore, ItemOutcome, StoreError};
+
+/// Documents by id, with their external version; `down` fails every call as an unreachable
+/// cluster would.
+#[derive(Clone, Default)]
+struct MemoryStore {
+    inner: Arc<Mutex<Stored>>,
+}
+
+#[derive(Default)]
+struct Stored {
+    docs: HashMap<String, (i64, Value)>,
+    down: bool,
+    /// Ids refused for good, as a mapping error would be.
+    refuse: std::collections::HashSet<String>,
+}
+
+impl MemoryStore {
+    fn stored(&self) -> std::sync::MutexGuard<'_, Stored> {
+        self.inner.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn set_down(&self, down: bool) {
+        self.stored().down = down;
+    }
+
+    /// The stored document of `id` without its write time.
+    fn doc(&self, id: &str) -> Option<Value> {
+        let mut doc = self.stored().docs.get(id)?.1.clone();
+        doc.as_object_mut()?.remove("updated_at");
+        Some(doc)
+    }
+
+    fn watermark_offset(&self, id: &str) -> Option<i64> {
+        self.doc(id)?["watermark"]["offset"].as_i64()
+    }
+}
+
+fn unreachable() -> StoreError {
+    StoreError::Transport("connection refused".into())
+}
+
+impl DocumentStore for MemoryStore {
+    fn alias(&self) -> &str {
+        "profiles"
+    }
+
+    fn mget(
+        &self,
+        ids: &[String],
+    ) -> impl Future<Output = Result<HashMap<String, Value>, StoreError>> + Send {
+        let stored = self.stored();
+        let result = if stored.down {
+            Err(unreachable())
+        } else {
+            Ok(ids
+                .iter()
+                .filter_map(|id| Some((id.clone(), stored.docs.get(id)?.1.clone())))
+                .collect())
+        };
+        std::future::ready(result)
+    }
+
+    fn bulk_write(
+        &self,
+        docs: &[DocWrite],
+    ) -> impl Future<Output = Result<Vec<ItemOutcome>, StoreError>> + Send {
+        let mut stored = self.stored();
+        let result = if stored.down {
+            Err(unreachable())
+        } else {
+            let mut outcomes = Vec::with_capacity(docs.len());
+            for d in docs {
+                if stored.refuse.contains(&d.id) {
+                    outcomes.push(ItemOutcome::Rejected("mapper_parsing_exception".into()));
+                    continue;
+                }
+                // version_type external_gte: a version below the stored one is refused.
+                if stored.docs.get(&d.id).is_some_and(|(v, _)| *v > d.version) {
+                    outcomes.push(ItemOutcome::Stale);
+                    continue;
+                }
+                let doc: Value = serde_json::from_slice(&d.doc).unwrap_or_default();
+                stored.docs.insert(d.id.clone(), (d.version, doc));
+                outcomes.push(ItemOutcome::Written);
+            }
+            Ok(outcomes)
+        };
+        std::future::ready(result)
+    }
+}
+
+/// Kafka as the state sees it: commits (or a crash before them) and dead-lettered documents.
+#[derive(Default)]
+struct Recorder {
+    commits: RefCell<Vec<(i32, i64)>>,
+    dead_letters: RefCell<Vec<String>>,
+    /// The process dies after the bulk write, before the commit reaches Kafka.
+    crash_before_commit: bool,
+}
+
+impl Recorder {
+    fn committed(&self) -> Vec<(i32, i64)> {
+        let mut commits = self.commits.borrow().clone();
+        commits.sort();
+        commits
+    }
+}
+
+impl Commit for Recorder {
+    fn commit(&self, positions: &[(i32, i64)]) -> Result<(), KafkaError> {
+        if self.crash_before_commit {
+            return Err(KafkaError::ConsumerCommit(
+                RDKafkaErrorCode::BrokerTransportFailure,
+            ));
+        }
+        self.commits.borrow_mut().extend_from_slice(positions);
+        Ok(())
+    }
+}
+
+impl Effects for Recorder {
+    fn dead_letter_document(&self, write: &DocWrite, _partition: i32, _reason: &str) {
+        self.dead_letters.borrow_mut().push(write.id.clone());
+    }
+
+    fn confirm(&self) -> Result<(), String> {
+        Ok(())
+    }
+}
+
+fn settings(max_profiles: usize, idle: Duration) -> Settings {
+    Settings {
+        kinds: crate::models::registry(),
+        dedupe: DedupePolicy::default(),
+        policy: FlushPolicy {
+            interval_secs: 3600.0,
+            max_dirty: 1_000,
+            bulk_docs: 100,
+            max_backoff_secs: 0.1,
+        },
+        max_profiles,
+        idle_evict: idle,
+    }
+}
+
+fn state_with(store: &MemoryStore, settings: Settings) -> ProfileState<MemoryStore> {
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .enable_all()
+        .build()
+        .expect("a runtime");
+    ProfileState::new(
+        store.clone(),
+        Arc::new(runtime),
+        settings,
+        Readiness::new("test"),
+        Shutdown::new(),
+    )
+}
+
+fn state(store: &MemoryStore) -> ProfileState<MemoryStore> {
+    state_with(store, settings(1_000, Duration::from_secs(3600)))
+}
+
+fn cart(user: &str, n: usize, amount: &str) -> Event {
+    let json = format!(
+        r#"{{"event":"add_to_cart","partner_id":"p1","user_id":"{user}","message_id":"{user}-{n}","cart_amount":"{amount}","gender":"female"}}"#
+    );
+    parse_event(&json, &ParseContext::now()).expect("a valid event")
+}
+
+/// Reads `events` as the records at `first..` of `partition`: loads, folds, handles.
+fn read(
+    state: &mut ProfileState<MemoryStore>,
+    partition: i32,
+    first: i64,
+    events: &[Event],
+) -> Vec<Fold> {
+    let ids: Vec<String> = events.iter().map(Event::partition_key).collect();
+    assert!(state.load(&ids));
+    let mut outcomes = Vec::new();
+    for (i, event) in events.iter().enumerate() {
+        let offset = first + i as i64;
+        let now = std::time::Instant::now();
+        outcomes.push(state.fold(event, event.partition_key(), partition, offset, now));
+        state.positions.handled(partition, offset);
+    }
+    outcomes
+}
+
+fn flush_all(state: &mut ProfileState<MemoryStore>, fx: &Recorder) -> Option<bool> {
+    state.start_flush_all();
+    state.finish_flush(fx, true)
+}
+
+#[test]
+fn a_crash_between_bulk_and_commit_re_reads_and_ends_exact() {
+    let events: Vec<Event> = (0..4).map(|n| cart("u", n, "10.10")).collect();
+    // What one run without a crash stores.
+    let truth = MemoryStore::default();
+    let mut once = state(&truth);
+    once.positions.assign(&[0]);
+    read(&mut once, 0, 0, &events);
+    assert_eq!(flush_all(&mut once, &Recorder::default()), Some(false));
+
+    let store = MemoryStore::default();
+    let mut first = state(&store);
+    first.positions.assign(&[0]);
+    read(&mut first, 0, 0, &events[..3]);
+    let crash = Recorder {
+        crash_before_commit: true,
+        ..Recorder::default()
+    };
+    flush_all(&mut first, &crash);
+    assert_eq!(
+        store.watermark_offset("p1:u"),
+        Some(2),
+        "the bulk write went through"
+    );
+    assert!(crash.committed().is_empty(), "the commit did not");
+    // The fourth event was folded but never flushed when the process died.
+    read(&mut first, 0, 3, &events[3..]);
+    drop(first);
+
+    // The restart re-reads from the last commit (none: the start) on top of the stored
+    // document: what it holds is skipped, the rest folded once.
+    let mut second = state(&store);
+    second.positions.assign(&[0]);
+    let outcomes = read(&mut second, 0, 0, &events);
+    assert_eq!(
+        outcomes,
+        [Fold::Skipped, Fold::Skipped, Fold::Skipped, Fold::Applied]
+    );
+    let fx = Recorder::default();
+    assert_eq!(flush_all(&mut second, &fx), Some(false));
+    assert_eq!(fx.committed(), [(0, 4)]);
+    assert_eq!(store.doc("p1:u"), truth.doc("p1:u"));
+    assert_eq!(
+        store.doc("p1:u").map(|d| d["cart_amount"].clone()),
+        Some("40.4".into())
+    );
+}
+
+#[test]
+fn a_newer_stored_document_re_reads_the_partition_from_its_last_commit() {
+    let store = MemoryStore::default();
+    let mut state = state(&store);
+    state.positions.assign(&[0]);
+    read(&mut state, 0, 0, &[cart("u", 0, "1"), cart("u", 1, "1")]);
+    let fx = Recorder::default();
+    assert_eq!(flush_all(&mut state, &fx), Some(false));
+    assert_eq!(fx.committed(), [(0, 2)]);
+
+    read(&mut state, 0, 2, &[cart("u", 2, "1"), cart("u", 3, "1")]);
+    // Meanwhile another writer (a replica that took the partition over) stored a newer
+    // version of the profile.
+    let mut other = self::state(&store);
+    other.positions.assign(&[0]);
+    let events: Vec<Event> = (0..6).map(|n| cart("u", n, "1")).collect();
+    read(&mut other, 0, 0, &events);
+    assert_eq!(flush_all(&mut other, &Recorder::default()), Some(false));
+
+    // Our write is refused (409): nothing is committed past the last commit, the partition
+    // is re-read from it, and its records are dropped until then.
+    assert_eq!(flush_all(&mut state, &fx), Some(false));
+    assert_eq!(fx.committed(), [(0, 2)]);
+    assert!(state.is_rewinding(0));
+    assert_eq!(state.take_rewinds(), [(0, Some(2))]);
+    assert!(
+        !state.cache.contains("p1:u"),
+        "reloaded from the store on the re-read"
+    );
+    let again = read(&mut state, 0, 2, &events[2..4]);
+    assert_eq!(again, [Fold::Skipped, Fold::Skipped]);
+    assert_eq!(store.watermark_offset("p1:u"), Some(5));
+}
+
+#[test]
+fn a_newer_document_on_a_fresh_assignment_re_reads_from_the_first_record_read() {
+    let store = MemoryStore::default();
+    let mut state = state(&store);
+    state.positions.assign(&[0]);
+    read(&mut state, 0, 7, &[cart("u", 7, "1")]);
+    let mut other = self::state(&store);
+    other.positions.assign(&[0]);
+    read(&mut other, 0, 9, &[cart("u", 9, "1")]);
+    assert_eq!(flush_all(&mut other, &Recorder::default()), Some(false));
+
+    let fx = Recorder::default();
+    flush_all(&mut state, &fx);
+    // Nothing was committed since the assignment: the re-read starts at the first record
+    // this member read, a concrete offset (librdkafka refuses to seek to "stored").
+    assert_eq!(state.take_rewinds(), [(0, Some(7))]);
+    assert!(fx.committed().is_empty());
+}
+
+#[test]
+fn a_partition_revoked_mid_flush_commits_what_was_stored_and_forgets_the_rest() {
+    let store = MemoryStore::default();
+    let mut state = state(&store);
+    state.positions.assign(&[0, 1]);
+    read(&mut state, 0, 0, &[cart("a", 0, "1"), cart("a", 1, "1")]);
+    read(&mut state, 1, 0, &[cart("b", 0, "1"), cart("b", 1, "1")]);
+    // A flush starts; an event of partition 1 is folded while it runs.
+    state.start_flush_all();
+    read(&mut state, 1, 2, &[cart("b", 2, "1")]);
+
+    // Partition 1 is revoked: the flush in flight completes and commits what it covered,
+    // then the event folded since is flushed and committed before the partition is gone.
+    let fx = Recorder::default();
+    state.give_up(&fx, &[1], false);
+    assert_eq!(fx.committed(), [(0, 2), (1, 2), (1, 3)]);
+    assert_eq!(store.watermark_offset("p1:b"), Some(2));
+    assert!(!state.positions.owns(1));
+    assert!(!state.cache.contains("p1:b"));
+    assert!(state.cache.contains("p1:a"));
+
+    // Revoked while the store is down: nothing past the stored state is committed, and the
+    // dirty profiles are dropped (the next owner re-reads them from the last commit).
+    read(&mut state, 0, 2, &[cart("a", 2, "1")]);
+    store.set_down(true);
+    state.give_up(&fx, &[0], false);
+    assert_eq!(fx.committed(), [(0, 2), (1, 2), (1, 3)]);
+    assert_eq!(state.cache.dirty(), 0);
+    assert_eq!(store.watermark_offset("p1:a"), Some(1));
+}
+
+#[test]
+fn a_lost_partition_is_dropped_without_writing_what_was_folded_since() {
+    let store = MemoryStore::default();
+    let mut state = state(&store);
+    state.positions.assign(&[0]);
+    read(&mut state, 0, 0, &[cart("a", 0, "1")]);
+    let fx = Recorder::default();
+    state.give_up(&fx, &[0], true);
+    assert!(fx.committed().is_empty());
+    assert!(store.doc("p1:a").is_none());
+    assert_eq!(state.cache.len(), 0);
+}
+
+#[test]
+fn eviction_of_a_dirty_profile_is_refused_until_it_is_stored() {
+    let store = MemoryStore::default();
+    // Evict everything clean at once.
+    let mut state = state_with(&store, settings(0, Duration::ZERO));
+    state.positions.assign(&[0]);
+    read(&mut state, 0, 0, &[cart("a", 0, "5")]);
+    store.set_down(true);
+    let fx = Recorder::default();
+    assert_eq!(flush_all(&mut state, &fx), Some(true));
+    // The flush failed: the profile is dirty again and stays in memory.
+    assert!(state.cache.contains("p1:a"));
+    assert_eq!(state.cache.dirty(), 1);
+    assert!(fx.committed().is_empty());
+
+    store.set_down(false);
+    assert_eq!(flush_all(&mut state, &fx), Some(false));
+    assert_eq!(fx.committed(), [(0, 1)]);
+    assert!(!state.cache.contains("p1:a"), "evicted once stored");
+    assert_eq!(store.watermark_offset("p1:a"), Some(0));
+    // Seen again: reloaded, so the next event adds to the stored cart.
+    read(&mut state, 0, 1, &[cart("a", 1, "5")]);
+    flush_all(&mut state, &fx);
+    assert_eq!(
+        store.doc("p1:a").map(|d| d["cart_amount"].clone()),
+        Some("10".into())
+    );
+}
+
+#[test]
+fn a_failed_flush_is_due_again_after_its_backoff_not_a_whole_interval() {
+    let store = MemoryStore::default();
+    let mut state = state(&store);
+    state.positions.assign(&[0]);
+    read(&mut state, 0, 0, &[cart("a", 0, "1")]);
+    assert!(!state.flush_due(), "the interval is an hour");
+    store.set_down(true);
+    let fx = Recorder::default();
+    assert_eq!(flush_all(&mut state, &fx), Some(true));
+    std::thread::sleep(state.retry_in() + Duration::from_millis(1));
+    assert!(state.flush_due());
+}
+
+#[test]
+fn a_document_refused_for_good_is_dead_lettered_and_its_partition_committed() {
+    let store = MemoryStore::default();
+    store.stored().refuse.insert("p1:a".into());
+    let mut state = state(&store);
+    state.positions.assign(&[0]);
+    read(&mut state, 0, 0, &[cart("a", 0, "1"), cart("b", 1, "1")]);
+    let fx = Recorder::default();
+    assert_eq!(flush_all(&mut state, &fx), Some(false));
+    // One bad document neither holds back its partition nor is dropped.
+    assert_eq!(*fx.dead_letters.borrow(), ["p1:a"]);
+    assert_eq!(fx.committed(), [(0, 2)]);
+    assert_eq!(store.watermark_offset("p1:b"), Some(1));
+    assert_eq!(state.cache.dirty(), 0);
+}
