@@ -99,7 +99,7 @@ impl Warehouse {
     /// reported as failed does not land later.
     async fn wait(&self, job_id: &str) -> Result<Job, WarehouseError> {
         let started = Instant::now();
-        let mut pause = Duration::from_millis(200);
+        let mut pauses = JOB_POLL.delays();
         loop {
             let polled = self
                 .client
@@ -138,11 +138,16 @@ impl Warehouse {
                     secs: self.job_timeout.as_secs(),
                 });
             }
-            tokio::time::sleep(pause).await;
-            pause = (pause * 3 / 2).min(Duration::from_secs(5));
+            tokio::time::sleep(pauses.next().unwrap_or(JOB_POLL.max)).await;
         }
     }
 }
+
+/// A running job is polled from 200 ms, doubling up to 5 s (jittered, as every wait is): a
+/// small load is seen done at once, a long one is not polled more than every few seconds.
+/// The job timeout, not the policy, ends the polling.
+const JOB_POLL: RetryPolicy =
+    RetryPolicy::forever(Duration::from_millis(200), Duration::from_secs(5));
 
 /// A job insert is tried five times (from 0.5 s, doubling).
 const INSERT_RETRY: RetryPolicy =
