@@ -52,11 +52,7 @@ pub struct ArchiverConfig {
     #[arg(long, env = "PULSE_STOP_AT_END")]
     pub stop_at_end: bool,
     /// Address of /healthz, /readyz (503 while the object store fails) and /metrics.
-    #[arg(
-        long,
-        env = "PULSE_ARCHIVER_METRICS_LISTEN",
-        default_value = "0.0.0.0:9103"
-    )]
+    #[arg(long, env = "PULSE_ARCHIVER_METRICS_LISTEN", default_value = "0.0.0.0:9103")]
     pub metrics_listen: std::net::SocketAddr,
 }
 

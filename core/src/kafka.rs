@@ -15,11 +15,7 @@ use rdkafka::error::RDKafkaErrorCode;
 #[derive(Debug, Clone, clap::Args)]
 pub struct KafkaArgs {
     /// Bootstrap brokers, comma separated.
-    #[arg(
-        long = "kafka-brokers",
-        env = "PULSE_KAFKA_BROKERS",
-        default_value = "localhost:9092"
-    )]
+    #[arg(long = "kafka-brokers", env = "PULSE_KAFKA_BROKERS", default_value = "localhost:9092")]
     pub brokers: String,
 
     /// Any librdkafka property, passed through untouched (repeatable; `;`-separated in the
@@ -110,25 +106,13 @@ impl KafkaArgs {
 #[derive(Debug, Clone, clap::Args)]
 pub struct TopicArgs {
     /// The event stream written by ingest.
-    #[arg(
-        long = "events-topic",
-        env = "PULSE_EVENTS_TOPIC",
-        default_value = "events"
-    )]
+    #[arg(long = "events-topic", env = "PULSE_EVENTS_TOPIC", default_value = "events")]
     pub events: String,
     /// Records a consumer could not use, with the reason.
-    #[arg(
-        long = "dlq-topic",
-        env = "PULSE_DLQ_TOPIC",
-        default_value = "events.dlq"
-    )]
+    #[arg(long = "dlq-topic", env = "PULSE_DLQ_TOPIC", default_value = "events.dlq")]
     pub dlq: String,
     /// Fired triggers, for the notifier.
-    #[arg(
-        long = "triggers-topic",
-        env = "PULSE_TRIGGERS_TOPIC",
-        default_value = "triggers"
-    )]
+    #[arg(long = "triggers-topic", env = "PULSE_TRIGGERS_TOPIC", default_value = "triggers")]
     pub triggers: String,
     /// Profile documents Elasticsearch refused for good, with the reason: nothing is dropped
     /// silently, and an operator can fix the cause and write them again.

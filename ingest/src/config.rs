@@ -8,11 +8,7 @@ use pulse_core::kafka::KafkaArgs;
 use pulse_core::Limits;
 
 #[derive(Debug, Clone, clap::Parser)]
-#[command(
-    name = "pulse-ingest",
-    about = "Pulse HTTP ingest: events in, Kafka out",
-    version
-)]
+#[command(name = "pulse-ingest", about = "Pulse HTTP ingest: events in, Kafka out", version)]
 pub struct IngestConfig {
     /// Address to listen on.
     #[arg(long, env = "PULSE_INGEST_LISTEN", default_value = "0.0.0.0:8080")]
@@ -22,11 +18,7 @@ pub struct IngestConfig {
     pub kafka: KafkaArgs,
 
     /// Topic the events are written to.
-    #[arg(
-        long = "events-topic",
-        env = "PULSE_EVENTS_TOPIC",
-        default_value = "events"
-    )]
+    #[arg(long = "events-topic", env = "PULSE_EVENTS_TOPIC", default_value = "events")]
     pub topic: String,
 
     /// JSON file mapping write keys to partner ids: `{"key": "partner_id", …}`.

@@ -62,11 +62,7 @@ pub struct SpeedConfig {
     /// Where the speed layer keeps local state that must outlive a crash: the journal of a
     /// record that made it panic, dead-lettered on the restart (see `poison`). In
     /// Kubernetes, an `emptyDir` volume (it survives container restarts).
-    #[arg(
-        long,
-        env = "PULSE_SPEED_STATE_DIR",
-        default_value = "/tmp/pulse-speed"
-    )]
+    #[arg(long, env = "PULSE_SPEED_STATE_DIR", default_value = "/tmp/pulse-speed")]
     pub state_dir: PathBuf,
 
     /// Fault injection for the crash tests: panic while folding the event with this
@@ -75,11 +71,7 @@ pub struct SpeedConfig {
     pub failpoint_panic_message_id: Option<String>,
 
     /// Address of /healthz, /readyz and /metrics.
-    #[arg(
-        long,
-        env = "PULSE_SPEED_METRICS_LISTEN",
-        default_value = "0.0.0.0:9101"
-    )]
+    #[arg(long, env = "PULSE_SPEED_METRICS_LISTEN", default_value = "0.0.0.0:9101")]
     pub metrics_listen: SocketAddr,
 }
 
@@ -94,28 +86,16 @@ impl SpeedConfig {
 #[derive(Debug, Clone, clap::Args)]
 pub struct FlushPolicy {
     /// Seconds between flushes.
-    #[arg(
-        long = "flush-interval-secs",
-        env = "PULSE_FLUSH_INTERVAL_SECS",
-        default_value_t = 30.0
-    )]
+    #[arg(long = "flush-interval-secs", env = "PULSE_FLUSH_INTERVAL_SECS", default_value_t = 30.0)]
     pub interval_secs: f64,
     /// Flush early when this many profiles are dirty (bounds memory and replay after a crash).
-    #[arg(
-        long = "flush-max-dirty",
-        env = "PULSE_FLUSH_MAX_DIRTY",
-        default_value_t = 500_000
-    )]
+    #[arg(long = "flush-max-dirty", env = "PULSE_FLUSH_MAX_DIRTY", default_value_t = 500_000)]
     pub max_dirty: usize,
     /// Documents per `_bulk` request.
     #[arg(long = "bulk-docs", env = "PULSE_BULK_DOCS", default_value_t = 2_000)]
     pub bulk_docs: usize,
     /// Longest wait between retries of a failing flush, seconds.
-    #[arg(
-        long = "max-backoff-secs",
-        env = "PULSE_MAX_BACKOFF_SECS",
-        default_value_t = 10.0
-    )]
+    #[arg(long = "max-backoff-secs", env = "PULSE_MAX_BACKOFF_SECS", default_value_t = 10.0)]
     pub max_backoff_secs: f64,
 }
 

@@ -25,18 +25,10 @@ use serde_json::{json, Value};
 pub struct DedupePolicy {
     /// How long a message id is remembered, in seconds of ingest's `received_at`: until the
     /// user has an event received this much later than it.
-    #[arg(
-        long = "dedupe-window-secs",
-        env = "PULSE_DEDUPE_WINDOW_SECS",
-        default_value_t = 86_400
-    )]
+    #[arg(long = "dedupe-window-secs", env = "PULSE_DEDUPE_WINDOW_SECS", default_value_t = 86_400)]
     pub window_secs: u64,
     /// Most message ids remembered per profile (the oldest go first).
-    #[arg(
-        long = "dedupe-max-ids",
-        env = "PULSE_DEDUPE_MAX_IDS",
-        default_value_t = 1_000
-    )]
+    #[arg(long = "dedupe-max-ids", env = "PULSE_DEDUPE_MAX_IDS", default_value_t = 1_000)]
     pub max_ids: usize,
 }
 

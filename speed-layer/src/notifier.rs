@@ -26,11 +26,7 @@ use crate::triggers::TriggerMessage;
 pub struct NotifierConfig {
     #[command(flatten)]
     pub kafka: KafkaArgs,
-    #[arg(
-        long = "triggers-topic",
-        env = "PULSE_TRIGGERS_TOPIC",
-        default_value = "triggers"
-    )]
+    #[arg(long = "triggers-topic", env = "PULSE_TRIGGERS_TOPIC", default_value = "triggers")]
     pub topic: String,
     /// Where triggers go after the last failed attempt.
     #[arg(
@@ -60,11 +56,7 @@ pub struct NotifierConfig {
     pub max_trigger_age_secs: u64,
     #[arg(long, env = "PULSE_WEBHOOK_TIMEOUT_SECS", default_value_t = 10)]
     pub timeout_secs: u64,
-    #[arg(
-        long,
-        env = "PULSE_NOTIFIER_METRICS_LISTEN",
-        default_value = "0.0.0.0:9102"
-    )]
+    #[arg(long, env = "PULSE_NOTIFIER_METRICS_LISTEN", default_value = "0.0.0.0:9102")]
     pub metrics_listen: std::net::SocketAddr,
 }
 

@@ -23,32 +23,16 @@ use serde_json::{json, Value};
 #[derive(Debug, Clone, clap::Args)]
 pub struct EsArgs {
     /// Elasticsearch (or OpenSearch) base URL.
-    #[arg(
-        long = "es-url",
-        env = "PULSE_ES_URL",
-        default_value = "http://localhost:9200"
-    )]
+    #[arg(long = "es-url", env = "PULSE_ES_URL", default_value = "http://localhost:9200")]
     pub url: String,
     /// Alias the profiles are read and written through.
-    #[arg(
-        long = "profiles-alias",
-        env = "PULSE_PROFILES_ALIAS",
-        default_value = "profiles"
-    )]
+    #[arg(long = "profiles-alias", env = "PULSE_PROFILES_ALIAS", default_value = "profiles")]
     pub alias: String,
     /// Index behind the alias, created by `setup` when missing.
-    #[arg(
-        long = "profiles-index",
-        env = "PULSE_PROFILES_INDEX",
-        default_value = "profiles-v1"
-    )]
+    #[arg(long = "profiles-index", env = "PULSE_PROFILES_INDEX", default_value = "profiles-v1")]
     pub index: String,
     /// Request timeout, seconds.
-    #[arg(
-        long = "es-timeout-secs",
-        env = "PULSE_ES_TIMEOUT_SECS",
-        default_value_t = 30
-    )]
+    #[arg(long = "es-timeout-secs", env = "PULSE_ES_TIMEOUT_SECS", default_value_t = 30)]
     pub timeout_secs: u64,
 }
 

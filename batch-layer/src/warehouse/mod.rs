@@ -53,10 +53,6 @@ pub struct WarehouseArgs {
     )]
     pub partition_expiration_days: Option<u32>,
     /// Longest wait for one BigQuery job, seconds.
-    #[arg(
-        long = "bq-job-timeout-secs",
-        env = "PULSE_BQ_JOB_TIMEOUT_SECS",
-        default_value_t = 3600
-    )]
+    #[arg(long = "bq-job-timeout-secs", env = "PULSE_BQ_JOB_TIMEOUT_SECS", default_value_t = 3600)]
     pub job_timeout_secs: u64,
 }

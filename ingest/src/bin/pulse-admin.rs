@@ -8,11 +8,7 @@ use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::{Message, Offset, TopicPartitionList};
 
 #[derive(Parser)]
-#[command(
-    name = "pulse-admin",
-    about = "Provision Pulse's Kafka topics",
-    version
-)]
+#[command(name = "pulse-admin", about = "Provision Pulse's Kafka topics", version)]
 struct Cli {
     #[command(subcommand)]
     command: Command,

@@ -5,11 +5,7 @@ use pulse_service::{ops, Readiness, Shutdown};
 use pulse_speed::notifier::{Notifier, NotifierConfig};
 
 #[derive(Parser)]
-#[command(
-    name = "pulse-notifier",
-    about = "Deliver Pulse triggers to a push webhook",
-    version
-)]
+#[command(name = "pulse-notifier", about = "Deliver Pulse triggers to a push webhook", version)]
 struct Cli {
     #[command(flatten)]
     config: NotifierConfig,

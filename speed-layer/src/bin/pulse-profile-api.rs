@@ -9,11 +9,7 @@ use pulse_speed::api::{router, ApiState};
 use pulse_speed::store::{EsArgs, ProfileStore};
 
 #[derive(Parser)]
-#[command(
-    name = "pulse-profile-api",
-    about = "Pulse profile lookup API",
-    version
-)]
+#[command(name = "pulse-profile-api", about = "Pulse profile lookup API", version)]
 struct Cli {
     #[arg(long, env = "PULSE_PROFILE_API_LISTEN", default_value = "0.0.0.0:8081")]
     listen: std::net::SocketAddr,

@@ -8,11 +8,7 @@ use axum::Router;
 use clap::Parser;
 
 #[derive(Parser)]
-#[command(
-    name = "pulse-webhook-sink",
-    about = "Print push webhook deliveries",
-    version
-)]
+#[command(name = "pulse-webhook-sink", about = "Print push webhook deliveries", version)]
 struct Cli {
     #[arg(long, default_value = "127.0.0.1:9099")]
     listen: std::net::SocketAddr,

@@ -10,25 +10,13 @@ use clap::Parser;
 use pulse_loadgen::{self as loadgen, ClickstreamConfig, LoadConfig};
 
 #[derive(Parser)]
-#[command(
-    name = "pulse-loadgen",
-    about = "Send realistic clickstream to Pulse ingest",
-    version
-)]
+#[command(name = "pulse-loadgen", about = "Send realistic clickstream to Pulse ingest", version)]
 struct Args {
     /// Ingest base URL.
-    #[arg(
-        long,
-        env = "PULSE_INGEST_URL",
-        default_value = "http://localhost:8080"
-    )]
+    #[arg(long, env = "PULSE_INGEST_URL", default_value = "http://localhost:8080")]
     url: String,
     /// Write keys file (`{"key": "partner"}`); one partner per key.
-    #[arg(
-        long,
-        env = "PULSE_WRITE_KEYS_FILE",
-        default_value = "deploy/local/write-keys.json"
-    )]
+    #[arg(long, env = "PULSE_WRITE_KEYS_FILE", default_value = "deploy/local/write-keys.json")]
     keys_file: PathBuf,
     /// Number of events to send.
     #[arg(long)]
