@@ -18,7 +18,7 @@ use pulse_core::kafka::{KafkaArgs, TopicArgs};
 use pulse_core::Event;
 use pulse_service::consumer::{self, Commit, EndOfPartitions, PartitionOwner, Positions};
 use pulse_service::outbox::{Outbox, Source};
-use pulse_service::{Readiness, RetryPolicy, Shutdown};
+use pulse_service::{Condition, Readiness, RetryPolicy, Shutdown};
 use rdkafka::consumer::Consumer;
 use rdkafka::message::{Message, OwnedMessage};
 use tokio::runtime::Runtime;
@@ -120,6 +120,8 @@ struct State {
     codec: Codec,
     /// False while object-store operations fail (served as /readyz).
     ready: Readiness,
+    /// False while Kafka has not acknowledged the dead letters of a unit being rolled.
+    dead_letters: Condition,
     shutdown: Shutdown,
     /// A unit that could not be archived while rolling outside the loop (at a revocation):
     /// the loop stops with it.
@@ -189,7 +191,9 @@ pub fn run(
         dlq_topic: config.topics.dlq.clone(),
         store,
         runtime,
-        outbox: Outbox::new(config.kafka.producer_config(), "archiver")?,
+        outbox: Outbox::new(config.kafka.producer_config(), "archiver", stop.clone())?,
+        dead_letters: ready
+            .condition("dead letters not acknowledged by Kafka; no marker is written"),
         codec: config.codec,
         ready,
         shutdown: stop.clone(),
@@ -426,7 +430,11 @@ impl State {
             &self.shutdown,
             "acknowledgement of dead letters",
             |_| true,
-            || self.outbox.flush(Duration::from_secs(30)),
+            || {
+                let confirmed = self.outbox.confirm(Duration::from_secs(30));
+                self.dead_letters.set(confirmed.is_ok());
+                confirmed
+            },
         );
         if flushed.is_err() {
             return Err(RollFailure::Stopped);

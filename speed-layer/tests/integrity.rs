@@ -54,13 +54,6 @@ async fn recreate_index(f: &Fixture, mappings: Value) {
     assert!(created.status().is_success(), "{:?}", created.text().await);
 }
 
-const CART_RULE: &str = r#"
-[[rule]]
-id = "any-cart"
-event = "add_to_cart"
-template = "cart_reminder"
-"#;
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn client_retries_count_once_in_profiles_and_triggers_for_each_partner() {
     // One partition: the sentinel below is folded only after everything before it.

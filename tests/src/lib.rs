@@ -52,6 +52,25 @@ pub async fn create_topic(prefix: &str, partitions: i32) -> String {
     name
 }
 
+/// Sets one config of `topic` (replacing its other non-default configs, which test topics do
+/// not have), as an operator would with `kafka-configs.sh --alter`.
+pub async fn set_topic_config(topic: &str, key: &str, value: &str) {
+    use rdkafka::admin::{AdminClient, AdminOptions, AlterConfig, ResourceSpecifier};
+    use rdkafka::client::DefaultClientContext;
+    let admin: AdminClient<DefaultClientContext> = KafkaArgs::with_brokers(brokers())
+        .client_config()
+        .create()
+        .expect("admin client");
+    let config = AlterConfig::new(ResourceSpecifier::Topic(topic)).set(key, value);
+    let results = admin
+        .alter_configs(&[config], &AdminOptions::new())
+        .await
+        .expect("alter configs");
+    for result in results {
+        result.unwrap_or_else(|e| panic!("setting {key}={value} on {topic}: {e:?}"));
+    }
+}
+
 /// A record read back from Kafka.
 #[derive(Debug, Clone)]
 pub struct Record {

@@ -11,6 +11,6 @@ pub mod outbox;
 pub mod retry;
 mod shutdown;
 
-pub use ops::Readiness;
+pub use ops::{Condition, Readiness};
 pub use retry::{RetryError, RetryPolicy};
 pub use shutdown::Shutdown;

@@ -4,7 +4,7 @@
 
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, AtomicI64, Ordering};
-use std::sync::{Arc, OnceLock};
+use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
 use axum::http::{header, StatusCode};
@@ -55,8 +55,9 @@ pub fn routes<S: Clone + Send + Sync + 'static>(handle: PrometheusHandle) -> Rou
         )
 }
 
-/// Whether a service can do its work: its dependencies answer (`set_healthy`) and, for a
-/// consumer, its loop is still turning (`beat`). A loop that stopped making progress (wedged
+/// Whether a service can do its work: its dependencies answer (`set_healthy`, or one
+/// [`Condition`] per dependency, so that one call that works does not hide another that
+/// fails) and, for a consumer, its loop is still turning (`beat`). A loop that stopped making progress (wedged
 /// on a lock, stuck in a call) is not ready even though every dependency is fine, so an
 /// orchestrator takes it out of rotation and, with a liveness probe on `/readyz`, restarts it.
 #[derive(Clone)]
@@ -66,6 +67,8 @@ pub struct Readiness {
 
 struct ReadinessState {
     healthy: AtomicBool,
+    /// The conditions made with [`Readiness::condition`], with the reason each gives.
+    conditions: Mutex<Vec<(&'static str, Arc<AtomicBool>)>>,
     /// Milliseconds since `started` at the last beat.
     last_beat_ms: AtomicI64,
     started: Instant,
@@ -93,6 +96,7 @@ impl Readiness {
         Self {
             inner: Arc::new(ReadinessState {
                 healthy: AtomicBool::new(true),
+                conditions: Mutex::new(Vec::new()),
                 last_beat_ms: AtomicI64::new(0),
                 started: Instant::now(),
                 stall_after,
@@ -105,6 +109,18 @@ impl Readiness {
         self.inner.healthy.store(healthy, Ordering::Relaxed);
     }
 
+    /// A condition of its own (true at first): not ready, with `reason`, while it is false,
+    /// whatever the others say.
+    pub fn condition(&self, reason: &'static str) -> Condition {
+        let ok = Arc::new(AtomicBool::new(true));
+        self.inner
+            .conditions
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .push((reason, ok.clone()));
+        Condition { ok }
+    }
+
     /// The loop made progress.
     pub fn beat(&self) {
         let ms = self.inner.started.elapsed().as_millis() as i64;
@@ -113,8 +129,23 @@ impl Readiness {
 
     /// `Ok` when ready, else the reason.
     pub fn check(&self) -> Result<(), String> {
+        let mut failing: Vec<&str> = Vec::new();
         if !self.inner.healthy.load(Ordering::Relaxed) {
-            return Err(self.inner.not_ready.to_string());
+            failing.push(self.inner.not_ready);
+        }
+        let conditions = self
+            .inner
+            .conditions
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
+        failing.extend(
+            conditions
+                .iter()
+                .filter(|(_, ok)| !ok.load(Ordering::Relaxed))
+                .map(|(reason, _)| *reason),
+        );
+        if !failing.is_empty() {
+            return Err(failing.join("; "));
         }
         if let Some(limit) = self.inner.stall_after {
             let now = self.inner.started.elapsed().as_millis() as i64;
@@ -127,6 +158,18 @@ impl Readiness {
             }
         }
         Ok(())
+    }
+}
+
+/// One dependency's part of a [`Readiness`].
+#[derive(Clone)]
+pub struct Condition {
+    ok: Arc<AtomicBool>,
+}
+
+impl Condition {
+    pub fn set(&self, ok: bool) {
+        self.ok.store(ok, Ordering::Relaxed);
     }
 }
 
@@ -174,5 +217,23 @@ mod tests {
         r.beat();
         assert!(r.check().is_ok());
         assert!(Readiness::new("x").check().is_ok());
+    }
+
+    #[test]
+    fn one_condition_that_works_does_not_hide_another_that_fails() {
+        let r = Readiness::new("unused");
+        let reads = r.condition("elasticsearch reads failing");
+        let writes = r.condition("elasticsearch writes failing");
+        writes.set(false);
+        reads.set(true);
+        assert_eq!(r.check().unwrap_err(), "elasticsearch writes failing");
+        reads.set(false);
+        assert_eq!(
+            r.check().unwrap_err(),
+            "elasticsearch reads failing; elasticsearch writes failing"
+        );
+        reads.set(true);
+        writes.set(true);
+        assert!(r.check().is_ok());
     }
 }

@@ -2,14 +2,27 @@
 //! through one producer, and the one place that builds a dead letter (payload as it was,
 //! headers saying why, where it came from and which consumer gave up on it).
 //!
-//! `send` waits out a full local queue (back-pressure, never a drop); [`Outbox::flush`] waits
-//! for Kafka's acknowledgements before the caller moves an offset or marker past them.
+//! Every record is confirmed one by one: the producer's delivery report of each is looked at,
+//! and a record Kafka refused (too large for the topic, not authorised, no such topic) is kept
+//! and sent again by the next [`Outbox::confirm`], which fails until every record sent so far
+//! is acknowledged. A caller moves an offset or a marker past its records only after a
+//! `confirm` that succeeded, so a refusal holds the consumer back (and is counted, logged and
+//! reported to readiness by the caller) instead of losing the record; and it never spins, since
+//! the caller confirms again only after its backoff.
 
+use std::sync::Mutex;
 use std::time::Duration;
 
-use rdkafka::message::OwnedHeaders;
-use rdkafka::producer::{BaseRecord, DefaultProducerContext, Producer, ThreadedProducer};
-use rdkafka::ClientConfig;
+use rdkafka::error::{KafkaError, RDKafkaErrorCode};
+use rdkafka::message::{Message, OwnedHeaders};
+use rdkafka::producer::{BaseRecord, DeliveryResult, Producer, ProducerContext, ThreadedProducer};
+use rdkafka::{ClientConfig, ClientContext};
+
+use crate::Shutdown;
+
+/// Counted each time Kafka refuses a record (labels `topic`, `error`), so a record refused on
+/// every retry counts once per try; each is kept and sent again.
+pub const UNDELIVERED: &str = "pulse_outbox_undelivered_total";
 
 /// Where a dead-lettered record was read.
 #[derive(Debug, Clone, Copy)]
@@ -19,27 +32,108 @@ pub struct Source<'a> {
     pub offset: i64,
 }
 
+/// Why [`Outbox::confirm`] failed: nothing sent may be taken as delivered yet.
+#[derive(Debug, thiserror::Error)]
+pub enum OutboxError {
+    /// Records are still in flight (Kafka slow or unreachable).
+    #[error("records not acknowledged yet: {0}")]
+    Pending(KafkaError),
+    /// Kafka refused records; they are kept and sent again by the next confirm.
+    #[error("Kafka refused {count} record(s), the first for topic {topic}: {error}")]
+    Refused {
+        count: usize,
+        topic: String,
+        error: String,
+    },
+}
+
+/// A record Kafka did not take, kept to be sent again.
+#[derive(Debug)]
+struct Undelivered {
+    topic: String,
+    key: Vec<u8>,
+    payload: Vec<u8>,
+    headers: Option<OwnedHeaders>,
+    error: String,
+}
+
+/// Collects the records whose delivery failed (delivery reports run on the producer's thread).
+#[derive(Default)]
+pub struct OutboxContext {
+    undelivered: Mutex<Vec<Undelivered>>,
+}
+
+impl OutboxContext {
+    fn keep(&self, record: Undelivered) {
+        metrics::counter!(UNDELIVERED, "topic" => record.topic.clone(), "error" => record.error.clone())
+            .increment(1);
+        // One line per record would flood the log while a topic refuses everything: the
+        // caller logs each failed confirm once, with the count.
+        tracing::debug!(topic = %record.topic, error = %record.error, "Kafka refused a record; it is kept and sent again");
+        self.undelivered
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .push(record);
+    }
+
+    fn take(&self) -> Vec<Undelivered> {
+        std::mem::take(&mut *self.undelivered.lock().unwrap_or_else(|p| p.into_inner()))
+    }
+
+    fn put_back(&self, mut records: Vec<Undelivered>) {
+        let mut kept = self.undelivered.lock().unwrap_or_else(|p| p.into_inner());
+        records.append(&mut kept);
+        *kept = records;
+    }
+}
+
+impl ClientContext for OutboxContext {}
+
+impl ProducerContext for OutboxContext {
+    type DeliveryOpaque = ();
+
+    fn delivery(&self, result: &DeliveryResult<'_>, _: ()) {
+        if let Err((error, message)) = result {
+            self.keep(Undelivered {
+                topic: message.topic().to_string(),
+                key: message.key().unwrap_or_default().to_vec(),
+                payload: message.payload().unwrap_or_default().to_vec(),
+                headers: message.headers().map(|h| h.detach()),
+                error: error.to_string(),
+            });
+        }
+    }
+}
+
 pub struct Outbox {
-    producer: ThreadedProducer<DefaultProducerContext>,
+    producer: ThreadedProducer<OutboxContext>,
     /// Named in the `pulse.consumer` header of its dead letters.
     consumer: &'static str,
+    /// Ends the wait of a send on a full queue.
+    shutdown: Shutdown,
 }
 
 impl Outbox {
     /// A producer from `config` that never gives up on a record by itself
-    /// (`message.timeout.ms=0`): what is queued is delivered or the process stops.
+    /// (`message.timeout.ms=0`: what librdkafka can retry, it retries); what Kafka refuses is
+    /// kept and sent again by [`Outbox::confirm`].
     pub fn new(
         mut config: ClientConfig,
         consumer: &'static str,
-    ) -> Result<Self, rdkafka::error::KafkaError> {
+        shutdown: Shutdown,
+    ) -> Result<Self, KafkaError> {
         config.set("message.timeout.ms", "0");
         Ok(Self {
-            producer: config.create()?,
+            producer: config.create_with_context(OutboxContext::default())?,
             consumer,
+            shutdown,
         })
     }
 
-    /// Queues a record, waiting while the local queue is full.
+    /// Queues a record. A full local queue is waited out (back-pressure, not a drop) until the
+    /// process stops; a record the producer refuses at once (too large, say), or one still
+    /// waiting at a stop, is kept as undelivered: the next confirm fails, so nothing after
+    /// it is committed.
     pub fn send(&self, topic: &str, key: &[u8], payload: &[u8], headers: OwnedHeaders) {
         let mut record = BaseRecord::to(topic)
             .key(key)
@@ -48,10 +142,21 @@ impl Outbox {
         loop {
             match self.producer.send(record) {
                 Ok(()) => return,
-                Err((e, r)) => {
-                    tracing::warn!(error = %e, topic, "produce failed; retrying");
+                Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), r))
+                    if !self.shutdown.is_stopped() =>
+                {
                     record = r;
-                    std::thread::sleep(Duration::from_millis(50));
+                    self.shutdown.sleep_blocking(Duration::from_millis(50));
+                }
+                Err((e, r)) => {
+                    self.producer.context().keep(Undelivered {
+                        topic: topic.to_string(),
+                        key: key.to_vec(),
+                        payload: payload.to_vec(),
+                        headers: r.headers,
+                        error: e.to_string(),
+                    });
+                    return;
                 }
             }
         }
@@ -78,9 +183,26 @@ impl Outbox {
         self.send(topic, key, payload, headers);
     }
 
-    /// Waits until Kafka acknowledged everything queued, at most `timeout`.
-    pub fn flush(&self, timeout: Duration) -> Result<(), rdkafka::error::KafkaError> {
-        self.producer.flush(timeout)
+    /// Sends again what Kafka refused before, then waits (at most `timeout`) until every
+    /// record sent so far is acknowledged. `Ok` only if none is in flight or refused: then
+    /// the offsets and markers that cover them may move.
+    pub fn confirm(&self, timeout: Duration) -> Result<(), OutboxError> {
+        for r in self.producer.context().take() {
+            let headers = r.headers.unwrap_or_default();
+            self.send(&r.topic, &r.key, &r.payload, headers);
+        }
+        self.producer.flush(timeout).map_err(OutboxError::Pending)?;
+        let refused = self.producer.context().take();
+        let Some(first) = refused.first() else {
+            return Ok(());
+        };
+        let error = OutboxError::Refused {
+            count: refused.len(),
+            topic: first.topic.clone(),
+            error: first.error.clone(),
+        };
+        self.producer.context().put_back(refused);
+        Err(error)
     }
 }
 

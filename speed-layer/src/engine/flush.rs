@@ -169,18 +169,23 @@ impl<S: DocumentStore> Flusher<S> {
             }
         }
         if report.first_error.is_some() {
-            let policy = self.retry;
-            let wait = self
-                .retries
-                .get_or_insert_with(|| Box::new(policy.delays()))
-                .next()
-                .unwrap_or(policy.max);
-            self.retry_at = Instant::now() + wait;
+            self.fail();
         } else {
             self.retries = None;
             self.retry_at = Instant::now();
         }
         Some(report)
+    }
+
+    /// A flush failed or could not start: the next may start after the next wait.
+    pub fn fail(&mut self) {
+        let policy = self.retry;
+        let wait = self
+            .retries
+            .get_or_insert_with(|| Box::new(policy.delays()))
+            .next()
+            .unwrap_or(policy.max);
+        self.retry_at = Instant::now() + wait;
     }
 }
 

@@ -104,10 +104,10 @@ pub fn run(
     let store = ProfileStore::new(&config.es)?;
     // Triggers and dead letters: offsets are committed only after the outbox saw them
     // acknowledged.
-    let outbox = Outbox::new(config.kafka.producer_config(), "speed")?;
+    let outbox = Outbox::new(config.kafka.producer_config(), "speed", stop.clone())?;
     let rule_count = rules.rules.len();
     let engine = Arc::new(Mutex::new(Engine {
-        state: ProfileState::new(store, runtime, settings, ready.clone(), stop.clone()),
+        state: ProfileState::new(store, runtime, settings, &ready, stop.clone()),
         outbox: SpeedOutbox::new(outbox, &config.topics, &config.es.alias),
         rules,
         poison,
@@ -146,7 +146,7 @@ pub fn run(
         engine.finish_flush(&commit, false);
         engine.apply_rewinds(&consumer);
         if engine.state.flush_due() {
-            engine.state.start_flush_all();
+            engine.start_flush(&commit);
         }
         // Back-pressure: with too many unflushed profiles (Elasticsearch slow or down), stop
         // reading until a flush gets through. Lag grows; memory does not.
@@ -155,7 +155,7 @@ pub fn run(
                 if !stop.sleep_blocking(engine.state.retry_in()) {
                     break;
                 }
-                engine.state.start_flush_all();
+                engine.start_flush(&commit);
             }
         }
         drop(engine);
@@ -217,6 +217,11 @@ impl Engine {
         let finished = self.state.finish_flush(&fx, wait);
         self.forget_committed_poison();
         finished
+    }
+
+    fn start_flush(&mut self, commit: &dyn Commit) {
+        let fx = self.outbox.effects(commit);
+        self.state.start_flush_all(&fx);
     }
 
     fn flush_now(&mut self, commit: &dyn Commit, partitions: &[i32], attempts: usize) -> bool {

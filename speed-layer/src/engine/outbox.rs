@@ -119,7 +119,7 @@ impl Effects for KafkaEffects<'_> {
     fn confirm(&self) -> Result<(), String> {
         self.outbox
             .outbox
-            .flush(Duration::from_secs(30))
+            .confirm(Duration::from_secs(30))
             .map_err(|e| e.to_string())
     }
 }

@@ -18,7 +18,7 @@ use std::time::{Duration, Instant};
 use chrono::Utc;
 use pulse_core::Event;
 use pulse_service::consumer::{Commit, Positions};
-use pulse_service::{Readiness, Shutdown};
+use pulse_service::{Condition, Readiness, Shutdown};
 use tokio::runtime::Runtime;
 
 use super::cache::ProfileCache;
@@ -69,9 +69,17 @@ pub(crate) struct ProfileState<S> {
     /// Partitions to re-read from their last commit (a newer document was found in the store).
     pub(super) rewind: HashSet<i32>,
     last_flush: Instant,
-    ready: Readiness,
+    health: Health,
     /// Stops the retries of loading profiles (a SIGTERM during an outage).
     shutdown: Shutdown,
+}
+
+/// The speed layer's part of readiness, one condition per dependency: a read that works must
+/// not report ready while writes fail.
+struct Health {
+    reads: Condition,
+    writes: Condition,
+    side_outputs: Condition,
 }
 
 impl<S: DocumentStore> ProfileState<S> {
@@ -79,9 +87,16 @@ impl<S: DocumentStore> ProfileState<S> {
         store: S,
         runtime: Arc<Runtime>,
         settings: Settings,
-        ready: Readiness,
+        ready: &Readiness,
         shutdown: Shutdown,
     ) -> Self {
+        let health = Health {
+            reads: ready.condition("elasticsearch reads (mget) failing"),
+            writes: ready.condition("elasticsearch writes (_bulk) failing"),
+            side_outputs: ready.condition(
+                "triggers or dead letters not acknowledged by Kafka; nothing is committed",
+            ),
+        };
         let flusher = Flusher::new(
             store,
             runtime.clone(),
@@ -97,7 +112,7 @@ impl<S: DocumentStore> ProfileState<S> {
             settings,
             rewind: HashSet::new(),
             last_flush: Instant::now(),
-            ready,
+            health,
             shutdown,
         }
     }
@@ -107,14 +122,14 @@ impl<S: DocumentStore> ProfileState<S> {
     /// `false` when the process stopped before the store answered.
     pub fn load(&mut self, ids: &[String]) -> bool {
         for chunk in ids.chunks(1000) {
-            let (store, ready) = (self.flusher.store(), &self.ready);
+            let (store, ready) = (self.flusher.store(), &self.health.reads);
             let loaded = self.runtime.block_on(self.settings.policy.retry().run(
                 &self.shutdown,
                 "loading profiles",
                 |_| true,
                 || async move {
                     let docs = store.mget(chunk).await;
-                    ready.set_healthy(docs.is_ok());
+                    ready.set(docs.is_ok());
                     docs
                 },
             ));
@@ -173,10 +188,10 @@ impl<S: DocumentStore> ProfileState<S> {
     /// too, or the lag would never shrink), or a failed flush whose wait is over.
     pub fn flush_due(&self) -> bool {
         let (policy, since) = (&self.settings.policy, self.last_flush.elapsed());
-        let dirty = self.cache.dirty();
+        let (dirty, uncommitted) = (self.cache.dirty(), self.positions.has_uncommitted());
         let due = policy.is_due(since, dirty)
-            || (since >= policy.interval() && self.positions.has_uncommitted())
-            || (self.flusher.is_retrying() && dirty > 0);
+            || (since >= policy.interval() && uncommitted)
+            || (self.flusher.is_retrying() && (dirty > 0 || uncommitted));
         due && self.flusher.may_start()
     }
 
@@ -190,11 +205,21 @@ impl<S: DocumentStore> ProfileState<S> {
     }
 
     /// Starts writing the dirty profiles of `partitions` in the background, unless a flush is
-    /// in flight. Their read positions now are what it may commit.
-    pub fn start_flush(&mut self, partitions: &[i32]) {
+    /// in flight; their read positions now are what it may commit. Returns whether it started.
+    ///
+    /// First every trigger and dead letter sent so far must be acknowledged: the documents
+    /// carry watermarks that cover their events, and an event at or below a stored watermark
+    /// is skipped when it is read again after a crash, so its trigger must already be in
+    /// Kafka. If they are not, no flush starts; it is tried again after the retry wait.
+    pub fn start_flush(&mut self, fx: &dyn Effects, partitions: &[i32]) -> bool {
         if !self.flusher.is_idle() {
-            return;
+            return false;
         }
+        if let Err(e) = fx.confirm() {
+            self.side_outputs_failed(&e);
+            return false;
+        }
+        self.health.side_outputs.set(true);
         let (kinds, now) = (&self.settings.kinds, Utc::now());
         let wanted: HashSet<i32> = partitions.iter().copied().collect();
         let pending = self
@@ -208,12 +233,22 @@ impl<S: DocumentStore> ProfileState<S> {
             .map(|(write, partition)| Pending { write, partition })
             .collect();
         self.flusher.start(pending, self.positions.of(partitions));
+        true
     }
 
     /// Starts a flush of every partition read.
-    pub fn start_flush_all(&mut self) {
+    pub fn start_flush_all(&mut self, fx: &dyn Effects) -> bool {
         let partitions = self.positions.read();
-        self.start_flush(&partitions);
+        self.start_flush(fx, &partitions)
+    }
+
+    /// Triggers or dead letters are not acknowledged: nothing is flushed or committed until
+    /// they are, and the next try waits as a failed flush does.
+    fn side_outputs_failed(&mut self, error: &str) {
+        self.flusher.fail();
+        self.health.side_outputs.set(false);
+        metrics::counter!(m::FLUSH_FAILURES).increment(1);
+        tracing::warn!(error, retry_in = ?self.flusher.retry_in(), "triggers/dead letters not acknowledged; not flushing or committing");
     }
 
     /// Completes the flush in flight if it is done (or waits for it with `wait`): failed
@@ -246,15 +281,18 @@ impl<S: DocumentStore> ProfileState<S> {
         metrics::counter!(m::FLUSHES).increment(1);
         metrics::histogram!(m::FLUSH_SECONDS).record(report.took.as_secs_f64());
         tracing::info!(docs = report.docs, took = ?report.took, failed = report.failed.len(), "flushed");
-        self.ready.set_healthy(report.first_error.is_none());
+        self.health.writes.set(report.first_error.is_none());
         if let Some(e) = &report.first_error {
             metrics::counter!(m::FLUSH_FAILURES).increment(1);
             tracing::warn!(error = %e, retry_in = ?self.flusher.retry_in(), dirty = self.cache.dirty(), "flush failed");
         }
+        // Dead-lettered documents, and the triggers and dead letters of records read while
+        // the flush ran, are acknowledged before the commit.
         if let Err(e) = fx.confirm() {
-            tracing::warn!(error = %e, "triggers/dead letters not acknowledged yet; not committing");
+            self.side_outputs_failed(&e);
             return Some(true);
         }
+        self.health.side_outputs.set(true);
         let commit: Vec<(i32, i64)> = report
             .positions_written()
             .filter(|(p, _)| !self.rewind.contains(p))
@@ -280,8 +318,7 @@ impl<S: DocumentStore> ProfileState<S> {
             .with_attempts(attempts)
             .delays();
         loop {
-            self.start_flush(partitions);
-            if self.finish_flush(fx, true) != Some(true) {
+            if self.start_flush(fx, partitions) && self.finish_flush(fx, true) == Some(false) {
                 return true;
             }
             match waits.next() {

@@ -2,7 +2,7 @@
 //! profile store in memory that answers as Elasticsearch does (external versions: an older
 //! version is refused with 409) and an effects recorder in place of Kafka.
 
-use std::cell::RefCell;
+use std::cell::{Cell, RefCell};
 use std::collections::HashMap;
 use std::future::Future;
 use std::sync::{Arc, Mutex};
@@ -31,6 +31,8 @@ struct MemoryStore {
 struct Stored {
     docs: HashMap<String, (i64, Value)>,
     down: bool,
+    /// `_bulk` answers 429 while `mget` works.
+    refuse_bulk: bool,
     /// Ids refused for good, as a mapping error would be.
     refuse: std::collections::HashSet<String>,
 }
@@ -88,6 +90,11 @@ impl DocumentStore for MemoryStore {
         let mut stored = self.stored();
         let result = if stored.down {
             Err(unreachable())
+        } else if stored.refuse_bulk {
+            Err(StoreError::Status {
+                status: 429,
+                body: "es_rejected_execution_exception".into(),
+            })
         } else {
             let mut outcomes = Vec::with_capacity(docs.len());
             for d in docs {
@@ -117,6 +124,8 @@ struct Recorder {
     dead_letters: RefCell<Vec<String>>,
     /// The process dies after the bulk write, before the commit reaches Kafka.
     crash_before_commit: bool,
+    /// Kafka has not acknowledged every trigger and dead letter sent.
+    unconfirmed: Cell<bool>,
 }
 
 impl Recorder {
@@ -145,7 +154,10 @@ impl Effects for Recorder {
     }
 
     fn confirm(&self) -> Result<(), String> {
-        Ok(())
+        match self.unconfirmed.get() {
+            true => Err("Kafka refused 1 record(s): message too large".into()),
+            false => Ok(()),
+        }
     }
 }
 
@@ -165,6 +177,14 @@ fn settings(max_profiles: usize, idle: Duration) -> Settings {
 }
 
 fn state_with(store: &MemoryStore, settings: Settings) -> ProfileState<MemoryStore> {
+    state_ready(store, settings, &Readiness::new("test"))
+}
+
+fn state_ready(
+    store: &MemoryStore,
+    settings: Settings,
+    ready: &Readiness,
+) -> ProfileState<MemoryStore> {
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(1)
         .enable_all()
@@ -174,7 +194,7 @@ fn state_with(store: &MemoryStore, settings: Settings) -> ProfileState<MemorySto
         store.clone(),
         Arc::new(runtime),
         settings,
-        Readiness::new("test"),
+        ready,
         Shutdown::new(),
     )
 }
@@ -210,7 +230,7 @@ fn read(
 }
 
 fn flush_all(state: &mut ProfileState<MemoryStore>, fx: &Recorder) -> Option<bool> {
-    state.start_flush_all();
+    state.start_flush_all(fx);
     state.finish_flush(fx, true)
 }
 
@@ -323,12 +343,12 @@ fn a_partition_revoked_mid_flush_commits_what_was_stored_and_forgets_the_rest() 
     read(&mut state, 0, 0, &[cart("a", 0, "1"), cart("a", 1, "1")]);
     read(&mut state, 1, 0, &[cart("b", 0, "1"), cart("b", 1, "1")]);
     // A flush starts; an event of partition 1 is folded while it runs.
-    state.start_flush_all();
+    let fx = Recorder::default();
+    assert!(state.start_flush_all(&fx));
     read(&mut state, 1, 2, &[cart("b", 2, "1")]);
 
     // Partition 1 is revoked: the flush in flight completes and commits what it covered,
     // then the event folded since is flushed and committed before the partition is gone.
-    let fx = Recorder::default();
     state.give_up(&fx, &[1], false);
     assert_eq!(fx.committed(), [(0, 2), (1, 2), (1, 3)]);
     assert_eq!(store.watermark_offset("p1:b"), Some(2));
@@ -416,4 +436,50 @@ fn a_document_refused_for_good_is_dead_lettered_and_its_partition_committed() {
     assert_eq!(fx.committed(), [(0, 2)]);
     assert_eq!(store.watermark_offset("p1:b"), Some(1));
     assert_eq!(state.cache.dirty(), 0);
+}
+
+#[test]
+fn no_watermark_is_written_before_the_triggers_of_its_events_are_acknowledged() {
+    let store = MemoryStore::default();
+    let ready = Readiness::new("test");
+    let mut state = state_ready(&store, settings(1_000, Duration::from_secs(3600)), &ready);
+    state.positions.assign(&[0]);
+    read(&mut state, 0, 0, &[cart("a", 0, "1")]);
+    let fx = Recorder::default();
+    fx.unconfirmed.set(true);
+    // A stored watermark would make a re-read skip the event, and its trigger with it: no
+    // flush starts, nothing is committed, and readiness says why.
+    assert!(!state.start_flush_all(&fx));
+    assert!(store.doc("p1:a").is_none());
+    assert!(fx.committed().is_empty());
+    assert_eq!(state.cache.dirty(), 1);
+    let reason = ready.check().expect_err("not ready");
+    assert!(reason.contains("not acknowledged by Kafka"), "{reason}");
+
+    // Acknowledged at last: the flush goes through when its retry wait is over.
+    fx.unconfirmed.set(false);
+    std::thread::sleep(state.retry_in() + Duration::from_millis(1));
+    assert!(state.flush_due());
+    assert_eq!(flush_all(&mut state, &fx), Some(false));
+    assert_eq!(store.watermark_offset("p1:a"), Some(0));
+    assert_eq!(fx.committed(), [(0, 1)]);
+    assert!(ready.check().is_ok());
+}
+
+#[test]
+fn readiness_follows_writes_even_while_reads_work() {
+    let store = MemoryStore::default();
+    let ready = Readiness::new("test");
+    let mut state = state_ready(&store, settings(1_000, Duration::from_secs(3600)), &ready);
+    state.positions.assign(&[0]);
+    read(&mut state, 0, 0, &[cart("a", 0, "1")]);
+    store.stored().refuse_bulk = true;
+    assert_eq!(flush_all(&mut state, &Recorder::default()), Some(true));
+    // An mget that works afterwards does not make it ready.
+    read(&mut state, 0, 1, &[cart("b", 1, "1")]);
+    let reason = ready.check().expect_err("not ready");
+    assert!(reason.contains("_bulk"), "{reason}");
+    store.stored().refuse_bulk = false;
+    assert_eq!(flush_all(&mut state, &Recorder::default()), Some(false));
+    assert!(ready.check().is_ok());
 }

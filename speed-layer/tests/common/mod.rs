@@ -23,8 +23,20 @@ use serde_json::Value;
 #[allow(unused_imports)] // each test file uses its own subset
 pub use pulse_tests::data::{generate, produce, produce_raw};
 #[allow(unused_imports)] // each test file uses its own subset
-pub use pulse_tests::process::{free_port, log_file, terminate, terminate_in_time, wait_until};
+pub use pulse_tests::process::{
+    free_port, log_file, poll_until, terminate, terminate_in_time, wait_until,
+};
+#[allow(unused_imports)] // each test file uses its own subset
+pub use pulse_tests::set_topic_config;
 pub use pulse_tests::{brokers, create_topic, es_url, read_topic, unique, PATIENCE};
+
+/// A rule that fires on every cart.
+pub const CART_RULE: &str = r#"
+[[rule]]
+id = "any-cart"
+event = "add_to_cart"
+template = "cart_reminder"
+"#;
 
 /// One test's topics, consumer group and profile alias.
 pub struct Fixture {

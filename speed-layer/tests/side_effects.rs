@@ -1,0 +1,99 @@
+//! Side effects exactly once, against real Kafka and Elasticsearch with the real `pulse-speed`
+//! binary: what the speed layer sends beside its profiles (triggers, dead letters) is
+//! acknowledged by Kafka, record by record, before the watermark or the offset that covers its
+//! event moves, so a crash or a refusing topic neither loses a push nor sends it twice.
+
+mod common;
+
+use std::collections::BTreeSet;
+use std::time::Duration;
+
+use common::*;
+use pulse_core::{parse_event, Event, ParseContext};
+use pulse_speed::triggers::RuleSet;
+
+fn carts(users: usize) -> Vec<Event> {
+    (0..users)
+        .map(|i| {
+            let json = format!(
+                r#"{{"event":"add_to_cart","partner_id":"shop","user_id":"u{i}","message_id":"cart-{i}","cart_amount":"12.50"}}"#
+            );
+            parse_event(&json, &ParseContext::now()).expect("valid event")
+        })
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_triggers_topic_that_refuses_writes_holds_the_watermarks_back_and_no_push_is_lost() {
+    let f = Fixture::new("refuse", 2).await;
+    let rules_path = std::env::temp_dir().join(format!("{}.toml", f.alias));
+    std::fs::write(&rules_path, CART_RULE).unwrap();
+    let rules = RuleSet::from_toml(CART_RULE).unwrap();
+    let events = carts(6);
+    let expected: BTreeSet<String> = events
+        .iter()
+        .map(|e| rules.rules[0].idempotency_key(e))
+        .collect();
+    // The triggers topic takes no record of a trigger's size, as a topic with too small a
+    // max.message.bytes (or one the speed layer may not write to) refuses it for good.
+    set_topic_config(&f.triggers, "max.message.bytes", "64").await;
+
+    let port = free_port();
+    let listen = format!("127.0.0.1:{port}");
+    let rules_file = rules_path.to_str().unwrap();
+    let args = [
+        "--rules-file",
+        rules_file,
+        "--flush-interval-secs",
+        "0.2",
+        "--max-backoff-secs",
+        "0.5",
+        "--metrics-listen",
+        &listen,
+        // The restart gets the killed member's partitions after this, not after 45 s.
+        "--kafka-opt",
+        "session.timeout.ms=6000",
+    ];
+    let mut speed = f.spawn_speed(&args);
+    produce(&f.topic, &events).await;
+
+    // Readiness says why, the refusals are counted, and no profile is stored: a watermark
+    // that covers the carts would make a re-read skip them, and their pushes with them.
+    let (status, reason) =
+        poll_until(port, "/readyz", |_, body| body.contains("not acknowledged")).await;
+    assert_eq!(status, 503, "{reason}");
+    let (_, metrics) = poll_until(port, "/metrics", |_, body| {
+        body.contains("pulse_outbox_undelivered_total")
+    })
+    .await;
+    assert!(
+        metrics.contains("pulse_outbox_undelivered_total"),
+        "{metrics}"
+    );
+    // Several flush intervals and retries go by.
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    assert!(
+        f.documents().await.is_empty(),
+        "no profile is stored before its triggers are in Kafka"
+    );
+
+    // The process dies with the refused triggers in memory; the operator fixes the topic.
+    speed.kill().unwrap();
+    let _ = speed.wait();
+    set_topic_config(&f.triggers, "max.message.bytes", "1048588").await;
+    let mut speed = f.spawn_speed(&args);
+    let docs = f.wait_for_events(events.len() as u64).await;
+    assert_eq!(docs.len(), events.len(), "every profile is stored");
+    let fired = read_topic(&f.triggers, expected.len(), Duration::from_secs(2));
+    let keys: BTreeSet<String> = fired
+        .iter()
+        .map(|r| {
+            let t: serde_json::Value = serde_json::from_slice(&r.payload).unwrap();
+            t["idempotency_key"].as_str().unwrap().to_string()
+        })
+        .collect();
+    assert_eq!(keys, expected, "every cart's trigger is in Kafka");
+    let (status, _) = poll_until(port, "/readyz", |s, _| s == 200).await;
+    assert_eq!(status, 200);
+    terminate(&mut speed);
+}
