@@ -214,6 +214,9 @@ struct Rejection {
     items: Vec<ItemError>,
     /// Events Kafka did acknowledge in a partly failed request.
     accepted: Option<usize>,
+    /// Every message id Kafka did not acknowledge (`items` lists at most the first
+    /// [`MAX_ITEM_ERRORS`] with their errors): what the client must send again.
+    unacknowledged: Vec<String>,
 }
 
 impl Rejection {
@@ -223,6 +226,7 @@ impl Rejection {
             message: message.into(),
             items: Vec::new(),
             accepted: None,
+            unacknowledged: Vec::new(),
         }
     }
 
@@ -233,6 +237,9 @@ impl Rejection {
         }
         if let Some(accepted) = self.accepted {
             body["accepted"] = json!(accepted);
+        }
+        if !self.unacknowledged.is_empty() {
+            body["unacknowledged_message_ids"] = json!(self.unacknowledged);
         }
         let mut response = (self.status, Json(body)).into_response();
         if self.status == StatusCode::SERVICE_UNAVAILABLE {
@@ -357,16 +364,24 @@ async fn accept(
         } else {
             StatusCode::SERVICE_UNAVAILABLE
         };
+        let unacknowledged: Vec<String> =
+            failed.iter().filter_map(|f| f.message_id.clone()).collect();
+        let listed = if failed.len() > MAX_ITEM_ERRORS {
+            format!("; errors lists the first {MAX_ITEM_ERRORS}, unacknowledged_message_ids all of them")
+        } else {
+            String::new()
+        };
         failed.truncate(MAX_ITEM_ERRORS);
         return Err(Rejection {
             status,
             message: format!(
-                "{} of {} events were not acknowledged by Kafka; retry them with the same message_id",
+                "{} of {} events were not acknowledged by Kafka; retry them with the same message_id{listed}",
                 events.len() - accepted,
                 events.len()
             ),
             items: failed,
             accepted: Some(accepted),
+            unacknowledged,
         });
     }
     let response = match format {
@@ -475,6 +490,7 @@ fn validate(
         message,
         items,
         accepted: None,
+        unacknowledged: Vec::new(),
     })
 }
 

@@ -463,10 +463,13 @@ async fn unreachable_broker_gives_503_never_2xx() {
     config.retry_after_secs = 7;
     let ingest = RunningIngest::start(config).await;
 
-    let body = json!([
-        {"event": "page_view", "partner_id": "partner-a", "user_id": "u1", "message_id": "lost-1"},
-        {"event": "page_view", "partner_id": "partner-a", "user_id": "u2", "message_id": "lost-2"}
-    ]);
+    // More events than the answer lists errors for.
+    let ids: Vec<String> = (0..120).map(|i| format!("lost-{i}")).collect();
+    let body: Vec<Value> = ids
+        .iter()
+        .map(|id| json!({"event": "page_view", "partner_id": "partner-a", "user_id": id, "message_id": id}))
+        .collect();
+    let body = Value::Array(body);
     let resp = client()
         .post(format!("{}/v1/events", ingest.url))
         .basic_auth("key-a", Some(""))
@@ -484,10 +487,18 @@ async fn unreachable_broker_gives_503_never_2xx() {
         .iter()
         .map(|e| e["message_id"].as_str().unwrap())
         .collect();
-    assert_eq!(
-        failed,
-        vec!["lost-1", "lost-2"],
-        "every unacknowledged event is named"
+    assert_eq!(failed, ids[..50], "the first 50 with their errors");
+    let unacknowledged: Vec<&str> = body["unacknowledged_message_ids"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|id| id.as_str().unwrap())
+        .collect();
+    assert_eq!(unacknowledged, ids, "every unacknowledged event is named");
+    let message = body["error"].as_str().unwrap();
+    assert!(
+        message.contains("120 of 120") && message.contains("unacknowledged_message_ids"),
+        "{message}"
     );
 
     let ready = client()
