@@ -250,11 +250,15 @@ async fn malformed_records_go_to_the_dead_letter_topic() {
     no_user.as_object_mut().unwrap().remove("user_id");
     no_user.as_object_mut().unwrap().remove("anonymous_id");
     let no_user = serde_json::to_vec(&no_user).unwrap();
+    // A valid event under another user's key: the speed layer dead-letters it (it would put
+    // one user's events on two partitions), so the archiver must too.
+    let mis_keyed = good[1].to_canonical_json();
     let bad: Vec<(Option<&str>, &[u8])> = vec![
         (Some("k"), b"garbage"),
         (Some("k"), b"{\"event\": 1}"),
         (None, b""),
         (Some("shop-a:"), &no_user),
+        (Some("shop-z:someone-else"), &mis_keyed),
     ];
     produce_raw(&f.topic, &bad).await;
     produce(&f.topic, &good[150..]).await;
@@ -279,6 +283,12 @@ async fn malformed_records_go_to_the_dead_letter_topic() {
         reasons
             .iter()
             .any(|e| e.contains("invalid event: user_id: required field is missing")),
+        "{reasons:?}"
+    );
+    assert!(
+        reasons
+            .iter()
+            .any(|e| e.contains("shop-z:someone-else") && e.contains("is not the event's key")),
         "{reasons:?}"
     );
 }

@@ -243,6 +243,8 @@ async fn a_batch_retried_after_a_broker_cut_counts_once_in_profiles_pushes_and_t
         &pulse_tests::brokers(),
         "--triggers-topic",
         &triggers,
+        "--state-topic",
+        &format!("{triggers}.state"),
         "--group",
         &unique("notifier"),
         "--webhook-url",

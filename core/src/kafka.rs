@@ -141,6 +141,29 @@ pub struct TopicSpec {
     pub name: String,
     pub partitions: i32,
     pub replication: i32,
+    /// `cleanup.policy=compact`: the topic keeps the latest record of each key (state), not
+    /// every record for a time (events).
+    pub compacted: bool,
+}
+
+impl TopicSpec {
+    /// A topic of records kept for the retention time.
+    pub fn new(name: impl Into<String>, partitions: i32, replication: i32) -> Self {
+        Self {
+            name: name.into(),
+            partitions,
+            replication,
+            compacted: false,
+        }
+    }
+
+    /// A compacted topic: the latest record per key, kept for good.
+    pub fn compacted(name: impl Into<String>, partitions: i32, replication: i32) -> Self {
+        Self {
+            compacted: true,
+            ..Self::new(name, partitions, replication)
+        }
+    }
 }
 
 /// What `ensure_topics` found or did for one topic.
@@ -222,11 +245,15 @@ pub async fn ensure_topics(
     let new_topics: Vec<NewTopic<'_>> = missing
         .iter()
         .map(|s| {
-            NewTopic::new(
+            let topic = NewTopic::new(
                 &s.name,
                 s.partitions,
                 TopicReplication::Fixed(s.replication),
-            )
+            );
+            match s.compacted {
+                true => topic.set("cleanup.policy", "compact"),
+                false => topic,
+            }
         })
         .collect();
     let options = AdminOptions::new().operation_timeout(Some(timeout));

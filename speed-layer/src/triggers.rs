@@ -243,6 +243,10 @@ pub struct TriggerMessage {
     pub event_timestamp: i64,
     /// When the speed layer fired it, epoch milliseconds.
     pub fired_at: i64,
+    /// When ingest received the event, epoch milliseconds (0 in triggers written before it
+    /// was carried).
+    #[serde(default)]
+    pub received_at: i64,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub cart_amount: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -264,10 +268,23 @@ impl TriggerMessage {
             message_id: event.message_id.clone(),
             event_timestamp: event.timestamp.timestamp_millis(),
             fired_at,
+            received_at: event.received_at.timestamp_millis(),
             cart_amount: event.cart_amount.map(|d| d.to_string()),
             product_id: event.product_id.clone(),
             category: event.category.clone(),
         }
+    }
+
+    /// When the event happened, epoch milliseconds: its own time, but never later than
+    /// ingest received it (nor than the trigger fired), so a client clock set ahead cannot
+    /// make an old event look recent.
+    pub fn occurred_at(&self) -> i64 {
+        let bound = if self.received_at > 0 {
+            self.received_at
+        } else {
+            self.fired_at
+        };
+        self.event_timestamp.min(bound)
     }
 
     /// Key on the triggers topic: one user's triggers on one partition, so one notifier

@@ -92,7 +92,11 @@ async fn client_retries_count_once_in_profiles_and_triggers_for_each_partner() {
     );
 
     let (url, received) = webhook(StatusCode::OK).await;
-    let mut notifier = f.spawn_notifier(&url, &["--rate-limit-secs", "0"]);
+    // Generated events are spread over days: no age limit, every cart counts here.
+    let mut notifier = f.spawn_notifier(
+        &url,
+        &["--rate-limit-secs", "0", "--max-trigger-age-secs", "0"],
+    );
     // Evict every clean profile after each flush: the retries below meet profiles reloaded
     // from Elasticsearch, so the remembered ids must have been stored with the documents.
     let speed_args = [

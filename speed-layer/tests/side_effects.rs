@@ -8,9 +8,21 @@ mod common;
 use std::collections::BTreeSet;
 use std::time::Duration;
 
+use chrono::Utc;
 use common::*;
 use pulse_core::{parse_event, Event, ParseContext};
+use pulse_speed::dedupe::DedupePolicy;
+use pulse_speed::profile::{Profile, Watermark};
+use pulse_speed::store::{DocWrite, ItemOutcome};
 use pulse_speed::triggers::RuleSet;
+
+/// The value of a counter in a Prometheus page (0 when absent).
+fn counter(page: &str, name: &str) -> f64 {
+    page.lines()
+        .filter(|l| l.starts_with(name))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum()
+}
 
 fn carts(users: usize) -> Vec<Event> {
     (0..users)
@@ -95,5 +107,67 @@ async fn a_triggers_topic_that_refuses_writes_holds_the_watermarks_back_and_no_p
     assert_eq!(keys, expected, "every cart's trigger is in Kafka");
     let (status, _) = poll_until(port, "/readyz", |s, _| s == 200).await;
     assert_eq!(status, 200);
+    terminate(&mut speed);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_newer_document_met_by_a_fresh_group_re_reads_its_partition_and_loses_nothing() {
+    // One partition, many users: a re-read drops every dirty profile of the partition, so
+    // the others' events are lost unless the re-read really starts again at the beginning.
+    let f = Fixture::new("newer", 1).await;
+    let events = generate(400, 12, 30, 1);
+    let port = free_port();
+    let listen = format!("127.0.0.1:{port}");
+    let args = ["--flush-interval-secs", "8", "--metrics-listen", &listen];
+    let mut speed = f.spawn_speed(&args);
+    produce(&f.topic, &events).await;
+    poll_until(port, "/metrics", |_, page| {
+        counter(page, "pulse_speed_events_folded_total") >= events.len() as f64
+    })
+    .await;
+
+    // Before the first flush (nothing committed yet), another writer stores a newer version
+    // of one user's profile, as a replica that took the partition over would.
+    let victim = &events[0];
+    let id = victim.partition_key();
+    let kinds = pulse_speed::models::registry();
+    let mut newer = Profile::new(victim, &kinds);
+    let at = Watermark {
+        partition: 0,
+        offset: 1_000_000,
+    };
+    newer.fold(victim, at, &DedupePolicy::default());
+    let doc = serde_json::to_vec(&newer.to_document(&kinds, Utc::now())).unwrap();
+    let write = DocWrite {
+        id: id.clone(),
+        version: at.offset,
+        doc,
+    };
+    let written = f.store.bulk_write(&[write]).await.unwrap();
+    assert_eq!(written, [ItemOutcome::Written]);
+
+    // The flush meets the newer document (409): the partition is read again from its first
+    // record on top of it, and every other user's profile ends exact.
+    let others: Vec<Event> = events
+        .iter()
+        .filter(|e| e.partition_key() != id)
+        .cloned()
+        .collect();
+    let mut docs = f.wait_for_events(others.len() as u64 + 1).await;
+    let (_, page) = poll_until(port, "/metrics", |_, page| {
+        counter(page, "pulse_speed_docs_stale_total") >= 1.0
+    })
+    .await;
+    assert!(
+        counter(&page, "pulse_speed_docs_stale_total") >= 1.0,
+        "the 409 was met"
+    );
+    let seeded = docs.remove(&id).expect("the newer document");
+    assert_eq!(
+        seeded["watermark"]["offset"], 1_000_000,
+        "the newer document stands"
+    );
+    let problems = diff(&docs, &ground_truth(&others));
+    assert!(problems.is_empty(), "{problems:#?}");
     terminate(&mut speed);
 }

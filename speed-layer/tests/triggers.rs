@@ -44,7 +44,12 @@ async fn each_qualifying_event_is_pushed_once_even_when_re_read() {
     );
 
     let (url, received) = webhook(StatusCode::OK).await;
-    let mut notifier = f.spawn_notifier(&url, &["--rate-limit-secs", "0"]);
+    // The generated events are spread over two days: no age limit, so that every one of
+    // them counts (the age limit has its own test).
+    let mut notifier = f.spawn_notifier(
+        &url,
+        &["--rate-limit-secs", "0", "--max-trigger-age-secs", "0"],
+    );
     // No flush during the test: nothing is committed, so a restart re-reads everything.
     let speed_args = [
         "--rules-file",
@@ -122,8 +127,9 @@ fn trigger(key: &str, user: &str) -> TriggerMessage {
         user_id: user.into(),
         event: "add_to_cart".into(),
         message_id: key.into(),
-        event_timestamp: 0,
+        event_timestamp: chrono::Utc::now().timestamp_millis(),
         fired_at: chrono::Utc::now().timestamp_millis(),
+        received_at: chrono::Utc::now().timestamp_millis(),
         cart_amount: Some("120.00".into()),
         product_id: None,
         category: vec![],
@@ -204,4 +210,47 @@ async fn failing_webhook_is_retried_then_dead_lettered() {
     assert!(reason.contains("503"), "{reason}");
     let stored: TriggerMessage = serde_json::from_slice(&dead[0].payload).unwrap();
     assert_eq!(stored.idempotency_key, "boom-1");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_restarted_notifier_remembers_what_it_pushed_and_when() {
+    let f = Fixture::new("ntf-restart", 2).await;
+    let (url, received) = webhook(StatusCode::OK).await;
+    let group = unique("notifier");
+    // The restart gets the killed member's partitions after this, not after 45 s.
+    let args = [
+        "--rate-limit-secs",
+        "600",
+        "--kafka-opt",
+        "session.timeout.ms=6000",
+    ];
+    let mut first = f.spawn_notifier_in(&group, &url, &args);
+    produce_triggers(&f.triggers, &[trigger("a-1", "a")]).await;
+    wait_until(|| !received.keys().is_empty()).await;
+    assert_eq!(received.keys(), ["a-1"]);
+    first.kill().unwrap();
+    let _ = first.wait();
+
+    // The same trigger again (a re-read upstream), another push for the same user inside the
+    // window, and one for another user: only the last is pushed.
+    let mut second = f.spawn_notifier_in(&group, &url, &args);
+    produce_triggers(
+        &f.triggers,
+        &[
+            trigger("a-1", "a"),
+            trigger("a-2", "a"),
+            trigger("b-1", "b"),
+        ],
+    )
+    .await;
+    wait_until(|| received.keys().contains(&"b-1".to_string())).await;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    terminate(&mut second);
+    let mut keys = received.keys();
+    keys.sort();
+    assert_eq!(
+        keys,
+        ["a-1", "b-1"],
+        "no duplicate and no second push inside the window"
+    );
 }

@@ -40,11 +40,7 @@ pub async fn create_topic(prefix: &str, partitions: i32) -> String {
     let name = unique(prefix);
     ensure_topics(
         &KafkaArgs::with_brokers(brokers()),
-        &[TopicSpec {
-            name: name.clone(),
-            partitions,
-            replication: 1,
-        }],
+        &[TopicSpec::new(&name, partitions, 1)],
         Duration::from_secs(30),
     )
     .await

@@ -9,11 +9,7 @@ use pulse_tests::{brokers, unique};
 async fn ensure_is_idempotent_and_refuses_partition_changes() {
     let kafka = KafkaArgs::with_brokers(brokers());
     let name = unique("it-topics");
-    let spec = |partitions| TopicSpec {
-        name: name.clone(),
-        partitions,
-        replication: 1,
-    };
+    let spec = |partitions| TopicSpec::new(&name, partitions, 1);
     let t = Duration::from_secs(30);
 
     let first = ensure_topics(&kafka, &[spec(6)], t).await.unwrap();

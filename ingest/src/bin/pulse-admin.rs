@@ -189,32 +189,15 @@ fn peek(args: &PeekArgs) -> anyhow::Result<()> {
 }
 
 async fn ensure(args: EnsureArgs) -> anyhow::Result<()> {
+    let (aux, replication) = (args.aux_partitions, args.replication);
     let specs = [
-        TopicSpec {
-            name: args.topics.events.clone(),
-            partitions: args.partitions,
-            replication: args.replication,
-        },
-        TopicSpec {
-            name: args.topics.dlq.clone(),
-            partitions: args.aux_partitions,
-            replication: args.replication,
-        },
-        TopicSpec {
-            name: args.topics.triggers.clone(),
-            partitions: args.aux_partitions,
-            replication: args.replication,
-        },
-        TopicSpec {
-            name: format!("{}.dlq", args.topics.triggers),
-            partitions: args.aux_partitions,
-            replication: args.replication,
-        },
-        TopicSpec {
-            name: args.topics.profiles_dlq.clone(),
-            partitions: args.aux_partitions,
-            replication: args.replication,
-        },
+        TopicSpec::new(&args.topics.events, args.partitions, replication),
+        TopicSpec::new(&args.topics.dlq, aux, replication),
+        TopicSpec::new(&args.topics.triggers, aux, replication),
+        TopicSpec::new(format!("{}.dlq", args.topics.triggers), aux, replication),
+        // The notifier's pushes per user, partitioned as the triggers are.
+        TopicSpec::compacted(format!("{}.state", args.topics.triggers), aux, replication),
+        TopicSpec::new(&args.topics.profiles_dlq, aux, replication),
     ];
     let outcomes =
         ensure_topics(&args.kafka, &specs, Duration::from_secs(args.timeout_secs)).await?;

@@ -32,6 +32,8 @@ pub(crate) struct FlushReport {
     pub failed: HashSet<i32>,
     /// Partitions with a newer stored document (409): our state is behind, re-read them.
     pub stale: HashSet<i32>,
+    /// How many documents were found stale.
+    pub stale_docs: usize,
     /// Documents refused for good (a mapping error, say), with the reason and partition.
     pub rejected: Vec<(DocWrite, i32, String)>,
     pub first_error: Option<String>,
@@ -157,6 +159,7 @@ impl<S: DocumentStore> Flusher<S> {
                 Ok(ItemOutcome::Written) => report.written += 1,
                 Ok(ItemOutcome::Stale) => {
                     report.stale.insert(partition);
+                    report.stale_docs += 1;
                 }
                 Ok(ItemOutcome::Rejected(reason)) => {
                     report.rejected.push((write, partition, reason))

@@ -261,8 +261,8 @@ impl<S: DocumentStore> ProfileState<S> {
         for id in &report.retry {
             self.cache.redirty(id);
         }
+        metrics::counter!(m::DOCS_STALE).increment(report.stale_docs as u64);
         for p in &report.stale {
-            metrics::counter!(m::DOCS_STALE).increment(1);
             tracing::warn!(
                 partition = p,
                 "stored profile is newer; re-reading partition"

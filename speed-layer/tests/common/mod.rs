@@ -126,6 +126,12 @@ impl Fixture {
     }
 
     pub fn spawn_notifier(&self, webhook: &str, extra: &[&str]) -> Child {
+        self.spawn_notifier_in(&unique("notifier"), webhook, extra)
+    }
+
+    /// `pulse-notifier` in consumer group `group` (a restart keeps its group), with this
+    /// fixture's own push-state topic.
+    pub fn spawn_notifier_in(&self, group: &str, webhook: &str, extra: &[&str]) -> Child {
         Command::new(env!("CARGO_BIN_EXE_pulse-notifier"))
             .args(["--kafka-brokers", &brokers()])
             .args([
@@ -134,9 +140,10 @@ impl Fixture {
                 "--triggers-dlq-topic",
                 &self.triggers_dlq,
             ])
+            .args(["--state-topic", &format!("{}.state", self.triggers)])
             .args([
                 "--group",
-                &unique("notifier"),
+                group,
                 "--webhook-url",
                 webhook,
                 "--metrics-listen",

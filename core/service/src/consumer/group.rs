@@ -31,6 +31,17 @@ pub struct GroupContext<W> {
     topic: String,
 }
 
+impl<W: PartitionOwner> GroupContext<W> {
+    /// The context of a consumer of `topic` (for a consumer other than [`join`]'s, such as a
+    /// `StreamConsumer`).
+    pub fn new(owner: Arc<Mutex<W>>, topic: &str) -> Self {
+        Self {
+            owner,
+            topic: topic.to_string(),
+        }
+    }
+}
+
 pub type GroupConsumer<W> = BaseConsumer<GroupContext<W>>;
 
 /// Creates a consumer from `config` and subscribes it to `topic`, with `owner` called on
@@ -40,10 +51,7 @@ pub fn join<W: PartitionOwner>(
     topic: &str,
     owner: Arc<Mutex<W>>,
 ) -> Result<GroupConsumer<W>, KafkaError> {
-    let consumer: GroupConsumer<W> = config.create_with_context(GroupContext {
-        owner,
-        topic: topic.to_string(),
-    })?;
+    let consumer: GroupConsumer<W> = config.create_with_context(GroupContext::new(owner, topic))?;
     consumer.subscribe(&[topic])?;
     Ok(consumer)
 }

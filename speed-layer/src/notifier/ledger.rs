@@ -1,0 +1,246 @@
+//! What the notifier pushed lately, per user: the idempotency keys delivered and when the last
+//! push went out. The dedupe and the rate limit read it, so it must survive a restart and a
+//! rebalance: it lives in memory and in a compacted topic (`--state-topic`), one record per
+//! user, keyed like the user's triggers and written to the same partition number as them. A
+//! notifier given a triggers partition first reads that partition of the state topic to its
+//! end, so it knows what the previous owner pushed.
+//!
+//! The order per trigger: deliver, write the user's record and wait for Kafka's ack, then
+//! commit the trigger. A crash between the delivery and the ack pushes that one trigger again
+//! after the restart (with the same `Idempotency-Key` header, which a provider that
+//! deduplicates drops); a crash at any other point pushes nothing twice.
+
+use std::collections::{HashMap, HashSet};
+use std::time::Duration;
+
+use pulse_core::kafka::{ensure_topics, KafkaArgs, TopicSpec};
+use pulse_service::Shutdown;
+use rdkafka::consumer::{BaseConsumer, Consumer};
+use rdkafka::producer::{FutureProducer, FutureRecord};
+use rdkafka::{Message, Offset, TopicPartitionList};
+use serde::{Deserialize, Serialize};
+
+/// One user's recent pushes, as stored in the state topic.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct UserPushes {
+    /// Epoch milliseconds of the last push.
+    pub last_push_ms: i64,
+    /// Idempotency keys delivered, each with the epoch milliseconds of its delivery.
+    pub delivered: Vec<(String, i64)>,
+}
+
+impl UserPushes {
+    /// Records a delivery at `now_ms`, forgetting deliveries older than `horizon_ms`.
+    fn record(&mut self, key: &str, now_ms: i64, horizon_ms: i64) {
+        self.last_push_ms = now_ms;
+        self.delivered.retain(|(_, at)| now_ms - at < horizon_ms);
+        self.delivered.push((key.to_string(), now_ms));
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum LedgerError {
+    #[error("kafka: {0}")]
+    Kafka(#[from] rdkafka::error::KafkaError),
+    #[error("state topic: {0}")]
+    Topic(#[from] pulse_core::kafka::TopicError),
+    #[error("triggers topic {0} not found")]
+    NoTriggersTopic(String),
+    #[error("stopped before the state was written")]
+    Stopped,
+}
+
+/// The pushes of the users of the triggers partitions this notifier owns.
+pub struct PushLedger {
+    /// User key → (triggers partition, pushes).
+    users: HashMap<String, (i32, UserPushes)>,
+    /// Triggers partitions whose state was read from the state topic since their assignment.
+    restored: HashSet<i32>,
+    /// How long a delivery is remembered.
+    horizon_ms: i64,
+    topic: String,
+    kafka: KafkaArgs,
+    producer: FutureProducer,
+}
+
+impl PushLedger {
+    /// The ledger on `topic`, created (compacted, as many partitions as `triggers`) when
+    /// missing; an existing one with another partition count is refused with the reason.
+    pub async fn open(
+        kafka: &KafkaArgs,
+        triggers: &str,
+        topic: &str,
+        horizon: Duration,
+    ) -> Result<Self, LedgerError> {
+        let partitions = partition_count(kafka, triggers).await?;
+        // Replication as the triggers topic has it is not known here; 1 serves one broker
+        // and `pulse-admin topics ensure --replication 3` provisions production up front.
+        let spec = TopicSpec::compacted(topic, partitions, 1);
+        ensure_topics(kafka, &[spec], Duration::from_secs(30)).await?;
+        Ok(Self {
+            users: HashMap::new(),
+            restored: HashSet::new(),
+            horizon_ms: horizon.as_millis() as i64,
+            topic: topic.to_string(),
+            kafka: kafka.clone(),
+            producer: kafka.producer_config().create()?,
+        })
+    }
+
+    /// Whether `key` was delivered to `user` within the horizon.
+    pub fn delivered(&self, user: &str, key: &str) -> bool {
+        self.users
+            .get(user)
+            .is_some_and(|(_, p)| p.delivered.iter().any(|(k, _)| k == key))
+    }
+
+    /// When `user` was last pushed to, epoch milliseconds.
+    pub fn last_push_ms(&self, user: &str) -> Option<i64> {
+        self.users.get(user).map(|(_, p)| p.last_push_ms)
+    }
+
+    /// Whether the state of triggers partition `partition` was read since its assignment.
+    pub fn is_restored(&self, partition: i32) -> bool {
+        self.restored.contains(&partition)
+    }
+
+    /// The state of triggers partition `partition`, read from the state topic to its end.
+    pub async fn read(
+        &self,
+        partition: i32,
+    ) -> Result<Vec<(String, Option<UserPushes>)>, rdkafka::error::KafkaError> {
+        let (kafka, topic) = (self.kafka.clone(), self.topic.clone());
+        tokio::task::spawn_blocking(move || read_partition(&kafka, &topic, partition))
+            .await
+            .map_err(|_| rdkafka::error::KafkaError::Canceled)?
+    }
+
+    /// Takes the state [`PushLedger::read`] returned for `partition` as this notifier's.
+    pub fn restored(&mut self, partition: i32, records: Vec<(String, Option<UserPushes>)>) {
+        let count = records.len();
+        for (user, pushes) in records {
+            match pushes {
+                Some(p) => self.users.insert(user, (partition, p)),
+                None => self.users.remove(&user),
+            };
+        }
+        tracing::info!(partition, records = count, "push state restored");
+        self.restored.insert(partition);
+    }
+
+    /// `partitions` went to another notifier: what it pushes from now on is not seen here, so
+    /// their state is read again if they come back.
+    pub fn forget(&mut self, partitions: &[i32]) {
+        self.users.retain(|_, (p, _)| !partitions.contains(p));
+        for p in partitions {
+            self.restored.remove(p);
+        }
+    }
+
+    /// Records a delivery to `user` (of triggers partition `partition`) and waits until the
+    /// state topic has it; `Err` only when the process stopped first.
+    pub async fn record(
+        &mut self,
+        partition: i32,
+        user: &str,
+        key: &str,
+        now_ms: i64,
+        shutdown: &Shutdown,
+    ) -> Result<(), LedgerError> {
+        let entry = self
+            .users
+            .entry(user.to_string())
+            .or_insert_with(|| (partition, UserPushes::default()));
+        entry.0 = partition;
+        entry.1.record(key, now_ms, self.horizon_ms);
+        let payload = serde_json::to_vec(&entry.1).unwrap_or_default();
+        let (producer, topic) = (&self.producer, &self.topic);
+        super::KAFKA_RETRY
+            .run(
+                shutdown,
+                "push state write",
+                |_| true,
+                || {
+                    let record = FutureRecord::to(topic)
+                        .partition(partition)
+                        .key(user)
+                        .payload(&payload);
+                    async move {
+                        producer
+                            .send(record, Duration::from_secs(30))
+                            .await
+                            .map(|_| ())
+                            .map_err(|(e, _)| e)
+                    }
+                },
+            )
+            .await
+            .map_err(|_| LedgerError::Stopped)
+    }
+}
+
+async fn partition_count(kafka: &KafkaArgs, topic: &str) -> Result<i32, LedgerError> {
+    let (kafka, name) = (kafka.clone(), topic.to_string());
+    tokio::task::spawn_blocking(move || {
+        let consumer: BaseConsumer = kafka.consumer_config("pulse-notifier-metadata").create()?;
+        let md = consumer.fetch_metadata(Some(&name), Duration::from_secs(30))?;
+        md.topics()
+            .iter()
+            .find(|t| t.name() == name && t.error().is_none())
+            .map(|t| t.partitions().len() as i32)
+            .ok_or(LedgerError::NoTriggersTopic(name))
+    })
+    .await
+    .map_err(|_| LedgerError::Kafka(rdkafka::error::KafkaError::Canceled))?
+}
+
+/// Every record of one partition of the state topic, oldest first (`None`: a tombstone).
+fn read_partition(
+    kafka: &KafkaArgs,
+    topic: &str,
+    partition: i32,
+) -> Result<Vec<(String, Option<UserPushes>)>, rdkafka::error::KafkaError> {
+    let mut config = kafka.consumer_config("pulse-notifier-restore");
+    config.set("enable.auto.commit", "false");
+    let consumer: BaseConsumer = config.create()?;
+    let (low, high) = consumer.fetch_watermarks(topic, partition, Duration::from_secs(30))?;
+    let mut out = Vec::new();
+    if high <= low {
+        return Ok(out);
+    }
+    let mut tpl = TopicPartitionList::new();
+    tpl.add_partition_offset(topic, partition, Offset::Beginning)?;
+    consumer.assign(&tpl)?;
+    loop {
+        match consumer.poll(Duration::from_secs(30)) {
+            Some(Ok(m)) => {
+                let user = String::from_utf8_lossy(m.key().unwrap_or_default()).into_owned();
+                let pushes = m.payload().and_then(|p| serde_json::from_slice(p).ok());
+                out.push((user, pushes));
+                if m.offset() + 1 >= high {
+                    return Ok(out);
+                }
+            }
+            Some(Err(e)) => return Err(e),
+            None => return Err(rdkafka::error::KafkaError::NoMessageReceived),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_user_s_record_forgets_deliveries_past_the_horizon() {
+        let mut p = UserPushes::default();
+        p.record("a", 1_000, 500);
+        p.record("b", 1_400, 500);
+        p.record("c", 1_600, 500);
+        let keys: Vec<&str> = p.delivered.iter().map(|(k, _)| k.as_str()).collect();
+        assert_eq!(keys, ["b", "c"]);
+        assert_eq!(p.last_push_ms, 1_600);
+        let json = serde_json::to_vec(&p).unwrap();
+        assert_eq!(serde_json::from_slice::<UserPushes>(&json).unwrap(), p);
+    }
+}
