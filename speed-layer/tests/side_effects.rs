@@ -15,6 +15,24 @@ use pulse_speed::dedupe::DedupePolicy;
 use pulse_speed::profile::{Profile, Watermark};
 use pulse_speed::store::{DocWrite, ItemOutcome};
 use pulse_speed::triggers::RuleSet;
+use pulse_tests::refusing_proxy::BulkRefusingProxy;
+
+/// `pulse-speed run` with `args` and a metrics endpoint of its own; its port.
+fn spawn_measured(f: &Fixture, args: &[&str]) -> (std::process::Child, u16) {
+    let port = free_port();
+    let listen = format!("127.0.0.1:{port}");
+    let mut all = args.to_vec();
+    all.extend(["--metrics-listen", &listen]);
+    (f.spawn_speed(&all), port)
+}
+
+/// Waits until the speed layer serving metrics on `port` has folded `n` events.
+async fn wait_folded(port: u16, n: usize) {
+    poll_until(port, "/metrics", |_, page| {
+        counter(page, "pulse_speed_events_folded_total") >= n as f64
+    })
+    .await;
+}
 
 /// The value of a counter in a Prometheus page (0 when absent).
 fn counter(page: &str, name: &str) -> f64 {
@@ -116,15 +134,9 @@ async fn a_newer_document_met_by_a_fresh_group_re_reads_its_partition_and_loses_
     // the others' events are lost unless the re-read really starts again at the beginning.
     let f = Fixture::new("newer", 1).await;
     let events = generate(400, 12, 30, 1);
-    let port = free_port();
-    let listen = format!("127.0.0.1:{port}");
-    let args = ["--flush-interval-secs", "8", "--metrics-listen", &listen];
-    let mut speed = f.spawn_speed(&args);
+    let (mut speed, port) = spawn_measured(&f, &["--flush-interval-secs", "8"]);
     produce(&f.topic, &events).await;
-    poll_until(port, "/metrics", |_, page| {
-        counter(page, "pulse_speed_events_folded_total") >= events.len() as f64
-    })
-    .await;
+    wait_folded(port, events.len()).await;
 
     // Before the first flush (nothing committed yet), another writer stores a newer version
     // of one user's profile, as a replica that took the partition over would.
@@ -169,5 +181,182 @@ async fn a_newer_document_met_by_a_fresh_group_re_reads_its_partition_and_loses_
     );
     let problems = diff(&docs, &ground_truth(&others));
     assert!(problems.is_empty(), "{problems:#?}");
+    terminate(&mut speed);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn elasticsearch_refusing_bulk_but_answering_mget_is_not_ready_and_is_retried_at_the_backoff()
+{
+    let f = Fixture::new("bulk429", 2).await;
+    let proxy = BulkRefusingProxy::start(&es_url()).await;
+    proxy.refuse_bulk(true);
+    let events = generate(600, 23, 60, 1);
+    let (first, second) = events.split_at(300);
+    let port = free_port();
+    let listen = format!("127.0.0.1:{port}");
+    // A flush every 2 s; a failed one is tried again within 0.2 s.
+    let args = [
+        "--es-url",
+        &proxy.url,
+        "--flush-interval-secs",
+        "2",
+        "--max-backoff-secs",
+        "0.2",
+        "--metrics-listen",
+        &listen,
+    ];
+    let mut speed = f.spawn_speed(&args);
+    produce(&f.topic, first).await;
+    wait_until(|| proxy.refused() >= 1).await;
+    // New users keep coming: their profiles load (mget works), which must not make the
+    // layer look ready while every write is refused.
+    produce(&f.topic, second).await;
+    poll_until(port, "/metrics", |_, page| {
+        counter(page, "pulse_speed_events_folded_total") >= events.len() as f64
+    })
+    .await;
+    let (status, reason) = poll_until(port, "/readyz", |_, _| true).await;
+    assert_eq!(status, 503, "{reason}");
+    assert!(reason.contains("_bulk"), "{reason}");
+    assert!(
+        f.documents().await.is_empty(),
+        "nothing is written while _bulk is refused"
+    );
+    // Retried at the backoff, not once per flush interval: over 4 s at most two tries would
+    // fall due by the interval.
+    let before = proxy.refused();
+    tokio::time::sleep(Duration::from_secs(4)).await;
+    let tries = proxy.refused() - before;
+    assert!(tries >= 6, "{tries} tries in 4 s");
+
+    proxy.refuse_bulk(false);
+    let docs = f.wait_for_events(events.len() as u64).await;
+    let problems = diff(&docs, &ground_truth(&events));
+    assert!(problems.is_empty(), "{problems:#?}");
+    let (status, _) = poll_until(port, "/readyz", |s, _| s == 200).await;
+    assert_eq!(status, 200);
+    terminate(&mut speed);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn too_many_unflushed_profiles_stop_reading_until_a_flush_gets_through() {
+    let f = Fixture::new("maxdirty", 1).await;
+    let proxy = BulkRefusingProxy::start(&es_url()).await;
+    proxy.refuse_bulk(true);
+    let events = generate(2_000, 29, 400, 1);
+    let port = free_port();
+    let listen = format!("127.0.0.1:{port}");
+    let args = [
+        "--es-url",
+        &proxy.url,
+        "--flush-interval-secs",
+        "0.5",
+        "--flush-max-dirty",
+        "50",
+        "--max-batch",
+        "20",
+        "--max-backoff-secs",
+        "0.2",
+        "--metrics-listen",
+        &listen,
+    ];
+    let mut speed = f.spawn_speed(&args);
+    produce(&f.topic, &events).await;
+    wait_until(|| proxy.refused() >= 3).await;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    // Reading stopped at the bound (one batch past it at most): the lag grows, memory does not.
+    let (_, page) = poll_until(port, "/metrics", |_, _| true).await;
+    let dirty = counter(&page, "pulse_speed_profiles_dirty");
+    let folded = counter(&page, "pulse_speed_events_folded_total");
+    assert!((50.0..70.0).contains(&dirty), "{dirty} dirty profiles");
+    assert!(
+        folded < events.len() as f64,
+        "{folded} of {} folded",
+        events.len()
+    );
+
+    proxy.refuse_bulk(false);
+    let docs = f.wait_for_events(events.len() as u64).await;
+    let problems = diff(&docs, &ground_truth(&events));
+    assert!(problems.is_empty(), "{problems:#?}");
+    terminate(&mut speed);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn idle_profiles_are_evicted_after_a_flush_and_reloaded_when_seen_again() {
+    let f = Fixture::new("evict", 2).await;
+    let events = generate(1_200, 31, 100, 1);
+    let (first, second) = events.split_at(600);
+    let port = free_port();
+    let listen = format!("127.0.0.1:{port}");
+    // Every clean profile goes after each flush.
+    let args = [
+        "--flush-interval-secs",
+        "0.5",
+        "--idle-evict-secs",
+        "0",
+        "--metrics-listen",
+        &listen,
+    ];
+    let mut speed = f.spawn_speed(&args);
+    produce(&f.topic, first).await;
+    f.wait_for_events(first.len() as u64).await;
+    let (_, page) = poll_until(port, "/metrics", |_, page| {
+        counter(page, "pulse_speed_profiles_in_memory") == 0.0
+    })
+    .await;
+    let users_first = ground_truth(first).len() as f64;
+    assert!(counter(&page, "pulse_speed_profiles_evicted_total") >= users_first);
+    assert_eq!(counter(&page, "pulse_speed_profiles_in_memory"), 0.0);
+
+    // The same users again: loaded from Elasticsearch (batched mget), never taken as new.
+    produce(&f.topic, second).await;
+    let docs = f.wait_for_events(events.len() as u64).await;
+    let (_, page) = poll_until(port, "/metrics", |_, _| true).await;
+    let returning = ground_truth(second)
+        .keys()
+        .filter(|id| ground_truth(first).contains_key(*id))
+        .count() as f64;
+    assert!(returning > 0.0);
+    assert!(counter(&page, "pulse_speed_profiles_loaded_total") >= returning);
+    let problems = diff(&docs, &ground_truth(&events));
+    assert!(problems.is_empty(), "{problems:#?}");
+    terminate(&mut speed);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_flushes_and_commits_so_a_restart_reads_nothing_again() {
+    let f = Fixture::new("final-flush", 2).await;
+    let events = generate(800, 37, 80, 1);
+    // No flush would come for an hour: only the final flush on SIGTERM writes the profiles.
+    let (mut speed, port) = spawn_measured(&f, &["--flush-interval-secs", "3600"]);
+    produce(&f.topic, &events).await;
+    wait_folded(port, events.len()).await;
+    assert!(
+        f.documents().await.is_empty(),
+        "nothing flushed before the stop"
+    );
+    let status = terminate_in_time(&mut speed).await;
+    assert!(status.success(), "{status}");
+    let docs = f.documents().await;
+    let problems = diff(&docs, &ground_truth(&events));
+    assert!(problems.is_empty(), "{problems:#?}");
+
+    // The commit went with the flush: a restart in the same group reads nothing again.
+    let (mut speed, restart_port) = spawn_measured(&f, &[]);
+    let sentinel = generate(1, 41, 1, 1);
+    produce(&f.topic, &sentinel).await;
+    wait_folded(restart_port, 1).await;
+    let (_, page) = poll_until(restart_port, "/metrics", |_, _| true).await;
+    assert_eq!(
+        counter(&page, "pulse_speed_events_folded_total"),
+        1.0,
+        "only the new event"
+    );
+    assert_eq!(
+        counter(&page, "pulse_speed_events_skipped_total"),
+        0.0,
+        "no record was read again"
+    );
     terminate(&mut speed);
 }

@@ -6,6 +6,7 @@
 pub mod data;
 pub mod process;
 pub mod proxy;
+pub mod refusing_proxy;
 pub mod sdk;
 
 use std::collections::HashMap;

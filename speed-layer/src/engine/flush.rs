@@ -95,6 +95,11 @@ impl<S: DocumentStore> Flusher<S> {
         &self.store
     }
 
+    /// How many documents the flush in flight is writing.
+    pub fn in_flight(&self) -> usize {
+        self.in_flight.as_ref().map_or(0, |f| f.partitions.len())
+    }
+
     pub fn is_idle(&self) -> bool {
         self.in_flight.is_none()
     }

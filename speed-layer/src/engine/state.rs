@@ -195,9 +195,10 @@ impl<S: DocumentStore> ProfileState<S> {
         due && self.flusher.may_start()
     }
 
-    /// Whether reading must wait for a flush: too many profiles are not stored yet.
+    /// Whether reading must wait for a flush: too many profiles are not stored yet, counting
+    /// those the flush in flight is writing (they are dirty again if it fails).
     pub fn over_dirty_bound(&self) -> bool {
-        self.cache.dirty() >= self.settings.policy.max_dirty
+        self.cache.dirty() + self.flusher.in_flight() >= self.settings.policy.max_dirty
     }
 
     pub fn retry_in(&self) -> Duration {
