@@ -697,3 +697,66 @@ async fn browser_and_mobile_sdk_paths_cors_and_text_plain_bodies() {
     assert_eq!(by_id("sdk-b1").partner_id, "partner-b");
     ingest.stop().await.unwrap();
 }
+
+/// A stop while clients are posting: ingest stops taking connections, finishes the requests
+/// it took, and waits for Kafka's acknowledgements before it returns, so every event it
+/// answered 200 for is in Kafka (the SIGTERM handler is `Shutdown::on_signals`, the same
+/// future every service stops on).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stop_while_clients_post_drains_and_every_accepted_event_is_in_kafka() {
+    let topic = create_topic("it-drain", 4).await;
+    let ingest = RunningIngest::start(ingest_config(&topic)).await;
+    let clients: Vec<_> = (0..4)
+        .map(|c| {
+            let url = format!("{}/v1/events", ingest.url);
+            tokio::spawn(async move {
+                let http = client();
+                let mut accepted: Vec<String> = Vec::new();
+                for i in 0.. {
+                    let ids: Vec<String> = (0..20).map(|j| format!("drain-{c}-{i}-{j}")).collect();
+                    let body: Vec<Value> = ids
+                        .iter()
+                        .map(|id| json!({"event": "page_view", "partner_id": "partner-a", "user_id": id, "message_id": id}))
+                        .collect();
+                    let sent = http.post(&url).basic_auth("key-a", Some("")).json(&body).send().await;
+                    match sent {
+                        Ok(r) if r.status() == StatusCode::OK => accepted.extend(ids),
+                        // Refused (stopping) or cut off: this client is done.
+                        _ => break,
+                    }
+                }
+                accepted
+            })
+        })
+        .collect();
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    ingest.stop().await.expect("a clean stop");
+    let mut accepted = Vec::new();
+    for c in clients {
+        accepted.extend(c.await.expect("client task"));
+    }
+    assert!(
+        !accepted.is_empty(),
+        "clients were answered before the stop"
+    );
+    let records = read_topic(&topic, accepted.len(), Duration::from_secs(1));
+    let in_kafka: HashSet<String> = records
+        .iter()
+        .map(|r| {
+            r.json()["message_id"]
+                .as_str()
+                .unwrap_or_default()
+                .to_string()
+        })
+        .collect();
+    let missing: Vec<&String> = accepted
+        .iter()
+        .filter(|id| !in_kafka.contains(*id))
+        .collect();
+    assert!(
+        missing.is_empty(),
+        "{} answered 200 but not in Kafka: {:?}",
+        missing.len(),
+        &missing[..missing.len().min(5)]
+    );
+}
