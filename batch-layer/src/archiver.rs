@@ -8,7 +8,7 @@
 //! files and marker) are deleted before the range is written again. So after a SIGKILL at any
 //! point there are no duplicate rows and no gaps. See [`crate::layout`].
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -130,6 +130,9 @@ struct State {
     progress: HashMap<i32, Option<i64>>,
     units: HashMap<i32, Unit>,
     buffered: usize,
+    /// Partitions whose roll or initialisation was given up at a stop: nothing more of them
+    /// is buffered or written in this run (a later marker would pass the dropped range).
+    abandoned: HashSet<i32>,
     /// The owned partitions and their commits (for lag monitoring only: the markers are
     /// the truth).
     positions: Positions,
@@ -202,6 +205,7 @@ pub fn run(
         units: HashMap::new(),
         buffered: 0,
         positions: Positions::default(),
+        abandoned: HashSet::new(),
         rows: 0,
         files: 0,
         parquet_bytes: 0,
@@ -315,9 +319,10 @@ fn build_parquet(
     parquet_file::write(events, codec).map_err(|e| failed(e.to_string()))
 }
 
-/// A roll given up because the process stops is not an error: the range is read again.
-/// This is safe only because `Stopped` means the shutdown is set: the loop takes no further
-/// record, so no later unit of that partition, and no marker past the dropped range, follows.
+/// A roll given up because the process stops is not an error: the range is read again by the
+/// restart. That is safe because the partition is then abandoned for the rest of the run (see
+/// `State::abandoned`): no later record of it is taken and no later unit of it written, so no
+/// marker passes the dropped range, also while the rest of a batch and the final rolls go on.
 fn stopping(failure: RollFailure) -> Result<(), ArchiverError> {
     match failure {
         RollFailure::Stopped => Ok(()),
@@ -329,14 +334,17 @@ impl State {
     /// Buffers one record (or dead-letters it), unless the archive already has it.
     fn take(&mut self, msg: &OwnedMessage) {
         let p = msg.partition();
-        if !self.positions.owns(p) {
+        if !self.positions.owns(p) || self.abandoned.contains(&p) {
             return;
         }
         let done = match self.progress.get(&p) {
             Some(done) => *done,
             None => match self.init_partition(p) {
                 Some(done) => done,
-                None => return,
+                None => {
+                    self.abandoned.insert(p);
+                    return;
+                }
             },
         };
         if done.is_some_and(|d| msg.offset() <= d) {
@@ -397,9 +405,25 @@ impl State {
         Some(done)
     }
 
+    /// Writes the partition's unit (see [`State::write_unit`]), unless the partition was
+    /// abandoned; a roll given up at a stop abandons it.
+    fn roll(&mut self, commit: &dyn Commit, p: i32) -> Result<(), RollFailure> {
+        if self.abandoned.contains(&p) {
+            if let Some(unit) = self.units.remove(&p) {
+                self.buffered -= unit.bytes;
+            }
+            return Err(RollFailure::Stopped);
+        }
+        let rolled = self.write_unit(commit, p);
+        if matches!(rolled, Err(RollFailure::Stopped)) {
+            self.abandoned.insert(p);
+        }
+        rolled
+    }
+
     /// Writes the partition's unit: files per date, then the marker, then the commit. On any
     /// failure no marker is written, so the range stays unarchived and is read again.
-    fn roll(&mut self, commit: &dyn Commit, p: i32) -> Result<(), RollFailure> {
+    fn write_unit(&mut self, commit: &dyn Commit, p: i32) -> Result<(), RollFailure> {
         let Some(unit) = self.units.remove(&p) else {
             return Ok(());
         };

@@ -167,8 +167,11 @@ pub fn run(
     tracing::info!("stopping: final flush and commit");
     let mut engine = consumer::lock(&engine);
     let partitions = engine.state.positions.read();
-    // Eight tries wait at most 12.7 s in all (100 ms doubling, jittered down): within the
-    // 30 s an orchestrator gives a stopping pod, and a flush given up is only re-read later.
+    // Eight tries: the waits between them add up to at most 12.7 s (100 ms doubling, jittered
+    // down), and each try waits at most CONFIRM_TIMEOUT twice for Kafka and `--es-timeout-secs`
+    // for the `_bulk`. With both answering that is within the 30 s an orchestrator gives a
+    // stopping pod; with either down the pod may be killed first, and a flush given up or cut
+    // short is only re-read by the next run (nothing was committed past it).
     if !engine.flush_now(&consumer::committer(&consumer), &partitions, 8) {
         tracing::error!("giving up the final flush; records since the last commit will be re-read");
     }

@@ -12,6 +12,12 @@ use crate::metrics as m;
 use crate::store::DocWrite;
 use crate::triggers::TriggerMessage;
 
+/// How long a confirm waits for Kafka's acknowledgements: ample for a broker that answers
+/// (they take milliseconds), and short enough that the poll loop, a revocation or the final
+/// flush is not held long by one that does not (the confirm is then tried again after the
+/// flush backoff).
+pub(crate) const CONFIRM_TIMEOUT: Duration = Duration::from_secs(5);
+
 /// The speed layer's side outputs and the topics they go to.
 pub(crate) struct SpeedOutbox {
     outbox: Outbox,
@@ -36,7 +42,8 @@ impl SpeedOutbox {
         }
     }
 
-    /// Queues a fired trigger, keyed by its idempotency key.
+    /// Queues a fired trigger, keyed by its user (`partner:user`, see `TriggerMessage::key`),
+    /// so that one notifier owns each user's dedupe and rate limit.
     pub fn trigger(&self, message: &TriggerMessage) {
         let payload = serde_json::to_vec(message).unwrap_or_default();
         self.outbox.send(
@@ -119,7 +126,7 @@ impl Effects for KafkaEffects<'_> {
     fn confirm(&self) -> Result<(), String> {
         self.outbox
             .outbox
-            .confirm(Duration::from_secs(30))
+            .confirm(CONFIRM_TIMEOUT)
             .map_err(|e| e.to_string())
     }
 }

@@ -29,12 +29,27 @@ pub struct UserPushes {
     pub delivered: Vec<(String, i64)>,
 }
 
+/// Most idempotency keys remembered per user: without a rate limit a very active user's
+/// record would otherwise grow past what Kafka takes in one record.
+const MAX_KEYS_PER_USER: usize = 1_000;
+
+/// Users are looked over for expiry after this many recorded pushes.
+const EXPIRE_EVERY: u64 = 10_000;
+
 impl UserPushes {
-    /// Records a delivery at `now_ms`, forgetting deliveries older than `horizon_ms`.
+    /// Records a delivery at `now_ms`, forgetting deliveries older than `horizon_ms` and the
+    /// oldest beyond [`MAX_KEYS_PER_USER`].
     fn record(&mut self, key: &str, now_ms: i64, horizon_ms: i64) {
         self.last_push_ms = now_ms;
         self.delivered.retain(|(_, at)| now_ms - at < horizon_ms);
         self.delivered.push((key.to_string(), now_ms));
+        let excess = self.delivered.len().saturating_sub(MAX_KEYS_PER_USER);
+        self.delivered.drain(..excess);
+    }
+
+    /// Whether nothing of it matters any more at `now_ms`: the last push is past the horizon.
+    fn expired(&self, now_ms: i64, horizon_ms: i64) -> bool {
+        now_ms - self.last_push_ms >= horizon_ms
     }
 }
 
@@ -58,6 +73,8 @@ pub struct PushLedger {
     restored: HashSet<i32>,
     /// How long a delivery is remembered.
     horizon_ms: i64,
+    /// Pushes recorded since the last expiry.
+    since_expiry: u64,
     topic: String,
     kafka: KafkaArgs,
     producer: FutureProducer,
@@ -81,6 +98,7 @@ impl PushLedger {
             users: HashMap::new(),
             restored: HashSet::new(),
             horizon_ms: horizon.as_millis() as i64,
+            since_expiry: 0,
             topic: topic.to_string(),
             kafka: kafka.clone(),
             producer: kafka.producer_config().create()?,
@@ -116,12 +134,16 @@ impl PushLedger {
     }
 
     /// Takes the state [`PushLedger::read`] returned for `partition` as this notifier's.
+    /// Users whose last push is past the horizon are left out: they matter no more.
     pub fn restored(&mut self, partition: i32, records: Vec<(String, Option<UserPushes>)>) {
         let count = records.len();
+        let now_ms = chrono::Utc::now().timestamp_millis();
         for (user, pushes) in records {
             match pushes {
-                Some(p) => self.users.insert(user, (partition, p)),
-                None => self.users.remove(&user),
+                Some(p) if !p.expired(now_ms, self.horizon_ms) => {
+                    self.users.insert(user, (partition, p))
+                }
+                _ => self.users.remove(&user),
             };
         }
         tracing::info!(partition, records = count, "push state restored");
@@ -154,6 +176,11 @@ impl PushLedger {
         entry.0 = partition;
         entry.1.record(key, now_ms, self.horizon_ms);
         let payload = serde_json::to_vec(&entry.1).unwrap_or_default();
+        self.since_expiry += 1;
+        if self.since_expiry >= EXPIRE_EVERY {
+            self.since_expiry = 0;
+            self.expire(now_ms);
+        }
         let (producer, topic) = (&self.producer, &self.topic);
         super::KAFKA_RETRY
             .run(
@@ -179,6 +206,34 @@ impl PushLedger {
     }
 }
 
+impl PushLedger {
+    /// Forgets users whose last push is past the horizon, and writes a tombstone for each so
+    /// that compaction drops their record: memory and the topic hold the recent users only.
+    /// The tombstones are not waited for: one that is lost only keeps a record that a restore
+    /// skips anyway.
+    fn expire(&mut self, now_ms: i64) {
+        let horizon_ms = self.horizon_ms;
+        let expired: Vec<(String, i32)> = self
+            .users
+            .iter()
+            .filter(|(_, (_, p))| p.expired(now_ms, horizon_ms))
+            .map(|(user, (partition, _))| (user.clone(), *partition))
+            .collect();
+        for (user, partition) in &expired {
+            self.users.remove(user);
+            let tombstone = FutureRecord::<str, [u8]>::to(&self.topic)
+                .partition(*partition)
+                .key(user.as_str());
+            if let Err((e, _)) = self.producer.send_result(tombstone) {
+                tracing::debug!(error = %e, "tombstone not queued");
+            }
+        }
+        if !expired.is_empty() {
+            tracing::info!(users = expired.len(), "expired push state");
+        }
+    }
+}
+
 async fn partition_count(kafka: &KafkaArgs, topic: &str) -> Result<i32, LedgerError> {
     let (kafka, name) = (kafka.clone(), topic.to_string());
     tokio::task::spawn_blocking(move || {
@@ -194,14 +249,20 @@ async fn partition_count(kafka: &KafkaArgs, topic: &str) -> Result<i32, LedgerEr
     .map_err(|_| LedgerError::Kafka(rdkafka::error::KafkaError::Canceled))?
 }
 
-/// Every record of one partition of the state topic, oldest first (`None`: a tombstone).
+/// Every record of one partition of the state topic, oldest first (`None`: a tombstone),
+/// up to the high watermark it had when the read began. Ends at that offset, or when the
+/// broker says the partition's end is reached; an error only if Kafka does not serve the
+/// partition within a minute.
 fn read_partition(
     kafka: &KafkaArgs,
     topic: &str,
     partition: i32,
 ) -> Result<Vec<(String, Option<UserPushes>)>, rdkafka::error::KafkaError> {
+    use rdkafka::error::KafkaError;
     let mut config = kafka.consumer_config("pulse-notifier-restore");
-    config.set("enable.auto.commit", "false");
+    config
+        .set("enable.auto.commit", "false")
+        .set("enable.partition.eof", "true");
     let consumer: BaseConsumer = config.create()?;
     let (low, high) = consumer.fetch_watermarks(topic, partition, Duration::from_secs(30))?;
     let mut out = Vec::new();
@@ -211,8 +272,9 @@ fn read_partition(
     let mut tpl = TopicPartitionList::new();
     tpl.add_partition_offset(topic, partition, Offset::Beginning)?;
     consumer.assign(&tpl)?;
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
     loop {
-        match consumer.poll(Duration::from_secs(30)) {
+        match consumer.poll(Duration::from_secs(1)) {
             Some(Ok(m)) => {
                 let user = String::from_utf8_lossy(m.key().unwrap_or_default()).into_owned();
                 let pushes = m.payload().and_then(|p| serde_json::from_slice(p).ok());
@@ -221,8 +283,12 @@ fn read_partition(
                     return Ok(out);
                 }
             }
-            Some(Err(e)) => return Err(e),
-            None => return Err(rdkafka::error::KafkaError::NoMessageReceived),
+            Some(Err(KafkaError::PartitionEOF(_))) => return Ok(out),
+            Some(Err(e)) => tracing::warn!(error = %e, topic, partition, "reading push state"),
+            None => {}
+        }
+        if std::time::Instant::now() > deadline {
+            return Err(KafkaError::NoMessageReceived);
         }
     }
 }
@@ -230,6 +296,16 @@ fn read_partition(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_user_s_record_keeps_at_most_its_cap_of_keys() {
+        let mut p = UserPushes::default();
+        for i in 0..(MAX_KEYS_PER_USER + 10) {
+            p.record(&format!("k{i}"), 1_000, 3_600_000);
+        }
+        assert_eq!(p.delivered.len(), MAX_KEYS_PER_USER);
+        assert_eq!(p.delivered[0].0, "k10", "the oldest go first");
+    }
 
     #[test]
     fn a_user_s_record_forgets_deliveries_past_the_horizon() {
@@ -240,6 +316,8 @@ mod tests {
         let keys: Vec<&str> = p.delivered.iter().map(|(k, _)| k.as_str()).collect();
         assert_eq!(keys, ["b", "c"]);
         assert_eq!(p.last_push_ms, 1_600);
+        assert!(!p.expired(2_000, 500));
+        assert!(p.expired(2_100, 500));
         let json = serde_json::to_vec(&p).unwrap();
         assert_eq!(serde_json::from_slice::<UserPushes>(&json).unwrap(), p);
     }
