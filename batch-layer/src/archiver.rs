@@ -21,6 +21,7 @@ use pulse_service::outbox::{Outbox, Source};
 use pulse_service::{Condition, Readiness, RetryPolicy, Shutdown};
 use rdkafka::consumer::Consumer;
 use rdkafka::message::{Message, OwnedMessage};
+use rdkafka::Offset;
 use tokio::runtime::Runtime;
 
 use crate::layout::{self, FileRange};
@@ -51,6 +52,13 @@ pub struct ArchiverConfig {
     /// Stop (after rolling everything) once every assigned partition is read to its end.
     #[arg(long, env = "PULSE_STOP_AT_END")]
     pub stop_at_end: bool,
+    /// Longest the archiver retries the object store (and waits for dead letters) for one unit
+    /// or one partition's start before it gives that work up for now, goes back to polling and
+    /// reads the range again. Keep it below the consumer's `max.poll.interval.ms` (300 s by
+    /// default): a member that does not poll for longer loses its partitions while it may still
+    /// write their files.
+    #[arg(long, env = "PULSE_ARCHIVER_MAX_BLOCK_SECS", default_value_t = 120.0)]
+    pub max_block_secs: f64,
     /// Address of /healthz, /readyz (503 while the object store fails) and /metrics.
     #[arg(long, env = "PULSE_ARCHIVER_METRICS_LISTEN", default_value = "0.0.0.0:9103")]
     pub metrics_listen: std::net::SocketAddr,
@@ -91,7 +99,21 @@ pub enum ArchiverError {
 enum RollFailure {
     /// The process is stopping during an outage; the restart re-reads the range.
     Stopped,
+    /// The object store did not answer within `--max-block-secs`, or the group took the
+    /// partition away meanwhile: the range is read again from `first`, after a poll.
+    GaveUp {
+        first: i64,
+    },
     Fatal(ArchiverError),
+}
+
+/// Why an object-store call (or a wait for Kafka) was given up.
+#[derive(Debug)]
+enum Interrupted {
+    /// The process is stopping.
+    Stopped,
+    /// `--max-block-secs` passed.
+    OutOfTime,
 }
 
 /// Object-store calls are retried until they work (the archive may lag, it must not skip)
@@ -133,6 +155,11 @@ struct State {
     /// Partitions whose roll or initialisation was given up at a stop: nothing more of them
     /// is buffered or written in this run (a later marker would pass the dropped range).
     abandoned: HashSet<i32>,
+    /// Partitions whose work was given up for now, and the offset their re-read starts at:
+    /// their records are dropped until the loop has sought back there.
+    rewinds: HashMap<i32, i64>,
+    /// See `--max-block-secs`.
+    max_block: Duration,
     /// The owned partitions and their commits (for lag monitoring only: the markers are
     /// the truth).
     positions: Positions,
@@ -160,6 +187,7 @@ impl PartitionOwner for State {
                 self.buffered -= unit.bytes;
             }
             self.progress.remove(&p);
+            self.rewinds.remove(&p);
         }
         self.positions.revoke(partitions);
     }
@@ -206,6 +234,8 @@ pub fn run(
         buffered: 0,
         positions: Positions::default(),
         abandoned: HashSet::new(),
+        rewinds: HashMap::new(),
+        max_block: Duration::from_secs_f64(config.max_block_secs.max(0.1)),
         rows: 0,
         files: 0,
         parquet_bytes: 0,
@@ -268,6 +298,7 @@ pub fn run(
         if let Some(e) = s.failure.take() {
             return Err(e);
         }
+        s.apply_rewinds(&consumer, &config.topics.events);
         drop(s);
         // Only an idle poll can mean "all read": asking librdkafka for the assignment on
         // every batch costs more than archiving it.
@@ -325,7 +356,7 @@ fn build_parquet(
 /// marker passes the dropped range, also while the rest of a batch and the final rolls go on.
 fn stopping(failure: RollFailure) -> Result<(), ArchiverError> {
     match failure {
-        RollFailure::Stopped => Ok(()),
+        RollFailure::Stopped | RollFailure::GaveUp { .. } => Ok(()),
         RollFailure::Fatal(e) => Err(e),
     }
 }
@@ -334,15 +365,19 @@ impl State {
     /// Buffers one record (or dead-letters it), unless the archive already has it.
     fn take(&mut self, msg: &OwnedMessage) {
         let p = msg.partition();
-        if !self.positions.owns(p) || self.abandoned.contains(&p) {
+        if !self.positions.owns(p) || self.abandoned.contains(&p) || self.rewinds.contains_key(&p) {
             return;
         }
         let done = match self.progress.get(&p) {
             Some(done) => *done,
             None => match self.init_partition(p) {
-                Some(done) => done,
-                None => {
+                Ok(done) => done,
+                Err(Interrupted::Stopped) => {
                     self.abandoned.insert(p);
+                    return;
+                }
+                Err(Interrupted::OutOfTime) => {
+                    self.rewinds.insert(p, msg.offset());
                     return;
                 }
             },
@@ -380,11 +415,12 @@ impl State {
         }
     }
 
-    /// Reads the partition's progress from the markers and deletes files beyond it; `None`
-    /// when the process stopped before the object store answered.
-    fn init_partition(&mut self, p: i32) -> Option<Option<i64>> {
+    /// Reads the partition's progress from the markers and deletes files beyond it, unless
+    /// the process stops or `--max-block-secs` passes first.
+    fn init_partition(&mut self, p: i32) -> Result<Option<i64>, Interrupted> {
         let store = self.store.clone();
-        let read = self.retry("read progress", || {
+        let deadline = Instant::now() + self.max_block;
+        let read = self.retry("read progress", deadline, || {
             let store = store.clone();
             async move {
                 let progress = layout::progress(store.as_ref()).await?.get(&p).copied();
@@ -399,10 +435,10 @@ impl State {
         });
         // Stopped during an outage: the partition stays uninitialised and nothing of it is
         // buffered; the restart reads it.
-        let done = read.ok()?;
+        let done = read?;
         tracing::info!(partition = p, archived_up_to = ?done, "partition initialised from the object store");
         self.progress.insert(p, done);
-        Some(done)
+        Ok(done)
     }
 
     /// Writes the partition's unit (see [`State::write_unit`]), unless the partition was
@@ -415,8 +451,19 @@ impl State {
             return Err(RollFailure::Stopped);
         }
         let rolled = self.write_unit(commit, p);
-        if matches!(rolled, Err(RollFailure::Stopped)) {
-            self.abandoned.insert(p);
+        match rolled {
+            Err(RollFailure::Stopped) => {
+                self.abandoned.insert(p);
+            }
+            Err(RollFailure::GaveUp { first }) => {
+                tracing::warn!(
+                    partition = p,
+                    first,
+                    "archiving the unit given up for now; reading it again"
+                );
+                self.rewinds.insert(p, first);
+            }
+            _ => {}
         }
         rolled
     }
@@ -449,29 +496,46 @@ impl State {
                 }
             }
         }
+        let deadline = Instant::now() + self.max_block;
+        let gave_up = |why: Interrupted| match why {
+            Interrupted::Stopped => RollFailure::Stopped,
+            Interrupted::OutOfTime => RollFailure::GaveUp { first: range.first },
+        };
         // Dead letters of this range must be in Kafka before the marker says it is done.
         let flushed = STORE_RETRY.run_blocking(
             &self.shutdown,
             "acknowledgement of dead letters",
             |_| true,
             || {
-                let confirmed = self.outbox.confirm(Duration::from_secs(30));
+                if Instant::now() > deadline {
+                    return Ok(false);
+                }
+                let confirmed = self.outbox.confirm(Duration::from_secs(5));
                 self.dead_letters.set(confirmed.is_ok());
-                confirmed
+                confirmed.map(|()| true)
             },
         );
-        if flushed.is_err() {
-            return Err(RollFailure::Stopped);
+        match flushed {
+            Ok(true) => {}
+            Ok(false) => return Err(gave_up(Interrupted::OutOfTime)),
+            Err(_) => return Err(RollFailure::Stopped),
         }
+        // A member that lost its partitions must not make their range look archived: the
+        // new owner may have read the marker before this one and archive the range itself.
+        let owned = || match commit.assignment_lost() {
+            true => Err(Interrupted::OutOfTime),
+            false => Ok(()),
+        };
         let store = self.store.clone();
         for (path, bytes, rows) in files {
             let len = bytes.len() as u64;
             let payload = PutPayload::from(bytes);
-            self.retry("upload", || {
+            owned().map_err(gave_up)?;
+            self.retry("upload", deadline, || {
                 let (store, path, payload) = (store.clone(), path.clone(), payload.clone());
                 async move { store.put(&path, payload).await.map(|_| ()) }
             })
-            .map_err(|_| RollFailure::Stopped)?;
+            .map_err(gave_up)?;
             self.rows += rows as u64;
             self.files += 1;
             self.parquet_bytes += len;
@@ -482,7 +546,8 @@ impl State {
         self.json_bytes += unit.bytes as u64;
         metrics::counter!(metric::JSON_BYTES).increment(unit.bytes as u64);
         let marker = layout::marker_path(p, range.last);
-        self.retry("write marker", || {
+        owned().map_err(gave_up)?;
+        self.retry("write marker", deadline, || {
             let (store, marker) = (store.clone(), marker.clone());
             async move {
                 store
@@ -491,7 +556,7 @@ impl State {
                     .map(|_| ())
             }
         })
-        .map_err(|_| RollFailure::Stopped)?;
+        .map_err(gave_up)?;
         self.progress.insert(p, Some(range.last));
         metrics::counter!(metric::UNITS).increment(1);
         metrics::gauge!(metric::BUFFERED_BYTES).set(self.buffered as f64);
@@ -508,8 +573,8 @@ impl State {
     }
 
     /// Runs an object-store operation until it succeeds (the archive may lag, it must not
-    /// skip) or the process stops: `Err` means stopped, the work not done.
-    fn retry<T, F, Fut>(&self, what: &str, op: F) -> Result<T, object_store::Error>
+    /// skip), the process stops, or `deadline` passes: `Err` says which, the work not done.
+    fn retry<T, F, Fut>(&self, what: &str, deadline: Instant, op: F) -> Result<T, Interrupted>
     where
         F: Fn() -> Fut,
         Fut: std::future::Future<Output = object_store::Result<T>>,
@@ -527,8 +592,34 @@ impl State {
                 result
             }
         };
-        self.runtime
-            .block_on(STORE_RETRY.run(&self.shutdown, what, |_| true, attempt))
-            .map_err(|e| e.into_inner())
+        let run = STORE_RETRY.run(&self.shutdown, what, |_| true, attempt);
+        let timed = self
+            .runtime
+            .block_on(async { tokio::time::timeout_at(deadline.into(), run).await });
+        match timed {
+            Ok(Ok(v)) => Ok(v),
+            Ok(Err(_)) => Err(Interrupted::Stopped),
+            Err(_) => Err(Interrupted::OutOfTime),
+        }
+    }
+
+    /// Seeks the partitions whose work was given up back to where their re-read starts.
+    fn apply_rewinds(&mut self, consumer: &consumer::GroupConsumer<State>, topic: &str) {
+        let rewinds: Vec<(i32, i64)> = self.rewinds.drain().collect();
+        for (p, at) in rewinds {
+            if !self.positions.owns(p) {
+                continue;
+            }
+            if let Some(unit) = self.units.remove(&p) {
+                self.buffered -= unit.bytes;
+            }
+            match consumer.seek(topic, p, Offset::Offset(at), Duration::from_secs(10)) {
+                Ok(()) => tracing::info!(partition = p, offset = at, "reading the range again"),
+                Err(e) => {
+                    tracing::warn!(partition = p, offset = at, error = %e, "seek failed; trying again");
+                    self.rewinds.insert(p, at);
+                }
+            }
+        }
     }
 }

@@ -16,7 +16,7 @@ use common::{run_report, Fixture};
 use pulse_batch::layout;
 use pulse_core::Event;
 use pulse_tests::data::{generate, produce, produce_raw};
-use pulse_tests::process::{free_port, poll_until, terminate_in_time};
+use pulse_tests::process::{free_port, poll_until, terminate, terminate_in_time};
 use pulse_tests::{read_topic, unique};
 use rust_decimal::Decimal;
 use serde_json::Value;
@@ -195,6 +195,53 @@ async fn archive_on_an_s3_store_is_complete_across_sigkills() {
             e.message_id
         );
     }
+}
+
+/// The object store fails for longer than the consumer's poll interval while two archivers
+/// share the partitions. Each gives its unit up within `--max-block-secs` and goes back to
+/// polling, so neither is thrown out of the group while it could still write files for
+/// partitions another member took over; once the store is back they archive those ranges
+/// again, and every event is in the archive once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_object_store_outage_longer_than_the_poll_interval_leaves_two_archivers_in_the_group() {
+    let (f, proxy) = Fixture::on_s3_through_proxy("fence", 4).await;
+    let events = generate(6_000, 43, 400, 2);
+    let args = [
+        "--roll-secs",
+        "0.3",
+        "--max-block-secs",
+        "2",
+        "--kafka-opt",
+        "session.timeout.ms=6000",
+        "--kafka-opt",
+        "max.poll.interval.ms=7000",
+    ];
+    let mut a = f.spawn(&args);
+    let mut b = f.spawn(&args);
+    produce(&f.topic, &events[..2_000]).await;
+    tokio::time::sleep(Duration::from_secs(4)).await;
+    proxy.cut();
+    produce(&f.topic, &events[2_000..4_000]).await;
+    // Well past the poll interval.
+    tokio::time::sleep(Duration::from_secs(15)).await;
+    proxy.restore();
+    produce(&f.topic, &events[4_000..]).await;
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    terminate(&mut a);
+    terminate(&mut b);
+    let log = std::fs::read_to_string(Fixture::log_path(&f.group)).unwrap_or_default();
+    assert!(
+        !log.to_lowercase().contains("maximum poll interval"),
+        "a member went past its poll interval"
+    );
+    assert!(
+        log.contains("reading it again"),
+        "the outage was met inside a roll"
+    );
+    f.run_to_end(&["--roll-secs", "0.3"]);
+    let (rows, total) = rows_by_id(&f.rows().await);
+    assert_eq!(total, events.len(), "no duplicates");
+    assert_eq!(rows.len(), events.len(), "no gaps");
 }
 
 /// A unit whose Parquet file cannot be built (a writer bug, injected by a failpoint) stops

@@ -17,6 +17,7 @@ use pulse_batch::sql;
 use pulse_batch::store::{open_store, StoreArgs};
 use pulse_core::Event;
 use pulse_tests::data::produce;
+pub use pulse_tests::proxy::CutProxy;
 use pulse_tests::{brokers, create_topic, unique};
 use serde_json::Value;
 
@@ -46,8 +47,25 @@ impl Fixture {
 
     /// An archive in a fresh bucket of the stack's S3-compatible server (moto).
     pub async fn on_s3(name: &str, partitions: i32) -> Self {
-        let endpoint =
-            std::env::var("PULSE_S3_ENDPOINT").unwrap_or_else(|_| "http://localhost:9000".into());
+        let endpoint = s3_endpoint();
+        Self::on_s3_at(name, partitions, &endpoint, &endpoint).await
+    }
+
+    /// On the S3 server, reached by the archiver (and by [`Fixture::rows`]) through a proxy
+    /// the test can cut.
+    pub async fn on_s3_through_proxy(name: &str, partitions: i32) -> (Self, CutProxy) {
+        let endpoint = s3_endpoint();
+        let target = endpoint.trim_start_matches("http://").to_string();
+        let proxy = CutProxy::start("127.0.0.1:0", &target).await;
+        let through = format!("http://{}", proxy.addr);
+        (
+            Self::on_s3_at(name, partitions, &endpoint, &through).await,
+            proxy,
+        )
+    }
+
+    /// A fresh bucket made on `endpoint`, used by the archiver at `used_at`.
+    async fn on_s3_at(name: &str, partitions: i32, endpoint: &str, used_at: &str) -> Self {
         let bucket = unique("pulse-test");
         let created = reqwest::Client::new()
             .put(format!("{endpoint}/{bucket}"))
@@ -56,7 +74,7 @@ impl Fixture {
             .expect("S3 server (deploy/local/stack up)");
         assert!(created.status().is_success(), "create bucket: {created:?}");
         let opts = [
-            ("aws_endpoint", endpoint.as_str()),
+            ("aws_endpoint", used_at),
             ("aws_allow_http", "true"),
             ("aws_access_key_id", "pulse-test"),
             ("aws_secret_access_key", "pulse-test"),
@@ -202,4 +220,9 @@ pub async fn run_report(
         return vec![];
     }
     serde_json::from_str(&json).unwrap()
+}
+
+/// The S3-compatible server of the local stack.
+fn s3_endpoint() -> String {
+    std::env::var("PULSE_S3_ENDPOINT").unwrap_or_else(|_| "http://localhost:9000".into())
 }

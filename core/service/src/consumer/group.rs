@@ -87,6 +87,10 @@ impl<C: ConsumerContext> Commit for TopicCommit<'_, C> {
         }
         self.consumer.commit(&tpl, CommitMode::Sync)
     }
+
+    fn assignment_lost(&self) -> bool {
+        self.consumer.assignment_lost()
+    }
 }
 
 impl<W: PartitionOwner> ClientContext for GroupContext<W> {

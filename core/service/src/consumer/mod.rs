@@ -31,6 +31,12 @@ pub const COMMIT_PREPARATION_FAILURES: &str = "pulse_commit_preparation_failures
 /// Commits read positions (partition, next offset to read) of the consumer's topic.
 pub trait Commit {
     fn commit(&self, positions: &[(i32, i64)]) -> Result<(), KafkaError>;
+
+    /// Whether the group already gave this member's partitions to others (it missed its
+    /// session or its poll interval): work on them must not be made to look done.
+    fn assignment_lost(&self) -> bool {
+        false
+    }
 }
 
 /// The list to commit for `positions` (partition, next offset to read) of `topic`. A
