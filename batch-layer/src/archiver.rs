@@ -385,6 +385,15 @@ impl State {
         if done.is_some_and(|d| msg.offset() <= d) {
             return; // archived before a crash or a rebalance
         }
+        if let Some(unit) = self.units.get(&p) {
+            if msg.offset() <= unit.last {
+                // The partition was revoked and given back within one batch, and its fetch
+                // restarted from the commit: read it again from the lower offset into a fresh
+                // unit, so that no record is in a unit twice and none is left out.
+                self.rewinds.insert(p, unit.first.min(msg.offset()));
+                return;
+            }
+        }
         let payload = msg.payload().unwrap_or_default();
         let unit = self.units.entry(p).or_insert_with(|| Unit {
             first: msg.offset(),

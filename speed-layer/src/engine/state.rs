@@ -298,13 +298,16 @@ impl<S: DocumentStore> ProfileState<S> {
             .positions_written()
             .filter(|(p, _)| !self.rewind.contains(p))
             .collect();
-        // Lost the partitions meanwhile: the new owner re-reads; watermarks keep it exact.
-        if let Err(e) = self.positions.commit(fx, &commit) {
+        // Lost the partitions meanwhile: the new owner re-reads; watermarks keep it exact. A
+        // flush whose commit failed counts as failed, so a flush that must get through (at a
+        // stop, at a revocation) tries the commit again and says so if it gives up.
+        let committed = self.positions.commit(fx, &commit);
+        if let Err(e) = &committed {
             tracing::warn!(error = %e, "commit failed");
         }
         self.last_flush = Instant::now();
         self.evict();
-        Some(report.first_error.is_some())
+        Some(report.first_error.is_some() || committed.is_err())
     }
 
     /// Flushes `partitions` now and waits, retrying with backoff up to `attempts` times; not

@@ -483,3 +483,23 @@ fn readiness_follows_writes_even_while_reads_work() {
     assert_eq!(flush_all(&mut state, &Recorder::default()), Some(false));
     assert!(ready.check().is_ok());
 }
+
+#[test]
+fn a_flush_that_must_get_through_is_not_reported_done_when_its_commit_failed() {
+    let store = MemoryStore::default();
+    let mut state = state(&store);
+    state.positions.assign(&[0]);
+    read(&mut state, 0, 0, &[cart("a", 0, "1")]);
+    let fx = Recorder {
+        crash_before_commit: true,
+        ..Recorder::default()
+    };
+    assert!(
+        !state.flush_now(&fx, &[0], 2),
+        "the commit never went through"
+    );
+    assert_eq!(store.watermark_offset("p1:a"), Some(0), "the documents did");
+    let fx = Recorder::default();
+    assert!(state.flush_now(&fx, &[0], 2));
+    assert_eq!(fx.committed(), [(0, 1)]);
+}
