@@ -10,10 +10,10 @@
 //! The loop runs on its own thread with a blocking consumer, so the rebalance callback (which
 //! runs inside `poll`) can flush synchronously before a partition is given away.
 //!
-//! - [`state`]: profiles, positions and the flush/commit/re-read/evict rules, without Kafka;
-//!   [`cache`]: the profiles in memory; [`flush`]: the background write and its report.
-//! - [`records`]: a batch of records decoded, loaded, folded; triggers fired.
-//! - [`outbox`]: triggers and dead letters to Kafka; [`rebalance`]: partitions coming and going.
+//! - `state`: profiles, positions and the flush/commit/re-read/evict rules, without Kafka;
+//!   `cache`: the profiles in memory; `flush`: the background write and its report.
+//! - `records`: a batch of records decoded, loaded, folded; triggers fired.
+//! - `outbox`: triggers and dead letters to Kafka; `rebalance`: partitions coming and going.
 //!
 //! [`FlushPolicy`]: crate::config::FlushPolicy
 

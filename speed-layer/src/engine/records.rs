@@ -8,11 +8,77 @@ use chrono::Utc;
 use pulse_core::Event;
 use rdkafka::message::{Message, OwnedMessage};
 
+use super::state::ProfileState;
 use super::Engine;
 use crate::metrics as m;
 use crate::poison;
-use crate::profile::Fold;
+use crate::profile::{Fold, Profile, Watermark};
+use crate::store::DocumentStore;
 use crate::triggers::TriggerMessage;
+
+/// Loading and folding: the state's side of reading records.
+impl<S: DocumentStore> ProfileState<S> {
+    /// Loads the profiles `ids` from the store (batched mget), retrying while it is
+    /// unavailable: a profile is never assumed new just because the store did not answer.
+    /// `false` when the process stopped before the store answered.
+    pub fn load(&mut self, ids: &[String]) -> bool {
+        for chunk in ids.chunks(1000) {
+            let (store, ready) = (self.flusher.store(), &self.health.reads);
+            let loaded = self.runtime.block_on(self.settings.policy.retry().run(
+                &self.shutdown,
+                "loading profiles",
+                |_| true,
+                || async move {
+                    let docs = store.mget(chunk).await;
+                    ready.set(docs.is_ok());
+                    docs
+                },
+            ));
+            let Ok(docs) = loaded else {
+                return false;
+            };
+            metrics::counter!(m::PROFILES_LOADED).increment(docs.len() as u64);
+            let now = Instant::now();
+            for (id, doc) in docs {
+                match Profile::from_document(&doc, &self.settings.kinds) {
+                    Ok(profile) => self.cache.insert_loaded(id, profile, now),
+                    Err(e) => {
+                        tracing::error!(id, error = %e, "stored profile unreadable; it will be rebuilt from new events only")
+                    }
+                }
+            }
+        }
+        true
+    }
+
+    /// Folds `event` (the record at `offset` of `partition`) into the profile `id`, touched
+    /// at `touched` (one clock read per batch, not per event).
+    pub fn fold(
+        &mut self,
+        event: &Event,
+        id: String,
+        partition: i32,
+        offset: i64,
+        touched: Instant,
+    ) -> Fold {
+        let (kinds, dedupe) = (&self.settings.kinds, &self.settings.dedupe);
+        let at = Watermark { partition, offset };
+        let outcome = self.cache.fold(
+            id,
+            partition,
+            touched,
+            || Profile::new(event, kinds),
+            |profile| profile.fold(event, at, dedupe),
+        );
+        match outcome {
+            Fold::Applied => self.counts.folded += 1,
+            Fold::Skipped => self.counts.skipped += 1,
+            Fold::Duplicate => self.counts.duplicates += 1,
+            Fold::Refused(_) => {}
+        }
+        outcome
+    }
+}
 
 /// A record's event and profile id, or why it is not usable.
 type Decoded = Result<(Event, String), String>;

@@ -3,20 +3,21 @@
 //!
 //! - a position is committed only after the flush that covers it stored every profile its
 //!   events changed (and the triggers and dead letters of those events are acknowledged);
-//! - a partition whose stored profile turned out newer (409) is re-read from its last commit,
-//!   on top of the stored documents, and not committed meanwhile;
+//! - a partition whose stored profile turned out newer (409) is re-read from its last commit
+//!   (or the first record read since its assignment), on top of the stored documents, and not
+//!   committed meanwhile;
 //! - a revoked partition is flushed and committed if possible, then forgotten;
 //! - a dirty profile is never evicted.
 //!
 //! It reaches the store through [`DocumentStore`] and Kafka through [`Effects`], so these
-//! rules are unit-tested against an in-memory store (see `tests.rs`).
+//! rules are unit-tested against an in-memory store (see `tests.rs`). Its loading and folding
+//! are in `records.rs`, its revocations and re-reads in `rebalance.rs`.
 
 use std::collections::HashSet;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use chrono::Utc;
-use pulse_core::Event;
 use pulse_service::consumer::{Commit, Positions};
 use pulse_service::{Condition, Readiness, Shutdown};
 use tokio::runtime::Runtime;
@@ -27,7 +28,6 @@ use crate::config::FlushPolicy;
 use crate::dedupe::DedupePolicy;
 use crate::metrics as m;
 use crate::models::ModelKind;
-use crate::profile::{Fold, Profile, Watermark};
 use crate::store::{DocWrite, DocumentStore};
 
 /// What the state needs of Kafka besides commits.
@@ -63,21 +63,21 @@ pub(crate) struct ProfileState<S> {
     pub cache: ProfileCache,
     pub positions: Positions,
     pub counts: Counts,
-    flusher: Flusher<S>,
-    runtime: Arc<Runtime>,
-    settings: Settings,
+    pub(super) flusher: Flusher<S>,
+    pub(super) runtime: Arc<Runtime>,
+    pub(super) settings: Settings,
     /// Partitions to re-read from their last commit (a newer document was found in the store).
     pub(super) rewind: HashSet<i32>,
     last_flush: Instant,
-    health: Health,
+    pub(super) health: Health,
     /// Stops the retries of loading profiles (a SIGTERM during an outage).
-    shutdown: Shutdown,
+    pub(super) shutdown: Shutdown,
 }
 
 /// The speed layer's part of readiness, one condition per dependency: a read that works must
 /// not report ready while writes fail.
-struct Health {
-    reads: Condition,
+pub(super) struct Health {
+    pub(super) reads: Condition,
     writes: Condition,
     side_outputs: Condition,
 }
@@ -115,67 +115,6 @@ impl<S: DocumentStore> ProfileState<S> {
             health,
             shutdown,
         }
-    }
-
-    /// Loads the profiles `ids` from the store (batched mget), retrying while it is
-    /// unavailable: a profile is never assumed new just because the store did not answer.
-    /// `false` when the process stopped before the store answered.
-    pub fn load(&mut self, ids: &[String]) -> bool {
-        for chunk in ids.chunks(1000) {
-            let (store, ready) = (self.flusher.store(), &self.health.reads);
-            let loaded = self.runtime.block_on(self.settings.policy.retry().run(
-                &self.shutdown,
-                "loading profiles",
-                |_| true,
-                || async move {
-                    let docs = store.mget(chunk).await;
-                    ready.set(docs.is_ok());
-                    docs
-                },
-            ));
-            let Ok(docs) = loaded else {
-                return false;
-            };
-            metrics::counter!(m::PROFILES_LOADED).increment(docs.len() as u64);
-            let now = Instant::now();
-            for (id, doc) in docs {
-                match Profile::from_document(&doc, &self.settings.kinds) {
-                    Ok(profile) => self.cache.insert_loaded(id, profile, now),
-                    Err(e) => {
-                        tracing::error!(id, error = %e, "stored profile unreadable; it will be rebuilt from new events only")
-                    }
-                }
-            }
-        }
-        true
-    }
-
-    /// Folds `event` (the record at `offset` of `partition`) into the profile `id`, touched
-    /// at `touched` (one clock read per batch, not per event).
-    pub fn fold(
-        &mut self,
-        event: &Event,
-        id: String,
-        partition: i32,
-        offset: i64,
-        touched: Instant,
-    ) -> Fold {
-        let (kinds, dedupe) = (&self.settings.kinds, &self.settings.dedupe);
-        let at = Watermark { partition, offset };
-        let outcome = self.cache.fold(
-            id,
-            partition,
-            touched,
-            || Profile::new(event, kinds),
-            |profile| profile.fold(event, at, dedupe),
-        );
-        match outcome {
-            Fold::Applied => self.counts.folded += 1,
-            Fold::Skipped => self.counts.skipped += 1,
-            Fold::Duplicate => self.counts.duplicates += 1,
-            Fold::Refused(_) => {}
-        }
-        outcome
     }
 
     /// Whether records of `partition` are being dropped until its re-read starts.

@@ -8,7 +8,7 @@
 //! or a rebalance forgets neither the dedupe nor the rate limit. Offsets are committed after a
 //! trigger was delivered (and its push recorded), dead-lettered or deliberately skipped.
 //!
-//! - [`webhook`]: the POST, its body and which answers are retried.
+//! - `webhook`: the POST, its body and which answers are retried.
 //! - [`ledger`]: the pushes per user, in memory and in the state topic.
 
 pub mod ledger;
