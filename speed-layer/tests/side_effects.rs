@@ -68,8 +68,6 @@ async fn a_triggers_topic_that_refuses_writes_holds_the_watermarks_back_and_no_p
     // max.message.bytes (or one the speed layer may not write to) refuses it for good.
     set_topic_config(&f.triggers, "max.message.bytes", "64").await;
 
-    let port = free_port();
-    let listen = format!("127.0.0.1:{port}");
     let rules_file = rules_path.to_str().unwrap();
     let args = [
         "--rules-file",
@@ -78,13 +76,11 @@ async fn a_triggers_topic_that_refuses_writes_holds_the_watermarks_back_and_no_p
         "0.2",
         "--max-backoff-secs",
         "0.5",
-        "--metrics-listen",
-        &listen,
         // The restart gets the killed member's partitions after this, not after 45 s.
         "--kafka-opt",
         "session.timeout.ms=6000",
     ];
-    let mut speed = f.spawn_speed(&args);
+    let (mut speed, port) = spawn_measured(&f, &args);
     produce(&f.topic, &events).await;
 
     // Readiness says why, the refusals are counted, and no profile is stored: a watermark
@@ -111,7 +107,7 @@ async fn a_triggers_topic_that_refuses_writes_holds_the_watermarks_back_and_no_p
     speed.kill().unwrap();
     let _ = speed.wait();
     set_topic_config(&f.triggers, "max.message.bytes", "1048588").await;
-    let mut speed = f.spawn_speed(&args);
+    let (mut speed, port) = spawn_measured(&f, &args);
     let docs = f.wait_for_events(events.len() as u64).await;
     assert_eq!(docs.len(), events.len(), "every profile is stored");
     let fired = read_topic(&f.triggers, expected.len(), Duration::from_secs(2));
@@ -192,8 +188,6 @@ async fn elasticsearch_refusing_bulk_but_answering_mget_is_not_ready_and_is_retr
     proxy.refuse_bulk(true);
     let events = generate(600, 23, 60, 1);
     let (first, second) = events.split_at(300);
-    let port = free_port();
-    let listen = format!("127.0.0.1:{port}");
     // A flush every 2 s; a failed one is tried again within 0.2 s.
     let args = [
         "--es-url",
@@ -202,10 +196,8 @@ async fn elasticsearch_refusing_bulk_but_answering_mget_is_not_ready_and_is_retr
         "2",
         "--max-backoff-secs",
         "0.2",
-        "--metrics-listen",
-        &listen,
     ];
-    let mut speed = f.spawn_speed(&args);
+    let (mut speed, port) = spawn_measured(&f, &args);
     produce(&f.topic, first).await;
     wait_until(|| proxy.refused() >= 1).await;
     // New users keep coming: their profiles load (mget works), which must not make the
@@ -244,8 +236,6 @@ async fn too_many_unflushed_profiles_stop_reading_until_a_flush_gets_through() {
     let proxy = BulkRefusingProxy::start(&es_url()).await;
     proxy.refuse_bulk(true);
     let events = generate(2_000, 29, 400, 1);
-    let port = free_port();
-    let listen = format!("127.0.0.1:{port}");
     let args = [
         "--es-url",
         &proxy.url,
@@ -257,10 +247,8 @@ async fn too_many_unflushed_profiles_stop_reading_until_a_flush_gets_through() {
         "20",
         "--max-backoff-secs",
         "0.2",
-        "--metrics-listen",
-        &listen,
     ];
-    let mut speed = f.spawn_speed(&args);
+    let (mut speed, port) = spawn_measured(&f, &args);
     produce(&f.topic, &events).await;
     wait_until(|| proxy.refused() >= 3).await;
     tokio::time::sleep(Duration::from_secs(2)).await;
@@ -287,25 +275,17 @@ async fn idle_profiles_are_evicted_after_a_flush_and_reloaded_when_seen_again() 
     let f = Fixture::new("evict", 2).await;
     let events = generate(1_200, 31, 100, 1);
     let (first, second) = events.split_at(600);
-    let port = free_port();
-    let listen = format!("127.0.0.1:{port}");
     // Every clean profile goes after each flush.
-    let args = [
-        "--flush-interval-secs",
-        "0.5",
-        "--idle-evict-secs",
-        "0",
-        "--metrics-listen",
-        &listen,
-    ];
-    let mut speed = f.spawn_speed(&args);
+    let args = ["--flush-interval-secs", "0.5", "--idle-evict-secs", "0"];
+    let (mut speed, port) = spawn_measured(&f, &args);
     produce(&f.topic, first).await;
     f.wait_for_events(first.len() as u64).await;
     let (_, page) = poll_until(port, "/metrics", |_, page| {
         counter(page, "pulse_speed_profiles_in_memory") == 0.0
     })
     .await;
-    let users_first = ground_truth(first).len() as f64;
+    let first_users = ground_truth(first);
+    let users_first = first_users.len() as f64;
     assert!(counter(&page, "pulse_speed_profiles_evicted_total") >= users_first);
     assert_eq!(counter(&page, "pulse_speed_profiles_in_memory"), 0.0);
 
@@ -315,7 +295,7 @@ async fn idle_profiles_are_evicted_after_a_flush_and_reloaded_when_seen_again() 
     let (_, page) = poll_until(port, "/metrics", |_, _| true).await;
     let returning = ground_truth(second)
         .keys()
-        .filter(|id| ground_truth(first).contains_key(*id))
+        .filter(|id| first_users.contains_key(*id))
         .count() as f64;
     assert!(returning > 0.0);
     assert!(counter(&page, "pulse_speed_profiles_loaded_total") >= returning);

@@ -40,8 +40,10 @@ impl Positions {
 
     /// The record at `offset` of `partition` is handled (folded, buffered or dead-lettered).
     pub fn handled(&mut self, partition: i32, offset: i64) {
-        self.next.insert(partition, offset + 1);
-        self.first.entry(partition).or_insert(offset);
+        // Called per record: `first` is looked at only when the partition starts being read.
+        if self.next.insert(partition, offset + 1).is_none() {
+            self.first.entry(partition).or_insert(offset);
+        }
     }
 
     /// The partitions read since their assignment.
