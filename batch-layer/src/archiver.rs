@@ -17,7 +17,7 @@ use object_store::{ObjectStore, ObjectStoreExt, PutPayload};
 use pulse_core::kafka::{KafkaArgs, TopicArgs};
 use pulse_core::Event;
 use pulse_service::consumer::{self, Commit, EndOfPartitions, PartitionOwner, Positions};
-use pulse_service::outbox::{Outbox, Source};
+use pulse_service::outbox::{Outbox, OutboxError, Source};
 use pulse_service::{Condition, Readiness, RetryPolicy, Shutdown};
 use rdkafka::consumer::Consumer;
 use rdkafka::message::{Message, OwnedMessage};
@@ -82,6 +82,9 @@ pub enum ArchiverError {
     Kafka(#[from] rdkafka::error::KafkaError),
     #[error("object store: {0}")]
     Store(String),
+    /// The dead-letter producer failed for good (see `pulse_service::outbox`).
+    #[error("{0}")]
+    Outbox(#[from] pulse_service::outbox::OutboxError),
     #[error("runtime: {0}")]
     Io(#[from] std::io::Error),
     /// A unit that cannot be archived. The process stops before any marker is written past
@@ -320,8 +323,14 @@ pub fn run(
         parquet_bytes: s.parquet_bytes,
         json_bytes: s.json_bytes,
     };
+    let fatal = s.outbox.fatal_error();
     drop(s);
     consumer.unsubscribe();
+    // Stopped by a producer that failed for good: exit with its error, so the restart (a
+    // fresh producer) archives what this run left unmarked.
+    if let Some(reason) = fatal {
+        return Err(pulse_service::outbox::OutboxError::Fatal(reason).into());
+    }
     Ok(summary)
 }
 
@@ -514,7 +523,7 @@ impl State {
         let flushed = STORE_RETRY.run_blocking(
             &self.shutdown,
             "acknowledgement of dead letters",
-            |_| true,
+            |e| !matches!(e, OutboxError::Fatal(_)),
             || {
                 if Instant::now() > deadline {
                     return Ok(false);

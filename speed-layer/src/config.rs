@@ -70,6 +70,12 @@ pub struct SpeedConfig {
     #[arg(long, env = "PULSE_FAILPOINT_PANIC_MESSAGE_ID", hide = true)]
     pub failpoint_panic_message_id: Option<String>,
 
+    /// Fault injection for the producer test: make the triggers/dead-letter producer fail for
+    /// good (as an out-of-sequence answer would) while folding the event with this
+    /// `message_id`. Never set it in production.
+    #[arg(long, env = "PULSE_FAILPOINT_FATAL_PRODUCER_MESSAGE_ID", hide = true)]
+    pub failpoint_fatal_producer_message_id: Option<String>,
+
     /// Address of /healthz, /readyz and /metrics.
     #[arg(long, env = "PULSE_SPEED_METRICS_LISTEN", default_value = "0.0.0.0:9101")]
     pub metrics_listen: SocketAddr,

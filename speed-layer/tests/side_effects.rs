@@ -42,6 +42,19 @@ fn counter(page: &str, name: &str) -> f64 {
         .sum()
 }
 
+/// The idempotency keys of the triggers in `topic` (waiting for `n`, then a little longer).
+fn fired_keys(topic: &str, n: usize) -> BTreeSet<String> {
+    read_topic(topic, n, Duration::from_secs(2))
+        .iter()
+        .map(|r| {
+            r.json()["idempotency_key"]
+                .as_str()
+                .unwrap_or_default()
+                .to_string()
+        })
+        .collect()
+}
+
 fn carts(users: usize) -> Vec<Event> {
     (0..users)
         .map(|i| {
@@ -53,25 +66,31 @@ fn carts(users: usize) -> Vec<Event> {
         .collect()
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_triggers_topic_that_refuses_writes_holds_the_watermarks_back_and_no_push_is_lost() {
-    let f = Fixture::new("refuse", 2).await;
+/// `users` carts, a rules file (on disk, for `--rules-file`) that fires on each, and the
+/// idempotency keys of their triggers.
+fn carts_with_rule(f: &Fixture, users: usize) -> (String, Vec<Event>, BTreeSet<String>) {
     let rules_path = std::env::temp_dir().join(format!("{}.toml", f.alias));
     std::fs::write(&rules_path, CART_RULE).unwrap();
     let rules = RuleSet::from_toml(CART_RULE).unwrap();
-    let events = carts(6);
-    let expected: BTreeSet<String> = events
+    let events = carts(users);
+    let keys = events
         .iter()
         .map(|e| rules.rules[0].idempotency_key(e))
         .collect();
+    (rules_path.to_string_lossy().into_owned(), events, keys)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_triggers_topic_that_refuses_writes_holds_the_watermarks_back_and_no_push_is_lost() {
+    let f = Fixture::new("refuse", 2).await;
+    let (rules_file, events, expected) = carts_with_rule(&f, 6);
     // The triggers topic takes no record of a trigger's size, as a topic with too small a
     // max.message.bytes (or one the speed layer may not write to) refuses it for good.
     set_topic_config(&f.triggers, "max.message.bytes", "64").await;
 
-    let rules_file = rules_path.to_str().unwrap();
     let args = [
         "--rules-file",
-        rules_file,
+        &rules_file,
         "--flush-interval-secs",
         "0.2",
         "--max-backoff-secs",
@@ -107,21 +126,7 @@ async fn a_triggers_topic_that_refuses_writes_holds_the_watermarks_back_and_no_p
     speed.kill().unwrap();
     let _ = speed.wait();
     set_topic_config(&f.triggers, "max.message.bytes", "1048588").await;
-    let (mut speed, port) = spawn_measured(&f, &args);
-    let docs = f.wait_for_events(events.len() as u64).await;
-    assert_eq!(docs.len(), events.len(), "every profile is stored");
-    let fired = read_topic(&f.triggers, expected.len(), Duration::from_secs(2));
-    let keys: BTreeSet<String> = fired
-        .iter()
-        .map(|r| {
-            let t: serde_json::Value = serde_json::from_slice(&r.payload).unwrap();
-            t["idempotency_key"].as_str().unwrap().to_string()
-        })
-        .collect();
-    assert_eq!(keys, expected, "every cart's trigger is in Kafka");
-    let (status, _) = poll_until(port, "/readyz", |s, _| s == 200).await;
-    assert_eq!(status, 200);
-    terminate(&mut speed);
+    restart_stores_every_cart_once_and_every_push(&f, &args, &events, &expected).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -338,5 +343,65 @@ async fn sigterm_flushes_and_commits_so_a_restart_reads_nothing_again() {
         0.0,
         "no record was read again"
     );
+    terminate(&mut speed);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_producer_that_fails_for_good_stops_the_speed_layer_and_the_restart_loses_nothing() {
+    let f = Fixture::new("fatal", 2).await;
+    let (rules_file, events, expected) = carts_with_rule(&f, 8);
+    let args = [
+        "--rules-file",
+        &rules_file,
+        "--flush-interval-secs",
+        "0.2",
+        "--kafka-opt",
+        "session.timeout.ms=6000",
+    ];
+    // The idempotent producer fails for good at the fifth cart, as after an out-of-sequence
+    // answer: it will never deliver again, so waiting (readiness false) would hold the
+    // partitions forever. The process stops by itself and says why.
+    let mut with_failpoint = args.to_vec();
+    with_failpoint.extend(["--failpoint-fatal-producer-message-id", "cart-4"]);
+    let mut speed = f.spawn_speed(&with_failpoint);
+    produce(&f.topic, &events).await;
+    let status = wait_exit(&mut speed).await;
+    assert!(
+        !status.success(),
+        "a fatal producer error exits non-zero: {status}"
+    );
+    let log = std::fs::read_to_string(pulse_tests::process::log_path(&format!(
+        "speed-{}",
+        f.alias
+    )))
+    .unwrap_or_default();
+    assert!(log.contains("failed for good"), "the log says why:\n{log}");
+
+    // The restart, with a fresh producer, re-reads what was not committed: every profile is
+    // stored once and every cart's trigger is in Kafka.
+    restart_stores_every_cart_once_and_every_push(&f, &args, &events, &expected).await;
+}
+
+/// Starts the speed layer again with `args`: every cart's profile is stored, folded once,
+/// every trigger is in Kafka, and it is ready.
+async fn restart_stores_every_cart_once_and_every_push(
+    f: &Fixture,
+    args: &[&str],
+    events: &[Event],
+    expected: &BTreeSet<String>,
+) {
+    let (mut speed, port) = spawn_measured(f, args);
+    let docs = f.wait_for_events(events.len() as u64).await;
+    assert_eq!(docs.len(), events.len(), "every profile is stored");
+    for doc in docs.values() {
+        assert_eq!(doc["event_count"], 1, "each cart folded once: {doc}");
+    }
+    assert_eq!(
+        &fired_keys(&f.triggers, expected.len()),
+        expected,
+        "every cart's trigger is in Kafka"
+    );
+    let (status, _) = poll_until(port, "/readyz", |s, _| s == 200).await;
+    assert_eq!(status, 200);
     terminate(&mut speed);
 }

@@ -57,6 +57,16 @@ pub async fn terminate_in_time(child: &mut Child) -> ExitStatus {
     unsafe {
         libc::kill(child.id() as i32, libc::SIGTERM);
     }
+    exit_within_patience(child, "SIGTERM did not stop the process").await
+}
+
+/// Waits for `child` to exit by itself; panics (after killing it) when it is still running
+/// after PATIENCE.
+pub async fn wait_exit(child: &mut Child) -> ExitStatus {
+    exit_within_patience(child, "the process did not exit by itself").await
+}
+
+async fn exit_within_patience(child: &mut Child, failure: &str) -> ExitStatus {
     let deadline = Instant::now() + PATIENCE;
     loop {
         if let Some(status) = child.try_wait().expect("wait") {
@@ -64,7 +74,7 @@ pub async fn terminate_in_time(child: &mut Child) -> ExitStatus {
         }
         if Instant::now() > deadline {
             let _ = child.kill();
-            panic!("SIGTERM did not stop the process");
+            panic!("{failure}");
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
     }

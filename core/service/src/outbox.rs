@@ -9,6 +9,12 @@
 //! `confirm` that succeeded, so a refusal holds the consumer back (and is counted, logged and
 //! reported to readiness by the caller) instead of losing the record; and it never spins, since
 //! the caller confirms again only after its backoff.
+//!
+//! The one failure that waiting cannot cure is a fatal error of the idempotent producer
+//! (librdkafka can no longer promise no duplicates and no reordering, and refuses every record
+//! from then on). Then `confirm` says [`OutboxError::Fatal`] and stops the process through its
+//! [`Shutdown`]: nothing unacknowledged was committed, so the restarted service (a fresh
+//! producer) sends it all again.
 
 use std::sync::Mutex;
 use std::time::Duration;
@@ -45,6 +51,22 @@ pub enum OutboxError {
         topic: String,
         error: String,
     },
+    /// The producer failed for good; the process is stopping.
+    #[error("the Kafka producer failed for good ({0}); stopping: nothing unacknowledged was committed, a restart sends it again")]
+    Fatal(String),
+}
+
+/// Whether `error` is librdkafka's fatal error, which no retry cures (the idempotent producer
+/// refuses every record after one): a retry loop stops on it, and the process exits.
+pub fn is_fatal(error: &KafkaError) -> bool {
+    error.rdkafka_error_code() == Some(RDKafkaErrorCode::Fatal)
+}
+
+/// The fatal error `client` raised, if any, as "code: reason".
+pub fn fatal_error<C: ClientContext>(client: &rdkafka::client::Client<C>) -> Option<String> {
+    client
+        .fatal_error()
+        .map(|(code, reason)| format!("{code}: {reason}"))
 }
 
 /// A record Kafka did not take, kept to be sent again.
@@ -183,15 +205,24 @@ impl Outbox {
         self.send(topic, key, payload, headers);
     }
 
+    /// The producer's fatal error, if it raised one (see [`OutboxError::Fatal`]).
+    pub fn fatal_error(&self) -> Option<String> {
+        fatal_error(self.producer.client())
+    }
+
     /// Sends again what Kafka refused before, then waits (at most `timeout`) until every
     /// record sent so far is acknowledged. `Ok` only if none is in flight or refused: then
-    /// the offsets and markers that cover them may move.
+    /// the offsets and markers that cover them may move. On a fatal producer error it stops
+    /// the process (see the module doc).
     pub fn confirm(&self, timeout: Duration) -> Result<(), OutboxError> {
+        self.check_fatal()?;
         for r in self.producer.context().take() {
             let headers = r.headers.unwrap_or_default();
             self.send(&r.topic, &r.key, &r.payload, headers);
         }
-        self.producer.flush(timeout).map_err(OutboxError::Pending)?;
+        let flushed = self.producer.flush(timeout);
+        self.check_fatal()?;
+        flushed.map_err(OutboxError::Pending)?;
         let refused = self.producer.context().take();
         let Some(first) = refused.first() else {
             return Ok(());
@@ -203,6 +234,37 @@ impl Outbox {
         };
         self.producer.context().put_back(refused);
         Err(error)
+    }
+
+    /// Makes the producer raise a fatal error as a broker's out-of-sequence answer would
+    /// (librdkafka's own testing hook), so that tests can see what a service does then.
+    #[doc(hidden)]
+    pub fn inject_fatal_error(&self, reason: &str) {
+        use rdkafka::bindings::{rd_kafka_resp_err_t, rd_kafka_test_fatal_error};
+        let reason = std::ffi::CString::new(reason.replace('\0', " ")).unwrap_or_default();
+        // SAFETY: the client pointer is live for as long as `self`, and librdkafka copies the
+        // reason before returning.
+        unsafe {
+            rd_kafka_test_fatal_error(
+                self.producer.client().native_ptr(),
+                rd_kafka_resp_err_t::RD_KAFKA_RESP_ERR_OUT_OF_ORDER_SEQUENCE_NUMBER,
+                reason.as_ptr(),
+            );
+        }
+    }
+
+    fn check_fatal(&self) -> Result<(), OutboxError> {
+        let Some(reason) = self.fatal_error() else {
+            return Ok(());
+        };
+        if !self.shutdown.is_stopped() {
+            tracing::error!(
+                reason,
+                "the Kafka producer failed for good; stopping the process"
+            );
+            self.shutdown.stop();
+        }
+        Err(OutboxError::Fatal(reason))
     }
 }
 

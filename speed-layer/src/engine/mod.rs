@@ -54,6 +54,9 @@ pub enum EngineError {
     Config(String),
     #[error("runtime: {0}")]
     Runtime(#[from] std::io::Error),
+    /// The triggers/dead-letter producer failed for good (see `pulse_service::outbox`).
+    #[error("{0}")]
+    Outbox(#[from] pulse_service::outbox::OutboxError),
 }
 
 /// Everything the loop and the rebalance callback share.
@@ -67,6 +70,8 @@ pub(crate) struct Engine {
     journal: PoisonJournal,
     /// Test-only fault injection: panic while folding this message id.
     failpoint: Option<String>,
+    /// Test-only fault injection: the outbox's producer fails for good at this message id.
+    failpoint_fatal: Option<String>,
 }
 
 type SpeedConsumer = GroupConsumer<Engine>;
@@ -113,6 +118,7 @@ pub fn run(
         poison,
         journal,
         failpoint: config.failpoint_panic_message_id.clone(),
+        failpoint_fatal: config.failpoint_fatal_producer_message_id.clone(),
     }));
     let mut consumer_config = config.kafka.consumer_config(&config.group);
     consumer_config.set("max.poll.interval.ms", "600000");
@@ -186,8 +192,14 @@ pub fn run(
         profiles_in_memory: engine.state.cache.len(),
         peak_rss_kb: peak_rss_kb(),
     };
+    let fatal = engine.outbox.fatal_error();
     drop(engine);
     consumer.unsubscribe();
+    // Stopped by a producer that failed for good: exit with its error, so the restart (a
+    // fresh producer) re-reads and re-sends what this run did not commit.
+    if let Some(reason) = fatal {
+        return Err(pulse_service::outbox::OutboxError::Fatal(reason).into());
+    }
     Ok(summary)
 }
 

@@ -97,6 +97,16 @@ impl SpeedOutbox {
         );
     }
 
+    /// The producer's fatal error, if it raised one: the outbox then stopped the process.
+    pub fn fatal_error(&self) -> Option<String> {
+        self.outbox.fatal_error()
+    }
+
+    /// Test-only: see `SpeedConfig::failpoint_fatal_producer_message_id`.
+    pub fn inject_fatal_error(&self, reason: &str) {
+        self.outbox.inject_fatal_error(reason);
+    }
+
     /// The state's effects: this outbox, and commits through `commit`.
     pub fn effects<'a>(&'a self, commit: &'a dyn Commit) -> KafkaEffects<'a> {
         KafkaEffects {
@@ -128,5 +138,9 @@ impl Effects for KafkaEffects<'_> {
             .outbox
             .confirm(CONFIRM_TIMEOUT)
             .map_err(|e| e.to_string())
+    }
+
+    fn failed_for_good(&self) -> bool {
+        self.outbox.fatal_error().is_some()
     }
 }

@@ -158,6 +158,9 @@ impl Engine {
         if self.failpoint.as_deref() == Some(event.message_id.as_str()) {
             panic!("failpoint: folding message_id {}", event.message_id);
         }
+        if self.failpoint_fatal.as_deref() == Some(event.message_id.as_str()) {
+            self.outbox.inject_fatal_error("failpoint");
+        }
         match self.state.fold(event, id, partition, offset, clock) {
             // Already in the profile, or a client retry folded once already (its triggers
             // fired then).

@@ -37,6 +37,11 @@ pub(crate) trait Effects: Commit {
     /// Waits until every trigger and dead letter sent so far is acknowledged: the records
     /// behind them may be committed only then.
     fn confirm(&self) -> Result<(), String>;
+    /// Whether the side outputs can never be confirmed again (a fatal producer error): a
+    /// flush that must get through stops trying.
+    fn failed_for_good(&self) -> bool {
+        false
+    }
 }
 
 /// How the state folds, flushes and evicts.
@@ -265,6 +270,7 @@ impl<S: DocumentStore> ProfileState<S> {
                 return true;
             }
             match waits.next() {
+                Some(_) if fx.failed_for_good() => return false,
                 Some(wait) => std::thread::sleep(wait),
                 None => return false,
             }

@@ -14,9 +14,10 @@ use std::collections::{HashMap, HashSet};
 use std::time::Duration;
 
 use pulse_core::kafka::{ensure_topics, KafkaArgs, TopicSpec};
+use pulse_service::outbox::{fatal_error, is_fatal};
 use pulse_service::Shutdown;
 use rdkafka::consumer::{BaseConsumer, Consumer};
-use rdkafka::producer::{FutureProducer, FutureRecord};
+use rdkafka::producer::{FutureProducer, FutureRecord, Producer};
 use rdkafka::{Message, Offset, TopicPartitionList};
 use serde::{Deserialize, Serialize};
 
@@ -63,6 +64,10 @@ pub enum LedgerError {
     NoTriggersTopic(String),
     #[error("stopped before the state was written")]
     Stopped,
+    /// A producer failed for good (see `pulse_service::outbox::is_fatal`); the process stops,
+    /// and the restart handles every uncommitted trigger again.
+    #[error("the Kafka producer failed for good ({0}); a restart handles every uncommitted trigger again")]
+    Producer(String),
 }
 
 /// The pushes of the users of the triggers partitions this notifier owns.
@@ -103,6 +108,11 @@ impl PushLedger {
             kafka: kafka.clone(),
             producer: kafka.producer_config().create()?,
         })
+    }
+
+    /// The fatal error the state producer raised, if any.
+    pub fn fatal_error(&self) -> Option<String> {
+        fatal_error(self.producer.client())
     }
 
     /// Whether `key` was delivered to `user` within the horizon.
@@ -186,7 +196,7 @@ impl PushLedger {
             .run(
                 shutdown,
                 "push state write",
-                |_| true,
+                |e| !is_fatal(e),
                 || {
                     let record = FutureRecord::to(topic)
                         .partition(partition)

@@ -20,11 +20,11 @@ use std::time::Duration;
 use chrono::Utc;
 use pulse_core::kafka::KafkaArgs;
 use pulse_service::consumer::{Commit, GroupContext, PartitionOwner};
-use pulse_service::outbox::{dead_letter_headers, Source};
+use pulse_service::outbox::{dead_letter_headers, fatal_error, is_fatal, Source};
 use pulse_service::{RetryPolicy, Shutdown};
 use rdkafka::consumer::{CommitMode, Consumer, StreamConsumer};
 use rdkafka::message::{BorrowedMessage, Message};
-use rdkafka::producer::{FutureProducer, FutureRecord};
+use rdkafka::producer::{FutureProducer, FutureRecord, Producer};
 
 use crate::metrics as m;
 use crate::triggers::TriggerMessage;
@@ -225,6 +225,13 @@ impl Notifier {
                 tracing::warn!(error = %e, "commit failed");
             }
         }
+        // A producer that failed for good ends the loop (its retries stop on it): exit with
+        // the error, so the restart, with fresh producers, handles the uncommitted triggers.
+        let fatal = fatal_error(self.producer.client()).or_else(|| ledger.fatal_error());
+        if let Some(reason) = fatal {
+            tracing::error!(reason, "a Kafka producer failed for good; stopping");
+            return Err(LedgerError::Producer(reason));
+        }
         tracing::info!("notifier stopped");
         Ok(())
     }
@@ -311,7 +318,7 @@ impl Notifier {
             .run(
                 shutdown,
                 "dead letter",
-                |_| true,
+                |e| !is_fatal(e),
                 || {
                     let source = Source {
                         topic: msg.topic(),

@@ -24,7 +24,7 @@ use serde_json::Value;
 pub use pulse_tests::data::{generate, produce, produce_raw};
 #[allow(unused_imports)] // each test file uses its own subset
 pub use pulse_tests::process::{
-    free_port, log_file, poll_until, terminate, terminate_in_time, wait_until,
+    free_port, log_file, poll_until, terminate, terminate_in_time, wait_exit, wait_until,
 };
 #[allow(unused_imports)] // each test file uses its own subset
 pub use pulse_tests::set_topic_config;
