@@ -131,7 +131,8 @@ const ARCHIVER_BATCH: usize = 1_000;
 struct Unit {
     first: i64,
     last: i64,
-    events: Vec<Event>,
+    /// The unit's events with their offsets, in offset order.
+    events: Vec<(i64, Event)>,
     bytes: usize,
     opened: Instant,
 }
@@ -337,7 +338,7 @@ pub fn run(
 /// The unit's Parquet bytes. `PULSE_FAILPOINT_PARQUET_OFFSET=<offset>` (tests only) makes the
 /// build of a unit that holds that offset fail, as a bug in the writer would.
 fn build_parquet(
-    events: &[Event],
+    events: &[(i64, Event)],
     codec: Codec,
     range: FileRange,
 ) -> Result<Vec<u8>, ArchiverError> {
@@ -356,7 +357,7 @@ fn build_parquet(
     if fail_at.is_some_and(|o| (range.first..=range.last).contains(&o)) {
         return Err(failed("failpoint PULSE_FAILPOINT_PARQUET_OFFSET".into()));
     }
-    parquet_file::write(events, codec).map_err(|e| failed(e.to_string()))
+    parquet_file::write(range.partition, events, codec).map_err(|e| failed(e.to_string()))
 }
 
 /// A roll given up because the process stops is not an error: the range is read again by the
@@ -416,7 +417,7 @@ impl State {
             Ok(event) => {
                 unit.bytes += payload.len();
                 self.buffered += payload.len();
-                unit.events.push(event);
+                unit.events.push((msg.offset(), event));
             }
             Err(reason) => {
                 metrics::counter!(metric::DEAD_LETTERED).increment(1);
@@ -498,9 +499,12 @@ impl State {
             first: unit.first,
             last: unit.last,
         };
-        let mut by_date: BTreeMap<NaiveDate, Vec<Event>> = BTreeMap::new();
-        for e in unit.events {
-            by_date.entry(e.timestamp.date_naive()).or_default().push(e);
+        let mut by_date: BTreeMap<NaiveDate, Vec<(i64, Event)>> = BTreeMap::new();
+        for (offset, e) in unit.events {
+            by_date
+                .entry(e.timestamp.date_naive())
+                .or_default()
+                .push((offset, e));
         }
         let mut files = Vec::with_capacity(by_date.len());
         for (dt, events) in &by_date {

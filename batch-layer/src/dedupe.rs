@@ -29,8 +29,8 @@ pub fn columns() -> String {
 
 /// Columns that break ties after `received_at`, so every engine keeps the same row: ingest
 /// stamps one receive time per request, and a client could send two different events with
-/// one id in it. (A producer retry writes the same record twice: identical rows, either will
-/// do.) NULLs sort first everywhere, as BigQuery does by default.
+/// one id in it. (A producer retry writes the same record twice: identical rows bar their
+/// offsets, and the first offset is kept.) NULLs sort first everywhere, as BigQuery does by default.
 const TIE_BREAKERS: &[&str] = &[
     "timestamp",
     "event",
@@ -39,6 +39,9 @@ const TIE_BREAKERS: &[&str] = &[
     "session_id",
     "current_url",
     "search_query",
+    // Last: the record's position, unique, so the kept row never depends on the engine.
+    "kafka_partition",
+    "kafka_offset",
 ];
 
 /// `SELECT <columns> FROM <source> [WHERE <filter>]`, keeping the first received row of

@@ -6,11 +6,13 @@
 //! - [`dedupe`]: the rule every reader applies: each `(partner_id, message_id)` once.
 //! - [`store`]: the object store (local directory, `s3://`, `gs://`).
 //! - [`warehouse`]: BigQuery: the day-partitioned table, daily loads, BI SQL on BigQuery.
+//!
+//! [`layout`], [`parquet_file`] and [`store`] are the archive's format, in `pulse-archive`
+//! (the speed layer's recompute reads the archive too).
 
 pub mod archiver;
 pub mod dedupe;
-pub mod layout;
-pub mod parquet_file;
 pub mod sql;
-pub mod store;
 pub mod warehouse;
+
+pub use pulse_archive::{layout, parquet_file, store};

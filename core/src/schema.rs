@@ -9,11 +9,28 @@ use arrow_schema::{DataType, Field, Schema, TimeUnit};
 pub const AMOUNT_PRECISION: u8 = 38;
 pub const AMOUNT_SCALE: i8 = 9;
 
+/// The nine optional text fields of an event between `date` and `category`, in column order
+/// (the writer and the reader of the archive walk them together).
+pub const DESCRIPTIVE_STRINGS: [&str; 9] = [
+    "session_id",
+    "partner_name",
+    "country",
+    "language",
+    "version",
+    "user_agent",
+    "referrer",
+    "current_url",
+    "page_type",
+];
+
 /// Columns in archive order. `date` is the UTC day of `timestamp`, the partition column.
+/// The last two say where the event was read (the `events` topic's partition and offset), not
+/// what it is: they make the archive an exact prefix of the topic, so a recompute folds each
+/// partition's rows in offset order and hands over to Kafka at an exact offset.
 pub fn event_schema() -> Schema {
     let utc = Some(Arc::from("UTC"));
     let text = |name: &str| Field::new(name, DataType::Utf8, true);
-    Schema::new(vec![
+    let mut fields = vec![
         Field::new("message_id", DataType::Utf8, false),
         Field::new("event", DataType::Utf8, false),
         Field::new("partner_id", DataType::Utf8, false),
@@ -30,15 +47,9 @@ pub fn event_schema() -> Schema {
             false,
         ),
         Field::new("date", DataType::Date32, false),
-        text("session_id"),
-        text("partner_name"),
-        text("country"),
-        text("language"),
-        text("version"),
-        text("user_agent"),
-        text("referrer"),
-        text("current_url"),
-        text("page_type"),
+    ];
+    fields.extend(DESCRIPTIVE_STRINGS.map(text));
+    fields.extend([
         Field::new(
             "category",
             DataType::List(Arc::new(Field::new("item", DataType::Utf8, true))),
@@ -56,14 +67,18 @@ pub fn event_schema() -> Schema {
         // Free objects as JSON text: BigQuery's JSON type loads from a string column.
         text("properties"),
         text("context"),
-    ])
+        Field::new("kafka_partition", DataType::Int64, false),
+        Field::new("kafka_offset", DataType::Int64, false),
+    ]);
+    Schema::new(fields)
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
 
-    /// Every field of the canonical event has a column, and nothing else does (bar `date`).
+    /// Every field of the canonical event has a column, and nothing else does (bar `date` and
+    /// the record's position).
     #[test]
     fn schema_covers_event_fields() {
         let e = crate::parse::parse_event(
@@ -77,7 +92,7 @@ mod tests {
         .unwrap();
         let json: serde_json::Value = serde_json::from_slice(&e.to_canonical_json()).unwrap();
         let mut event_fields: Vec<String> = json.as_object().unwrap().keys().cloned().collect();
-        event_fields.push("date".into());
+        event_fields.extend(["date", "kafka_partition", "kafka_offset"].map(String::from));
         event_fields.sort();
         let mut columns: Vec<String> = event_schema()
             .fields()

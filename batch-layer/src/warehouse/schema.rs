@@ -26,6 +26,7 @@ fn scalar(t: &DataType) -> Option<(FieldType, &'static str)> {
         DataType::Utf8 => (FieldType::String, "STRING"),
         DataType::Boolean => (FieldType::Bool, "BOOL"),
         DataType::Date32 => (FieldType::Date, "DATE"),
+        DataType::Int64 => (FieldType::Integer, "INT64"),
         DataType::Timestamp(_, _) => (FieldType::Timestamp, "TIMESTAMP"),
         // BigQuery NUMERIC is exactly DECIMAL(38, 9): every cent survives the load.
         DataType::Decimal128(p, s) if (*p, *s) == (AMOUNT_PRECISION, AMOUNT_SCALE) => {

@@ -1,10 +1,12 @@
-//! Events → one Parquet file, in the Arrow schema of `pulse-core` (the one source of truth).
+//! Events → one Parquet file, in the Arrow schema of `pulse-core` (the one source of truth),
+//! each with the Kafka partition and offset it was read at; and back ([`read`]), for the
+//! readers that fold the archive (recompute) rather than query it.
 
 use std::sync::Arc;
 
 use arrow::array::{
-    ArrayRef, BooleanBuilder, Date32Builder, Decimal128Builder, ListBuilder, StringBuilder,
-    TimestampMicrosecondBuilder,
+    ArrayRef, BooleanBuilder, Date32Builder, Decimal128Builder, Int64Builder, ListBuilder,
+    StringBuilder, TimestampMicrosecondBuilder,
 };
 use arrow::record_batch::RecordBatch;
 use chrono::NaiveDate;
@@ -21,6 +23,9 @@ pub enum ParquetError {
     Arrow(#[from] arrow::error::ArrowError),
     #[error("parquet: {0}")]
     Parquet(#[from] parquet::errors::ParquetError),
+    /// A file that is not in the archive's schema (a missing column, a wrong type).
+    #[error("not an archive file: {0}")]
+    Schema(String),
 }
 
 /// Codec of the archive files.
@@ -46,9 +51,17 @@ const EPOCH: NaiveDate = match NaiveDate::from_ymd_opt(1970, 1, 1) {
     None => panic!("valid date"),
 };
 
-/// The events as one Arrow record batch.
-pub fn record_batch(events: &[Event]) -> Result<RecordBatch, ParquetError> {
-    let n = events.len();
+/// An archived event and where it was read in the `events` topic.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Archived {
+    pub partition: i32,
+    pub offset: i64,
+    pub event: Event,
+}
+
+/// The events of `partition`, each with its offset, as one Arrow record batch.
+pub fn record_batch(partition: i32, rows: &[(i64, Event)]) -> Result<RecordBatch, ParquetError> {
+    let n = rows.len();
     let text = || StringBuilder::with_capacity(n, n * 16);
     let (mut message_id, mut event, mut partner_id, mut user_id, mut anonymous_id) =
         (text(), text(), text(), text(), text());
@@ -63,8 +76,12 @@ pub fn record_batch(events: &[Event]) -> Result<RecordBatch, ParquetError> {
     let mut gender = text();
     let mut init_session = BooleanBuilder::with_capacity(n);
     let (mut properties, mut context) = (text(), text());
+    let mut kafka_partition = Int64Builder::with_capacity(n);
+    let mut kafka_offset = Int64Builder::with_capacity(n);
 
-    for e in events {
+    for (offset, e) in rows {
+        kafka_partition.append_value(partition as i64);
+        kafka_offset.append_value(*offset);
         message_id.append_value(&e.message_id);
         event.append_value(&e.event);
         partner_id.append_value(&e.partner_id);
@@ -132,6 +149,8 @@ pub fn record_batch(events: &[Event]) -> Result<RecordBatch, ParquetError> {
         Arc::new(init_session.finish()),
         Arc::new(properties.finish()),
         Arc::new(context.finish()),
+        Arc::new(kafka_partition.finish()),
+        Arc::new(kafka_offset.finish()),
     ]);
     Ok(RecordBatch::try_new(Arc::new(event_schema()), columns)?)
 }
@@ -144,15 +163,15 @@ fn scaled(d: Decimal) -> Option<i128> {
     (d.scale() == AMOUNT_SCALE as u32).then(|| d.mantissa())
 }
 
-/// The events as a Parquet file in memory.
-pub fn write(events: &[Event], codec: Codec) -> Result<Vec<u8>, ParquetError> {
-    let batch = record_batch(events)?;
+/// The events of `partition` (with their offsets) as a Parquet file in memory.
+pub fn write(partition: i32, rows: &[(i64, Event)], codec: Codec) -> Result<Vec<u8>, ParquetError> {
+    let batch = record_batch(partition, rows)?;
     let props = WriterProperties::builder()
         .set_compression(codec.compression())
         .set_max_row_group_row_count(Some(128 * 1024))
         .set_created_by("pulse-archiver".into())
         .build();
-    let mut out = Vec::with_capacity(events.len() * 64);
+    let mut out = Vec::with_capacity(rows.len() * 64);
     let mut writer = ArrowWriter::try_new(&mut out, batch.schema(), Some(props))?;
     writer.write(&batch)?;
     writer.close()?;
@@ -162,28 +181,50 @@ pub fn write(events: &[Event], codec: Codec) -> Result<Vec<u8>, ParquetError> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder;
     use pulse_core::{parse_event, ParseContext};
 
+    /// Written and read back, every event is what it was (amounts equal as numbers), with
+    /// its partition and offset.
     #[test]
     fn writes_and_reads_back() {
         let ctx = ParseContext::now();
-        let events: Vec<Event> = (0..100)
+        let rows: Vec<(i64, Event)> = (0..100)
             .map(|i| {
-                parse_event(
-                    &format!(r#"{{"event":"purchase","partner_id":"p","user_id":"u{i}","cart_amount":"{i}.25","category":["a","b"],"properties":{{"k":{i}}}}}"#),
-                    &ctx,
-                )
-                .unwrap()
+                let json = match i % 3 {
+                    0 => format!(r#"{{"event":"purchase","partner_id":"p","user_id":"u{i}","cart_amount":"{i}.25","category":["a","b"],"properties":{{"k":{i},"n":{{"x":[1,"y"]}}}}}}"#),
+                    1 => format!(r#"{{"event":"page_view","partner_id":"p","anonymous_id":"a{i}","gender":"f","init_session":true,"context":{{"ip":"1.2.3.4"}}}}"#),
+                    _ => format!(r#"{{"event":"add_to_cart","partner_id":"q","user_id":"u{i}","cart_amount":"0.000000001","country":"TR","timestamp":"2026-11-30T23:59:59.999Z"}}"#),
+                };
+                // As the archiver has it: read from Kafka (millisecond timestamps).
+                let event = parse_event(&json, &ctx).unwrap();
+                let event = Event::from_canonical_json(&event.to_canonical_json()).unwrap();
+                (1000 + 2 * i, event)
             })
             .collect();
-        let bytes = write(&events, Codec::Zstd).unwrap();
-        let reader = ParquetRecordBatchReaderBuilder::try_new(bytes::Bytes::from(bytes))
-            .unwrap()
-            .build()
-            .unwrap();
-        let batches: Vec<RecordBatch> = reader.map(|b| b.unwrap()).collect();
-        assert_eq!(batches.iter().map(|b| b.num_rows()).sum::<usize>(), 100);
-        assert_eq!(batches[0].schema().as_ref(), &event_schema());
+        let bytes = write(7, &rows, Codec::Zstd).unwrap();
+        let back = crate::reader::read(bytes::Bytes::from(bytes)).unwrap();
+        assert_eq!(back.len(), rows.len());
+        for (got, (offset, event)) in back.iter().zip(&rows) {
+            assert_eq!((got.partition, got.offset), (7, *offset));
+            assert_eq!(&got.event, event);
+        }
+    }
+
+    /// A file in another schema is refused with the column named, not misread.
+    #[test]
+    fn a_file_without_positions_is_refused() {
+        use arrow::array::StringArray;
+        let schema = arrow_schema::Schema::new(vec![arrow_schema::Field::new(
+            "message_id",
+            arrow_schema::DataType::Utf8,
+            false,
+        )]);
+        let batch = RecordBatch::try_new(
+            Arc::new(schema),
+            vec![Arc::new(StringArray::from(vec!["m"])) as ArrayRef],
+        )
+        .unwrap();
+        let err = crate::reader::rows(&batch).unwrap_err().to_string();
+        assert!(err.contains("no column"), "{err}");
     }
 }

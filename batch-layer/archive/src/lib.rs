@@ -1,0 +1,13 @@
+//! The master dataset's format, shared by the archiver that writes it and by every reader
+//! (the batch layer's SQL and loads, and the speed layer's recompute):
+//!
+//! - [`layout`]: where files and progress markers live, and which files count;
+//! - [`parquet_file`]: events (with their Kafka partition and offset) to a Parquet file and
+//!   back;
+//! - [`reader`]: an archive file back to events, for recompute;
+//! - [`store`]: opening the object store (local directory, `s3://`, `gs://`).
+
+pub mod layout;
+pub mod parquet_file;
+pub mod reader;
+pub mod store;
