@@ -443,10 +443,11 @@ impl State {
             let store = store.clone();
             async move {
                 let progress = layout::progress(store.as_ref()).await?.get(&p).copied();
-                for (path, _, range) in layout::all_files(store.as_ref(), None).await? {
+                for file in layout::all_files(store.as_ref(), None).await? {
+                    let range = file.range;
                     if range.partition == p && progress.is_none_or(|d| range.last > d) {
-                        tracing::warn!(%path, "deleting file of an unfinished unit");
-                        store.delete(&path).await?;
+                        tracing::warn!(path = %file.path, "deleting file of an unfinished unit");
+                        store.delete(&file.path).await?;
                     }
                 }
                 Ok(progress)

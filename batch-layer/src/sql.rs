@@ -81,7 +81,7 @@ async fn register_raw(ctx: &SessionContext, store: &dyn ObjectStore) -> Result<(
     }
     let urls = files
         .iter()
-        .map(|(path, _, _)| ListingTableUrl::parse(format!("{STORE_URL}/{path}")))
+        .map(|f| ListingTableUrl::parse(format!("{STORE_URL}/{}", f.path)))
         .collect::<Result<Vec<_>, _>>()?;
     let options =
         ListingOptions::new(Arc::new(ParquetFormat::default())).with_file_extension(".parquet");

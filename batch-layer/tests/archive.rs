@@ -116,7 +116,7 @@ async fn archive_holds_every_event_once_field_for_field() {
     // Files are partitioned by event date: every row's date matches its directory.
     let store = f.store();
     let files = layout::committed_files(store.as_ref(), None).await.unwrap();
-    let days: HashSet<_> = files.iter().map(|(_, d, _)| *d).collect();
+    let days: HashSet<_> = files.iter().map(|f| f.dt).collect();
     assert!(days.len() >= 3, "{days:?}");
 
     // An independent reader (DuckDB, from PyPI via `deploy/local/stack tools`) sees the same.

@@ -5,6 +5,7 @@
 //!   [`dedupe`]: the message ids a profile remembers, so a client retry counts once.
 //! - [`store`]: `ProfileStore`, profiles in Elasticsearch.
 //! - [`triggers`]: rules that fire on events; [`notifier`] delivers them to a webhook.
+//! - [`recompute`]: profiles rebuilt from the archive and Kafka into a new index, promoted.
 //! - [`poison`]: a record that made the process panic is dead-lettered on the restart.
 //! - [`api`]: the stateless profile lookup API (`/api/v1/getGender/{cid}`).
 
@@ -17,5 +18,6 @@ pub mod models;
 pub mod notifier;
 pub mod poison;
 pub mod profile;
+pub mod recompute;
 pub mod store;
 pub mod triggers;

@@ -161,9 +161,31 @@ impl ProfileStore {
         &self.args.alias
     }
 
+    /// A store that reads and writes the index `index` itself, not through the alias (a
+    /// recompute builds an index no alias points to yet).
+    pub fn on_index(&self, index: &str) -> Self {
+        let mut args = self.args.clone();
+        args.alias = index.to_string();
+        Self {
+            client: self.client.clone(),
+            args,
+        }
+    }
+
+    /// The client, for index administration (aliases, index metadata).
+    pub fn client(&self) -> &Elasticsearch {
+        &self.client
+    }
+
     /// Creates the index template, the index and the alias when missing. Idempotent.
     pub async fn setup(&self, shards: u32, replicas: u32) -> Result<Vec<String>, StoreError> {
-        let mut done = Vec::new();
+        let mut done = vec![self.put_template(shards, replicas).await?];
+        self.create_behind_alias(&mut done).await?;
+        Ok(done)
+    }
+
+    /// Puts the index template (the current mapping) for every `{alias}-*` index.
+    pub async fn put_template(&self, shards: u32, replicas: u32) -> Result<String, StoreError> {
         let pattern = format!("{}-*", self.args.alias);
         let template = json!({
             "index_patterns": [pattern],
@@ -189,11 +211,13 @@ impl ProfileStore {
             .send()
             .await?;
         check(resp).await?;
-        done.push(format!(
+        Ok(format!(
             "index template pulse-{} for {pattern}",
             self.args.alias
-        ));
+        ))
+    }
 
+    async fn create_behind_alias(&self, done: &mut Vec<String>) -> Result<(), StoreError> {
         let resp = self
             .client
             .indices()
@@ -240,7 +264,7 @@ impl ProfileStore {
                 body,
             });
         }
-        Ok(done)
+        Ok(())
     }
 
     /// Brings an index made by an older `setup` as close to the current mapping as
@@ -407,7 +431,9 @@ impl ProfileStore {
     }
 }
 
-async fn check(resp: elasticsearch::http::response::Response) -> Result<Value, StoreError> {
+pub(crate) async fn check(
+    resp: elasticsearch::http::response::Response,
+) -> Result<Value, StoreError> {
     let status = resp.status_code();
     let text = resp.text().await.map_err(StoreError::from)?;
     if !status.is_success() {

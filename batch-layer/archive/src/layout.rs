@@ -82,11 +82,22 @@ pub async fn progress(store: &dyn ObjectStore) -> object_store::Result<HashMap<i
     Ok(out)
 }
 
-/// Every data file, committed or not, optionally of one day.
+/// A data file of the archive.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ArchiveFile {
+    pub path: Path,
+    /// The UTC day of its events.
+    pub dt: NaiveDate,
+    pub range: FileRange,
+    /// Bytes in the object store.
+    pub size: u64,
+}
+
+/// Every data file, committed or not, optionally of one day, by day then range.
 pub async fn all_files(
     store: &dyn ObjectStore,
     dt: Option<NaiveDate>,
-) -> object_store::Result<Vec<(Path, NaiveDate, FileRange)>> {
+) -> object_store::Result<Vec<ArchiveFile>> {
     let prefix = match dt {
         Some(d) => Path::from(format!("{DATA_PREFIX}/dt={d}")),
         None => Path::from(DATA_PREFIX),
@@ -94,11 +105,16 @@ pub async fn all_files(
     let mut out = Vec::new();
     let mut list = store.list(Some(&prefix));
     while let Some(meta) = list.try_next().await? {
-        if let Some((d, r)) = parse_data_path(&meta.location) {
-            out.push((meta.location, d, r));
+        if let Some((dt, range)) = parse_data_path(&meta.location) {
+            out.push(ArchiveFile {
+                path: meta.location,
+                dt,
+                range,
+                size: meta.size,
+            });
         }
     }
-    out.sort_by_key(|f| (f.1, f.2));
+    out.sort_by_key(|f| (f.dt, f.range));
     Ok(out)
 }
 
@@ -107,12 +123,15 @@ pub async fn all_files(
 pub async fn committed_files(
     store: &dyn ObjectStore,
     dt: Option<NaiveDate>,
-) -> object_store::Result<Vec<(Path, NaiveDate, FileRange)>> {
+) -> object_store::Result<Vec<ArchiveFile>> {
     let done = progress(store).await?;
     Ok(all_files(store, dt)
         .await?
         .into_iter()
-        .filter(|(_, _, r)| done.get(&r.partition).is_some_and(|last| r.last <= *last))
+        .filter(|f| {
+            done.get(&f.range.partition)
+                .is_some_and(|last| f.range.last <= *last)
+        })
         .collect())
 }
 

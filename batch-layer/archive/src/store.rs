@@ -11,7 +11,12 @@ use object_store::ObjectStore;
 pub struct StoreArgs {
     /// Where the archive lives: a local directory (or `file:///abs/path`), `s3://bucket/prefix`
     /// or `gs://bucket/prefix`.
-    #[arg(long = "archive-url", env = "PULSE_ARCHIVE_URL", default_value = ".run/archive")]
+    #[arg(
+        id = "archive_url",
+        long = "archive-url",
+        env = "PULSE_ARCHIVE_URL",
+        default_value = ".run/archive"
+    )]
     pub url: String,
     /// Object-store options for the cloud backends, passed through (e.g.
     /// `google_service_account=/path/key.json`, `aws_region=eu-west-1`, `aws_endpoint=…`).

@@ -148,12 +148,11 @@ async fn main() -> anyhow::Result<()> {
         }
         Command::Files { date, store } => {
             let store = open_store(&store)?;
-            for (path, _, range) in
-                pulse_batch::layout::committed_files(store.as_ref(), date).await?
-            {
+            for file in pulse_batch::layout::committed_files(store.as_ref(), date).await? {
+                let range = file.range;
                 println!(
-                    "{path}  (partition {}, offsets {}..={})",
-                    range.partition, range.first, range.last
+                    "{}  (partition {}, offsets {}..={})",
+                    file.path, range.partition, range.first, range.last
                 );
             }
         }

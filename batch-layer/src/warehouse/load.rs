@@ -95,7 +95,7 @@ pub async fn load_day(
     let uris: Vec<String> = layout::committed_files(store, Some(date))
         .await?
         .into_iter()
-        .map(|(path, _, _)| format!("{source_prefix}/{path}"))
+        .map(|f| format!("{source_prefix}/{}", f.path))
         .collect();
     let mut report = LoadReport {
         date,

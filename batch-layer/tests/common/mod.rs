@@ -179,8 +179,8 @@ impl Fixture {
     pub async fn rows(&self) -> Vec<RecordBatch> {
         let store = self.store();
         let mut out = Vec::new();
-        for (path, _, _) in layout::committed_files(store.as_ref(), None).await.unwrap() {
-            let bytes = store.get(&path).await.unwrap().bytes().await.unwrap();
+        for file in layout::committed_files(store.as_ref(), None).await.unwrap() {
+            let bytes = store.get(&file.path).await.unwrap().bytes().await.unwrap();
             let reader = ParquetRecordBatchReaderBuilder::try_new(bytes)
                 .unwrap()
                 .build()

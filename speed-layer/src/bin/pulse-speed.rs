@@ -1,4 +1,5 @@
-//! `pulse-speed`: the speed layer (`run`) and its Elasticsearch setup (`setup`).
+//! `pulse-speed`: the speed layer (`run`), its Elasticsearch setup (`setup`) and the
+//! recompute of profiles into a new index (`recompute plan|run|promote|rollback`).
 
 #[global_allocator]
 static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
@@ -6,6 +7,7 @@ static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 use clap::{Parser, Subcommand};
 use pulse_service::{ops, Readiness, Shutdown};
 use pulse_speed::config::SpeedConfig;
+use pulse_speed::recompute::{self, RecomputeArgs};
 use pulse_speed::store::{EsArgs, ProfileStore};
 
 #[derive(Parser)]
@@ -33,6 +35,21 @@ enum Command {
         #[arg(long, env = "PULSE_PROFILES_REPLICAS", default_value_t = 0)]
         replicas: u32,
     },
+    /// Rebuild profiles from the archive and Kafka into a new index; promote; roll back.
+    #[command(subcommand)]
+    Recompute(Recompute),
+}
+
+#[derive(Subcommand)]
+enum Recompute {
+    /// Print what a run would read per partition; exit 2 on a retention gap.
+    Plan(Box<RecomputeArgs>),
+    /// Build (or resume) the index up to the live layer's commit.
+    Run(Box<RecomputeArgs>),
+    /// With the live layer stopped: catch the index up to its final commit, move the alias.
+    Promote(Box<RecomputeArgs>),
+    /// With the live layer stopped: catch the previous index up, move the alias back.
+    Rollback(Box<RecomputeArgs>),
 }
 
 fn main() -> anyhow::Result<()> {
@@ -52,7 +69,40 @@ fn main() -> anyhow::Result<()> {
             Ok(())
         }
         Command::Run(config) => run(*config),
+        Command::Recompute(command) => recompute(command),
     }
+}
+
+fn recompute(command: Recompute) -> anyhow::Result<()> {
+    pulse_core::telemetry::exit_on_panic();
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    let stop = rt.block_on(async { Shutdown::on_signals() });
+    let print = |value: serde_json::Value| println!("{value}");
+    match command {
+        Recompute::Plan(args) => {
+            let archive = match args.source {
+                recompute::Source::Archive => {
+                    Some(pulse_archive::store::open_store(&args.archive)?)
+                }
+                recompute::Source::Kafka => None,
+            };
+            let plan = rt.block_on(recompute::plan::make(&args, archive.as_deref()))?;
+            let rate = (args.max_events_per_sec > 0).then_some(args.max_events_per_sec as f64);
+            print!("{}", plan.render(rate));
+            if let Err(e) = plan.check() {
+                eprintln!("refused: {e}");
+                std::process::exit(2);
+            }
+        }
+        Recompute::Run(args) => print(serde_json::to_value(recompute::run(&args, stop)?)?),
+        Recompute::Promote(args) => print(serde_json::to_value(recompute::promote(&args, stop)?)?),
+        Recompute::Rollback(args) => {
+            print(serde_json::to_value(recompute::rollback(&args, stop)?)?)
+        }
+    }
+    Ok(())
 }
 
 fn run(config: SpeedConfig) -> anyhow::Result<()> {

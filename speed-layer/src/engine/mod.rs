@@ -19,10 +19,10 @@
 
 mod cache;
 mod flush;
-mod outbox;
+pub(crate) mod outbox;
 mod rebalance;
 mod records;
-mod state;
+pub(crate) mod state;
 #[cfg(test)]
 mod tests;
 
@@ -88,14 +88,7 @@ pub fn run(
         tracing::warn!(records = poison.len(), journal = %journal.path().display(),
             "records that made an earlier run panic will be dead-lettered");
     }
-    crate::models::windowed_gender::set_window_days(config.window_days);
-    let settings = Settings {
-        kinds: crate::models::select(&config.models).map_err(EngineError::Config)?,
-        dedupe: config.dedupe.clone(),
-        policy: config.flush.clone(),
-        max_profiles: config.max_profiles,
-        idle_evict: Duration::from_secs(config.idle_evict_secs),
-    };
+    let settings = Settings::of(config)?;
     let rules = match &config.rules_file {
         Some(path) => RuleSet::load(path).map_err(|e| EngineError::Config(e.to_string()))?,
         None => RuleSet::default(),

@@ -54,6 +54,22 @@ pub(crate) struct Settings {
     pub idle_evict: Duration,
 }
 
+impl Settings {
+    /// The settings `config` asks for: the models, dedupe, flush and memory rules. Every
+    /// process that folds profiles (the live layer, a recompute) takes them from here, so the
+    /// same flags give the same profiles.
+    pub fn of(config: &crate::config::SpeedConfig) -> Result<Self, super::EngineError> {
+        crate::models::windowed_gender::set_window_days(config.window_days);
+        Ok(Self {
+            kinds: crate::models::select(&config.models).map_err(super::EngineError::Config)?,
+            dedupe: config.dedupe.clone(),
+            policy: config.flush.clone(),
+            max_profiles: config.max_profiles,
+            idle_evict: Duration::from_secs(config.idle_evict_secs),
+        })
+    }
+}
+
 /// What the state did, for the run summary.
 #[derive(Debug, Default, Clone, Copy)]
 pub(crate) struct Counts {

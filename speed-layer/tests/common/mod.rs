@@ -159,18 +159,7 @@ impl Fixture {
 
     /// All profile documents, by id (realtime GETs via a search after refresh).
     pub async fn documents(&self) -> HashMap<String, Value> {
-        self.store.refresh().await.expect("refresh");
-        let body = self
-            .store
-            .search(serde_json::json!({"size": 10000, "query": {"match_all": {}}}))
-            .await
-            .expect("search");
-        body["hits"]["hits"]
-            .as_array()
-            .into_iter()
-            .flatten()
-            .map(|h| (h["_id"].as_str().unwrap().to_string(), h["_source"].clone()))
-            .collect()
+        documents_in(&self.store).await
     }
 
     /// Waits until the documents hold every event (sum of event_count == n), or PATIENCE.
@@ -188,6 +177,21 @@ impl Fixture {
             tokio::time::sleep(Duration::from_millis(500)).await;
         }
     }
+}
+
+/// Every document `store` reads (through its alias or index), by id, after a refresh.
+pub async fn documents_in(store: &ProfileStore) -> HashMap<String, Value> {
+    store.refresh().await.expect("refresh");
+    let body = store
+        .search(serde_json::json!({"size": 10000, "query": {"match_all": {}}}))
+        .await
+        .expect("search");
+    body["hits"]["hits"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .map(|h| (h["_id"].as_str().unwrap().to_string(), h["_source"].clone()))
+        .collect()
 }
 
 fn es_args(alias: &str) -> EsArgs {

@@ -74,6 +74,15 @@ where
     }
 }
 
+/// Commits through any consumer of `topic` (one that assigns its partitions itself, as a
+/// recompute does, commits under its `group.id` all the same).
+pub fn topic_committer<'a, C: ConsumerContext>(
+    consumer: &'a BaseConsumer<C>,
+    topic: &'a str,
+) -> impl Commit + 'a {
+    TopicCommit { consumer, topic }
+}
+
 struct TopicCommit<'a, C: ConsumerContext> {
     consumer: &'a BaseConsumer<C>,
     topic: &'a str,

@@ -15,8 +15,8 @@ pub mod group;
 pub mod positions;
 
 pub use group::{
-    committer, is_end_of_partition, join, lock, poll_batch, EndOfPartitions, GroupConsumer,
-    GroupContext, PartitionOwner,
+    committer, is_end_of_partition, join, lock, poll_batch, topic_committer, EndOfPartitions,
+    GroupConsumer, GroupContext, PartitionOwner,
 };
 pub use positions::Positions;
 

@@ -1,0 +1,96 @@
+//! The Elasticsearch side of a recompute: the new index, the alias that portals read, and the
+//! record a promotion leaves in the new index's `_meta` (which index it replaced, and where
+//! that index's events stopped), so that a rollback knows where to go back to.
+
+use elasticsearch::http::StatusCode;
+use elasticsearch::indices::{
+    IndicesCreateParts, IndicesGetAliasParts, IndicesGetMappingParts, IndicesPutMappingParts,
+};
+use serde_json::{json, Value};
+
+use crate::store::{check, ProfileStore, StoreError};
+
+/// The index `alias` points to now, if any.
+pub async fn alias_target(store: &ProfileStore, alias: &str) -> Result<Option<String>, StoreError> {
+    let resp = store
+        .client()
+        .indices()
+        .get_alias(IndicesGetAliasParts::Name(&[alias]))
+        .send()
+        .await?;
+    if resp.status_code() == StatusCode::NOT_FOUND {
+        return Ok(None);
+    }
+    let body = check(resp).await?;
+    Ok(body.as_object().and_then(|o| o.keys().next().cloned()))
+}
+
+/// Creates `index` (the template of `{alias}-*` gives it the current mapping) unless it
+/// exists; whether it was created.
+pub async fn create_index(store: &ProfileStore, index: &str) -> Result<bool, StoreError> {
+    let resp = store
+        .client()
+        .indices()
+        .create(IndicesCreateParts::Index(index))
+        .send()
+        .await?;
+    let status = resp.status_code();
+    let body = resp.text().await.unwrap_or_default();
+    if status.is_success() {
+        return Ok(true);
+    }
+    if status == StatusCode::BAD_REQUEST && body.contains("resource_already_exists_exception") {
+        return Ok(false);
+    }
+    Err(StoreError::Status {
+        status: status.as_u16(),
+        body,
+    })
+}
+
+/// Moves `alias` from `from` to `to` in one `_aliases` request: a search through the alias
+/// sees one index or the other, never neither.
+pub async fn swap(
+    store: &ProfileStore,
+    alias: &str,
+    from: Option<&str>,
+    to: &str,
+) -> Result<(), StoreError> {
+    let mut actions = Vec::new();
+    if let Some(from) = from {
+        actions.push(json!({"remove": {"index": from, "alias": alias}}));
+    }
+    actions.push(json!({"add": {"index": to, "alias": alias, "is_write_index": true}}));
+    let resp = store
+        .client()
+        .indices()
+        .update_aliases()
+        .body(json!({ "actions": actions }))
+        .send()
+        .await?;
+    check(resp).await.map(|_| ())
+}
+
+/// The `_meta` of `index`'s mapping (`Null` when it has none).
+pub async fn meta(store: &ProfileStore, index: &str) -> Result<Value, StoreError> {
+    let resp = store
+        .client()
+        .indices()
+        .get_mapping(IndicesGetMappingParts::Index(&[index]))
+        .send()
+        .await?;
+    let body = check(resp).await?;
+    Ok(body[index]["mappings"]["_meta"].clone())
+}
+
+/// Replaces the `_meta` of `index`'s mapping.
+pub async fn set_meta(store: &ProfileStore, index: &str, meta: Value) -> Result<(), StoreError> {
+    let resp = store
+        .client()
+        .indices()
+        .put_mapping(IndicesPutMappingParts::Index(&[index]))
+        .body(json!({ "_meta": meta }))
+        .send()
+        .await?;
+    check(resp).await.map(|_| ())
+}

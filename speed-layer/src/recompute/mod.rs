@@ -1,0 +1,95 @@
+//! Recompute: profiles rebuilt from the master dataset into a new index, verified, promoted
+//! with one alias switch, rolled back.
+//!
+//! A cut-off is a vector of offsets, not a time. The archive's rows carry their Kafka
+//! partition and offset, so each partition is folded in offset order from the archive, then
+//! from Kafka where the archive ends, up to the live layer's commit, by the live layer's own
+//! state and models ([`run`]). Documents carry the same watermarks and external versions as
+//! the live layer writes, so when the live layer, stopped and started again, resumes at its
+//! commit against the new index, the handover is exact ([`promote`]).
+//!
+//! - [`plan`]: what will be read, per partition, and the retention gaps that refuse a run;
+//! - [`run`]: the fold, resumable through the group `recompute-<index>`;
+//! - [`promote`]: catch up, switch the alias, record the previous index; and roll back;
+//! - [`indices`]: the index, the alias and the record a promotion leaves;
+//! - [`kafka`]: partitions, retained offsets, group commits and members.
+
+pub mod indices;
+pub mod kafka;
+pub mod plan;
+pub mod promote;
+pub mod run;
+
+pub use plan::Plan;
+pub use promote::{promote, rollback, Switch};
+pub use run::{run, RunSummary};
+
+use crate::config::SpeedConfig;
+
+/// Where history comes from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum Source {
+    /// The Parquet archive, then Kafka from where it ends.
+    Archive,
+    /// Kafka only, from the earliest offset it holds.
+    Kafka,
+}
+
+#[derive(Debug, Clone, clap::Args)]
+pub struct RecomputeArgs {
+    /// The live layer's settings: the same models, dedupe and flush flags give the same
+    /// profiles; `--group` is the live group whose commit bounds the recompute.
+    #[command(flatten)]
+    pub speed: SpeedConfig,
+    /// The index to build (behind no alias), e.g. profiles-v2.
+    #[arg(id = "recompute_index", long = "index", env = "PULSE_RECOMPUTE_INDEX")]
+    pub index: String,
+    #[arg(long, env = "PULSE_RECOMPUTE_SOURCE", value_enum, default_value_t = Source::Archive)]
+    pub source: Source,
+    #[command(flatten)]
+    pub archive: pulse_archive::store::StoreArgs,
+    /// Leave room for live traffic: fold at most this many events per second (0: no limit).
+    #[arg(long, env = "PULSE_RECOMPUTE_MAX_EVENTS_PER_SEC", default_value_t = 0)]
+    pub max_events_per_sec: u64,
+    /// Shards of the profiles index template.
+    #[arg(long, env = "PULSE_PROFILES_SHARDS", default_value_t = 1)]
+    pub shards: u32,
+    /// Replicas of the profiles index template (0 on one local node).
+    #[arg(long, env = "PULSE_PROFILES_REPLICAS", default_value_t = 0)]
+    pub replicas: u32,
+}
+
+impl RecomputeArgs {
+    /// The group whose commits are this recompute's progress.
+    pub fn group(&self) -> String {
+        format!("recompute-{}", self.index)
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum RecomputeError {
+    #[error("kafka: {0}")]
+    Kafka(#[from] rdkafka::error::KafkaError),
+    #[error("elasticsearch: {0}")]
+    Store(#[from] crate::store::StoreError),
+    #[error("archive: {0}")]
+    Archive(String),
+    #[error("{0}")]
+    Engine(#[from] crate::engine::EngineError),
+    #[error("{0}")]
+    Refused(String),
+    #[error("runtime: {0}")]
+    Io(#[from] std::io::Error),
+}
+
+impl From<object_store::Error> for RecomputeError {
+    fn from(e: object_store::Error) -> Self {
+        RecomputeError::Archive(e.to_string())
+    }
+}
+
+impl From<pulse_archive::store::OpenError> for RecomputeError {
+    fn from(e: pulse_archive::store::OpenError) -> Self {
+        RecomputeError::Archive(e.to_string())
+    }
+}

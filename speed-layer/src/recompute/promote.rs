@@ -1,0 +1,111 @@
+//! Promotion and rollback: the alias moves in one `_aliases` request, after the index was
+//! caught up to the live layer's final commit.
+//!
+//! The handover is exact because the live layer is stopped first: its last commit is then
+//! final, every event below it was folded by the live layer (and its trigger fired), and the
+//! new index is caught up to exactly that commit. The live layer, started again in the same
+//! group, resumes at that commit against the new index: no event is folded twice or missed,
+//! and each new event fires its trigger once.
+
+use serde_json::{json, Value};
+
+use super::{indices, kafka, run, RecomputeArgs, RecomputeError, RunSummary};
+use crate::store::ProfileStore;
+use pulse_service::Shutdown;
+
+/// What a promotion or rollback did.
+#[derive(Debug, serde::Serialize)]
+pub struct Switch {
+    pub alias: String,
+    pub from: Option<String>,
+    pub to: String,
+    /// The catch-up run that brought `to` to the live layer's commit.
+    pub caught_up: RunSummary,
+}
+
+/// Refuses while the live group has members: their commit is not final yet.
+fn live_stopped(args: &RecomputeArgs) -> Result<(), RecomputeError> {
+    let members = kafka::members(&args.speed.kafka, &args.speed.group)?;
+    if members > 0 {
+        return Err(RecomputeError::Refused(format!(
+            "the live group {} has {members} member(s): stop the live speed layer first \
+             (SIGTERM: it flushes and commits), then promote, then start it again",
+            args.speed.group
+        )));
+    }
+    Ok(())
+}
+
+/// Catches `args.index` up to the live layer's final commit and points the alias to it,
+/// recording in its `_meta` the index it replaced and where that one stopped.
+pub fn promote(args: &RecomputeArgs, stop: Shutdown) -> Result<Switch, RecomputeError> {
+    live_stopped(args)?;
+    let caught_up = run::run(args, stop)?;
+    switch(args, caught_up)
+}
+
+/// Points the alias back to the index the current one replaced, caught up first from where
+/// it stopped to the live layer's commit (folded with the flags given now: pass the old
+/// models' flags when rolling back a model change).
+pub fn rollback(args: &RecomputeArgs, stop: Shutdown) -> Result<Switch, RecomputeError> {
+    live_stopped(args)?;
+    let runtime = tokio::runtime::Runtime::new()?;
+    let live = ProfileStore::new(&args.speed.es)?;
+    let alias = &args.speed.es.alias;
+    let current = runtime
+        .block_on(indices::alias_target(&live, alias))?
+        .ok_or_else(|| RecomputeError::Refused(format!("alias {alias} points nowhere")))?;
+    let meta = runtime.block_on(indices::meta(&live, &current))?;
+    let previous = meta["pulse"]["previous"].as_str().ok_or_else(|| {
+        RecomputeError::Refused(format!(
+            "index {current} records no previous index (it was not promoted by a recompute)"
+        ))
+    })?;
+    let mut back = args.clone();
+    back.index = previous.to_string();
+    // The previous index stopped being written at the promotion: its catch-up starts there.
+    let until: Vec<(i32, i64)> = meta["pulse"]["previous_until"]
+        .as_object()
+        .map(|o| {
+            o.iter()
+                .filter_map(|(p, v)| Some((p.parse().ok()?, v.as_i64()?)))
+                .collect()
+        })
+        .unwrap_or_default();
+    kafka::commit(
+        &args.speed.kafka,
+        &back.group(),
+        &args.speed.topics.events,
+        &until,
+    )?;
+    let caught_up = run::run(&back, stop)?;
+    switch(&back, caught_up)
+}
+
+fn switch(args: &RecomputeArgs, caught_up: RunSummary) -> Result<Switch, RecomputeError> {
+    let runtime = tokio::runtime::Runtime::new()?;
+    let live = ProfileStore::new(&args.speed.es)?;
+    let alias = &args.speed.es.alias;
+    let from = runtime.block_on(indices::alias_target(&live, alias))?;
+    let topic = &args.speed.topics.events;
+    let partitions = kafka::retained(&args.speed.kafka, topic)?.partitions();
+    let until = kafka::committed(&args.speed.kafka, &args.speed.group, topic, &partitions)?;
+    let until: serde_json::Map<String, Value> = until
+        .into_iter()
+        .map(|(p, o)| (p.to_string(), json!(o)))
+        .collect();
+    let meta = json!({"pulse": {
+        "previous": from,
+        "previous_until": until,
+        "promoted_at": chrono::Utc::now().to_rfc3339(),
+    }});
+    runtime.block_on(indices::set_meta(&live, &args.index, meta))?;
+    runtime.block_on(indices::swap(&live, alias, from.as_deref(), &args.index))?;
+    tracing::info!(%alias, from = ?from, to = %args.index, "alias moved");
+    Ok(Switch {
+        alias: alias.clone(),
+        from,
+        to: args.index.clone(),
+        caught_up,
+    })
+}

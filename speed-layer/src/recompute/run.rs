@@ -1,0 +1,376 @@
+//! Building the new index: the archive's rows of each partition in offset order, then Kafka
+//! from where the archive ends, up to the live layer's commit, folded by the live layer's own
+//! state ([`ProfileState`]: the same fold, models, dedupe, watermarks, external versions,
+//! flush and commit rules).
+//!
+//! Progress is this recompute's consumer group (`recompute-<index>`), committed only after the
+//! flush that covers it, exactly as the live layer commits: after a SIGKILL the next run
+//! resumes from the commit, and the documents' watermarks skip what was folded past it.
+//!
+//! Nothing is sent beside the profiles: no trigger (the live layer fired each for the events
+//! it committed, and the recompute never folds past that commit) and no dead letter of a
+//! record (the live layer sent those). A document the new index refuses for good goes to the
+//! profiles dead-letter topic, named with the new index.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use object_store::{ObjectStore, ObjectStoreExt};
+use pulse_archive::parquet_file::Archived;
+use pulse_archive::reader;
+use pulse_core::Event;
+use pulse_service::consumer::topic_committer;
+use pulse_service::outbox::Outbox;
+use pulse_service::{Readiness, Shutdown};
+use rdkafka::consumer::{BaseConsumer, Consumer};
+use rdkafka::{Message, Offset, TopicPartitionList};
+
+use super::plan::{self, PartitionPlan, Plan, Unit};
+use super::{indices, RecomputeArgs, RecomputeError, Source};
+use crate::engine::outbox::SpeedOutbox;
+use crate::engine::state::{Effects, ProfileState, Settings};
+use crate::store::ProfileStore;
+
+/// Events folded per load-and-fold step: one mget for the profiles not in memory.
+const CHUNK: usize = 2_000;
+
+/// What a run did, printed as JSON on exit.
+#[derive(Debug, Clone, Default, serde::Serialize)]
+pub struct RunSummary {
+    pub index: String,
+    pub from_archive: u64,
+    pub from_kafka: u64,
+    pub folded: u64,
+    /// At or below a stored watermark (a resumed run meets these once).
+    pub skipped: u64,
+    pub duplicates: u64,
+    /// Records the live layer dead-lettered; skipped here.
+    pub unusable: u64,
+    pub files: u64,
+    pub elapsed_secs: f64,
+    pub events_per_sec: f64,
+}
+
+/// Builds (or resumes) `args.index` up to the live layer's commit, then flushes and commits.
+pub fn run(args: &RecomputeArgs, stop: Shutdown) -> Result<RunSummary, RecomputeError> {
+    let runtime = Arc::new(
+        tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .enable_all()
+            .build()?,
+    );
+    let live = ProfileStore::new(&args.speed.es)?;
+    let target = prepare_index(args, &live, &runtime)?;
+    let archive = match args.source {
+        Source::Archive => Some(pulse_archive::store::open_store(&args.archive)?),
+        Source::Kafka => None,
+    };
+    let plan = runtime.block_on(plan::make(args, archive.as_deref()))?;
+    plan.check()?;
+    tracing::info!(index = %args.index, offsets = plan.offsets(), "recompute starting");
+
+    let consumer: BaseConsumer = args.speed.kafka.consumer_config(&args.group()).create()?;
+    let topic = args.speed.topics.events.clone();
+    let commit = topic_committer(&consumer, &topic);
+    let outbox = Outbox::new(
+        args.speed.kafka.producer_config(),
+        "recompute",
+        stop.clone(),
+    )?;
+    let outbox = SpeedOutbox::new(outbox, &args.speed.topics, &args.index);
+    let settings = Settings::of(&args.speed)?;
+    let ready = Readiness::new("recompute");
+    let mut folder = Folder {
+        state: ProfileState::new(target, runtime.clone(), settings, &ready, stop.clone()),
+        progress: Progress::new(plan.offsets(), args.max_events_per_sec),
+        summary: RunSummary {
+            index: args.index.clone(),
+            ..RunSummary::default()
+        },
+        stop: stop.clone(),
+    };
+    let partitions: Vec<i32> = plan.partitions.iter().map(|p| p.partition).collect();
+    folder.state.positions.assign(&partitions);
+    let fx = outbox.effects(&commit);
+    if let Some(store) = &archive {
+        for p in &plan.partitions {
+            folder.archive(&fx, &runtime, store.as_ref(), p)?;
+        }
+    }
+    folder.kafka(&fx, &consumer, &topic, &plan)?;
+    if stop.is_stopped() {
+        tracing::warn!("stopped; flushing what was folded (the next run resumes from it)");
+    }
+    if !folder.state.flush_now(&fx, &partitions, 8) {
+        return Err(RecomputeError::Refused(
+            "the final flush did not get through; run again: it resumes from the last commit"
+                .into(),
+        ));
+    }
+    let mut summary = folder.summary;
+    let counts = folder.state.counts;
+    (summary.folded, summary.skipped, summary.duplicates) =
+        (counts.folded, counts.skipped, counts.duplicates);
+    summary.elapsed_secs = folder.progress.started.elapsed().as_secs_f64();
+    summary.events_per_sec =
+        (summary.from_archive + summary.from_kafka) as f64 / summary.elapsed_secs.max(1e-9);
+    Ok(summary)
+}
+
+/// The index to build, created from the template when missing; never the one the alias
+/// points to, and always one the template covers (`<alias>-…`).
+fn prepare_index(
+    args: &RecomputeArgs,
+    live: &ProfileStore,
+    runtime: &tokio::runtime::Runtime,
+) -> Result<ProfileStore, RecomputeError> {
+    let alias = &args.speed.es.alias;
+    if !args.index.starts_with(&format!("{alias}-")) {
+        return Err(RecomputeError::Refused(format!(
+            "index {} is not covered by the profiles template ({alias}-*): name it {alias}-v2, say",
+            args.index
+        )));
+    }
+    let current = runtime.block_on(indices::alias_target(live, alias))?;
+    if current.as_deref() == Some(args.index.as_str()) {
+        return Err(RecomputeError::Refused(format!(
+            "index {} is what alias {alias} points to: a recompute never writes the live index",
+            args.index
+        )));
+    }
+    runtime.block_on(live.put_template(args.shards, args.replicas))?;
+    if runtime.block_on(indices::create_index(live, &args.index))? {
+        tracing::info!(index = %args.index, "created the index from the template");
+    }
+    Ok(live.on_index(&args.index))
+}
+
+/// The live layer's state, fed from the archive and Kafka instead of a group's assignment.
+struct Folder {
+    state: ProfileState<ProfileStore>,
+    progress: Progress,
+    summary: RunSummary,
+    stop: Shutdown,
+}
+
+impl Folder {
+    /// Folds the partition's archive units, each in offset order, from where the recompute
+    /// stands up to the live layer's commit.
+    fn archive(
+        &mut self,
+        fx: &dyn Effects,
+        runtime: &tokio::runtime::Runtime,
+        store: &dyn ObjectStore,
+        plan: &PartitionPlan,
+    ) -> Result<(), RecomputeError> {
+        for unit in &plan.units {
+            if self.stop.is_stopped() {
+                return Ok(());
+            }
+            let mut rows = Vec::new();
+            for file in read_unit(runtime, store, unit)? {
+                rows.extend(file);
+                self.summary.files += 1;
+            }
+            rows.sort_by_key(|r| r.offset);
+            let events: Vec<(i32, i64, Event)> = rows
+                .into_iter()
+                .filter(|r| r.offset >= plan.resume && r.offset < plan.bound)
+                .map(|r| (r.partition, r.offset, r.event))
+                .collect();
+            self.summary.from_archive += events.len() as u64;
+            for chunk in events.chunks(CHUNK) {
+                if !self.fold(fx, chunk) {
+                    return Ok(());
+                }
+            }
+            // The unit's dead-lettered records hold offsets too: the position is past them.
+            let last = unit.range.last.min(plan.bound - 1);
+            if last >= plan.resume {
+                self.state.positions.handled(plan.partition, last);
+            }
+        }
+        Ok(())
+    }
+
+    /// Reads every partition from where the archive ended to the live layer's commit.
+    fn kafka(
+        &mut self,
+        fx: &dyn Effects,
+        consumer: &BaseConsumer,
+        topic: &str,
+        plan: &Plan,
+    ) -> Result<(), RecomputeError> {
+        let mut open: std::collections::BTreeMap<i32, i64> = plan
+            .partitions
+            .iter()
+            .filter(|p| p.kafka_offsets() > 0)
+            .map(|p| (p.partition, p.bound))
+            .collect();
+        if open.is_empty() {
+            return Ok(());
+        }
+        let mut tpl = TopicPartitionList::new();
+        for p in plan
+            .partitions
+            .iter()
+            .filter(|p| open.contains_key(&p.partition))
+        {
+            tpl.add_partition_offset(topic, p.partition, Offset::Offset(p.kafka_from))?;
+        }
+        consumer.assign(&tpl)?;
+        let mut chunk: Vec<(i32, i64, Event)> = Vec::with_capacity(CHUNK);
+        while !open.is_empty() && !self.stop.is_stopped() {
+            let msg = match consumer.poll(Duration::from_millis(100)) {
+                Some(Ok(m)) => Some(m.detach()),
+                Some(Err(e)) => {
+                    tracing::warn!(error = %e, "consumer error");
+                    None
+                }
+                None => None,
+            };
+            // A poll that found nothing folds what is gathered rather than wait for more.
+            let idle = msg.is_none();
+            if let Some(msg) = msg {
+                let (p, offset) = (msg.partition(), msg.offset());
+                match open.get(&p) {
+                    Some(bound) if offset < *bound => {
+                        self.summary.from_kafka += 1;
+                        match Event::from_record(msg.key(), msg.payload()) {
+                            Ok(event) => chunk.push((p, offset, event)),
+                            Err(_) => {
+                                self.summary.unusable += 1;
+                                self.state.positions.handled(p, offset);
+                            }
+                        }
+                        if offset + 1 >= *bound {
+                            self.close(consumer, topic, &mut open, p)?;
+                        }
+                    }
+                    Some(_) => self.close(consumer, topic, &mut open, p)?,
+                    None => {}
+                }
+            }
+            if chunk.len() >= CHUNK || (idle && !chunk.is_empty()) {
+                if !self.fold(fx, &chunk) {
+                    return Ok(());
+                }
+                chunk.clear();
+            }
+        }
+        if !chunk.is_empty() {
+            self.fold(fx, &chunk);
+        }
+        Ok(())
+    }
+
+    /// A partition read to its bound is paused: its later records are the live layer's.
+    fn close(
+        &mut self,
+        consumer: &BaseConsumer,
+        topic: &str,
+        open: &mut std::collections::BTreeMap<i32, i64>,
+        p: i32,
+    ) -> Result<(), RecomputeError> {
+        open.remove(&p);
+        let mut tpl = TopicPartitionList::new();
+        tpl.add_partition(topic, p);
+        consumer.pause(&tpl)?;
+        Ok(())
+    }
+
+    /// Loads the chunk's profiles not in memory (one mget), folds each event in order, then
+    /// lets the state flush and commit as the live layer does. `false` when stopped.
+    fn fold(&mut self, fx: &dyn Effects, chunk: &[(i32, i64, Event)]) -> bool {
+        let clock = Instant::now();
+        let ids: Vec<String> = chunk.iter().map(|(_, _, e)| e.partition_key()).collect();
+        let mut seen = std::collections::HashSet::new();
+        let missing: Vec<String> = ids
+            .iter()
+            .filter(|id| !self.state.cache.contains(id) && seen.insert(id.as_str()))
+            .cloned()
+            .collect();
+        if !self.state.load(&missing) {
+            return false;
+        }
+        for ((p, offset, event), id) in chunk.iter().zip(ids) {
+            // A fold the live layer refused went to its dead-letter topic then.
+            let _ = self.state.fold(event, id, *p, *offset, clock);
+            self.state.positions.handled(*p, *offset);
+        }
+        self.state.finish_flush(fx, false);
+        if self.state.flush_due() {
+            self.state.start_flush_all(fx);
+        }
+        while self.state.over_dirty_bound() && !self.stop.is_stopped() {
+            if self.state.finish_flush(fx, true).is_none() {
+                if !self.stop.sleep_blocking(self.state.retry_in()) {
+                    break;
+                }
+                self.state.start_flush_all(fx);
+            }
+        }
+        self.progress.advance(chunk.len() as u64, &self.stop);
+        !self.stop.is_stopped()
+    }
+}
+
+/// A unit's files, each read back to rows.
+fn read_unit(
+    runtime: &tokio::runtime::Runtime,
+    store: &dyn ObjectStore,
+    unit: &Unit,
+) -> Result<Vec<Vec<Archived>>, RecomputeError> {
+    let mut out = Vec::with_capacity(unit.files.len());
+    for file in &unit.files {
+        let bytes = runtime.block_on(async { store.get(&file.path).await?.bytes().await })?;
+        let rows = reader::read(bytes)
+            .map_err(|e| RecomputeError::Archive(format!("{}: {e}", file.path)))?;
+        out.push(rows);
+    }
+    Ok(out)
+}
+
+/// Progress in the log (done, rate, ETA) and the `--max-events-per-sec` throttle.
+struct Progress {
+    started: Instant,
+    total: u64,
+    done: u64,
+    max_rate: u64,
+    last_report: Instant,
+}
+
+impl Progress {
+    fn new(total: i64, max_rate: u64) -> Self {
+        Self {
+            started: Instant::now(),
+            total: total.max(0) as u64,
+            done: 0,
+            max_rate,
+            last_report: Instant::now(),
+        }
+    }
+
+    fn advance(&mut self, n: u64, stop: &Shutdown) {
+        self.done += n;
+        let elapsed = self.started.elapsed().as_secs_f64();
+        if self.max_rate > 0 {
+            let due = self.done as f64 / self.max_rate as f64;
+            if due > elapsed {
+                stop.sleep_blocking(Duration::from_secs_f64(due - elapsed));
+            }
+        }
+        if self.last_report.elapsed() >= Duration::from_secs(5) {
+            self.last_report = Instant::now();
+            let rate = self.done as f64 / elapsed.max(1e-9);
+            let left = self.total.saturating_sub(self.done) as f64 / rate.max(1e-9);
+            tracing::info!(
+                done = self.done,
+                total = self.total,
+                rate = format!("{rate:.0}/s"),
+                eta = format!("{left:.0} s"),
+                "recompute progress"
+            );
+        }
+    }
+}

@@ -1,0 +1,232 @@
+//! Recompute against the real stack: the same stream folded by the live speed layer, by a
+//! recompute from Kafka only and by a recompute from the Parquet archive then Kafka gives the
+//! same documents field for field; promotion moves the alias with the live layer handing over
+//! exactly; a rollback moves it back.
+
+mod common;
+
+use std::collections::{BTreeMap, HashMap};
+use std::process::{Command, Output};
+use std::time::Duration;
+
+use common::*;
+use object_store::local::LocalFileSystem;
+use object_store::{ObjectStoreExt, PutPayload};
+use pulse_archive::layout::{self, FileRange};
+use pulse_archive::parquet_file::{self, Codec};
+use pulse_core::Event;
+use serde_json::Value;
+
+/// `pulse-speed recompute <command>` on this fixture's topics, alias and live group.
+fn recompute(f: &Fixture, command: &str, index: &str, extra: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_pulse-speed"))
+        .args(["recompute", command, "--index", index])
+        .args(["--kafka-brokers", &brokers(), "--es-url", &es_url()])
+        .args(["--events-topic", &f.topic, "--dlq-topic", &f.dlq])
+        .args(["--triggers-topic", &f.triggers])
+        .args(["--profiles-alias", &f.alias, "--group", &f.group])
+        .args(["--flush-interval-secs", "0.5"])
+        .args(extra)
+        .env("RUST_LOG", "info,librdkafka=warn")
+        .output()
+        .expect("run pulse-speed recompute")
+}
+
+fn succeeded(out: &Output) -> Value {
+    assert!(
+        out.status.success(),
+        "recompute failed: {}\n{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    serde_json::from_str(stdout.lines().last().unwrap_or_default()).unwrap_or(Value::Null)
+}
+
+/// Every document of `index`, by id.
+async fn documents_of(f: &Fixture, index: &str) -> HashMap<String, Value> {
+    documents_in(&f.store.on_index(index)).await
+}
+
+/// When a document was written (the flush's clock), the one field no fold decides.
+const WRITE_TIME: &str = "updated_at";
+
+/// The documents that differ between `a` and `b` in any field the events decide, with the
+/// first differing field of each.
+fn differences(a: &HashMap<String, Value>, b: &HashMap<String, Value>) -> Vec<String> {
+    let strip = |docs: &HashMap<String, Value>| -> HashMap<String, Value> {
+        docs.iter()
+            .map(|(id, d)| {
+                let mut d = d.clone();
+                if let Some(o) = d.as_object_mut() {
+                    o.remove(WRITE_TIME);
+                }
+                (id.clone(), d)
+            })
+            .collect()
+    };
+    let (a, b) = (&strip(a), &strip(b));
+    let mut out = Vec::new();
+    for (id, doc) in a {
+        match b.get(id) {
+            None => out.push(format!("{id}: missing")),
+            Some(other) if other != doc => {
+                let fields = doc.as_object().into_iter().flatten();
+                let first = fields
+                    .filter(|(k, v)| other.get(k.as_str()) != Some(v))
+                    .map(|(k, v)| {
+                        format!(
+                            "{k}: {v} vs {}",
+                            other.get(k.as_str()).unwrap_or(&Value::Null)
+                        )
+                    })
+                    .next();
+                out.push(format!("{id}: {}", first.unwrap_or_default()));
+            }
+            Some(_) => {}
+        }
+    }
+    out.extend(
+        b.keys()
+            .filter(|id| !a.contains_key(*id))
+            .map(|id| format!("{id}: extra")),
+    );
+    out.sort();
+    out
+}
+
+/// Archives the topic's records as the archiver lays them out (one unit per partition, a
+/// file per event date, then the marker), from the records Kafka holds now.
+async fn archive_topic(f: &Fixture, dir: &std::path::Path, expected: usize) {
+    std::fs::create_dir_all(dir).unwrap();
+    let store = LocalFileSystem::new_with_prefix(dir).unwrap();
+    let mut by_partition: BTreeMap<i32, Vec<(i64, Event)>> = BTreeMap::new();
+    for r in read_topic(&f.topic, expected, Duration::ZERO) {
+        let event = Event::from_record(Some(r.key.as_bytes()), Some(&r.payload)).unwrap();
+        by_partition
+            .entry(r.partition)
+            .or_default()
+            .push((r.offset, event));
+    }
+    for (p, mut rows) in by_partition {
+        rows.sort_by_key(|(o, _)| *o);
+        let range = FileRange {
+            partition: p,
+            first: rows[0].0,
+            last: rows[rows.len() - 1].0,
+        };
+        let mut by_date: BTreeMap<chrono::NaiveDate, Vec<(i64, Event)>> = BTreeMap::new();
+        for (o, e) in rows {
+            by_date
+                .entry(e.timestamp.date_naive())
+                .or_default()
+                .push((o, e));
+        }
+        for (dt, rows) in by_date {
+            let bytes = parquet_file::write(p, &rows, Codec::Zstd).unwrap();
+            store
+                .put(&layout::data_path(dt, range), PutPayload::from(bytes))
+                .await
+                .unwrap();
+        }
+        store
+            .put(
+                &layout::marker_path(p, range.last),
+                PutPayload::from_static(b""),
+            )
+            .await
+            .unwrap();
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn live_kafka_only_and_archive_then_kafka_give_identical_profiles_and_promotion_hands_over_exactly(
+) {
+    let f = Fixture::new("recompute", 4).await;
+    let events = generate(3_000, 77, 120, 10);
+    let (first, rest) = events.split_at(2_000);
+    let (second, third) = rest.split_at(500);
+    let live_args = ["--flush-interval-secs", "0.5"];
+    let mut live = f.spawn_speed(&live_args);
+    produce(&f.topic, first).await;
+    f.wait_for_events(first.len() as u64).await;
+
+    // The archive holds the first part; the second arrives while the recomputes run.
+    let dir = std::env::temp_dir().join(format!("{}-archive", f.alias));
+    archive_topic(&f, &dir, first.len()).await;
+    let archive = dir.to_string_lossy().into_owned();
+    let (v2, v3) = (format!("{}-v2", f.alias), format!("{}-v3", f.alias));
+    let plan = recompute(&f, "plan", &v2, &["--archive-url", &archive]);
+    assert!(
+        plan.status.success(),
+        "{}",
+        String::from_utf8_lossy(&plan.stderr)
+    );
+    let producing = produce(&f.topic, second);
+    let (from_archive, _) = tokio::join!(
+        async { recompute(&f, "run", &v2, &["--archive-url", &archive]) },
+        producing
+    );
+    let from_archive = succeeded(&from_archive);
+    assert!(
+        from_archive["from_archive"].as_u64().unwrap() > 0,
+        "{from_archive}"
+    );
+    let kafka_only = succeeded(&recompute(&f, "run", &v3, &["--source", "kafka"]));
+    assert_eq!(kafka_only["from_archive"], 0, "{kafka_only}");
+
+    // The live layer stops (flush, commit); both recomputes catch up to its final commit.
+    let total = first.len() + second.len();
+    f.wait_for_events(total as u64).await;
+    terminate(&mut live);
+    succeeded(&recompute(&f, "run", &v3, &["--source", "kafka"]));
+    let promoted = succeeded(&recompute(&f, "promote", &v2, &["--archive-url", &archive]));
+    assert_eq!(promoted["to"], v2.as_str(), "{promoted}");
+
+    let live_docs = documents_of(&f, &format!("{}-v1", f.alias)).await;
+    let (archive_docs, kafka_docs) = (documents_of(&f, &v2).await, documents_of(&f, &v3).await);
+    let truth = ground_truth(&events[..total]);
+    assert_eq!(
+        diff(&live_docs, &truth),
+        Vec::<String>::new(),
+        "live against the ground truth"
+    );
+    assert_eq!(
+        differences(&live_docs, &archive_docs),
+        Vec::<String>::new(),
+        "archive then Kafka"
+    );
+    assert_eq!(
+        differences(&live_docs, &kafka_docs),
+        Vec::<String>::new(),
+        "Kafka only"
+    );
+
+    // The alias now reads the new index; the live layer, started again in its group, resumes
+    // at its commit on it and folds the third part exactly once.
+    assert_eq!(f.documents().await.len(), archive_docs.len());
+    let mut live = f.spawn_speed(&live_args);
+    produce(&f.topic, third).await;
+    let docs = f.wait_for_events(events.len() as u64).await;
+    assert_eq!(
+        diff(&docs, &ground_truth(&events)),
+        Vec::<String>::new(),
+        "after promotion"
+    );
+    terminate(&mut live);
+
+    // Rollback: v1 caught up from where it stopped, and the alias on it again.
+    let back = succeeded(&recompute(
+        &f,
+        "rollback",
+        &v2,
+        &["--archive-url", &archive],
+    ));
+    assert_eq!(back["to"], format!("{}-v1", f.alias).as_str(), "{back}");
+    let docs = f.documents().await;
+    assert_eq!(
+        diff(&docs, &ground_truth(&events)),
+        Vec::<String>::new(),
+        "after rollback"
+    );
+}
