@@ -107,6 +107,14 @@ pub fn run(args: &RecomputeArgs, stop: Shutdown) -> Result<RunSummary, Recompute
                 .into(),
         ));
     }
+    if stop.is_stopped() {
+        // Not at the live layer's commit: a promote must not move the alias to this index.
+        return Err(RecomputeError::Refused(
+            "stopped before reaching the live layer's commit; what was folded is flushed and \
+             committed, run again to resume"
+                .into(),
+        ));
+    }
     let mut summary = folder.summary;
     let counts = folder.state.counts;
     (summary.folded, summary.skipped, summary.duplicates) =
