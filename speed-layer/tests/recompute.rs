@@ -230,3 +230,57 @@ async fn live_kafka_only_and_archive_then_kafka_give_identical_profiles_and_prom
         "after rollback"
     );
 }
+
+/// Drops the records of `partition` below `before`, as retention would.
+async fn expire_records(topic: &str, partition: i32, before: i64) {
+    use rdkafka::admin::{AdminClient, AdminOptions};
+    use rdkafka::client::DefaultClientContext;
+    let admin: AdminClient<DefaultClientContext> =
+        pulse_core::kafka::KafkaArgs::with_brokers(brokers())
+            .client_config()
+            .create()
+            .expect("admin client");
+    let mut tpl = rdkafka::TopicPartitionList::new();
+    tpl.add_partition_offset(topic, partition, rdkafka::Offset::Offset(before))
+        .unwrap();
+    admin
+        .delete_records(&tpl, &AdminOptions::new())
+        .await
+        .expect("delete records");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn history_that_kafka_dropped_and_the_archive_lacks_is_refused_with_the_partition_named() {
+    let f = Fixture::new("recompute-gap", 2).await;
+    let events = generate(400, 5, 40, 2);
+    let mut live = f.spawn_speed(&["--flush-interval-secs", "0.5"]);
+    produce(&f.topic, &events).await;
+    f.wait_for_events(events.len() as u64).await;
+    terminate(&mut live);
+    expire_records(&f.topic, 1, 20).await;
+
+    // An empty archive: partition 1's first 20 offsets exist nowhere any more.
+    let dir = std::env::temp_dir().join(format!("{}-empty-archive", f.alias));
+    std::fs::create_dir_all(&dir).unwrap();
+    let archive = dir.to_string_lossy().into_owned();
+    let v2 = format!("{}-v2", f.alias);
+    for command in ["plan", "run"] {
+        let out = recompute(&f, command, &v2, &["--archive-url", &archive]);
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success(), "{command} refuses");
+        assert!(
+            stderr.contains("partition 1 offsets 0..=19"),
+            "{command} names the gap: {stderr}"
+        );
+        assert!(!stderr.contains("partition 0 offsets"), "{stderr}");
+    }
+    let plan = recompute(&f, "plan", &v2, &["--archive-url", &archive]);
+    assert_eq!(plan.status.code(), Some(2), "plan exits 2 on a gap");
+    // Kafka alone starts at what Kafka holds, so the operator can accept the loss knowingly.
+    let kafka_only = succeeded(&recompute(&f, "run", &v2, &["--source", "kafka"]));
+    assert_eq!(
+        kafka_only["from_kafka"].as_u64(),
+        Some(events.len() as u64 - 20),
+        "{kafka_only}"
+    );
+}

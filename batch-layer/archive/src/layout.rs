@@ -11,7 +11,7 @@
 //! archive got. A crash between the files and the marker leaves files beyond the marker
 //! (orphans); readers ignore them and the archiver deletes them before it re-reads the range.
 
-use std::collections::HashMap;
+use std::collections::{BTreeSet, HashMap};
 
 use chrono::NaiveDate;
 use futures::TryStreamExt;
@@ -60,7 +60,18 @@ pub fn parse_data_path(path: &Path) -> Option<(NaiveDate, FileRange)> {
 
 /// Partition → last archived offset, from the markers.
 pub async fn progress(store: &dyn ObjectStore) -> object_store::Result<HashMap<i32, i64>> {
-    let mut out: HashMap<i32, i64> = HashMap::new();
+    Ok(markers(store)
+        .await?
+        .into_iter()
+        .filter_map(|(p, lasts)| Some((p, *lasts.last()?)))
+        .collect())
+}
+
+/// Partition → the last offset of every archived unit, from the markers. A unit ends at its
+/// marker and starts right after the one before; a unit of dead-lettered records only has a
+/// marker and no file.
+pub async fn markers(store: &dyn ObjectStore) -> object_store::Result<HashMap<i32, BTreeSet<i64>>> {
+    let mut out: HashMap<i32, BTreeSet<i64>> = HashMap::new();
     let prefix = Path::from(PROGRESS_PREFIX);
     let mut list = store.list(Some(&prefix));
     while let Some(meta) = list.try_next().await? {
@@ -75,8 +86,7 @@ pub async fn progress(store: &dyn ObjectStore) -> object_store::Result<HashMap<i
             continue;
         };
         if let (Ok(p), Ok(last)) = (p.parse::<i32>(), last.parse::<i64>()) {
-            let e = out.entry(p).or_insert(last);
-            *e = (*e).max(last);
+            out.entry(p).or_default().insert(last);
         }
     }
     Ok(out)

@@ -82,13 +82,7 @@ fn recompute(command: Recompute) -> anyhow::Result<()> {
     let print = |value: serde_json::Value| println!("{value}");
     match command {
         Recompute::Plan(args) => {
-            let archive = match args.source {
-                recompute::Source::Archive => {
-                    Some(pulse_archive::store::open_store(&args.archive)?)
-                }
-                recompute::Source::Kafka => None,
-            };
-            let plan = rt.block_on(recompute::plan::make(&args, archive.as_deref()))?;
+            let plan = rt.block_on(recompute::plan::preview(&args))?;
             let rate = (args.max_events_per_sec > 0).then_some(args.max_events_per_sec as f64);
             print!("{}", plan.render(rate));
             if let Err(e) = plan.check() {

@@ -51,6 +51,17 @@ impl<S: DocumentStore> ProfileState<S> {
         true
     }
 
+    /// Loads those of `ids` not in memory (each once, one batched mget): what a batch of
+    /// records needs before it is folded. `false` when the process stopped first.
+    pub fn load_absent<'a>(&mut self, ids: impl Iterator<Item = &'a str>) -> bool {
+        let mut seen = HashSet::new();
+        let missing: Vec<String> = ids
+            .filter(|id| !self.cache.contains(id) && seen.insert(*id))
+            .map(str::to_string)
+            .collect();
+        self.load(&missing)
+    }
+
     /// Folds `event` (the record at `offset` of `partition`) into the profile `id`, touched
     /// at `touched` (one clock read per batch, not per event).
     pub fn fold(
@@ -90,8 +101,6 @@ impl Engine {
     pub(super) fn process(&mut self, batch: &[OwnedMessage]) {
         let clock = Instant::now();
         let mut parsed: Vec<(&OwnedMessage, Decoded)> = Vec::with_capacity(batch.len());
-        let mut missing: Vec<String> = Vec::new();
-        let mut seen: HashSet<String> = HashSet::new();
         for msg in batch {
             let partition = msg.partition();
             if self.state.is_rewinding(partition) || !self.state.positions.owns(partition) {
@@ -104,16 +113,14 @@ impl Engine {
                 )),
                 None => decode(msg),
             };
-            if let Ok((_, id)) = &result {
-                if !self.state.cache.contains(id) && seen.insert(id.clone()) {
-                    missing.push(id.clone());
-                }
-            }
             parsed.push((msg, result));
         }
         // Loading is not any one record's doing.
         poison::idle();
-        if !self.state.load(&missing) {
+        let ids = parsed
+            .iter()
+            .filter_map(|(_, r)| r.as_ref().ok().map(|(_, id)| id.as_str()));
+        if !self.state.load_absent(ids) {
             // Stopping during an outage: nothing of the batch is folded or passed, so it is
             // read again after the restart.
             return;

@@ -4,7 +4,8 @@
 
 use elasticsearch::http::StatusCode;
 use elasticsearch::indices::{
-    IndicesCreateParts, IndicesGetAliasParts, IndicesGetMappingParts, IndicesPutMappingParts,
+    IndicesCreateParts, IndicesExistsParts, IndicesGetAliasParts, IndicesGetMappingParts,
+    IndicesPutMappingParts,
 };
 use serde_json::{json, Value};
 
@@ -25,13 +26,26 @@ pub async fn alias_target(store: &ProfileStore, alias: &str) -> Result<Option<St
     Ok(body.as_object().and_then(|o| o.keys().next().cloned()))
 }
 
-/// Creates `index` (the template of `{alias}-*` gives it the current mapping) unless it
-/// exists; whether it was created.
+/// Whether `index` exists.
+pub async fn exists(store: &ProfileStore, index: &str) -> Result<bool, StoreError> {
+    let resp = store
+        .client()
+        .indices()
+        .exists(IndicesExistsParts::Index(&[index]))
+        .send()
+        .await?;
+    Ok(resp.status_code().is_success())
+}
+
+/// Creates `index` unless it exists, with the settings of the `{alias}-*` template (shards,
+/// replicas, as `setup` provisioned them) and this binary's mapping (a new field or model
+/// comes with the binary that folds it); whether it was created.
 pub async fn create_index(store: &ProfileStore, index: &str) -> Result<bool, StoreError> {
     let resp = store
         .client()
         .indices()
         .create(IndicesCreateParts::Index(index))
+        .body(json!({ "mappings": crate::store::profile_mapping() }))
         .send()
         .await?;
     let status = resp.status_code();

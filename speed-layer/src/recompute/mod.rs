@@ -51,12 +51,6 @@ pub struct RecomputeArgs {
     /// Leave room for live traffic: fold at most this many events per second (0: no limit).
     #[arg(long, env = "PULSE_RECOMPUTE_MAX_EVENTS_PER_SEC", default_value_t = 0)]
     pub max_events_per_sec: u64,
-    /// Shards of the profiles index template.
-    #[arg(long, env = "PULSE_PROFILES_SHARDS", default_value_t = 1)]
-    pub shards: u32,
-    /// Replicas of the profiles index template (0 on one local node).
-    #[arg(long, env = "PULSE_PROFILES_REPLICAS", default_value_t = 0)]
-    pub replicas: u32,
 }
 
 impl RecomputeArgs {

@@ -4,14 +4,16 @@
 //! does not cover is a gap: the plan names it and `run` refuses, since folding on would
 //! silently drop that history.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::fmt::Write as _;
+use std::sync::Arc;
 
 use object_store::ObjectStore;
 use pulse_archive::layout::{self, ArchiveFile, FileRange};
 
 use super::kafka::{self, Retained};
 use super::{RecomputeArgs, RecomputeError, Source};
+use crate::store::ProfileStore;
 
 /// One archived offset range of a partition, with the files (one per event date) it wrote.
 #[derive(Debug, Clone)]
@@ -97,9 +99,9 @@ impl Plan {
             .collect();
         Err(RecomputeError::Refused(format!(
             "Kafka retention already dropped history that the archive does not cover: {}. \
-             Recomputing would silently lose it; restore the archive of these ranges (or \
-             accept the loss with a new index built from what is left, --source kafka after \
-             deleting this recompute's group)",
+             Recomputing would silently lose it; restore the archive of these ranges, or \
+             accept the loss with --source kafka (from the earliest offset Kafka holds) into \
+             a new index",
             list.join(", ")
         )))
     }
@@ -160,20 +162,41 @@ impl Plan {
     }
 }
 
-/// The plan for `args` now. `archive` is the opened archive when the source is `archive`.
+/// The archive `args` reads, if its source is the archive.
+pub fn open_archive(args: &RecomputeArgs) -> Result<Option<Arc<dyn ObjectStore>>, RecomputeError> {
+    Ok(match args.source {
+        Source::Archive => Some(pulse_archive::store::open_store(&args.archive)?),
+        Source::Kafka => None,
+    })
+}
+
+/// The plan a `run` would follow now (the `plan` command: nothing is created).
+pub async fn preview(args: &RecomputeArgs) -> Result<Plan, RecomputeError> {
+    let live = ProfileStore::new(&args.speed.es)?;
+    let fresh = !super::indices::exists(&live, &args.index).await?;
+    make(args, open_archive(args)?.as_deref(), fresh).await
+}
+
+/// The plan for `args` now. `archive` is the opened archive when the source is `archive`;
+/// `fresh`: the index is new, so the recompute's group commits (of an index deleted since)
+/// are not its progress.
 pub async fn make(
     args: &RecomputeArgs,
     archive: Option<&dyn ObjectStore>,
+    fresh: bool,
 ) -> Result<Plan, RecomputeError> {
     let (kafka_args, topic) = (&args.speed.kafka, &args.speed.topics.events);
     let retained: Retained = kafka::retained(kafka_args, topic)?;
     let partitions = retained.partitions();
-    let resume = kafka::committed(kafka_args, &args.group(), topic, &partitions)?;
+    let resume = match fresh {
+        true => BTreeMap::new(),
+        false => kafka::committed(kafka_args, &args.group(), topic, &partitions)?,
+    };
     let live = kafka::committed(kafka_args, &args.speed.group, topic, &partitions)?;
-    let (mut units, mut archived_to): (BTreeMap<i32, Vec<Unit>>, BTreeMap<i32, i64>) =
+    let (mut units, mut markers): (BTreeMap<i32, Vec<Unit>>, HashMap<i32, BTreeSet<i64>>) =
         Default::default();
     if let (Source::Archive, Some(store)) = (args.source, archive) {
-        archived_to = layout::progress(store).await?.into_iter().collect();
+        markers = layout::markers(store).await?;
         let mut by_range: BTreeMap<FileRange, Vec<ArchiveFile>> = BTreeMap::new();
         for f in layout::committed_files(store, None).await? {
             by_range.entry(f.range).or_default().push(f);
@@ -188,36 +211,25 @@ pub async fn make(
     let mut out = Vec::with_capacity(partitions.len());
     for p in partitions {
         let low = retained.low.get(&p).copied().unwrap_or(0);
-        let bound = live
-            .get(&p)
-            .copied()
-            .unwrap_or_else(|| retained.high.get(&p).copied().unwrap_or(0));
-        let resume = resume.get(&p).copied().unwrap_or(0);
-        let mut todo: Vec<Unit> = units
-            .remove(&p)
-            .unwrap_or_default()
-            .into_iter()
-            .filter(|u| u.range.last >= resume && u.range.first < bound)
-            .collect();
-        let mut archive_next = archived_to.get(&p).map(|last| (last + 1).min(bound));
-        let starts_late = todo.first().map(|u| u.range.first > resume);
-        if starts_late == Some(true) && low <= resume {
-            // The archive starts after the recompute's position (the archiver began later)
-            // while Kafka still holds that stretch: read the partition from Kafka alone.
-            todo.clear();
-            archive_next = None;
-        }
-        let kafka_from = match (starts_late, archive_next) {
-            // A head that neither holds: the gap is from `resume` (gap() reports it).
-            (Some(true), _) => resume,
-            (_, Some(next)) => next.max(resume),
-            (_, None) => resume,
+        let high = retained.high.get(&p).copied().unwrap_or(0);
+        // A partition the live group never committed is read by the live layer from the
+        // earliest offset Kafka holds (auto.offset.reset): the recompute stops there. And
+        // never beyond what Kafka has.
+        let bound = live.get(&p).copied().unwrap_or(low).min(high);
+        // Without progress: the archive starts at the beginning of the partition; Kafka
+        // alone at the earliest offset it holds (what it no longer holds is not folded).
+        let start = match args.source {
+            Source::Archive => 0,
+            Source::Kafka => low,
         };
+        let resume = resume.get(&p).copied().unwrap_or(start);
+        let candidates = units.remove(&p).unwrap_or_default();
+        let (todo, archive_next) = usable_units(candidates, markers.get(&p), resume, bound);
         out.push(PartitionPlan {
             partition: p,
             resume,
             units: todo,
-            kafka_from,
+            kafka_from: archive_next.min(bound).max(resume),
             bound,
             low,
         });
@@ -226,4 +238,117 @@ pub async fn make(
         index: args.index.clone(),
         partitions: out,
     })
+}
+
+/// The units to fold from `resume` (below `bound`), in order, up to the first stretch of
+/// offsets the archive does not account for, and the offset after what they cover.
+///
+/// Between two units, or before the first, offsets without a file are accounted for only by
+/// markers: a stretch that starts right after a marker (or at offset 0) and ends at one holds
+/// units of dead-lettered records only. Any other stretch is a hole in the archive (an archiver
+/// that started late, files deleted): the archive is used up to it and Kafka from there, and
+/// if Kafka no longer holds it the plan reports a gap. (Every file of a unit deleted under
+/// its marker looks like a dead-letter-only unit; markers do not count rows.)
+fn usable_units(
+    candidates: Vec<Unit>,
+    markers: Option<&BTreeSet<i64>>,
+    resume: i64,
+    bound: i64,
+) -> (Vec<Unit>, i64) {
+    let no_markers = BTreeSet::new();
+    let markers = markers.unwrap_or(&no_markers);
+    let accounted = |from: i64, to: i64| {
+        from > to || (markers.contains(&to) && (from == 0 || markers.contains(&(from - 1))))
+    };
+    let mut next = resume;
+    let mut todo = Vec::new();
+    for unit in candidates
+        .into_iter()
+        .filter(|u| u.range.last >= resume && u.range.first < bound)
+    {
+        if !accounted(next, unit.range.first - 1) {
+            // A hole: the archive is used up to here, even where later markers exist.
+            return (todo, next);
+        }
+        next = next.max(unit.range.last + 1);
+        todo.push(unit);
+    }
+    // Every file is used: markers after the last one are dead-letter-only units.
+    if let Some(last) = markers
+        .last()
+        .filter(|m| **m >= next && accounted(next, **m))
+    {
+        next = last + 1;
+    }
+    (todo, next)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn unit(first: i64, last: i64) -> Unit {
+        Unit {
+            range: FileRange {
+                partition: 0,
+                first,
+                last,
+            },
+            files: Vec::new(),
+        }
+    }
+
+    fn firsts(units: &[Unit]) -> Vec<i64> {
+        units.iter().map(|u| u.range.first).collect()
+    }
+
+    #[test]
+    fn contiguous_units_are_used_to_the_last_marker() {
+        let markers: BTreeSet<i64> = [99, 199, 299].into();
+        let (todo, next) = usable_units(vec![unit(0, 99), unit(100, 199)], Some(&markers), 0, 1000);
+        // 200..=299 held dead letters only: covered, Kafka starts after it.
+        assert_eq!((firsts(&todo), next), (vec![0, 100], 300));
+    }
+
+    #[test]
+    fn a_hole_no_marker_accounts_for_ends_the_archive_there() {
+        let markers: BTreeSet<i64> = [99, 299].into();
+        let (todo, next) = usable_units(vec![unit(0, 99), unit(250, 299)], Some(&markers), 0, 1000);
+        assert_eq!((firsts(&todo), next), (vec![0], 100));
+    }
+
+    #[test]
+    fn an_archive_that_starts_late_is_not_used_from_the_start() {
+        let markers: BTreeSet<i64> = [599].into();
+        let (todo, next) = usable_units(vec![unit(500, 599)], Some(&markers), 0, 1000);
+        assert_eq!((firsts(&todo), next), (vec![], 0));
+    }
+
+    #[test]
+    fn a_resumed_run_takes_the_unit_it_stopped_in_and_stops_at_the_bound() {
+        let markers: BTreeSet<i64> = [99, 199, 299].into();
+        let units = vec![unit(0, 99), unit(100, 199), unit(200, 299)];
+        let (todo, next) = usable_units(units, Some(&markers), 150, 220);
+        assert_eq!(firsts(&todo), vec![100, 200]);
+        assert_eq!(next, 300, "min(bound) is applied by the caller");
+    }
+
+    #[test]
+    fn a_plan_that_needs_offsets_kafka_dropped_names_them() {
+        let p = PartitionPlan {
+            partition: 3,
+            resume: 0,
+            units: Vec::new(),
+            kafka_from: 0,
+            bound: 500,
+            low: 200,
+        };
+        assert_eq!(p.gap(), Some((0, 199)));
+        let plan = Plan {
+            index: "profiles-v2".into(),
+            partitions: vec![p],
+        };
+        let refused = plan.check().unwrap_err().to_string();
+        assert!(refused.contains("partition 3 offsets 0..=199"), "{refused}");
+    }
 }

@@ -23,16 +23,21 @@ use pulse_service::consumer::topic_committer;
 use pulse_service::outbox::Outbox;
 use pulse_service::{Readiness, Shutdown};
 use rdkafka::consumer::{BaseConsumer, Consumer};
+use rdkafka::error::KafkaError;
 use rdkafka::{Message, Offset, TopicPartitionList};
 
 use super::plan::{self, PartitionPlan, Plan, Unit};
-use super::{indices, RecomputeArgs, RecomputeError, Source};
+use super::{indices, RecomputeArgs, RecomputeError};
 use crate::engine::outbox::SpeedOutbox;
 use crate::engine::state::{Effects, ProfileState, Settings};
 use crate::store::ProfileStore;
 
 /// Events folded per load-and-fold step: one mget for the profiles not in memory.
 const CHUNK: usize = 2_000;
+
+/// A record to fold: partition, offset, and its event (`None`: the live layer dead-lettered
+/// it; it only moves the position, in order with the others).
+type Record = (i32, i64, Option<Event>);
 
 /// What a run did, printed as JSON on exit.
 #[derive(Debug, Clone, Default, serde::Serialize)]
@@ -60,16 +65,30 @@ pub fn run(args: &RecomputeArgs, stop: Shutdown) -> Result<RunSummary, Recompute
             .build()?,
     );
     let live = ProfileStore::new(&args.speed.es)?;
-    let target = prepare_index(args, &live, &runtime)?;
-    let archive = match args.source {
-        Source::Archive => Some(pulse_archive::store::open_store(&args.archive)?),
-        Source::Kafka => None,
-    };
-    let plan = runtime.block_on(plan::make(args, archive.as_deref()))?;
+    let (target, created) = prepare_index(args, &live, &runtime)?;
+    let archive = plan::open_archive(args)?;
+    let plan = runtime.block_on(plan::make(args, archive.as_deref(), created))?;
     plan.check()?;
+    if created {
+        // Commits left by an index of this name deleted since would be taken as progress
+        // by the next run after a kill: they are replaced by where this one starts.
+        let starts: Vec<(i32, i64)> = plan
+            .partitions
+            .iter()
+            .map(|p| (p.partition, p.resume))
+            .collect();
+        super::kafka::commit(
+            &args.speed.kafka,
+            &args.group(),
+            &args.speed.topics.events,
+            &starts,
+        )?;
+    }
     tracing::info!(index = %args.index, offsets = plan.offsets(), "recompute starting");
 
-    let consumer: BaseConsumer = args.speed.kafka.consumer_config(&args.group()).create()?;
+    let mut consumer_config = args.speed.kafka.consumer_config(&args.group());
+    consumer_config.set("enable.partition.eof", "true");
+    let consumer: BaseConsumer = consumer_config.create()?;
     let topic = args.speed.topics.events.clone();
     let commit = topic_committer(&consumer, &topic);
     let outbox = Outbox::new(
@@ -125,13 +144,14 @@ pub fn run(args: &RecomputeArgs, stop: Shutdown) -> Result<RunSummary, Recompute
     Ok(summary)
 }
 
-/// The index to build, created from the template when missing; never the one the alias
-/// points to, and always one the template covers (`<alias>-…`).
+/// The index to build, created when missing (the template's settings, this binary's
+/// mapping), and whether it was; never the one the alias points to, and always one the
+/// template covers (`<alias>-…`).
 fn prepare_index(
     args: &RecomputeArgs,
     live: &ProfileStore,
     runtime: &tokio::runtime::Runtime,
-) -> Result<ProfileStore, RecomputeError> {
+) -> Result<(ProfileStore, bool), RecomputeError> {
     let alias = &args.speed.es.alias;
     if !args.index.starts_with(&format!("{alias}-")) {
         return Err(RecomputeError::Refused(format!(
@@ -146,11 +166,11 @@ fn prepare_index(
             args.index
         )));
     }
-    runtime.block_on(live.put_template(args.shards, args.replicas))?;
-    if runtime.block_on(indices::create_index(live, &args.index))? {
-        tracing::info!(index = %args.index, "created the index from the template");
+    let created = runtime.block_on(indices::create_index(live, &args.index))?;
+    if created {
+        tracing::info!(index = %args.index, "created the index");
     }
-    Ok(live.on_index(&args.index))
+    Ok((live.on_index(&args.index), created))
 }
 
 /// The live layer's state, fed from the archive and Kafka instead of a group's assignment.
@@ -181,10 +201,10 @@ impl Folder {
                 self.summary.files += 1;
             }
             rows.sort_by_key(|r| r.offset);
-            let events: Vec<(i32, i64, Event)> = rows
+            let events: Vec<Record> = rows
                 .into_iter()
                 .filter(|r| r.offset >= plan.resume && r.offset < plan.bound)
-                .map(|r| (r.partition, r.offset, r.event))
+                .map(|r| (r.partition, r.offset, Some(r.event)))
                 .collect();
             self.summary.from_archive += events.len() as u64;
             for chunk in events.chunks(CHUNK) {
@@ -227,10 +247,24 @@ impl Folder {
             tpl.add_partition_offset(topic, p.partition, Offset::Offset(p.kafka_from))?;
         }
         consumer.assign(&tpl)?;
-        let mut chunk: Vec<(i32, i64, Event)> = Vec::with_capacity(CHUNK);
+        let mut chunk: Vec<Record> = Vec::with_capacity(CHUNK);
+        // Each partition's first record must be where the plan starts it: Kafka resets a
+        // fetch whose offset retention dropped since, which would skip history silently.
+        let mut expected: std::collections::BTreeMap<i32, i64> = plan
+            .partitions
+            .iter()
+            .filter(|p| open.contains_key(&p.partition))
+            .map(|p| (p.partition, p.kafka_from))
+            .collect();
         while !open.is_empty() && !self.stop.is_stopped() {
             let msg = match consumer.poll(Duration::from_millis(100)) {
                 Some(Ok(m)) => Some(m.detach()),
+                // Nothing more to read (the bound is below the partition's end when the plan
+                // was made, so this only ends a partition whose last offsets hold no record).
+                Some(Err(KafkaError::PartitionEOF(p))) => {
+                    self.close(consumer, topic, &mut open, p)?;
+                    None
+                }
                 Some(Err(e)) => {
                     tracing::warn!(error = %e, "consumer error");
                     None
@@ -241,16 +275,23 @@ impl Folder {
             let idle = msg.is_none();
             if let Some(msg) = msg {
                 let (p, offset) = (msg.partition(), msg.offset());
+                if let Some(want) = expected.remove(&p) {
+                    if offset != want {
+                        return Err(RecomputeError::Refused(format!(
+                            "partition {p}: Kafka gave offset {offset} where {want} was \
+                             expected (retention dropped it since the plan); nothing after \
+                             the last commit is taken: plan again"
+                        )));
+                    }
+                }
                 match open.get(&p) {
                     Some(bound) if offset < *bound => {
                         self.summary.from_kafka += 1;
-                        match Event::from_record(msg.key(), msg.payload()) {
-                            Ok(event) => chunk.push((p, offset, event)),
-                            Err(_) => {
-                                self.summary.unusable += 1;
-                                self.state.positions.handled(p, offset);
-                            }
+                        let event = Event::from_record(msg.key(), msg.payload()).ok();
+                        if event.is_none() {
+                            self.summary.unusable += 1;
                         }
+                        chunk.push((p, offset, event));
                         if offset + 1 >= *bound {
                             self.close(consumer, topic, &mut open, p)?;
                         }
@@ -287,23 +328,26 @@ impl Folder {
         Ok(())
     }
 
-    /// Loads the chunk's profiles not in memory (one mget), folds each event in order, then
-    /// lets the state flush and commit as the live layer does. `false` when stopped.
-    fn fold(&mut self, fx: &dyn Effects, chunk: &[(i32, i64, Event)]) -> bool {
+    /// Loads the chunk's profiles not in memory (one mget), folds each event in order (a
+    /// record without one is only passed), then lets the state flush and commit as the live
+    /// layer does. `false` when stopped.
+    fn fold(&mut self, fx: &dyn Effects, chunk: &[Record]) -> bool {
         let clock = Instant::now();
-        let ids: Vec<String> = chunk.iter().map(|(_, _, e)| e.partition_key()).collect();
-        let mut seen = std::collections::HashSet::new();
-        let missing: Vec<String> = ids
+        let ids: Vec<Option<String>> = chunk
             .iter()
-            .filter(|id| !self.state.cache.contains(id) && seen.insert(id.as_str()))
-            .cloned()
+            .map(|(_, _, e)| e.as_ref().map(Event::partition_key))
             .collect();
-        if !self.state.load(&missing) {
+        if !self
+            .state
+            .load_absent(ids.iter().flatten().map(String::as_str))
+        {
             return false;
         }
         for ((p, offset, event), id) in chunk.iter().zip(ids) {
-            // A fold the live layer refused went to its dead-letter topic then.
-            let _ = self.state.fold(event, id, *p, *offset, clock);
+            if let (Some(event), Some(id)) = (event, id) {
+                // A fold the live layer refused went to its dead-letter topic then.
+                let _ = self.state.fold(event, id, *p, *offset, clock);
+            }
             self.state.positions.handled(*p, *offset);
         }
         self.state.finish_flush(fx, false);
