@@ -19,17 +19,22 @@ use serde_json::Value;
 
 /// `pulse-speed recompute <command>` on this fixture's topics, alias and live group.
 fn recompute(f: &Fixture, command: &str, index: &str, extra: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_pulse-speed"))
-        .args(["recompute", command, "--index", index])
+    recompute_command(f, command, index, extra)
+        .output()
+        .expect("run pulse-speed recompute")
+}
+
+fn recompute_command(f: &Fixture, command: &str, index: &str, extra: &[&str]) -> Command {
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_pulse-speed"));
+    cmd.args(["recompute", command, "--index", index])
         .args(["--kafka-brokers", &brokers(), "--es-url", &es_url()])
         .args(["--events-topic", &f.topic, "--dlq-topic", &f.dlq])
         .args(["--triggers-topic", &f.triggers])
         .args(["--profiles-alias", &f.alias, "--group", &f.group])
         .args(["--flush-interval-secs", "0.5"])
         .args(extra)
-        .env("RUST_LOG", "info,librdkafka=warn")
-        .output()
-        .expect("run pulse-speed recompute")
+        .env("RUST_LOG", "info,librdkafka=warn");
+    cmd
 }
 
 fn succeeded(out: &Output) -> Value {
@@ -282,5 +287,55 @@ async fn history_that_kafka_dropped_and_the_archive_lacks_is_refused_with_the_pa
         kafka_only["from_kafka"].as_u64(),
         Some(events.len() as u64 - 20),
         "{kafka_only}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_recompute_sigkilled_again_and_again_resumes_and_ends_identical() {
+    let f = Fixture::new("recompute-kill", 4).await;
+    let events = generate(8_000, 91, 400, 10);
+    let mut live = f.spawn_speed(&["--flush-interval-secs", "0.5"]);
+    // The first 5,000 in the archive, the rest only in Kafka: kills land in both phases.
+    let (archived, recent) = events.split_at(5_000);
+    produce(&f.topic, archived).await;
+    let dir = std::env::temp_dir().join(format!("{}-archive", f.alias));
+    archive_topic(&f, &dir, archived.len()).await;
+    produce(&f.topic, recent).await;
+    f.wait_for_events(events.len() as u64).await;
+    terminate(&mut live);
+    let archive = dir.to_string_lossy().into_owned();
+    let v2 = format!("{}-v2", f.alias);
+    // Slowed down so that each kill lands mid-run (flushed and committed every 0.5 s).
+    let args = ["--archive-url", &archive, "--max-events-per-sec", "2500"];
+    for after_ms in [900u64, 1_700, 1_300, 2_100] {
+        let mut run = recompute_command(&f, "run", &v2, &args)
+            .stdout(std::process::Stdio::null())
+            .stderr(log_file(&format!("recompute-{}", f.alias)))
+            .spawn()
+            .expect("spawn recompute");
+        tokio::time::sleep(Duration::from_millis(after_ms)).await;
+        let finished = run.try_wait().unwrap().is_some();
+        run.kill().unwrap();
+        let _ = run.wait();
+        assert!(
+            !finished,
+            "the run had finished before the kill: slow it down further"
+        );
+    }
+    let last = succeeded(&recompute(&f, "run", &v2, &args));
+    let read = last["from_archive"].as_u64().unwrap() + last["from_kafka"].as_u64().unwrap();
+    assert!(
+        read < events.len() as u64,
+        "the last run resumed instead of starting over: {last}"
+    );
+    let live_docs = documents_of(&f, &format!("{}-v1", f.alias)).await;
+    assert_eq!(
+        diff(&live_docs, &ground_truth(&events)),
+        Vec::<String>::new()
+    );
+    assert_eq!(
+        differences(&live_docs, &documents_of(&f, &v2).await),
+        Vec::<String>::new(),
+        "killed four times, the recompute ends identical to the live layer"
     );
 }

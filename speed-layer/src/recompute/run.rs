@@ -207,7 +207,7 @@ impl Folder {
                 .map(|r| (r.partition, r.offset, Some(r.event)))
                 .collect();
             self.summary.from_archive += events.len() as u64;
-            for chunk in events.chunks(CHUNK) {
+            for chunk in events.chunks(self.progress.chunk()) {
                 if !self.fold(fx, chunk) {
                     return Ok(());
                 }
@@ -247,7 +247,8 @@ impl Folder {
             tpl.add_partition_offset(topic, p.partition, Offset::Offset(p.kafka_from))?;
         }
         consumer.assign(&tpl)?;
-        let mut chunk: Vec<Record> = Vec::with_capacity(CHUNK);
+        let size = self.progress.chunk();
+        let mut chunk: Vec<Record> = Vec::with_capacity(size);
         // Each partition's first record must be where the plan starts it: Kafka resets a
         // fetch whose offset retention dropped since, which would skip history silently.
         let mut expected: std::collections::BTreeMap<i32, i64> = plan
@@ -300,7 +301,7 @@ impl Folder {
                     None => {}
                 }
             }
-            if chunk.len() >= CHUNK || (idle && !chunk.is_empty()) {
+            if chunk.len() >= size || (idle && !chunk.is_empty()) {
                 if !self.fold(fx, &chunk) {
                     return Ok(());
                 }
@@ -400,6 +401,16 @@ impl Progress {
             done: 0,
             max_rate,
             last_report: Instant::now(),
+        }
+    }
+
+    /// Events per load-and-fold step: [`CHUNK`], or a quarter second's worth under a
+    /// `--max-events-per-sec` limit, so that the throttle's waits stay short and flushes
+    /// (and commits) come at their interval.
+    fn chunk(&self) -> usize {
+        match self.max_rate {
+            0 => CHUNK,
+            rate => (rate as usize / 4).clamp(100, CHUNK),
         }
     }
 
