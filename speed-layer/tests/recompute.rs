@@ -179,6 +179,12 @@ async fn live_kafka_only_and_archive_then_kafka_give_identical_profiles_and_prom
     );
     let kafka_only = succeeded(&recompute(&f, "run", &v3, &["--source", "kafka"]));
     assert_eq!(kafka_only["from_archive"], 0, "{kafka_only}");
+    // Verified against the live index while the live layer runs on: documents it changed
+    // past the recompute's position are "ahead", every other one is equal.
+    let verified = recompute(&f, "verify", &v2, &["--json"]);
+    let report = succeeded(&verified);
+    assert!(report["compared"].as_u64().unwrap() > 0, "{report}");
+    assert_eq!(report["unexpected"], 0, "{report}");
 
     // The live layer stops (flush, commit); both recomputes catch up to its final commit.
     let total = first.len() + second.len();
@@ -337,5 +343,87 @@ async fn a_recompute_sigkilled_again_and_again_resumes_and_ends_identical() {
         differences(&live_docs, &documents_of(&f, &v2).await),
         Vec::<String>::new(),
         "killed four times, the recompute ends identical to the live layer"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_model_change_is_recomputed_verified_to_change_only_its_fields_promoted_and_rolled_back()
+{
+    let f = Fixture::new("recompute-model", 2).await;
+    let events = generate(2_000, 23, 100, 10);
+    let mut live = f.spawn_speed(&["--flush-interval-secs", "0.5"]);
+    produce(&f.topic, &events).await;
+    f.wait_for_events(events.len() as u64).await;
+    terminate(&mut live);
+    let v1 = format!("{}-v1", f.alias);
+    let v2 = format!("{}-v2", f.alias);
+    // The new model: MODEL3 over 2 days instead of 7.
+    let new_model = ["--source", "kafka", "--window-days", "2"];
+    succeeded(&recompute(&f, "run", &v2, &new_model));
+
+    let strict = recompute(&f, "verify", &v2, &new_model);
+    assert_eq!(
+        strict.status.code(),
+        Some(1),
+        "a changed model is a difference"
+    );
+    assert!(String::from_utf8_lossy(&strict.stdout).contains("gender_top_7d"));
+    let mut expecting = new_model.to_vec();
+    expecting.extend([
+        "--expect-changed",
+        "gender_top_7d",
+        "--expect-changed",
+        "models.MODEL3",
+        "--json",
+    ]);
+    let report = succeeded(&recompute(&f, "verify", &v2, &expecting));
+    let fields: Vec<&String> = report["differing_fields"]
+        .as_object()
+        .unwrap()
+        .keys()
+        .collect();
+    assert!(
+        fields
+            .iter()
+            .all(|k| *k == "gender_top_7d" || *k == "models.MODEL3"),
+        "only the model's fields differ: {report}"
+    );
+    assert!(
+        report["differing_fields"]["gender_top_7d"]
+            .as_u64()
+            .unwrap()
+            > 0,
+        "{report}"
+    );
+    assert_eq!(report["only_live"], 0);
+    assert_eq!(report["only_new"], 0);
+
+    // Promoted: portals read the new model. Rolled back (with the old model's flags): the old.
+    succeeded(&recompute(&f, "promote", &v2, &new_model));
+    let now = chrono::Utc::now();
+    let truth = ground_truth(&events);
+    let window = |docs: &HashMap<String, Value>, days: i64| -> Vec<String> {
+        docs.iter()
+            .filter(|(id, d)| {
+                let want = truth[*id].top_gender_window(now, days);
+                d["gender_top_7d"].as_str() != want.as_deref()
+            })
+            .map(|(id, _)| id.clone())
+            .collect()
+    };
+    let promoted = f.documents().await;
+    assert_eq!(promoted.len(), truth.len());
+    assert_eq!(
+        window(&promoted, 2),
+        Vec::<String>::new(),
+        "the 2-day model behind the alias"
+    );
+    let back = succeeded(&recompute(&f, "rollback", &v2, &["--source", "kafka"]));
+    assert_eq!(back["to"], v1.as_str());
+    let rolled_back = f.documents().await;
+    assert_eq!(
+        window(&rolled_back, 7),
+        Vec::<String>::new(),
+        "the 7-day model again"
     );
 }

@@ -1,5 +1,5 @@
 //! `pulse-speed`: the speed layer (`run`), its Elasticsearch setup (`setup`) and the
-//! recompute of profiles into a new index (`recompute plan|run|promote|rollback`).
+//! recompute of profiles into a new index (`recompute plan|run|verify|promote|rollback`).
 
 #[global_allocator]
 static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
@@ -46,6 +46,17 @@ enum Recompute {
     Plan(Box<RecomputeArgs>),
     /// Build (or resume) the index up to the live layer's commit.
     Run(Box<RecomputeArgs>),
+    /// Compare every document of the index with the live one; exit 1 on unexpected changes.
+    Verify {
+        #[command(flatten)]
+        args: Box<RecomputeArgs>,
+        /// A field allowed to differ (after a model change: its fields); repeatable.
+        #[arg(long = "expect-changed")]
+        expect_changed: Vec<String>,
+        /// Print the report as JSON instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
     /// With the live layer stopped: catch the index up to its final commit, move the alias.
     Promote(Box<RecomputeArgs>),
     /// With the live layer stopped: catch the previous index up, move the alias back.
@@ -88,6 +99,20 @@ fn recompute(command: Recompute) -> anyhow::Result<()> {
             if let Err(e) = plan.check() {
                 eprintln!("refused: {e}");
                 std::process::exit(2);
+            }
+        }
+        Recompute::Verify {
+            args,
+            expect_changed,
+            json,
+        } => {
+            let report = rt.block_on(recompute::verify(&args, &expect_changed))?;
+            match json {
+                true => print(serde_json::to_value(&report)?),
+                false => print!("{}", report.render()),
+            }
+            if !report.ok() {
+                std::process::exit(1);
             }
         }
         Recompute::Run(args) => print(serde_json::to_value(recompute::run(&args, stop)?)?),

@@ -10,6 +10,7 @@
 //!
 //! - [`plan`]: what will be read, per partition, and the retention gaps that refuse a run;
 //! - [`run`]: the fold, resumable through the group `recompute-<index>`;
+//! - [`verify`]: every document of the new index against the live one;
 //! - [`promote`]: catch up, switch the alias, record the previous index; and roll back;
 //! - [`indices`]: the index, the alias and the record a promotion leaves;
 //! - [`kafka`]: partitions, retained offsets, group commits and members.
@@ -19,10 +20,12 @@ pub mod kafka;
 pub mod plan;
 pub mod promote;
 pub mod run;
+pub mod verify;
 
 pub use plan::Plan;
 pub use promote::{promote, rollback, Switch};
 pub use run::{run, RunSummary};
+pub use verify::{verify, Verification};
 
 use crate::config::SpeedConfig;
 
