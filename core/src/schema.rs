@@ -67,8 +67,10 @@ pub fn event_schema() -> Schema {
         // Free objects as JSON text: BigQuery's JSON type loads from a string column.
         text("properties"),
         text("context"),
-        Field::new("kafka_partition", DataType::Int64, false),
-        Field::new("kafka_offset", DataType::Int64, false),
+        // Nullable: files archived before positions were kept lack them, and SQL over an
+        // archive that holds such files must still run (a recompute refuses those files).
+        Field::new("kafka_partition", DataType::Int64, true),
+        Field::new("kafka_offset", DataType::Int64, true),
     ]);
     Schema::new(fields)
 }

@@ -29,8 +29,8 @@ CREATE TABLE IF NOT EXISTS pulse.events (
   init_session BOOL,
   properties   STRING OPTIONS(description = "free object, JSON text"),
   context      STRING OPTIONS(description = "free object, JSON text"),
-  kafka_partition INT64 NOT NULL OPTIONS(description = "partition of the events topic it was read from"),
-  kafka_offset INT64 NOT NULL OPTIONS(description = "offset in that partition: (kafka_partition, kafka_offset) is unique")
+  kafka_partition INT64 OPTIONS(description = "partition of the events topic it was read from (NULL in files archived before positions were kept)"),
+  kafka_offset INT64 OPTIONS(description = "offset in that partition: (kafka_partition, kafka_offset) is unique")
 )
 PARTITION BY date
 OPTIONS(

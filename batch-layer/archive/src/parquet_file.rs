@@ -210,6 +210,26 @@ mod tests {
         }
     }
 
+    /// A row archived before positions were kept (NULL columns, still readable by SQL) is
+    /// refused by the reader: it cannot be placed in offset order.
+    #[test]
+    fn a_row_without_its_position_is_refused() {
+        let event = parse_event(
+            r#"{"event":"x","partner_id":"p","user_id":"u"}"#,
+            &ParseContext::now(),
+        )
+        .unwrap();
+        let batch = record_batch(0, &[(5, event)]).unwrap();
+        let mut columns = batch.columns().to_vec();
+        let n = columns.len();
+        for c in &mut columns[n - 2..] {
+            *c = arrow::array::new_null_array(&arrow_schema::DataType::Int64, 1);
+        }
+        let old = RecordBatch::try_new(batch.schema(), columns).unwrap();
+        let err = crate::reader::rows(&old).unwrap_err().to_string();
+        assert!(err.contains("before positions were kept"), "{err}");
+    }
+
     /// A file in another schema is refused with the column named, not misread.
     #[test]
     fn a_file_without_positions_is_refused() {

@@ -180,6 +180,13 @@ impl<'a> Columns<'a> {
             properties: object(self.properties, "properties")?,
             context: object(self.context, "context")?,
         };
+        if !(self.kafka_partition.is_valid(i) && self.kafka_offset.is_valid(i)) {
+            return Err(ParquetError::Schema(
+                "a row without kafka_partition/kafka_offset (archived before positions were \
+                 kept): it cannot be placed in offset order"
+                    .into(),
+            ));
+        }
         Ok(Archived {
             partition: i32::try_from(self.kafka_partition.value(i))
                 .map_err(|_| wrong("kafka_partition", "a partition number"))?,
