@@ -101,10 +101,16 @@ fn differences(a: &HashMap<String, Value>, b: &HashMap<String, Value>) -> Vec<St
 }
 
 /// Archives the topic's records as the archiver lays them out (one unit per partition, a
-/// file per event date, then the marker), from the records Kafka holds now.
-async fn archive_topic(f: &Fixture, dir: &std::path::Path, expected: usize) {
+/// file per event date, then the marker), from the records Kafka holds now; the range
+/// archived of each partition.
+async fn archive_topic(
+    f: &Fixture,
+    dir: &std::path::Path,
+    expected: usize,
+) -> BTreeMap<i32, FileRange> {
     std::fs::create_dir_all(dir).unwrap();
     let store = LocalFileSystem::new_with_prefix(dir).unwrap();
+    let mut ranges = BTreeMap::new();
     let mut by_partition: BTreeMap<i32, Vec<(i64, Event)>> = BTreeMap::new();
     for r in read_topic(&f.topic, expected, Duration::ZERO) {
         let event = Event::from_record(Some(r.key.as_bytes()), Some(&r.payload)).unwrap();
@@ -120,6 +126,7 @@ async fn archive_topic(f: &Fixture, dir: &std::path::Path, expected: usize) {
             first: rows[0].0,
             last: rows[rows.len() - 1].0,
         };
+        ranges.insert(p, range);
         let mut by_date: BTreeMap<chrono::NaiveDate, Vec<(i64, Event)>> = BTreeMap::new();
         for (o, e) in rows {
             by_date
@@ -142,6 +149,7 @@ async fn archive_topic(f: &Fixture, dir: &std::path::Path, expected: usize) {
             .await
             .unwrap();
     }
+    ranges
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -305,27 +313,66 @@ async fn a_recompute_sigkilled_again_and_again_resumes_and_ends_identical() {
     let (archived, recent) = events.split_at(5_000);
     produce(&f.topic, archived).await;
     let dir = std::env::temp_dir().join(format!("{}-archive", f.alias));
-    archive_topic(&f, &dir, archived.len()).await;
+    let ranges = archive_topic(&f, &dir, archived.len()).await;
     produce(&f.topic, recent).await;
     f.wait_for_events(events.len() as u64).await;
     terminate(&mut live);
+    let mut ends: BTreeMap<i32, i64> = BTreeMap::new();
+    for r in read_topic(&f.topic, events.len(), Duration::ZERO) {
+        let end = ends.entry(r.partition).or_default();
+        *end = (*end).max(r.offset);
+    }
     let archive = dir.to_string_lossy().into_owned();
     let v2 = format!("{}-v2", f.alias);
-    // Slowed down so that each kill lands mid-run (flushed and committed every 0.5 s).
+    // Each kill lands where the failpoint says, whatever the machine's speed: at a random
+    // record of the archive of partition 1, then of partition 3 (the archive is read
+    // partition by partition), then twice among partition 0's Kafka records. Each point is
+    // past where the run before it was killed, so every run reaches its point. Throttled, so
+    // that flushes (and commits, every 0.5 s) land between the kills.
+    let seed = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .subsec_nanos() as u64;
+    println!("kill points seed {seed}");
+    let pick = |salt: u64, from: i64, to: i64| -> i64 {
+        // splitmix64: enough for a spread of points, reproducible from the printed seed.
+        let mut z = seed.wrapping_add(salt.wrapping_mul(0x9E37_79B9_7F4A_7C15));
+        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+        from + ((z ^ (z >> 31)) % (to - from + 1) as u64) as i64
+    };
+    let (kafka_from, kafka_end) = (ranges[&0].last + 1, ends[&0]);
+    assert!(
+        kafka_end > kafka_from + 2,
+        "partition 0 has records only in Kafka"
+    );
+    let first_kafka_kill = pick(3, kafka_from, (kafka_from + kafka_end) / 2);
+    let kills = [
+        (1, pick(1, ranges[&1].first + 1, ranges[&1].last)),
+        (3, pick(2, ranges[&3].first + 1, ranges[&3].last)),
+        (0, first_kafka_kill),
+        (0, pick(4, first_kafka_kill + 1, kafka_end)),
+    ];
     let args = ["--archive-url", &archive, "--max-events-per-sec", "2500"];
-    for after_ms in [900u64, 1_700, 1_300, 2_100] {
-        let mut run = recompute_command(&f, "run", &v2, &args)
-            .stdout(std::process::Stdio::null())
-            .stderr(log_file(&format!("recompute-{}", f.alias)))
-            .spawn()
-            .expect("spawn recompute");
-        tokio::time::sleep(Duration::from_millis(after_ms)).await;
-        let finished = run.try_wait().unwrap().is_some();
-        run.kill().unwrap();
-        let _ = run.wait();
+    for (p, offset) in kills {
+        let at = format!("{p}:{offset}");
+        let mut killed_args = args.to_vec();
+        killed_args.extend(["--failpoint-kill-at", &at]);
+        let out = recompute(&f, "run", &v2, &killed_args);
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        std::fs::write(
+            std::env::temp_dir().join(format!("recompute-{}-{p}-{offset}.log", f.alias)),
+            stderr.as_bytes(),
+        )
+        .unwrap();
+        assert_eq!(
+            std::os::unix::process::ExitStatusExt::signal(&out.status),
+            Some(libc::SIGKILL),
+            "the run is killed at {at}: {stderr}"
+        );
         assert!(
-            !finished,
-            "the run had finished before the kill: slow it down further"
+            stderr.contains(&format!("SIGKILL at partition {p} offset {offset}")),
+            "{stderr}"
         );
     }
     let last = succeeded(&recompute(&f, "run", &v2, &args));

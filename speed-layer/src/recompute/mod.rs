@@ -54,6 +54,21 @@ pub struct RecomputeArgs {
     /// Leave room for live traffic: fold at most this many events per second (0: no limit).
     #[arg(long, env = "PULSE_RECOMPUTE_MAX_EVENTS_PER_SEC", default_value_t = 0)]
     pub max_events_per_sec: u64,
+    /// Fault injection for the kill test: the process SIGKILLs itself when it is about to
+    /// fold this record (`partition:offset`), so a kill lands at a chosen point of the run
+    /// whatever the machine's speed. Never set it in production.
+    #[arg(long, env = "PULSE_FAILPOINT_RECOMPUTE_KILL_AT", hide = true, value_parser = parse_position)]
+    pub failpoint_kill_at: Option<(i32, i64)>,
+}
+
+/// `partition:offset`.
+fn parse_position(s: &str) -> Result<(i32, i64), String> {
+    let (p, o) = s
+        .split_once(':')
+        .ok_or_else(|| format!("{s:?}: expected partition:offset"))?;
+    let p = p.parse().map_err(|e| format!("partition {p:?}: {e}"))?;
+    let o = o.parse().map_err(|e| format!("offset {o:?}: {e}"))?;
+    Ok((p, o))
 }
 
 impl RecomputeArgs {

@@ -107,6 +107,7 @@ pub fn run(args: &RecomputeArgs, stop: Shutdown) -> Result<RunSummary, Recompute
             ..RunSummary::default()
         },
         stop: stop.clone(),
+        kill_at: args.failpoint_kill_at,
     };
     let partitions: Vec<i32> = plan.partitions.iter().map(|p| p.partition).collect();
     folder.state.positions.assign(&partitions);
@@ -179,6 +180,8 @@ struct Folder {
     progress: Progress,
     summary: RunSummary,
     stop: Shutdown,
+    /// See [`RecomputeArgs::failpoint_kill_at`].
+    kill_at: Option<(i32, i64)>,
 }
 
 impl Folder {
@@ -345,6 +348,9 @@ impl Folder {
             return false;
         }
         for ((p, offset, event), id) in chunk.iter().zip(ids) {
+            if self.kill_at == Some((*p, *offset)) {
+                kill_self(*p, *offset);
+            }
             if let (Some(event), Some(id)) = (event, id) {
                 // A fold the live layer refused went to its dead-letter topic then.
                 let _ = self.state.fold(event, id, *p, *offset, clock);
@@ -366,6 +372,17 @@ impl Folder {
         self.progress.advance(chunk.len() as u64, &self.stop);
         !self.stop.is_stopped()
     }
+}
+
+/// The failpoint: SIGKILL, as an operator's `kill -9` or the OOM killer would, with the
+/// flush in flight and nothing of the process's own cleanup run.
+fn kill_self(partition: i32, offset: i64) -> ! {
+    eprintln!("failpoint: SIGKILL at partition {partition} offset {offset}");
+    // SAFETY: getpid and kill take no pointers; SIGKILL ends the process here.
+    unsafe {
+        libc::kill(libc::getpid(), libc::SIGKILL);
+    }
+    std::process::abort()
 }
 
 /// A unit's files, each read back to rows.
