@@ -1,6 +1,6 @@
 //! The BigQuery table schema, derived from the archive's Arrow schema so the two cannot drift:
-//! the loader creates the table from it and a test checks `warehouse-sql/ddl/events.sql`
-//! against it.
+//! the loader creates the table from it, adds the columns an older table lacks, and a test
+//! checks `warehouse-sql/ddl/events.sql` against it.
 
 use arrow_schema::{DataType, Field};
 use gcp_bigquery_client::model::field_type::FieldType;
@@ -54,9 +54,89 @@ pub fn table_schema() -> TableSchema {
     TableSchema::new(event_schema().fields().iter().map(|f| field(f)).collect())
 }
 
+/// The archive's columns an existing table lacks, in the archive's order (a table created
+/// by an older release, before a column was added to the event).
+pub fn missing_columns(existing: &TableSchema) -> Vec<Field> {
+    let have: std::collections::HashSet<&str> = existing
+        .fields()
+        .iter()
+        .flatten()
+        .map(|f| f.name.as_str())
+        .collect();
+    event_schema()
+        .fields()
+        .iter()
+        .filter(|f| !have.contains(f.name().as_str()))
+        .map(|f| f.as_ref().clone())
+        .collect()
+}
+
+/// The DDL statements that add `columns` to `table` (a qualified, quoted name), one per
+/// column (the emulator's engine takes one ALTER action per statement), or why they cannot:
+/// BigQuery adds only NULLABLE and REPEATED columns to a table with rows. `IF NOT EXISTS`,
+/// so that two loaders racing, a retried job or a run stopped halfway are harmless.
+pub fn add_columns_ddl(table: &str, columns: &[Field]) -> Result<Vec<String>, String> {
+    let mut statements = Vec::with_capacity(columns.len());
+    for c in columns {
+        if !c.is_nullable() && !matches!(c.data_type(), DataType::List(_)) {
+            return Err(format!(
+                "the table lacks column `{}`, which is REQUIRED: BigQuery cannot add a \
+                 REQUIRED column to an existing table; recreate the table",
+                c.name()
+            ));
+        }
+        let ty = ddl_type(c.data_type())
+            .ok_or_else(|| format!("column `{}` has no BigQuery type", c.name()))?;
+        statements.push(format!(
+            "ALTER TABLE {table} ADD COLUMN IF NOT EXISTS `{}` {ty}",
+            c.name()
+        ));
+    }
+    Ok(statements)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The table an older release created: every column but the archive's positions.
+    fn older_table() -> TableSchema {
+        let mut fields = table_schema().fields().clone().unwrap();
+        fields.retain(|f| f.name != "kafka_partition" && f.name != "kafka_offset");
+        TableSchema::new(fields)
+    }
+
+    #[test]
+    fn an_older_table_gets_the_columns_it_lacks_one_statement_each() {
+        let missing = missing_columns(&older_table());
+        let names: Vec<&str> = missing.iter().map(|f| f.name().as_str()).collect();
+        assert_eq!(names, ["kafka_partition", "kafka_offset"]);
+        assert_eq!(
+            add_columns_ddl("`p.d.events`", &missing).unwrap(),
+            [
+                "ALTER TABLE `p.d.events` ADD COLUMN IF NOT EXISTS `kafka_partition` INT64",
+                "ALTER TABLE `p.d.events` ADD COLUMN IF NOT EXISTS `kafka_offset` INT64"
+            ]
+        );
+        assert!(missing_columns(&table_schema()).is_empty());
+    }
+
+    #[test]
+    fn a_missing_required_column_is_refused_by_name_and_lists_are_added() {
+        let mut fields = table_schema().fields().clone().unwrap();
+        fields.retain(|f| f.name != "date" && f.name != "category");
+        let missing = missing_columns(&TableSchema::new(fields));
+        let err = add_columns_ddl("`p.d.events`", &missing).unwrap_err();
+        assert!(err.contains("`date`") && err.contains("REQUIRED"), "{err}");
+        let category: Vec<Field> = missing
+            .into_iter()
+            .filter(|f| f.name() == "category")
+            .collect();
+        assert_eq!(
+            add_columns_ddl("`t`", &category).unwrap(),
+            ["ALTER TABLE `t` ADD COLUMN IF NOT EXISTS `category` ARRAY<STRING>"]
+        );
+    }
 
     #[test]
     fn every_column_maps() {

@@ -6,7 +6,7 @@ use gcp_bigquery_client::model::table::Table;
 use gcp_bigquery_client::model::time_partitioning::TimePartitioning;
 
 use super::{api_error, http_status, Warehouse, WarehouseError, DAY_MS};
-use crate::warehouse::schema::{table_schema, PARTITION_COLUMN};
+use crate::warehouse::schema::{add_columns_ddl, missing_columns, table_schema, PARTITION_COLUMN};
 
 impl Warehouse {
     /// Creates the dataset and the day-partitioned table when missing, and brings the
@@ -82,7 +82,7 @@ impl Warehouse {
                         .map_err(|e| api_error("updating partition expiration", e))?;
                     tracing::info!(days = ?self.partition_expiration_days, "partition expiration updated");
                 }
-                Ok(())
+                self.add_missing_columns(&existing).await
             }
             Err(e) if http_status(&e) == Some(404) => {
                 let table = Table::new(&self.project, &self.dataset, &self.table, table_schema())
@@ -99,6 +99,31 @@ impl Warehouse {
             }
             Err(e) => Err(api_error(format!("table {}", self.table), e)),
         }
+    }
+
+    /// Adds the archive's columns an existing table lacks (a table an older release
+    /// created), so that a load of files that carry them does not fail. DDL rather than a
+    /// schema patch: the same statement works on BigQuery and on the emulator, and
+    /// `IF NOT EXISTS` makes a repeat harmless.
+    async fn add_missing_columns(&self, existing: &Table) -> Result<(), WarehouseError> {
+        let missing = missing_columns(&existing.schema);
+        if missing.is_empty() {
+            return Ok(());
+        }
+        let table = format!("`{}.{}.{}`", self.project, self.dataset, self.table);
+        let what = || format!("table {}", self.table);
+        let statements =
+            add_columns_ddl(&table, &missing).map_err(|message| WarehouseError::Api {
+                what: what(),
+                message,
+            })?;
+        let names: Vec<&str> = missing.iter().map(|f| f.name().as_str()).collect();
+        tracing::info!(table = %self.table, columns = ?names, "adding columns the table lacks");
+        for ddl in statements {
+            let configuration = serde_json::json!({"query": {"query": ddl, "useLegacySql": false}});
+            self.run_job("add_column", configuration).await?;
+        }
+        Ok(())
     }
 
     /// Deletes a table of the dataset; a missing one is fine.
