@@ -474,3 +474,80 @@ async fn a_model_change_is_recomputed_verified_to_change_only_its_fields_promote
         "the 7-day model again"
     );
 }
+
+/// `pulse-speed recompute cleanup` on this fixture's alias, as JSON.
+fn cleanup(f: &Fixture, extra: &[&str]) -> Value {
+    let out = Command::new(env!("CARGO_BIN_EXE_pulse-speed"))
+        .args(["recompute", "cleanup", "--json"])
+        .args(["--kafka-brokers", &brokers(), "--es-url", &es_url()])
+        .args(["--profiles-alias", &f.alias])
+        .args(extra)
+        .env("RUST_LOG", "warn")
+        .output()
+        .expect("run pulse-speed recompute cleanup");
+    succeeded(&out)
+}
+
+async fn index_exists(index: &str) -> bool {
+    let url = format!("{}/{index}", es_url());
+    reqwest::Client::new()
+        .head(url)
+        .send()
+        .await
+        .unwrap()
+        .status()
+        .is_success()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cleanup_deletes_indices_no_alias_points_to_but_keeps_the_live_previous_and_young() {
+    let f = Fixture::new("recompute-cleanup", 2).await;
+    let events = generate(300, 29, 30, 3);
+    let mut live = f.spawn_speed(&["--flush-interval-secs", "0.5"]);
+    produce(&f.topic, &events).await;
+    f.wait_for_events(events.len() as u64).await;
+    terminate(&mut live);
+    let (v1, v2, v3) = (
+        format!("{}-v1", f.alias),
+        format!("{}-v2", f.alias),
+        format!("{}-v3", f.alias),
+    );
+    let kafka = ["--source", "kafka"];
+    succeeded(&recompute(&f, "promote", &v2, &kafka));
+    succeeded(&recompute(&f, "run", &v3, &kafka));
+
+    // v2 is live, v1 is what a rollback goes back to, v3 was just built: by default nothing
+    // goes (v3 may be a recompute running now).
+    let report = cleanup(&f, &["--yes"]);
+    assert_eq!(report["live"], v2.as_str(), "{report}");
+    assert_eq!(report["previous"], v1.as_str(), "{report}");
+    assert_eq!(report["indices"], serde_json::json!([]), "{report}");
+    assert_eq!(report["too_young"], serde_json::json!([v3]), "{report}");
+    assert!(index_exists(&v3).await);
+
+    // Old enough: a dry run names v3 and its group, and deletes nothing.
+    let dry = cleanup(&f, &["--min-age-hours", "0"]);
+    assert_eq!(dry["indices"], serde_json::json!([v3]), "{dry}");
+    let v3_group = format!("recompute-{v3}");
+    assert_eq!(dry["groups"], serde_json::json!([v3_group]), "{dry}");
+    assert_eq!(dry["deleted"], false);
+    assert!(index_exists(&v3).await);
+
+    let done = cleanup(&f, &["--min-age-hours", "0", "--yes"]);
+    assert_eq!(done["deleted"], true, "{done}");
+    assert!(!index_exists(&v3).await, "v3 deleted");
+    assert!(index_exists(&v1).await, "the rollback's index kept");
+    assert!(index_exists(&v2).await, "the live index kept");
+    let again = cleanup(&f, &["--min-age-hours", "0"]);
+    assert_eq!(
+        again["groups"],
+        serde_json::json!([]),
+        "v3's group deleted: {again}"
+    );
+
+    // Asked for: the previous index too, and its group; the live one stays.
+    let all = cleanup(&f, &["--min-age-hours", "0", "--include-previous", "--yes"]);
+    assert_eq!(all["indices"], serde_json::json!([v1]), "{all}");
+    assert!(!index_exists(&v1).await);
+    assert_eq!(f.documents().await.len(), ground_truth(&events).len());
+}

@@ -1,5 +1,5 @@
 //! `pulse-speed`: the speed layer (`run`), its Elasticsearch setup (`setup`) and the
-//! recompute of profiles into a new index (`recompute plan|run|verify|promote|rollback`).
+//! recompute of profiles into a new index (`recompute plan|run|verify|promote|rollback|cleanup`).
 
 #[global_allocator]
 static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
@@ -61,6 +61,14 @@ enum Recompute {
     Promote(Box<RecomputeArgs>),
     /// With the live layer stopped: catch the previous index up, move the alias back.
     Rollback(Box<RecomputeArgs>),
+    /// Delete the profiles indices no alias points to (not the rollback's), and their groups.
+    Cleanup {
+        #[command(flatten)]
+        args: Box<recompute::CleanupArgs>,
+        /// Print the report as JSON instead of lines.
+        #[arg(long)]
+        json: bool,
+    },
 }
 
 fn main() -> anyhow::Result<()> {
@@ -119,6 +127,13 @@ fn recompute(command: Recompute) -> anyhow::Result<()> {
         Recompute::Promote(args) => print(serde_json::to_value(recompute::promote(&args, stop)?)?),
         Recompute::Rollback(args) => {
             print(serde_json::to_value(recompute::rollback(&args, stop)?)?)
+        }
+        Recompute::Cleanup { args, json } => {
+            let report = rt.block_on(recompute::cleanup(&args))?;
+            match json {
+                true => print(serde_json::to_value(&report)?),
+                false => print!("{}", report.render()),
+            }
         }
     }
     Ok(())

@@ -12,9 +12,11 @@
 //! - [`run`]: the fold, resumable through the group `recompute-<index>`;
 //! - [`verify`]: every document of the new index against the live one;
 //! - [`promote`]: catch up, switch the alias, record the previous index; and roll back;
+//! - [`cleanup`]: indices no alias points to, and their groups;
 //! - [`indices`]: the index, the alias and the record a promotion leaves;
 //! - [`kafka`]: partitions, retained offsets, group commits and members.
 
+pub mod cleanup;
 pub mod indices;
 pub mod kafka;
 pub mod plan;
@@ -22,6 +24,7 @@ pub mod promote;
 pub mod run;
 pub mod verify;
 
+pub use cleanup::{cleanup, Cleanup, CleanupArgs};
 pub use plan::Plan;
 pub use promote::{promote, rollback, Switch};
 pub use run::{run, RunSummary};

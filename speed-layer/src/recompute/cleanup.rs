@@ -1,0 +1,220 @@
+//! Cleanup: the indices of the profiles template that no alias points to, and the
+//! `recompute-<index>` groups left by indices that are gone.
+//!
+//! Kept, whatever their age: the index the alias points to, and the one it replaced (the
+//! target of a `rollback`, named in the live index's `_meta.pulse.previous`) unless
+//! `--include-previous`. An index younger than `--min-age-hours` is kept too: it may be a
+//! recompute running now, which holds no alias and no group membership (it assigns its
+//! partitions rather than joining). Nothing is deleted without `--yes`.
+
+use std::time::Duration;
+
+use elasticsearch::indices::{IndicesDeleteParts, IndicesGetAliasParts, IndicesGetSettingsParts};
+use pulse_core::kafka::KafkaArgs;
+use rdkafka::admin::{AdminClient, AdminOptions};
+use rdkafka::client::DefaultClientContext;
+use rdkafka::consumer::{BaseConsumer, Consumer};
+use serde_json::Value;
+
+use super::{indices, RecomputeError};
+use crate::store::{check, EsArgs, ProfileStore, StoreError};
+
+#[derive(Debug, Clone, clap::Args)]
+pub struct CleanupArgs {
+    #[command(flatten)]
+    pub kafka: KafkaArgs,
+    #[command(flatten)]
+    pub es: EsArgs,
+    /// Also delete the index a rollback would go back to.
+    #[arg(long)]
+    pub include_previous: bool,
+    /// Keep indices created less than this many hours ago (a recompute may be building one).
+    #[arg(long, default_value_t = 24.0)]
+    pub min_age_hours: f64,
+    /// Delete; without it, only print what would be deleted.
+    #[arg(long)]
+    pub yes: bool,
+}
+
+/// What a cleanup found, and did when `deleted`.
+#[derive(Debug, Default, serde::Serialize)]
+pub struct Cleanup {
+    pub alias: String,
+    pub live: Option<String>,
+    pub previous: Option<String>,
+    /// Indices without an alias, old enough, and neither live nor (by default) previous.
+    pub indices: Vec<String>,
+    /// Kept because younger than `--min-age-hours`.
+    pub too_young: Vec<String>,
+    /// `recompute-<index>` groups whose index is gone (or goes now), without members.
+    pub groups: Vec<String>,
+    pub deleted: bool,
+}
+
+pub async fn cleanup(args: &CleanupArgs) -> Result<Cleanup, RecomputeError> {
+    let store = ProfileStore::new(&args.es)?;
+    let alias = args.es.alias.clone();
+    let pattern = format!("{alias}-*");
+    let live = indices::alias_target(&store, &alias).await?;
+    let previous = match &live {
+        Some(live) => indices::meta(&store, live).await?["pulse"]["previous"]
+            .as_str()
+            .map(str::to_string),
+        None => None,
+    };
+    let aliases = check(
+        store
+            .client()
+            .indices()
+            .get_alias(IndicesGetAliasParts::Index(&[&pattern]))
+            .send()
+            .await
+            .map_err(StoreError::from)?,
+    )
+    .await?;
+    let settings = check(
+        store
+            .client()
+            .indices()
+            .get_settings(IndicesGetSettingsParts::IndexName(
+                &[&pattern],
+                &["index.creation_date"],
+            ))
+            .send()
+            .await
+            .map_err(StoreError::from)?,
+    )
+    .await?;
+    let now_ms = chrono::Utc::now().timestamp_millis();
+    let min_age_ms = (args.min_age_hours * 3_600_000.0) as i64;
+    let mut out = Cleanup {
+        alias: alias.clone(),
+        live: live.clone(),
+        previous: previous.clone(),
+        ..Cleanup::default()
+    };
+    let mut existing: Vec<String> = aliases
+        .as_object()
+        .into_iter()
+        .flatten()
+        .map(|(k, _)| k.clone())
+        .collect();
+    existing.sort();
+    for (index, entry) in aliases.as_object().into_iter().flatten() {
+        let has_alias = entry["aliases"].as_object().is_some_and(|a| !a.is_empty());
+        let kept = Some(index) == live.as_ref()
+            || (!args.include_previous && Some(index) == previous.as_ref());
+        if has_alias || kept {
+            continue;
+        }
+        let created = creation_ms(&settings[index.as_str()]);
+        if created.is_none_or(|c| now_ms - c < min_age_ms) {
+            out.too_young.push(index.clone());
+        } else {
+            out.indices.push(index.clone());
+        }
+    }
+    out.indices.sort();
+    out.too_young.sort();
+    let remaining: Vec<&String> = existing
+        .iter()
+        .filter(|i| !out.indices.contains(i))
+        .collect();
+    out.groups = orphan_groups(&args.kafka, &alias, &remaining)?;
+    if args.yes {
+        for index in &out.indices {
+            let resp = store
+                .client()
+                .indices()
+                .delete(IndicesDeleteParts::Index(&[index]))
+                .send()
+                .await
+                .map_err(StoreError::from)?;
+            check(resp).await?;
+            tracing::info!(%index, "deleted the index");
+        }
+        delete_groups(&args.kafka, &out.groups).await?;
+        out.deleted = true;
+    }
+    Ok(out)
+}
+
+/// `index.creation_date` (epoch ms, a string in the settings).
+fn creation_ms(settings: &Value) -> Option<i64> {
+    settings["settings"]["index"]["creation_date"]
+        .as_str()
+        .and_then(|s| s.parse().ok())
+}
+
+/// The groups `recompute-<alias>-…` whose index is not among `remaining`, and that have no
+/// members.
+fn orphan_groups(
+    kafka: &KafkaArgs,
+    alias: &str,
+    remaining: &[&String],
+) -> Result<Vec<String>, RecomputeError> {
+    let consumer: BaseConsumer = kafka.client_config().create()?;
+    let list = consumer.fetch_group_list(None, Duration::from_secs(30))?;
+    let prefix = format!("recompute-{alias}-");
+    let mut out: Vec<String> = list
+        .groups()
+        .iter()
+        .filter(|g| g.name().starts_with(&prefix) && g.members().is_empty())
+        .filter(|g| {
+            let index = &g.name()["recompute-".len()..];
+            !remaining.iter().any(|r| r.as_str() == index)
+        })
+        .map(|g| g.name().to_string())
+        .collect();
+    out.sort();
+    Ok(out)
+}
+
+async fn delete_groups(kafka: &KafkaArgs, groups: &[String]) -> Result<(), RecomputeError> {
+    if groups.is_empty() {
+        return Ok(());
+    }
+    let admin: AdminClient<DefaultClientContext> = kafka.client_config().create()?;
+    let names: Vec<&str> = groups.iter().map(String::as_str).collect();
+    for result in admin.delete_groups(&names, &AdminOptions::new()).await? {
+        match result {
+            Ok(group) => tracing::info!(%group, "deleted the group"),
+            Err((group, code)) => {
+                return Err(RecomputeError::Refused(format!(
+                    "deleting group {group}: {code}"
+                )))
+            }
+        }
+    }
+    Ok(())
+}
+
+impl Cleanup {
+    /// The report for a terminal.
+    pub fn render(&self) -> String {
+        let mut s = format!(
+            "alias {} -> {}; kept for a rollback: {}\n",
+            self.alias,
+            self.live.as_deref().unwrap_or("(nothing)"),
+            self.previous.as_deref().unwrap_or("(none)")
+        );
+        let verb = if self.deleted {
+            "deleted"
+        } else {
+            "would delete"
+        };
+        for i in &self.indices {
+            s.push_str(&format!("{verb} index {i}\n"));
+        }
+        for i in &self.too_young {
+            s.push_str(&format!("kept index {i} (younger than --min-age-hours)\n"));
+        }
+        for g in &self.groups {
+            s.push_str(&format!("{verb} group {g}\n"));
+        }
+        if !self.deleted && (!self.indices.is_empty() || !self.groups.is_empty()) {
+            s.push_str("(nothing deleted: add --yes)\n");
+        }
+        s
+    }
+}
