@@ -9,15 +9,13 @@
 
 use std::time::Duration;
 
-use elasticsearch::indices::{IndicesDeleteParts, IndicesGetAliasParts, IndicesGetSettingsParts};
 use pulse_core::kafka::KafkaArgs;
 use rdkafka::admin::{AdminClient, AdminOptions};
 use rdkafka::client::DefaultClientContext;
 use rdkafka::consumer::{BaseConsumer, Consumer};
-use serde_json::Value;
 
 use super::{indices, RecomputeError};
-use crate::store::{check, EsArgs, ProfileStore, StoreError};
+use crate::store::{EsArgs, ProfileStore};
 
 #[derive(Debug, Clone, clap::Args)]
 pub struct CleanupArgs {
@@ -62,29 +60,8 @@ pub async fn cleanup(args: &CleanupArgs) -> Result<Cleanup, RecomputeError> {
             .map(str::to_string),
         None => None,
     };
-    let aliases = check(
-        store
-            .client()
-            .indices()
-            .get_alias(IndicesGetAliasParts::Index(&[&pattern]))
-            .send()
-            .await
-            .map_err(StoreError::from)?,
-    )
-    .await?;
-    let settings = check(
-        store
-            .client()
-            .indices()
-            .get_settings(IndicesGetSettingsParts::IndexName(
-                &[&pattern],
-                &["index.creation_date"],
-            ))
-            .send()
-            .await
-            .map_err(StoreError::from)?,
-    )
-    .await?;
+    let aliases = indices::aliases_of(&store, &pattern).await?;
+    let settings = indices::creation_dates(&store, &pattern).await?;
     let now_ms = chrono::Utc::now().timestamp_millis();
     let min_age_ms = (args.min_age_hours * 3_600_000.0) as i64;
     let mut out = Cleanup {
@@ -107,7 +84,7 @@ pub async fn cleanup(args: &CleanupArgs) -> Result<Cleanup, RecomputeError> {
         if has_alias || kept {
             continue;
         }
-        let created = creation_ms(&settings[index.as_str()]);
+        let created = settings.get(index).copied();
         if created.is_none_or(|c| now_ms - c < min_age_ms) {
             out.too_young.push(index.clone());
         } else {
@@ -123,27 +100,13 @@ pub async fn cleanup(args: &CleanupArgs) -> Result<Cleanup, RecomputeError> {
     out.groups = orphan_groups(&args.kafka, &alias, &remaining)?;
     if args.yes {
         for index in &out.indices {
-            let resp = store
-                .client()
-                .indices()
-                .delete(IndicesDeleteParts::Index(&[index]))
-                .send()
-                .await
-                .map_err(StoreError::from)?;
-            check(resp).await?;
+            indices::delete(&store, index).await?;
             tracing::info!(%index, "deleted the index");
         }
         delete_groups(&args.kafka, &out.groups).await?;
         out.deleted = true;
     }
     Ok(out)
-}
-
-/// `index.creation_date` (epoch ms, a string in the settings).
-fn creation_ms(settings: &Value) -> Option<i64> {
-    settings["settings"]["index"]["creation_date"]
-        .as_str()
-        .and_then(|s| s.parse().ok())
 }
 
 /// The groups `recompute-<alias>-…` whose index is not among `remaining`, and that have no

@@ -3,9 +3,11 @@
 //! that index's events stopped), so that a rollback knows where to go back to.
 
 use elasticsearch::http::StatusCode;
+use std::collections::BTreeMap;
+
 use elasticsearch::indices::{
-    IndicesCreateParts, IndicesExistsParts, IndicesGetAliasParts, IndicesGetMappingParts,
-    IndicesPutMappingParts,
+    IndicesCreateParts, IndicesDeleteParts, IndicesExistsParts, IndicesGetAliasParts,
+    IndicesGetMappingParts, IndicesGetSettingsParts, IndicesPutMappingParts,
 };
 use serde_json::{json, Value};
 
@@ -104,6 +106,57 @@ pub async fn set_meta(store: &ProfileStore, index: &str, meta: Value) -> Result<
         .indices()
         .put_mapping(IndicesPutMappingParts::Index(&[index]))
         .body(json!({ "_meta": meta }))
+        .send()
+        .await?;
+    check(resp).await.map(|_| ())
+}
+
+/// Every index matching `pattern`, with its aliases (`{index: {"aliases": {…}}}`).
+pub async fn aliases_of(store: &ProfileStore, pattern: &str) -> Result<Value, StoreError> {
+    let resp = store
+        .client()
+        .indices()
+        .get_alias(IndicesGetAliasParts::Index(&[pattern]))
+        .send()
+        .await?;
+    check(resp).await
+}
+
+/// When each index matching `pattern` was created (epoch ms).
+pub async fn creation_dates(
+    store: &ProfileStore,
+    pattern: &str,
+) -> Result<BTreeMap<String, i64>, StoreError> {
+    let resp = store
+        .client()
+        .indices()
+        .get_settings(IndicesGetSettingsParts::IndexName(
+            &[pattern],
+            &["index.creation_date"],
+        ))
+        .send()
+        .await?;
+    let body = check(resp).await?;
+    Ok(body
+        .as_object()
+        .into_iter()
+        .flatten()
+        .filter_map(|(index, s)| {
+            let ms = s["settings"]["index"]["creation_date"]
+                .as_str()?
+                .parse()
+                .ok()?;
+            Some((index.clone(), ms))
+        })
+        .collect())
+}
+
+/// Deletes `index`.
+pub async fn delete(store: &ProfileStore, index: &str) -> Result<(), StoreError> {
+    let resp = store
+        .client()
+        .indices()
+        .delete(IndicesDeleteParts::Index(&[index]))
         .send()
         .await?;
     check(resp).await.map(|_| ())

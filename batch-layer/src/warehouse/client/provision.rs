@@ -111,10 +111,9 @@ impl Warehouse {
             return Ok(());
         }
         let table = format!("`{}.{}.{}`", self.project, self.dataset, self.table);
-        let what = || format!("table {}", self.table);
         let statements =
             add_columns_ddl(&table, &missing).map_err(|message| WarehouseError::Api {
-                what: what(),
+                what: format!("table {}", self.table),
                 message,
             })?;
         let names: Vec<&str> = missing.iter().map(|f| f.name().as_str()).collect();
