@@ -6,7 +6,7 @@
 
 use std::time::Duration;
 
-use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
+use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, ResourceSpecifier, TopicReplication};
 use rdkafka::client::DefaultClientContext;
 use rdkafka::config::ClientConfig;
 use rdkafka::error::RDKafkaErrorCode;
@@ -144,6 +144,8 @@ pub struct TopicSpec {
     /// `cleanup.policy=compact`: the topic keeps the latest record of each key (state), not
     /// every record for a time (events).
     pub compacted: bool,
+    /// `max.message.bytes` set at creation (the broker's default when `None`).
+    pub max_message_bytes: Option<usize>,
 }
 
 impl TopicSpec {
@@ -154,6 +156,16 @@ impl TopicSpec {
             partitions,
             replication,
             compacted: false,
+            max_message_bytes: None,
+        }
+    }
+
+    /// The topic takes records up to `bytes` (`max.message.bytes`); an existing topic that
+    /// takes less is reported as [`TopicOutcome::Undersized`].
+    pub fn with_max_message_bytes(self, bytes: usize) -> Self {
+        Self {
+            max_message_bytes: Some(bytes),
+            ..self
         }
     }
 
@@ -169,8 +181,22 @@ impl TopicSpec {
 /// What `ensure_topics` found or did for one topic.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum TopicOutcome {
-    Created { name: String, partitions: i32 },
-    Exists { name: String, partitions: i32 },
+    Created {
+        name: String,
+        partitions: i32,
+    },
+    Exists {
+        name: String,
+        partitions: i32,
+    },
+    /// It exists, but takes smaller records than the spec asks (a dead-letter topic created
+    /// before its limit was raised, or by hand). Not changed: an operator raises it.
+    Undersized {
+        name: String,
+        partitions: i32,
+        max_message_bytes: usize,
+        want: usize,
+    },
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -232,9 +258,23 @@ pub async fn ensure_topics(
                     want: spec.partitions,
                 })
             }
-            Some(have) => outcomes.push(TopicOutcome::Exists {
-                name: spec.name.clone(),
-                partitions: have,
+            Some(have) => outcomes.push(match spec.max_message_bytes {
+                Some(want) => match max_message_bytes(&admin, &spec.name, timeout).await? {
+                    Some(limit) if limit < want => TopicOutcome::Undersized {
+                        name: spec.name.clone(),
+                        partitions: have,
+                        max_message_bytes: limit,
+                        want,
+                    },
+                    _ => TopicOutcome::Exists {
+                        name: spec.name.clone(),
+                        partitions: have,
+                    },
+                },
+                None => TopicOutcome::Exists {
+                    name: spec.name.clone(),
+                    partitions: have,
+                },
             }),
             None => missing.push(spec),
         }
@@ -242,17 +282,27 @@ pub async fn ensure_topics(
     if missing.is_empty() {
         return Ok(outcomes);
     }
+    // `NewTopic` borrows its config values.
+    let limits: Vec<Option<String>> = missing
+        .iter()
+        .map(|s| s.max_message_bytes.map(|b| b.to_string()))
+        .collect();
     let new_topics: Vec<NewTopic<'_>> = missing
         .iter()
-        .map(|s| {
+        .zip(&limits)
+        .map(|(s, limit)| {
             let topic = NewTopic::new(
                 &s.name,
                 s.partitions,
                 TopicReplication::Fixed(s.replication),
             );
-            match s.compacted {
+            let topic = match s.compacted {
                 true => topic.set("cleanup.policy", "compact"),
                 false => topic,
+            };
+            match limit {
+                Some(bytes) => topic.set("max.message.bytes", bytes),
+                None => topic,
             }
         })
         .collect();
@@ -280,6 +330,23 @@ pub async fn ensure_topics(
     let names: Vec<&str> = missing.iter().map(|s| s.name.as_str()).collect();
     wait_for_leaders(&admin, &names, timeout).await?;
     Ok(outcomes)
+}
+
+/// The `max.message.bytes` of an existing topic (`None` if the broker did not say).
+async fn max_message_bytes(
+    admin: &AdminClient<DefaultClientContext>,
+    name: &str,
+    timeout: Duration,
+) -> Result<Option<usize>, TopicError> {
+    let options = AdminOptions::new().request_timeout(Some(timeout));
+    let described = admin
+        .describe_configs(&[ResourceSpecifier::Topic(name)], &options)
+        .await?;
+    Ok(described
+        .into_iter()
+        .flatten()
+        .find_map(|resource| resource.get("max.message.bytes")?.value.clone())
+        .and_then(|v| v.parse().ok()))
 }
 
 /// Creating a topic returns before its partitions have leaders, and until they do every

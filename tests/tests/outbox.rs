@@ -50,3 +50,96 @@ async fn a_fatal_producer_error_fails_the_confirm_and_stops_the_process() {
         "only the acknowledged record is in Kafka"
     );
 }
+
+/// The largest record a topic at the broker's default `max.message.bytes` (1,048,588) takes
+/// whole, with a one-byte key: the batch and record framing take the rest.
+const AS_LARGE_AS_THE_DEFAULT_TAKES: usize = 1_048_400;
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_dead_letter_of_a_record_as_large_as_its_source_allows_fits_a_provisioned_topic() {
+    use pulse_core::kafka::{ensure_topics, TopicOutcome, TopicSpec};
+    use pulse_service::outbox::{Source, DEAD_LETTER_MAX_BYTES};
+    use rdkafka::producer::{FutureProducer, FutureRecord};
+
+    let kafka = KafkaArgs::with_brokers(brokers());
+    let source = create_topic("outbox-large-src", 1).await;
+    // Random bytes: the producers compress (lz4), and a repetitive payload would shrink to a
+    // few kilobytes and fit any topic.
+    let payload: Vec<u8> = std::iter::repeat_with(|| *uuid::Uuid::new_v4().as_bytes())
+        .flatten()
+        .take(AS_LARGE_AS_THE_DEFAULT_TAKES)
+        .collect();
+    // The source topic (broker defaults) takes the record: a hostile or careless writer could
+    // have put it there, and a consumer that cannot read it dead-letters it.
+    let producer: FutureProducer = kafka
+        .producer_config()
+        .set("message.max.bytes", "2000000")
+        .set("compression.type", "none")
+        .create()
+        .expect("producer");
+    let offset = producer
+        .send(
+            FutureRecord::to(&source).key("k").payload(&payload),
+            Duration::from_secs(30),
+        )
+        .await
+        .expect("the source topic takes the record")
+        .offset;
+
+    // A dead-letter topic as pulse-admin provisions it takes the record beside its headers.
+    let dlq = pulse_tests::unique("outbox-large-dlq");
+    let spec = TopicSpec::new(&dlq, 1, 1).with_max_message_bytes(DEAD_LETTER_MAX_BYTES);
+    let t = Duration::from_secs(30);
+    ensure_topics(&kafka, std::slice::from_ref(&spec), t)
+        .await
+        .expect("create the dead-letter topic");
+    let again = ensure_topics(&kafka, std::slice::from_ref(&spec), t)
+        .await
+        .expect("ensure again");
+    assert!(
+        matches!(&again[..], [TopicOutcome::Exists { .. }]),
+        "a topic created with the limit has it: {again:?}"
+    );
+    let shutdown = Shutdown::new();
+    let outbox = Outbox::new(kafka.producer_config(), "test", shutdown).expect("outbox");
+    let from = Source {
+        topic: &source,
+        partition: 0,
+        offset,
+    };
+    outbox.dead_letter(&dlq, from, b"k", &payload, "not an event", &[]);
+    outbox
+        .confirm(Duration::from_secs(30))
+        .expect("the provisioned dead-letter topic takes the record and its headers");
+    let stored = read_topic(&dlq, 1, Duration::from_secs(2));
+    assert_eq!(stored.len(), 1);
+    assert_eq!(stored[0].payload, payload, "the payload as it was");
+    assert_eq!(stored[0].header("pulse.error"), Some("not an event"));
+    assert_eq!(
+        stored[0].header("pulse.source.offset"),
+        Some(offset.to_string().as_str())
+    );
+
+    // A dead-letter topic at the source's own limit cannot take it: the record is kept, the
+    // confirm says what to raise, and ensure reports the topic as undersized.
+    let small = create_topic("outbox-large-small", 1).await;
+    outbox.dead_letter(&small, from, b"k", &payload, "not an event", &[]);
+    match outbox.confirm(Duration::from_secs(30)) {
+        Err(e @ OutboxError::Refused { .. }) => {
+            let message = e.to_string();
+            assert!(message.contains("max.message.bytes"), "{message}");
+            assert!(message.contains(&small), "{message}");
+        }
+        other => panic!("expected a refusal, got {other:?}"),
+    }
+    let spec = TopicSpec::new(&small, 1, 1).with_max_message_bytes(DEAD_LETTER_MAX_BYTES);
+    let outcomes = ensure_topics(&kafka, &[spec], t).await.expect("ensure");
+    assert!(
+        matches!(
+            &outcomes[..],
+            [TopicOutcome::Undersized { max_message_bytes, want, .. }]
+                if *max_message_bytes < *want && *want == DEAD_LETTER_MAX_BYTES
+        ),
+        "{outcomes:?}"
+    );
+}

@@ -30,6 +30,16 @@ use crate::Shutdown;
 /// every retry counts once per try; each is kept and sent again.
 pub const UNDELIVERED: &str = "pulse_outbox_undelivered_total";
 
+/// The largest record the outbox sends, and the `max.message.bytes` that `pulse-admin` gives
+/// the dead-letter topics it creates.
+///
+/// A dead letter is a record some topic already took (an event, a trigger) or a profile
+/// document, plus headers saying why and where from. With its source's limit, a record as
+/// large as the source allows would not fit beside its headers, and since nothing may be lost
+/// it would hold its consumer for good. Eight times Kafka's default (1 MiB) leaves room for any
+/// record of a source topic at the default, and for the headers.
+pub const DEAD_LETTER_MAX_BYTES: usize = 8 * 1024 * 1024;
+
 /// Where a dead-lettered record was read.
 #[derive(Debug, Clone, Copy)]
 pub struct Source<'a> {
@@ -45,11 +55,13 @@ pub enum OutboxError {
     #[error("records not acknowledged yet: {0}")]
     Pending(KafkaError),
     /// Kafka refused records; they are kept and sent again by the next confirm.
-    #[error("Kafka refused {count} record(s), the first for topic {topic}: {error}")]
+    #[error("Kafka refused {count} record(s), the first for topic {topic}: {error}{advice}")]
     Refused {
         count: usize,
         topic: String,
         error: String,
+        /// What an operator can do about it, when that is known (else empty).
+        advice: String,
     },
     /// The producer failed for good; the process is stopping.
     #[error("the Kafka producer failed for good ({0}); stopping: nothing unacknowledged was committed, a restart sends it again")]
@@ -77,6 +89,14 @@ struct Undelivered {
     payload: Vec<u8>,
     headers: Option<OwnedHeaders>,
     error: String,
+    /// Refused for its size: only a larger limit gets it through.
+    too_large: bool,
+}
+
+/// Whether Kafka (or the producer before it) refused a record for its size.
+/// (librdkafka uses the broker's code for its own check too).
+fn is_too_large(error: &KafkaError) -> bool {
+    error.rdkafka_error_code() == Some(RDKafkaErrorCode::MessageSizeTooLarge)
 }
 
 /// Collects the records whose delivery failed (delivery reports run on the producer's thread).
@@ -122,6 +142,7 @@ impl ProducerContext for OutboxContext {
                 payload: message.payload().unwrap_or_default().to_vec(),
                 headers: message.headers().map(|h| h.detach()),
                 error: error.to_string(),
+                too_large: is_too_large(error),
             });
         }
     }
@@ -138,13 +159,21 @@ pub struct Outbox {
 impl Outbox {
     /// A producer from `config` that never gives up on a record by itself
     /// (`message.timeout.ms=0`: what librdkafka can retry, it retries); what Kafka refuses is
-    /// kept and sent again by [`Outbox::confirm`].
+    /// kept and sent again by [`Outbox::confirm`]. It takes records up to
+    /// [`DEAD_LETTER_MAX_BYTES`], as the dead-letter topics do, unless `config` sets
+    /// `message.max.bytes` itself: librdkafka's default (1,000,000) would refuse, before any
+    /// broker saw it, the dead letter of a record as large as its source topic allows.
     pub fn new(
         mut config: ClientConfig,
         consumer: &'static str,
         shutdown: Shutdown,
     ) -> Result<Self, KafkaError> {
         config.set("message.timeout.ms", "0");
+        if config.get("message.max.bytes").is_none() {
+            // The request that carries the record also carries its framing.
+            let limit = DEAD_LETTER_MAX_BYTES + 64 * 1024;
+            config.set("message.max.bytes", limit.to_string());
+        }
         Ok(Self {
             producer: config.create_with_context(OutboxContext::default())?,
             consumer,
@@ -177,6 +206,7 @@ impl Outbox {
                         payload: payload.to_vec(),
                         headers: r.headers,
                         error: e.to_string(),
+                        too_large: is_too_large(&e),
                     });
                     return;
                 }
@@ -227,10 +257,21 @@ impl Outbox {
         let Some(first) = refused.first() else {
             return Ok(());
         };
+        let advice = match refused.iter().find(|r| r.too_large) {
+            Some(r) => format!(
+                " (a record of {} bytes is larger than {} takes: raise the topic's \
+                 max.message.bytes, or --kafka-opt message.max.bytes if set below it; the \
+                 record is kept until then)",
+                r.key.len() + r.payload.len(),
+                r.topic
+            ),
+            None => String::new(),
+        };
         let error = OutboxError::Refused {
             count: refused.len(),
             topic: first.topic.clone(),
             error: first.error.clone(),
+            advice,
         };
         self.producer.context().put_back(refused);
         Err(error)

@@ -4,6 +4,7 @@ use std::time::Duration;
 
 use clap::{Parser, Subcommand};
 use pulse_core::kafka::{ensure_topics, KafkaArgs, TopicArgs, TopicOutcome, TopicSpec};
+use pulse_service::outbox::DEAD_LETTER_MAX_BYTES;
 use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::{Message, Offset, TopicPartitionList};
 
@@ -25,8 +26,9 @@ enum Command {
 
 #[derive(Subcommand)]
 enum TopicsCommand {
-    /// Create `events`, `events.dlq`, `triggers`, `triggers.dlq` and `profiles.dlq` if missing;
-    /// check existing ones. Idempotent.
+    /// Create `events`, `events.dlq`, `triggers`, `triggers.dlq`, `triggers.state` and
+    /// `profiles.dlq` if missing (the dead-letter topics take records up to 8 MiB); check
+    /// existing ones. Idempotent.
     Ensure(EnsureArgs),
     /// Records per partition (high minus low watermark) of a topic.
     Describe(InspectArgs),
@@ -190,14 +192,17 @@ fn peek(args: &PeekArgs) -> anyhow::Result<()> {
 
 async fn ensure(args: EnsureArgs) -> anyhow::Result<()> {
     let (aux, replication) = (args.aux_partitions, args.replication);
+    let dead_letters = |name: &str| {
+        TopicSpec::new(name, aux, replication).with_max_message_bytes(DEAD_LETTER_MAX_BYTES)
+    };
     let specs = [
         TopicSpec::new(&args.topics.events, args.partitions, replication),
-        TopicSpec::new(&args.topics.dlq, aux, replication),
+        dead_letters(&args.topics.dlq),
         TopicSpec::new(&args.topics.triggers, aux, replication),
-        TopicSpec::new(format!("{}.dlq", args.topics.triggers), aux, replication),
+        dead_letters(&format!("{}.dlq", args.topics.triggers)),
         // The notifier's pushes per user, partitioned as the triggers are.
         TopicSpec::compacted(format!("{}.state", args.topics.triggers), aux, replication),
-        TopicSpec::new(&args.topics.profiles_dlq, aux, replication),
+        dead_letters(&args.topics.profiles_dlq),
     ];
     let outcomes =
         ensure_topics(&args.kafka, &specs, Duration::from_secs(args.timeout_secs)).await?;
@@ -209,6 +214,18 @@ async fn ensure(args: EnsureArgs) -> anyhow::Result<()> {
             TopicOutcome::Exists { name, partitions } => {
                 println!("ok      {name} ({partitions} partitions)")
             }
+            TopicOutcome::Undersized {
+                name,
+                partitions,
+                max_message_bytes,
+                want,
+            } => println!(
+                "warn    {name} ({partitions} partitions) takes records up to \
+                 {max_message_bytes} bytes, below the {want} a dead-letter topic needs: a dead \
+                 letter larger than that holds its consumer until the topic is raised \
+                 (kafka-configs --alter --entity-type topics --entity-name {name} \
+                 --add-config max.message.bytes={want})"
+            ),
         }
     }
     Ok(())
