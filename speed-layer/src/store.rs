@@ -19,6 +19,10 @@ use elasticsearch::indices::{
 use elasticsearch::{BulkParts, Elasticsearch, GetParts, MgetParts};
 use serde_json::{json, Value};
 
+/// How soon a written profile is searchable: portals read profiles through search, so a
+/// profile index refreshes every second (a recompute's index refreshes only when built).
+pub const REFRESH_INTERVAL: &str = "1s";
+
 /// Elasticsearch settings.
 #[derive(Debug, Clone, clap::Args)]
 pub struct EsArgs {
@@ -194,7 +198,7 @@ impl ProfileStore {
                 "settings": {
                     "number_of_shards": shards,
                     "number_of_replicas": replicas,
-                    "refresh_interval": "1s"
+                    "refresh_interval": REFRESH_INTERVAL
                 },
                 "mappings": profile_mapping()
             },

@@ -375,7 +375,17 @@ async fn a_recompute_sigkilled_again_and_again_resumes_and_ends_identical() {
             "{stderr}"
         );
     }
+    assert_eq!(
+        refresh_interval(&v2).await,
+        "-1",
+        "a killed run leaves the index in bulk-load mode"
+    );
     let last = succeeded(&recompute(&f, "run", &v2, &args));
+    assert_eq!(
+        refresh_interval(&v2).await,
+        "1s",
+        "a run that ends makes the index searchable again"
+    );
     let read = last["from_archive"].as_u64().unwrap() + last["from_kafka"].as_u64().unwrap();
     assert!(
         read < events.len() as u64,
@@ -486,6 +496,16 @@ fn cleanup(f: &Fixture, extra: &[&str]) -> Value {
         .output()
         .expect("run pulse-speed recompute cleanup");
     succeeded(&out)
+}
+
+/// The `index.refresh_interval` set on `index`.
+async fn refresh_interval(index: &str) -> String {
+    let url = format!("{}/{index}/_settings/index.refresh_interval", es_url());
+    let body: Value = reqwest::get(url).await.unwrap().json().await.unwrap();
+    body[index]["settings"]["index"]["refresh_interval"]
+        .as_str()
+        .unwrap_or_default()
+        .to_string()
 }
 
 async fn index_exists(index: &str) -> bool {

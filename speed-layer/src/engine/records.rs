@@ -55,8 +55,10 @@ impl<S: DocumentStore> ProfileState<S> {
     /// records needs before it is folded. `false` when the process stopped first.
     pub fn load_absent<'a>(&mut self, ids: impl Iterator<Item = &'a str>) -> bool {
         let mut seen = HashSet::new();
+        let written = self.written.as_ref();
         let missing: Vec<String> = ids
             .filter(|id| !self.cache.contains(id) && seen.insert(*id))
+            .filter(|id| written.is_none_or(|w| w.may_hold(id)))
             .map(str::to_string)
             .collect();
         self.load(&missing)

@@ -93,6 +93,34 @@ pub(crate) struct ProfileState<S> {
     pub(super) health: Health,
     /// Stops the retries of loading profiles (a SIGTERM during an outage).
     pub(super) shutdown: Shutdown,
+    /// Set when the store was empty when this process began (an index a recompute just
+    /// created): the ids it has sent to the store since. Any other profile cannot be there, so
+    /// loading it is skipped.
+    pub(super) written: Option<WrittenIds>,
+}
+
+/// The ids a process has written to a store that was empty, as hashes: a collision only
+/// costs a load that finds nothing, never a profile taken as new while it is stored. Eight
+/// bytes per profile, where the ids would take a string each.
+#[derive(Default)]
+pub(super) struct WrittenIds {
+    hashes: HashSet<u64>,
+    hasher: std::hash::RandomState,
+}
+
+impl WrittenIds {
+    fn insert(&mut self, id: &str) {
+        self.hashes.insert(self.hash(id));
+    }
+
+    /// Whether `id` may be in the store.
+    pub(super) fn may_hold(&self, id: &str) -> bool {
+        self.hashes.contains(&self.hash(id))
+    }
+
+    fn hash(&self, id: &str) -> u64 {
+        std::hash::BuildHasher::hash_one(&self.hasher, id)
+    }
 }
 
 /// The speed layer's part of readiness, one condition per dependency: a read that works must
@@ -132,6 +160,7 @@ impl<S: DocumentStore> ProfileState<S> {
             runtime,
             settings,
             rewind: HashSet::new(),
+            written: None,
             last_flush: Instant::now(),
             health,
             shutdown,
@@ -183,18 +212,32 @@ impl<S: DocumentStore> ProfileState<S> {
         self.health.side_outputs.set(true);
         let (kinds, now) = (&self.settings.kinds, Utc::now());
         let wanted: HashSet<i32> = partitions.iter().copied().collect();
+        let written = &mut self.written;
         let pending = self
             .cache
-            .take_dirty(&wanted, |profile| DocWrite {
-                id: profile.id.clone(),
-                version: profile.watermark.map_or(0, |w| w.offset),
-                doc: serde_json::to_vec(&profile.to_document(kinds, now)).unwrap_or_default(),
+            .take_dirty(&wanted, |profile| {
+                // Before the write, so the set holds at least what the store may hold.
+                if let Some(written) = written.as_mut() {
+                    written.insert(&profile.id);
+                }
+                DocWrite {
+                    id: profile.id.clone(),
+                    version: profile.watermark.map_or(0, |w| w.offset),
+                    doc: serde_json::to_vec(&profile.to_document(kinds, now)).unwrap_or_default(),
+                }
             })
             .into_iter()
             .map(|(write, partition)| Pending { write, partition })
             .collect();
         self.flusher.start(pending, self.positions.of(partitions));
         true
+    }
+
+    /// Tells the state that its store holds no profile yet (a recompute's index it just
+    /// created), so that it loads only the profiles it wrote itself since: a fold of history
+    /// into an empty index does not ask the store for each new user in vain.
+    pub fn assume_store_empty(&mut self) {
+        self.written = Some(WrittenIds::default());
     }
 
     /// Starts a flush of every partition read.

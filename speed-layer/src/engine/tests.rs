@@ -35,6 +35,8 @@ struct Stored {
     refuse_bulk: bool,
     /// Ids refused for good, as a mapping error would be.
     refuse: std::collections::HashSet<String>,
+    /// Every id an mget asked for, in order.
+    asked: Vec<String>,
 }
 
 impl MemoryStore {
@@ -71,7 +73,8 @@ impl DocumentStore for MemoryStore {
         &self,
         ids: &[String],
     ) -> impl Future<Output = Result<HashMap<String, Value>, StoreError>> + Send {
-        let stored = self.stored();
+        let mut stored = self.stored();
+        stored.asked.extend_from_slice(ids);
         let result = if stored.down {
             Err(unreachable())
         } else {
@@ -502,4 +505,37 @@ fn a_flush_that_must_get_through_is_not_reported_done_when_its_commit_failed() {
     let fx = Recorder::default();
     assert!(state.flush_now(&fx, &[0], 2));
     assert_eq!(fx.committed(), [(0, 1)]);
+}
+
+#[test]
+fn a_store_known_empty_is_asked_only_for_the_profiles_written_to_it() {
+    let store = MemoryStore::default();
+    // Evict everything clean at once, so the second event must reload its profile.
+    let mut state = state_with(&store, settings(0, Duration::ZERO));
+    state.assume_store_empty();
+    state.positions.assign(&[0]);
+    let fx = Recorder::default();
+
+    assert!(state.load_absent(["p1:a"].into_iter()));
+    assert!(store.stored().asked.is_empty(), "nothing is stored yet");
+    let now = std::time::Instant::now();
+    state.fold(&cart("a", 0, "5"), "p1:a".into(), 0, 0, now);
+    state.positions.handled(0, 0);
+    assert_eq!(flush_all(&mut state, &fx), Some(false));
+    assert!(!state.cache.contains("p1:a"), "evicted once stored");
+
+    assert!(state.load_absent(["p1:a", "p1:b"].into_iter()));
+    assert_eq!(
+        store.stored().asked,
+        ["p1:a"],
+        "the profile written is loaded again; one never written is not asked for"
+    );
+    state.fold(&cart("a", 1, "5"), "p1:a".into(), 0, 1, now);
+    state.positions.handled(0, 1);
+    flush_all(&mut state, &fx);
+    assert_eq!(
+        store.doc("p1:a").map(|d| d["cart_amount"].clone()),
+        Some("10".into()),
+        "the reloaded profile adds to its stored cart"
+    );
 }

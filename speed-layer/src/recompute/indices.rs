@@ -8,6 +8,7 @@ use std::collections::BTreeMap;
 use elasticsearch::indices::{
     IndicesCreateParts, IndicesDeleteParts, IndicesExistsParts, IndicesGetAliasParts,
     IndicesGetMappingParts, IndicesGetSettingsParts, IndicesPutMappingParts,
+    IndicesPutSettingsParts,
 };
 use serde_json::{json, Value};
 
@@ -62,6 +63,24 @@ pub async fn create_index(store: &ProfileStore, index: &str) -> Result<bool, Sto
         status: status.as_u16(),
         body,
     })
+}
+
+/// Sets how often `index` refreshes (`-1`: never by itself). A recompute turns refreshes off
+/// while it bulk-loads an index nobody searches yet (each refresh writes a segment; the
+/// load's mgets read in real time and do not need them), and back on when it stops.
+pub async fn set_refresh_interval(
+    store: &ProfileStore,
+    index: &str,
+    interval: &str,
+) -> Result<(), StoreError> {
+    let resp = store
+        .client()
+        .indices()
+        .put_settings(IndicesPutSettingsParts::Index(&[index]))
+        .body(json!({"index": {"refresh_interval": interval}}))
+        .send()
+        .await?;
+    check(resp).await.map(|_| ())
 }
 
 /// Moves `alias` from `from` to `to` in one `_aliases` request: a search through the alias

@@ -9,7 +9,8 @@
 //! commit against the new index, the handover is exact ([`promote`]).
 //!
 //! - [`plan`]: what will be read, per partition, and the retention gaps that refuse a run;
-//! - [`run`]: the fold, resumable through the group `recompute-<index>`;
+//! - [`run`]: the fold, resumable through the group `recompute-<index>`, with its progress
+//!   bars (`progress`);
 //! - [`verify`]: every document of the new index against the live one;
 //! - [`promote`]: catch up, switch the alias, record the previous index; and roll back;
 //! - [`cleanup`]: indices no alias points to, and their groups;
@@ -20,6 +21,7 @@ pub mod cleanup;
 pub mod indices;
 pub mod kafka;
 pub mod plan;
+mod progress;
 pub mod promote;
 pub mod run;
 pub mod verify;

@@ -27,6 +27,7 @@ use rdkafka::error::KafkaError;
 use rdkafka::{Message, Offset, TopicPartitionList};
 
 use super::plan::{self, PartitionPlan, Plan, Unit};
+use super::progress::Progress;
 use super::{indices, RecomputeArgs, RecomputeError};
 use crate::engine::outbox::SpeedOutbox;
 use crate::engine::state::{Effects, ProfileState, Settings};
@@ -54,6 +55,26 @@ pub struct RunSummary {
     pub files: u64,
     pub elapsed_secs: f64,
     pub events_per_sec: f64,
+    /// Where the time went.
+    pub seconds: Timings,
+}
+
+/// Seconds spent per step of a run (what a slow recompute is asked first).
+#[derive(Debug, Clone, Copy, Default, serde::Serialize)]
+pub struct Timings {
+    /// Fetching and decoding the archive's Parquet files.
+    pub archive_read: f64,
+    /// Waiting for Kafka's records.
+    pub kafka_read: f64,
+    /// Loading stored profiles (mget) before their events are folded.
+    pub load: f64,
+    /// Folding events into profiles (models, dedupe), in memory.
+    pub fold: f64,
+    /// Serialising documents and waiting for flushes (the bulk writes run beside the fold;
+    /// this is the time the fold was held back by them), the final flush included.
+    pub flush: f64,
+    /// Held back by `--max-events-per-sec`.
+    pub throttle: f64,
 }
 
 /// Builds (or resumes) `args.index` up to the live layer's commit, then flushes and commits.
@@ -69,6 +90,9 @@ pub fn run(args: &RecomputeArgs, stop: Shutdown) -> Result<RunSummary, Recompute
     let archive = plan::open_archive(args)?;
     let plan = runtime.block_on(plan::make(args, archive.as_deref(), created))?;
     plan.check()?;
+    // Off while it loads; an error that ends the run leaves it off until the next run (which
+    // a promote always is) turns it back on.
+    runtime.block_on(indices::set_refresh_interval(&live, &args.index, "-1"))?;
     if created {
         // Commits left by an index of this name deleted since would be taken as progress
         // by the next run after a kill: they are replaced by where this one starts.
@@ -101,7 +125,7 @@ pub fn run(args: &RecomputeArgs, stop: Shutdown) -> Result<RunSummary, Recompute
     let ready = Readiness::new("recompute");
     let mut folder = Folder {
         state: ProfileState::new(target, runtime.clone(), settings, &ready, stop.clone()),
-        progress: Progress::new(plan.offsets(), args.max_events_per_sec),
+        progress: Progress::new(&plan, args.max_events_per_sec),
         summary: RunSummary {
             index: args.index.clone(),
             ..RunSummary::default()
@@ -109,6 +133,9 @@ pub fn run(args: &RecomputeArgs, stop: Shutdown) -> Result<RunSummary, Recompute
         stop: stop.clone(),
         kill_at: args.failpoint_kill_at,
     };
+    if created {
+        folder.state.assume_store_empty();
+    }
     let partitions: Vec<i32> = plan.partitions.iter().map(|p| p.partition).collect();
     folder.state.positions.assign(&partitions);
     let fx = outbox.effects(&commit);
@@ -118,10 +145,20 @@ pub fn run(args: &RecomputeArgs, stop: Shutdown) -> Result<RunSummary, Recompute
         }
     }
     folder.kafka(&fx, &consumer, &topic, &plan)?;
+    folder.progress.finish();
     if stop.is_stopped() {
         tracing::warn!("stopped; flushing what was folded (the next run resumes from it)");
     }
-    if !folder.state.flush_now(&fx, &partitions, 8) {
+    let clock = Instant::now();
+    let flushed = folder.state.flush_now(&fx, &partitions, 8);
+    folder.summary.seconds.flush += clock.elapsed().as_secs_f64();
+    // Searchable again (verify, promote), whether or not the run reached its end.
+    runtime.block_on(indices::set_refresh_interval(
+        &live,
+        &args.index,
+        crate::store::REFRESH_INTERVAL,
+    ))?;
+    if !flushed {
         return Err(RecomputeError::Refused(
             "the final flush did not get through; run again: it resumes from the last commit"
                 .into(),
@@ -199,7 +236,11 @@ impl Folder {
                 return Ok(());
             }
             let mut rows = Vec::new();
-            for file in read_unit(runtime, store, unit)? {
+            let clock = Instant::now();
+            let files = read_unit(runtime, store, unit)?;
+            self.summary.seconds.archive_read += clock.elapsed().as_secs_f64();
+            for file in files {
+                self.progress.file_read(file.len());
                 rows.extend(file);
                 self.summary.files += 1;
             }
@@ -210,7 +251,7 @@ impl Folder {
                 .map(|r| (r.partition, r.offset, Some(r.event)))
                 .collect();
             self.summary.from_archive += events.len() as u64;
-            for chunk in events.chunks(self.progress.chunk()) {
+            for chunk in events.chunks(self.progress.chunk(CHUNK)) {
                 if !self.fold(fx, chunk) {
                     return Ok(());
                 }
@@ -250,7 +291,7 @@ impl Folder {
             tpl.add_partition_offset(topic, p.partition, Offset::Offset(p.kafka_from))?;
         }
         consumer.assign(&tpl)?;
-        let size = self.progress.chunk();
+        let size = self.progress.chunk(CHUNK);
         let mut chunk: Vec<Record> = Vec::with_capacity(size);
         // Each partition's first record must be where the plan starts it: Kafka resets a
         // fetch whose offset retention dropped since, which would skip history silently.
@@ -261,7 +302,10 @@ impl Folder {
             .map(|p| (p.partition, p.kafka_from))
             .collect();
         while !open.is_empty() && !self.stop.is_stopped() {
-            let msg = match consumer.poll(Duration::from_millis(100)) {
+            let clock = Instant::now();
+            let polled = consumer.poll(Duration::from_millis(100));
+            self.summary.seconds.kafka_read += clock.elapsed().as_secs_f64();
+            let msg = match polled {
                 Some(Ok(m)) => Some(m.detach()),
                 // Nothing more to read (the bound is below the partition's end when the plan
                 // was made, so this only ends a partition whose last offsets hold no record).
@@ -296,6 +340,7 @@ impl Folder {
                             self.summary.unusable += 1;
                         }
                         chunk.push((p, offset, event));
+                        self.progress.kafka_at(p, offset);
                         if offset + 1 >= *bound {
                             self.close(consumer, topic, &mut open, p)?;
                         }
@@ -326,6 +371,7 @@ impl Folder {
         p: i32,
     ) -> Result<(), RecomputeError> {
         open.remove(&p);
+        self.progress.kafka_done(p);
         let mut tpl = TopicPartitionList::new();
         tpl.add_partition(topic, p);
         consumer.pause(&tpl)?;
@@ -341,10 +387,12 @@ impl Folder {
             .iter()
             .map(|(_, _, e)| e.as_ref().map(Event::partition_key))
             .collect();
-        if !self
+        let loaded = self
             .state
-            .load_absent(ids.iter().flatten().map(String::as_str))
-        {
+            .load_absent(ids.iter().flatten().map(String::as_str));
+        let folding = Instant::now();
+        self.summary.seconds.load += (folding - clock).as_secs_f64();
+        if !loaded {
             return false;
         }
         for ((p, offset, event), id) in chunk.iter().zip(ids) {
@@ -357,6 +405,8 @@ impl Folder {
             }
             self.state.positions.handled(*p, *offset);
         }
+        let flushing = Instant::now();
+        self.summary.seconds.fold += (flushing - folding).as_secs_f64();
         self.state.finish_flush(fx, false);
         if self.state.flush_due() {
             self.state.start_flush_all(fx);
@@ -369,7 +419,10 @@ impl Folder {
                 self.state.start_flush_all(fx);
             }
         }
+        let throttled = Instant::now();
+        self.summary.seconds.flush += (throttled - flushing).as_secs_f64();
         self.progress.advance(chunk.len() as u64, &self.stop);
+        self.summary.seconds.throttle += throttled.elapsed().as_secs_f64();
         !self.stop.is_stopped()
     }
 }
@@ -399,58 +452,4 @@ fn read_unit(
         out.push(rows);
     }
     Ok(out)
-}
-
-/// Progress in the log (done, rate, ETA) and the `--max-events-per-sec` throttle.
-struct Progress {
-    started: Instant,
-    total: u64,
-    done: u64,
-    max_rate: u64,
-    last_report: Instant,
-}
-
-impl Progress {
-    fn new(total: i64, max_rate: u64) -> Self {
-        Self {
-            started: Instant::now(),
-            total: total.max(0) as u64,
-            done: 0,
-            max_rate,
-            last_report: Instant::now(),
-        }
-    }
-
-    /// Events per load-and-fold step: [`CHUNK`], or a quarter second's worth under a
-    /// `--max-events-per-sec` limit, so that the throttle's waits stay short and flushes
-    /// (and commits) come at their interval.
-    fn chunk(&self) -> usize {
-        match self.max_rate {
-            0 => CHUNK,
-            rate => (rate as usize / 4).clamp(100, CHUNK),
-        }
-    }
-
-    fn advance(&mut self, n: u64, stop: &Shutdown) {
-        self.done += n;
-        let elapsed = self.started.elapsed().as_secs_f64();
-        if self.max_rate > 0 {
-            let due = self.done as f64 / self.max_rate as f64;
-            if due > elapsed {
-                stop.sleep_blocking(Duration::from_secs_f64(due - elapsed));
-            }
-        }
-        if self.last_report.elapsed() >= Duration::from_secs(5) {
-            self.last_report = Instant::now();
-            let rate = self.done as f64 / elapsed.max(1e-9);
-            let left = self.total.saturating_sub(self.done) as f64 / rate.max(1e-9);
-            tracing::info!(
-                done = self.done,
-                total = self.total,
-                rate = format!("{rate:.0}/s"),
-                eta = format!("{left:.0} s"),
-                "recompute progress"
-            );
-        }
-    }
 }
