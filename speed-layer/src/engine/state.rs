@@ -184,6 +184,15 @@ impl<S: DocumentStore> ProfileState<S> {
         due && self.flusher.may_start()
     }
 
+    /// Whether a bulk load should start a flush now: none is in flight (nor waiting out a
+    /// failure) and two `_bulk` requests' worth of profiles are dirty. A recompute flushes so,
+    /// keeping the store writing beside the fold instead of leaving every write to its final
+    /// flush; the live layer keeps its interval, which gathers a busy user's events into one
+    /// write.
+    pub fn eager_flush_due(&self) -> bool {
+        self.flusher.may_start() && self.cache.dirty() >= 2 * self.settings.policy.bulk_docs
+    }
+
     /// Whether reading must wait for a flush: too many profiles are not stored yet, counting
     /// those the flush in flight is writing (they are dirty again if it fails).
     pub fn over_dirty_bound(&self) -> bool {

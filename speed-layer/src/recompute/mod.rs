@@ -10,7 +10,7 @@
 //!
 //! - [`plan`]: what will be read, per partition, and the retention gaps that refuse a run;
 //! - [`run`]: the fold, resumable through the group `recompute-<index>`, with its progress
-//!   bars (`progress`);
+//!   bars (`progress`) and the archive read one unit ahead (`read_ahead`);
 //! - [`verify`]: every document of the new index against the live one;
 //! - [`promote`]: catch up, switch the alias, record the previous index; and roll back;
 //! - [`cleanup`]: indices no alias points to, and their groups;
@@ -23,6 +23,7 @@ pub mod kafka;
 pub mod plan;
 mod progress;
 pub mod promote;
+mod read_ahead;
 pub mod run;
 pub mod verify;
 

@@ -15,9 +15,6 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use object_store::{ObjectStore, ObjectStoreExt};
-use pulse_archive::parquet_file::Archived;
-use pulse_archive::reader;
 use pulse_core::Event;
 use pulse_service::consumer::topic_committer;
 use pulse_service::outbox::Outbox;
@@ -26,8 +23,9 @@ use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::error::KafkaError;
 use rdkafka::{Message, Offset, TopicPartitionList};
 
-use super::plan::{self, PartitionPlan, Plan, Unit};
+use super::plan::{self, PartitionPlan, Plan};
 use super::progress::Progress;
+use super::read_ahead::ReadAhead;
 use super::{indices, RecomputeArgs, RecomputeError};
 use crate::engine::outbox::SpeedOutbox;
 use crate::engine::state::{Effects, ProfileState, Settings};
@@ -62,7 +60,8 @@ pub struct RunSummary {
 /// Seconds spent per step of a run (what a slow recompute is asked first).
 #[derive(Debug, Clone, Copy, Default, serde::Serialize)]
 pub struct Timings {
-    /// Fetching and decoding the archive's Parquet files.
+    /// Waiting for the archive's Parquet files (fetched and decoded one unit ahead, beside
+    /// the fold: this is the time the fold was held back by them).
     pub archive_read: f64,
     /// Waiting for Kafka's records.
     pub kafka_read: f64,
@@ -140,8 +139,10 @@ pub fn run(args: &RecomputeArgs, stop: Shutdown) -> Result<RunSummary, Recompute
     folder.state.positions.assign(&partitions);
     let fx = outbox.effects(&commit);
     if let Some(store) = &archive {
+        let units = plan.partitions.iter().flat_map(|p| p.units.clone());
+        let reader = ReadAhead::spawn(runtime.clone(), store.clone(), units.collect())?;
         for p in &plan.partitions {
-            folder.archive(&fx, &runtime, store.as_ref(), p)?;
+            folder.archive(&fx, &reader, p)?;
         }
     }
     folder.kafka(&fx, &consumer, &topic, &plan)?;
@@ -227,8 +228,7 @@ impl Folder {
     fn archive(
         &mut self,
         fx: &dyn Effects,
-        runtime: &tokio::runtime::Runtime,
-        store: &dyn ObjectStore,
+        reader: &ReadAhead,
         plan: &PartitionPlan,
     ) -> Result<(), RecomputeError> {
         for unit in &plan.units {
@@ -237,7 +237,9 @@ impl Folder {
             }
             let mut rows = Vec::new();
             let clock = Instant::now();
-            let files = read_unit(runtime, store, unit)?;
+            let files = reader.next_unit().ok_or_else(|| {
+                RecomputeError::Archive("the archive reader ended before the plan's units".into())
+            })??;
             self.summary.seconds.archive_read += clock.elapsed().as_secs_f64();
             for file in files {
                 self.progress.file_read(file.len());
@@ -408,7 +410,7 @@ impl Folder {
         let flushing = Instant::now();
         self.summary.seconds.fold += (flushing - folding).as_secs_f64();
         self.state.finish_flush(fx, false);
-        if self.state.flush_due() {
+        if self.state.flush_due() || self.state.eager_flush_due() {
             self.state.start_flush_all(fx);
         }
         while self.state.over_dirty_bound() && !self.stop.is_stopped() {
@@ -436,20 +438,4 @@ fn kill_self(partition: i32, offset: i64) -> ! {
         libc::kill(libc::getpid(), libc::SIGKILL);
     }
     std::process::abort()
-}
-
-/// A unit's files, each read back to rows.
-fn read_unit(
-    runtime: &tokio::runtime::Runtime,
-    store: &dyn ObjectStore,
-    unit: &Unit,
-) -> Result<Vec<Vec<Archived>>, RecomputeError> {
-    let mut out = Vec::with_capacity(unit.files.len());
-    for file in &unit.files {
-        let bytes = runtime.block_on(async { store.get(&file.path).await?.bytes().await })?;
-        let rows = reader::read(bytes)
-            .map_err(|e| RecomputeError::Archive(format!("{}: {e}", file.path)))?;
-        out.push(rows);
-    }
-    Ok(out)
 }
