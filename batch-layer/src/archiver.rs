@@ -52,11 +52,12 @@ pub struct ArchiverConfig {
     /// Stop (after rolling everything) once every assigned partition is read to its end.
     #[arg(long, env = "PULSE_STOP_AT_END")]
     pub stop_at_end: bool,
-    /// Longest the archiver retries the object store (and waits for dead letters) for one unit
-    /// or one partition's start before it gives that work up for now, goes back to polling and
-    /// reads the range again. Keep it below the consumer's `max.poll.interval.ms` (300 s by
-    /// default): a member that does not poll for longer loses its partitions while it may still
-    /// write their files.
+    /// Longest the archiver blocks between two polls, retrying the object store and waiting for
+    /// dead letters, over all the units it rolls and the partitions it starts in that turn;
+    /// then it gives the rest of that work up for now, goes back to polling and reads those
+    /// ranges again. Keep it below the consumer's `max.poll.interval.ms` (300 s by default): a
+    /// member that does not poll for longer loses its partitions while it may still write
+    /// their files.
     #[arg(long, env = "PULSE_ARCHIVER_MAX_BLOCK_SECS", default_value_t = 120.0)]
     pub max_block_secs: f64,
     /// Address of /healthz, /readyz (503 while the object store fails) and /metrics.
@@ -164,6 +165,10 @@ struct State {
     rewinds: HashMap<i32, i64>,
     /// See `--max-block-secs`.
     max_block: Duration,
+    /// When the blocking budget of this turn (`max_block` from its start) runs out: shared by
+    /// every roll and partition start of the turn, so that many units in a row cannot keep
+    /// the member from polling for more than one budget.
+    turn_deadline: Instant,
     /// The owned partitions and their commits (for lag monitoring only: the markers are
     /// the truth).
     positions: Positions,
@@ -179,6 +184,8 @@ impl PartitionOwner for State {
     }
 
     fn revoking(&mut self, commit: &dyn Commit, partitions: &[i32], lost: bool) {
+        // Called inside a poll: a budget of its own, not what is left of the last turn's.
+        self.start_turn();
         for &p in partitions {
             // Roll what we have so the next owner starts after it; if this fails the next
             // owner re-reads the range (files beyond the marker are cleaned up).
@@ -240,6 +247,7 @@ pub fn run(
         abandoned: HashSet::new(),
         rewinds: HashMap::new(),
         max_block: Duration::from_secs_f64(config.max_block_secs.max(0.1)),
+        turn_deadline: Instant::now(),
         rows: 0,
         files: 0,
         parquet_bytes: 0,
@@ -267,6 +275,7 @@ pub fn run(
             &mut ends,
         );
         let mut s = consumer::lock(&state);
+        s.start_turn();
         let commit = consumer::committer(&consumer);
         for msg in &batch {
             s.take(msg);
@@ -311,6 +320,7 @@ pub fn run(
         }
     }
     let mut s = consumer::lock(&state);
+    s.start_turn();
     let open: Vec<i32> = s.units.keys().copied().collect();
     let commit = consumer::committer(&consumer);
     for p in open {
@@ -372,6 +382,11 @@ fn stopping(failure: RollFailure) -> Result<(), ArchiverError> {
 }
 
 impl State {
+    /// Starts the blocking budget of a turn of the loop (see `turn_deadline`).
+    fn start_turn(&mut self) {
+        self.turn_deadline = Instant::now() + self.max_block;
+    }
+
     /// Buffers one record (or dead-letters it), unless the archive already has it.
     fn take(&mut self, msg: &OwnedMessage) {
         let p = msg.partition();
@@ -435,10 +450,10 @@ impl State {
     }
 
     /// Reads the partition's progress from the markers and deletes files beyond it, unless
-    /// the process stops or `--max-block-secs` passes first.
+    /// the process stops or the turn's blocking budget runs out first.
     fn init_partition(&mut self, p: i32) -> Result<Option<i64>, Interrupted> {
         let store = self.store.clone();
-        let deadline = Instant::now() + self.max_block;
+        let deadline = self.turn_deadline;
         let read = self.retry("read progress", deadline, || {
             let store = store.clone();
             async move {
@@ -519,7 +534,7 @@ impl State {
                 }
             }
         }
-        let deadline = Instant::now() + self.max_block;
+        let deadline = self.turn_deadline;
         let gave_up = |why: Interrupted| match why {
             Interrupted::Stopped => RollFailure::Stopped,
             Interrupted::OutOfTime => RollFailure::GaveUp { first: range.first },

@@ -260,7 +260,10 @@ async fn a_batch_retried_after_a_broker_cut_counts_once_in_profiles_pushes_and_t
     let notifier = tokio::spawn(async move {
         Notifier::new(notifier_config)
             .unwrap()
-            .run(notifier_shutdown)
+            .run(
+                notifier_shutdown,
+                &pulse_service::Readiness::new("notifier not ready"),
+            )
             .await
     });
 

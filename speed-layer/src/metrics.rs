@@ -23,4 +23,6 @@ pub const NOTIFY_RATE_LIMITED: &str = "pulse_notifier_rate_limited_total";
 pub const NOTIFY_EXPIRED: &str = "pulse_notifier_expired_total";
 pub const NOTIFY_RETRIES: &str = "pulse_notifier_retries_total";
 pub const NOTIFY_DEAD_LETTERED: &str = "pulse_notifier_dead_lettered_total";
+/// Failed Kafka calls a trigger waits for (push state, dead letters), each retried.
+pub const NOTIFY_KAFKA_FAILURES: &str = "pulse_notifier_kafka_failures_total";
 pub const NOTIFY_LATENCY: &str = "pulse_notifier_trigger_to_delivery_seconds";

@@ -34,14 +34,6 @@ async fn wait_folded(port: u16, n: usize) {
     .await;
 }
 
-/// The value of a counter in a Prometheus page (0 when absent).
-fn counter(page: &str, name: &str) -> f64 {
-    page.lines()
-        .filter(|l| l.starts_with(name))
-        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
-        .sum()
-}
-
 /// The idempotency keys of the triggers in `topic` (waiting for `n`, then a little longer).
 fn fired_keys(topic: &str, n: usize) -> BTreeSet<String> {
     read_topic(topic, n, Duration::from_secs(2))

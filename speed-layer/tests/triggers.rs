@@ -258,3 +258,47 @@ async fn a_restarted_notifier_remembers_what_it_pushed_and_when() {
         "no duplicate and no second push inside the window"
     );
 }
+
+/// A dead-letter topic that refuses the notifier's writes (too small a `max.message.bytes`):
+/// the trigger waits uncommitted, `/readyz` says why and the failures are counted; once the
+/// operator fixes the topic the dead letter is written and the notifier is ready again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dead_letter_topic_that_refuses_writes_makes_the_notifier_unready_and_loses_nothing() {
+    let f = Fixture::new("ntf-refuse", 1).await;
+    let (url, _received) = webhook(StatusCode::SERVICE_UNAVAILABLE).await;
+    set_topic_config(&f.triggers_dlq, "max.message.bytes", "64").await;
+    produce_triggers(&f.triggers, &[trigger("refused-1", "u")]).await;
+    let port = free_port();
+    let listen = format!("127.0.0.1:{port}");
+    let args = [
+        "--max-attempts",
+        "2",
+        "--backoff-ms",
+        "50",
+        "--rate-limit-secs",
+        "0",
+        "--metrics-listen",
+        &listen,
+    ];
+    let mut notifier = f.spawn_notifier(&url, &args);
+    let (status, reason) = poll_until(port, "/readyz", |_, body| body.contains("refuses")).await;
+    assert_eq!(status, 503, "{reason}");
+    let (_, metrics) = poll_until(port, "/metrics", |_, body| {
+        counter(body, "pulse_notifier_kafka_failures_total") >= 2.0
+    })
+    .await;
+    assert!(metrics.contains("pulse_notifier_kafka_failures_total"));
+
+    set_topic_config(&f.triggers_dlq, "max.message.bytes", "1048588").await;
+    let dead = read_topic(&f.triggers_dlq, 1, Duration::ZERO);
+    assert_eq!(
+        dead.len(),
+        1,
+        "the trigger is dead-lettered once the topic takes it"
+    );
+    let stored: TriggerMessage = serde_json::from_slice(&dead[0].payload).unwrap();
+    assert_eq!(stored.idempotency_key, "refused-1");
+    let (status, _) = poll_until(port, "/readyz", |s, _| s == 200).await;
+    assert_eq!(status, 200);
+    terminate(&mut notifier);
+}

@@ -107,3 +107,11 @@ pub async fn poll_until(port: u16, path: &str, check: impl Fn(u16, &str) -> bool
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
 }
+
+/// The value of a counter in a Prometheus page (0 when absent).
+pub fn counter(page: &str, name: &str) -> f64 {
+    page.lines()
+        .filter(|l| l.starts_with(name))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum()
+}

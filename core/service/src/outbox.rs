@@ -99,6 +99,11 @@ fn is_too_large(error: &KafkaError) -> bool {
     error.rdkafka_error_code() == Some(RDKafkaErrorCode::MessageSizeTooLarge)
 }
 
+/// Bytes of refused records an outbox keeps before [`Outbox::is_full`] tells its caller to
+/// stop reading: a topic that refuses every dead letter must hold the consumer back, not let
+/// memory grow with every bad record read meanwhile. Eight of the largest dead letters.
+pub const MAX_UNDELIVERED_BYTES: usize = 8 * DEAD_LETTER_MAX_BYTES;
+
 /// Collects the records whose delivery failed (delivery reports run on the producer's thread).
 #[derive(Default)]
 pub struct OutboxContext {
@@ -116,6 +121,11 @@ impl OutboxContext {
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .push(record);
+    }
+
+    fn bytes(&self) -> usize {
+        let kept = self.undelivered.lock().unwrap_or_else(|p| p.into_inner());
+        kept.iter().map(|r| r.key.len() + r.payload.len()).sum()
     }
 
     fn take(&self) -> Vec<Undelivered> {
@@ -233,6 +243,13 @@ impl Outbox {
             });
         }
         self.send(topic, key, payload, headers);
+    }
+
+    /// Whether the records Kafka refused, kept to be sent again, reach
+    /// [`MAX_UNDELIVERED_BYTES`]: the caller stops reading new records until a
+    /// [`Outbox::confirm`] gets them through.
+    pub fn is_full(&self) -> bool {
+        self.producer.context().bytes() >= MAX_UNDELIVERED_BYTES
     }
 
     /// The producer's fatal error, if it raised one (see [`OutboxError::Fatal`]).

@@ -19,14 +19,14 @@ async fn main() -> anyhow::Result<()> {
     let shutdown = Shutdown::on_signals();
     let handle = ops::recorder(&[]);
     let listen = config.metrics_listen;
-    // The notifier has no dependency to watch beyond Kafka, which its client retries.
+    // Not ready while Kafka refuses what a trigger waits for (see `KafkaCalls`).
     let ready = Readiness::new("notifier not ready");
-    let endpoint = shutdown.clone();
+    let (endpoint, endpoint_ready) = (shutdown.clone(), ready.clone());
     tokio::spawn(async move {
-        if let Err(e) = ops::serve(listen, handle, ready, endpoint).await {
+        if let Err(e) = ops::serve(listen, handle, endpoint_ready, endpoint).await {
             tracing::error!(error = %e, %listen, "metrics endpoint failed");
         }
     });
-    Notifier::new(config)?.run(shutdown).await?;
+    Notifier::new(config)?.run(shutdown, &ready).await?;
     Ok(())
 }

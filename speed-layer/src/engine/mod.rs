@@ -147,9 +147,11 @@ pub fn run(
         if engine.state.flush_due() {
             engine.start_flush(&commit);
         }
-        // Back-pressure: with too many unflushed profiles (Elasticsearch slow or down), stop
-        // reading until a flush gets through. Lag grows; memory does not.
-        while engine.state.over_dirty_bound() && !stop.is_stopped() {
+        // Back-pressure: with too many unflushed profiles (Elasticsearch slow or down) or too
+        // many records Kafka refused (a dead-letter or triggers topic that takes none), stop
+        // reading until a flush, which confirms the side outputs first, gets through. Lag
+        // grows; memory does not.
+        while (engine.state.over_dirty_bound() || engine.outbox.is_full()) && !stop.is_stopped() {
             if engine.finish_flush(&commit, true).is_none() {
                 if !stop.sleep_blocking(engine.state.retry_in()) {
                     break;

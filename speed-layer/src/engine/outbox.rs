@@ -54,6 +54,11 @@ impl SpeedOutbox {
         );
     }
 
+    /// Whether Kafka refused so much that reading must wait (see `Outbox::is_full`).
+    pub fn is_full(&self) -> bool {
+        self.outbox.is_full()
+    }
+
     /// A record we cannot use goes to the dead-letter topic with the reason and its origin.
     pub fn dead_letter_record(&self, msg: &OwnedMessage, reason: &str) {
         tracing::warn!(

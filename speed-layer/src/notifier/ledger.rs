@@ -14,7 +14,7 @@ use std::collections::{HashMap, HashSet};
 use std::time::Duration;
 
 use pulse_core::kafka::{ensure_topics, KafkaArgs, TopicSpec};
-use pulse_service::outbox::{fatal_error, is_fatal};
+use pulse_service::outbox::fatal_error;
 use pulse_service::Shutdown;
 use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::producer::{FutureProducer, FutureRecord, Producer};
@@ -83,6 +83,7 @@ pub struct PushLedger {
     topic: String,
     kafka: KafkaArgs,
     producer: FutureProducer,
+    calls: super::KafkaCalls,
 }
 
 impl PushLedger {
@@ -93,6 +94,7 @@ impl PushLedger {
         triggers: &str,
         topic: &str,
         horizon: Duration,
+        calls: super::KafkaCalls,
     ) -> Result<Self, LedgerError> {
         let partitions = partition_count(kafka, triggers).await?;
         // Replication as the triggers topic has it is not known here; 1 serves one broker
@@ -107,6 +109,7 @@ impl PushLedger {
             topic: topic.to_string(),
             kafka: kafka.clone(),
             producer: kafka.producer_config().create()?,
+            calls,
         })
     }
 
@@ -192,25 +195,20 @@ impl PushLedger {
             self.expire(now_ms);
         }
         let (producer, topic) = (&self.producer, &self.topic);
-        super::KAFKA_RETRY
-            .run(
-                shutdown,
-                "push state write",
-                |e| !is_fatal(e),
-                || {
-                    let record = FutureRecord::to(topic)
-                        .partition(partition)
-                        .key(user)
-                        .payload(&payload);
-                    async move {
-                        producer
-                            .send(record, Duration::from_secs(30))
-                            .await
-                            .map(|_| ())
-                            .map_err(|(e, _)| e)
-                    }
-                },
-            )
+        self.calls
+            .run(shutdown, "push state write", || {
+                let record = FutureRecord::to(topic)
+                    .partition(partition)
+                    .key(user)
+                    .payload(&payload);
+                async move {
+                    producer
+                        .send(record, Duration::from_secs(30))
+                        .await
+                        .map(|_| ())
+                        .map_err(|(e, _)| e)
+                }
+            })
             .await
             .map_err(|_| LedgerError::Stopped)
     }

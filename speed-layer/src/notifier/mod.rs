@@ -21,8 +21,9 @@ use chrono::Utc;
 use pulse_core::kafka::KafkaArgs;
 use pulse_service::consumer::{Commit, GroupContext, PartitionOwner};
 use pulse_service::outbox::{dead_letter_headers, fatal_error, is_fatal, Source};
-use pulse_service::{RetryPolicy, Shutdown};
+use pulse_service::{Condition, Readiness, RetryError, RetryPolicy, Shutdown};
 use rdkafka::consumer::{CommitMode, Consumer, StreamConsumer};
+use rdkafka::error::KafkaError;
 use rdkafka::message::{BorrowedMessage, Message};
 use rdkafka::producer::{FutureProducer, FutureRecord, Producer};
 
@@ -138,13 +139,21 @@ impl Notifier {
     }
 
     /// Consumes triggers until `shutdown` stops the process (also in the middle of a retry).
-    pub async fn run(self, shutdown: Shutdown) -> Result<(), LedgerError> {
+    /// `ready` turns false, with the reason, while Kafka refuses the push state or the dead
+    /// letters (the triggers wait uncommitted meanwhile).
+    pub async fn run(self, shutdown: Shutdown, ready: &Readiness) -> Result<(), LedgerError> {
         let config = &self.config;
+        let kafka = KafkaCalls {
+            healthy: ready.condition(
+                "Kafka refuses the push state or the dead letters; triggers wait uncommitted",
+            ),
+        };
         let mut ledger = PushLedger::open(
             &config.kafka,
             &config.topic,
             &config.state_topic,
             config.ledger_horizon(),
+            kafka.clone(),
         )
         .await?;
         let revoked = Arc::new(Mutex::new(Revoked::default()));
@@ -171,13 +180,8 @@ impl Notifier {
             ledger.forget(&gone);
             let partition = msg.partition();
             if !ledger.is_restored(partition) {
-                let read = KAFKA_RETRY
-                    .run(
-                        &shutdown,
-                        "push state restore",
-                        |_| true,
-                        || ledger.read(partition),
-                    )
+                let read = kafka
+                    .run(&shutdown, "push state restore", || ledger.read(partition))
                     .await;
                 match read {
                     Ok(records) => ledger.restored(partition, records),
@@ -213,7 +217,7 @@ impl Notifier {
                 // The commit below covers this trigger: it must be in the dead-letter topic
                 // first. Without that (stopping during a Kafka outage) leave it uncommitted.
                 if self
-                    .dead_letter(&msg, &key, &payload, reason, &shutdown)
+                    .dead_letter(&kafka, &msg, &key, &payload, reason, &shutdown)
                     .await
                     .is_err()
                 {
@@ -306,6 +310,7 @@ impl Notifier {
     /// letters carry, retrying until Kafka acknowledged it; `Err` only when stopped first.
     async fn dead_letter(
         &self,
+        kafka: &KafkaCalls,
         msg: &BorrowedMessage<'_>,
         key: &str,
         payload: &[u8],
@@ -314,31 +319,26 @@ impl Notifier {
     ) -> Result<(), ()> {
         metrics::counter!(m::NOTIFY_DEAD_LETTERED).increment(1);
         tracing::error!(key, reason, "trigger to dead-letter topic");
-        let written = KAFKA_RETRY
-            .run(
-                shutdown,
-                "dead letter",
-                |e| !is_fatal(e),
-                || {
-                    let source = Source {
-                        topic: msg.topic(),
-                        partition: msg.partition(),
-                        offset: msg.offset(),
-                    };
-                    let headers = dead_letter_headers(reason, source, "notifier");
-                    let record = FutureRecord::to(&self.config.dlq_topic)
-                        .key(key)
-                        .payload(payload)
-                        .headers(headers);
-                    async move {
-                        self.producer
-                            .send(record, Duration::from_secs(30))
-                            .await
-                            .map(|_| ())
-                            .map_err(|(e, _)| e)
-                    }
-                },
-            )
+        let written = kafka
+            .run(shutdown, "dead letter", || {
+                let source = Source {
+                    topic: msg.topic(),
+                    partition: msg.partition(),
+                    offset: msg.offset(),
+                };
+                let headers = dead_letter_headers(reason, source, "notifier");
+                let record = FutureRecord::to(&self.config.dlq_topic)
+                    .key(key)
+                    .payload(payload)
+                    .headers(headers);
+                async move {
+                    self.producer
+                        .send(record, Duration::from_secs(30))
+                        .await
+                        .map(|_| ())
+                        .map_err(|(e, _)| e)
+                }
+            })
             .await;
         written.map_err(|e| {
             tracing::error!(error = %e, "dead letter not written; the trigger stays uncommitted");
@@ -350,6 +350,48 @@ impl Notifier {
 /// process stops: a trigger is neither committed nor handled without them.
 const KAFKA_RETRY: RetryPolicy =
     RetryPolicy::forever(Duration::from_millis(200), Duration::from_secs(10));
+
+/// The Kafka calls a trigger waits for (the push state, dead letters), retried as
+/// [`KAFKA_RETRY`] says until Kafka answers, the process stops or the producer fails for good.
+/// While they fail the notifier is not ready and `pulse_notifier_kafka_failures_total` counts,
+/// so a topic that refuses writes shows on `/readyz` and the metrics, not only in the log.
+#[derive(Clone)]
+pub struct KafkaCalls {
+    healthy: Condition,
+}
+
+impl KafkaCalls {
+    pub async fn run<T, F, Fut>(
+        &self,
+        shutdown: &Shutdown,
+        what: &str,
+        mut op: F,
+    ) -> Result<T, RetryError<KafkaError>>
+    where
+        F: FnMut() -> Fut,
+        Fut: std::future::Future<Output = Result<T, KafkaError>>,
+    {
+        KAFKA_RETRY
+            .run(
+                shutdown,
+                what,
+                |e| !is_fatal(e),
+                || {
+                    let call = op();
+                    let healthy = self.healthy.clone();
+                    async move {
+                        let result = call.await;
+                        healthy.set(result.is_ok());
+                        if result.is_err() {
+                            metrics::counter!(m::NOTIFY_KAFKA_FAILURES).increment(1);
+                        }
+                        result
+                    }
+                },
+            )
+            .await
+    }
+}
 
 #[cfg(test)]
 mod tests {

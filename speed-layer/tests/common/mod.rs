@@ -24,7 +24,7 @@ use serde_json::Value;
 pub use pulse_tests::data::{generate, produce, produce_raw};
 #[allow(unused_imports)] // each test file uses its own subset
 pub use pulse_tests::process::{
-    free_port, log_file, poll_until, terminate, terminate_in_time, wait_exit, wait_until,
+    counter, free_port, log_file, poll_until, terminate, terminate_in_time, wait_exit, wait_until,
 };
 #[allow(unused_imports)] // each test file uses its own subset
 pub use pulse_tests::set_topic_config;
@@ -141,14 +141,11 @@ impl Fixture {
                 &self.triggers_dlq,
             ])
             .args(["--state-topic", &format!("{}.state", self.triggers)])
-            .args([
-                "--group",
-                group,
-                "--webhook-url",
-                webhook,
-                "--metrics-listen",
-                "127.0.0.1:0",
-            ])
+            .args(["--group", group, "--webhook-url", webhook])
+            .args(match extra.contains(&"--metrics-listen") {
+                true => &[][..],
+                false => &["--metrics-listen", "127.0.0.1:0"][..],
+            })
             .args(extra)
             .env("RUST_LOG", "info,librdkafka=warn")
             .stdout(Stdio::null())
