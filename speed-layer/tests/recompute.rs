@@ -7,6 +7,8 @@ mod common;
 
 use std::collections::{BTreeMap, HashMap};
 use std::process::{Command, Output};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
 use std::time::Duration;
 
 use common::*;
@@ -199,8 +201,37 @@ async fn live_kafka_only_and_archive_then_kafka_give_identical_profiles_and_prom
     f.wait_for_events(total as u64).await;
     terminate(&mut live);
     succeeded(&recompute(&f, "run", &v3, &["--source", "kafka"]));
-    let promoted = succeeded(&recompute(&f, "promote", &v2, &["--archive-url", &archive]));
+    // A portal queries the alias all through the promotion: every answer is complete (all
+    // the documents), from the old index and then from the new one, never an error or an
+    // empty page.
+    let v1 = format!("{}-v1", f.alias);
+    let expected = documents_of(&f, &v1).await.len() as u64;
+    let querying = Arc::new(AtomicBool::new(true));
+    let portal = tokio::spawn(query_loop(f.store.clone(), querying.clone()));
+    let promoted =
+        tokio::task::block_in_place(|| recompute(&f, "promote", &v2, &["--archive-url", &archive]));
+    let promoted = succeeded(&promoted);
     assert_eq!(promoted["to"], v2.as_str(), "{promoted}");
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    querying.store(false, Ordering::Relaxed);
+    let answers = portal.await.unwrap();
+    let by_index: BTreeMap<&str, usize> = answers.iter().fold(BTreeMap::new(), |mut m, a| {
+        *m.entry(a.0.as_str()).or_default() += 1;
+        m
+    });
+    assert!(
+        by_index.contains_key(v1.as_str()) && by_index.contains_key(v2.as_str()),
+        "the loop saw both sides of the switch: {by_index:?}"
+    );
+    let wrong: Vec<&(String, Result<u64, String>)> = answers
+        .iter()
+        .filter(|(_, total)| total.as_ref() != Ok(&expected))
+        .collect();
+    assert!(
+        wrong.is_empty(),
+        "{} documents expected in every answer: {wrong:?}",
+        expected
+    );
 
     let live_docs = documents_of(&f, &format!("{}-v1", f.alias)).await;
     let (archive_docs, kafka_docs) = (documents_of(&f, &v2).await, documents_of(&f, &v3).await);
@@ -248,6 +279,30 @@ async fn live_kafka_only_and_archive_then_kafka_give_identical_profiles_and_prom
         Vec::<String>::new(),
         "after rollback"
     );
+}
+
+/// Searches the alias until `querying` turns false: for each answer, the index it came from
+/// and its total hits (or the error).
+async fn query_loop(
+    store: pulse_speed::store::ProfileStore,
+    querying: Arc<AtomicBool>,
+) -> Vec<(String, Result<u64, String>)> {
+    let query =
+        serde_json::json!({"size": 1, "track_total_hits": true, "query": {"match_all": {}}});
+    let mut answers = Vec::new();
+    while querying.load(Ordering::Relaxed) {
+        let answer = match store.search(query.clone()).await {
+            Ok(body) => {
+                let index = body["hits"]["hits"][0]["_index"].as_str().unwrap_or("none");
+                let total = body["hits"]["total"]["value"].as_u64().unwrap_or_default();
+                (index.to_string(), Ok(total))
+            }
+            Err(e) => (String::new(), Err(e.to_string())),
+        };
+        answers.push(answer);
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    answers
 }
 
 /// Drops the records of `partition` below `before`, as retention would.
@@ -304,6 +359,39 @@ async fn history_that_kafka_dropped_and_the_archive_lacks_is_refused_with_the_pa
     );
 }
 
+/// A record whose fold panics (a bug in a model, say) stops the run; it is journaled as the
+/// live layer journals one, and the next run passes it over instead of panicking there again
+/// at every resume.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_record_that_panics_the_fold_is_passed_over_by_the_next_run() {
+    let f = Fixture::new("recompute-poison", 2).await;
+    let events = generate(600, 17, 60, 3);
+    let mut live = f.spawn_speed(&["--flush-interval-secs", "0.5"]);
+    produce(&f.topic, &events).await;
+    f.wait_for_events(events.len() as u64).await;
+    terminate(&mut live);
+    let v2 = format!("{}-v2", f.alias);
+    let state_dir = f.state_dir();
+    let poison = events[300].message_id.clone();
+    let args = [
+        "--source",
+        "kafka",
+        "--state-dir",
+        &state_dir,
+        "--failpoint-panic-message-id",
+        &poison,
+    ];
+    let out = recompute(&f, "run", &v2, &args);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "the panic stops the run: {stderr}");
+    assert!(stderr.contains("failpoint: folding message_id"), "{stderr}");
+    let again = succeeded(&recompute(&f, "run", &v2, &args));
+    assert_eq!(
+        again["unusable"], 1,
+        "the journaled record is passed over: {again}"
+    );
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_recompute_sigkilled_again_and_again_resumes_and_ends_identical() {
     let f = Fixture::new("recompute-kill", 4).await;
@@ -354,6 +442,36 @@ async fn a_recompute_sigkilled_again_and_again_resumes_and_ends_identical() {
         (0, pick(4, first_kafka_kill + 1, kafka_end)),
     ];
     let args = ["--archive-url", &archive, "--max-events-per-sec", "2500"];
+
+    // First a SIGTERM, a few seconds into a slow run: it flushes and commits what it folded,
+    // makes the index searchable again and exits non-zero, since it did not get to the live
+    // layer's commit (so no promote takes this index for a finished one).
+    let slow = ["--archive-url", &archive, "--max-events-per-sec", "500"];
+    let child = recompute_command(&f, "run", &v2, &slow)
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    // SAFETY: kill only sends a signal to the child's pid, which has not been waited for.
+    assert_eq!(unsafe { libc::kill(child.id() as i32, libc::SIGTERM) }, 0);
+    let out = child.wait_with_output().unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(
+        out.status.code(),
+        Some(1),
+        "exits non-zero, not by the signal: {stderr}"
+    );
+    assert!(
+        stderr.contains("stopped before reaching the live layer's commit"),
+        "{stderr}"
+    );
+    assert_eq!(
+        refresh_interval(&v2).await,
+        "1s",
+        "searchable again after SIGTERM"
+    );
+
     for (p, offset) in kills {
         let at = format!("{p}:{offset}");
         let mut killed_args = args.to_vec();
@@ -533,6 +651,15 @@ async fn cleanup_deletes_indices_no_alias_points_to_but_keeps_the_live_previous_
         format!("{}-v3", f.alias),
     );
     let kafka = ["--source", "kafka"];
+    // A promote's catch-up refuses an index that does not exist: it is built first.
+    let refused = recompute(&f, "promote", &v2, &kafka);
+    assert!(!refused.status.success());
+    assert!(
+        String::from_utf8_lossy(&refused.stderr).contains("does not exist"),
+        "{}",
+        String::from_utf8_lossy(&refused.stderr)
+    );
+    succeeded(&recompute(&f, "run", &v2, &kafka));
     succeeded(&recompute(&f, "promote", &v2, &kafka));
     succeeded(&recompute(&f, "run", &v3, &kafka));
 

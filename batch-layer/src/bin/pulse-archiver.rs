@@ -27,7 +27,7 @@ fn main() -> anyhow::Result<()> {
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()?;
-    let stop = rt.block_on(async { Shutdown::on_signals() });
+    let stop = Shutdown::on_signals();
     let handle = ops::recorder(&[]);
     let (listen, endpoint_ready, endpoint_stop) =
         (config.metrics_listen, ready.clone(), stop.clone());

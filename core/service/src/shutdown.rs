@@ -18,15 +18,42 @@ impl Shutdown {
         Self::default()
     }
 
-    /// A handle that stops on SIGTERM or Ctrl-C. Needs a running Tokio runtime.
+    /// A handle that stops on SIGTERM or Ctrl-C; the handlers are installed before it returns.
+    ///
+    /// They wait on a thread of their own, with a runtime of their own, not as a task of the
+    /// caller's runtime: such a task runs only while that runtime is driven, and a command that
+    /// blocks outside it (a recompute folding on its own thread) never installed the handlers,
+    /// so SIGTERM killed it outright instead of letting it flush and commit.
     pub fn on_signals() -> Self {
         let shutdown = Self::new();
         let handle = shutdown.clone();
-        tokio::spawn(async move {
-            signal().await;
-            tracing::info!("shutdown signal received");
-            handle.stop();
-        });
+        let (installed, is_installed) = std::sync::mpsc::sync_channel::<bool>(1);
+        let spawned = std::thread::Builder::new()
+            .name("signals".into())
+            .spawn(move || {
+                let runtime = tokio::runtime::Builder::new_current_thread()
+                    .enable_all()
+                    .build();
+                let Ok(runtime) = runtime else {
+                    let _ = installed.send(false);
+                    return;
+                };
+                runtime.block_on(async move {
+                    let signals = Signals::install();
+                    let _ = installed.send(signals.is_ok());
+                    if let Ok(signals) = signals {
+                        signals.received().await;
+                        tracing::info!("shutdown signal received");
+                        handle.stop();
+                    }
+                });
+            });
+        let ok = spawned.is_ok() && is_installed.recv().unwrap_or(false);
+        if !ok {
+            tracing::warn!(
+                "SIGTERM and Ctrl-C handlers could not be installed; they stop the process at once"
+            );
+        }
         shutdown
     }
 
@@ -69,25 +96,42 @@ impl Shutdown {
     }
 }
 
-/// Resolves on SIGTERM or Ctrl-C.
-async fn signal() {
-    let ctrl_c = async {
-        let _ = tokio::signal::ctrl_c().await;
-    };
+/// SIGTERM and SIGINT (Ctrl-C), registered with the runtime as soon as they are created, so
+/// that a signal that comes before the first wait is still seen.
+struct Signals {
     #[cfg(unix)]
-    let term = async {
-        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-            Ok(mut s) => {
-                s.recv().await;
-            }
-            Err(_) => std::future::pending::<()>().await,
-        }
-    };
+    term: tokio::signal::unix::Signal,
+    #[cfg(unix)]
+    interrupt: tokio::signal::unix::Signal,
+}
+
+impl Signals {
+    #[cfg(unix)]
+    fn install() -> std::io::Result<Self> {
+        use tokio::signal::unix::{signal, SignalKind};
+        Ok(Self {
+            term: signal(SignalKind::terminate())?,
+            interrupt: signal(SignalKind::interrupt())?,
+        })
+    }
+
     #[cfg(not(unix))]
-    let term = std::future::pending::<()>();
-    tokio::select! {
-        _ = ctrl_c => {},
-        _ = term => {},
+    fn install() -> std::io::Result<Self> {
+        Ok(Self {})
+    }
+
+    /// Resolves on the first of them.
+    #[cfg(unix)]
+    async fn received(mut self) {
+        tokio::select! {
+            _ = self.term.recv() => {},
+            _ = self.interrupt.recv() => {},
+        }
+    }
+
+    #[cfg(not(unix))]
+    async fn received(self) {
+        let _ = tokio::signal::ctrl_c().await;
     }
 }
 
@@ -105,5 +149,18 @@ mod tests {
         assert!(shutdown.is_stopped());
         assert!(!shutdown.sleep_blocking(Duration::from_secs(3600)));
         assert!(Shutdown::new().sleep(Duration::from_millis(1)).await);
+    }
+
+    /// Outside any runtime, as a blocking command calls it: without the handler, the SIGTERM
+    /// this test sends itself would end the test process.
+    #[cfg(unix)]
+    #[test]
+    fn a_sigterm_stops_a_handle_made_outside_any_runtime() {
+        let shutdown = Shutdown::on_signals();
+        assert!(!shutdown.is_stopped());
+        // SAFETY: raise only queues a signal for this process; its handler is installed.
+        assert_eq!(unsafe { libc::raise(libc::SIGTERM) }, 0);
+        // Stops at the signal; the hour is only there so a broken handler cannot hang CI.
+        assert!(!shutdown.sleep_blocking(Duration::from_secs(3600)));
     }
 }

@@ -93,11 +93,19 @@ fn main() -> anyhow::Result<()> {
 }
 
 fn recompute(command: Recompute) -> anyhow::Result<()> {
-    pulse_core::telemetry::exit_on_panic();
+    // A run that panics on a record journals it, as the live layer does: the next run passes
+    // it over (the live layer dead-lettered it) instead of panicking there at every resume.
+    match &command {
+        Recompute::Run(args) | Recompute::Promote(args) | Recompute::Rollback(args) => {
+            let journal = args.poison_journal();
+            pulse_core::telemetry::exit_on_panic_with(move |m| journal.record_panic(m));
+        }
+        _ => pulse_core::telemetry::exit_on_panic(),
+    }
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()?;
-    let stop = rt.block_on(async { Shutdown::on_signals() });
+    let stop = Shutdown::on_signals();
     let print = |value: serde_json::Value| println!("{value}");
     match command {
         Recompute::Plan(args) => {
@@ -148,7 +156,7 @@ fn run(config: SpeedConfig) -> anyhow::Result<()> {
         .worker_threads(1)
         .enable_all()
         .build()?;
-    let stop = rt.block_on(async { Shutdown::on_signals() });
+    let stop = Shutdown::on_signals();
     let ready = Readiness::with_heartbeat("elasticsearch unavailable", Readiness::STALL_AFTER);
     let handle = ops::recorder(&[]);
     let (listen, endpoint_ready, endpoint_stop) =

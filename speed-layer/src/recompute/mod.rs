@@ -82,6 +82,16 @@ impl RecomputeArgs {
     pub fn group(&self) -> String {
         format!("recompute-{}", self.index)
     }
+
+    /// The journal of records that made this recompute panic (see [`crate::poison`]): the
+    /// next run passes them over instead of panicking on them again at every resume.
+    pub fn poison_journal(&self) -> crate::poison::PoisonJournal {
+        crate::poison::PoisonJournal::new(
+            &self.speed.state_dir,
+            &self.speed.topics.events,
+            &self.group(),
+        )
+    }
 }
 
 #[derive(Debug, thiserror::Error)]

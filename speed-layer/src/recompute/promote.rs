@@ -9,7 +9,8 @@
 
 use serde_json::{json, Value};
 
-use super::{indices, kafka, run, RecomputeArgs, RecomputeError, RunSummary};
+use super::run::{run_on, Target};
+use super::{indices, kafka, RecomputeArgs, RecomputeError, RunSummary};
 use crate::store::ProfileStore;
 use pulse_service::Shutdown;
 
@@ -40,7 +41,7 @@ fn live_stopped(args: &RecomputeArgs) -> Result<(), RecomputeError> {
 /// recording in its `_meta` the index it replaced and where that one stopped.
 pub fn promote(args: &RecomputeArgs, stop: Shutdown) -> Result<Switch, RecomputeError> {
     live_stopped(args)?;
-    let caught_up = run::run(args, stop)?;
+    let caught_up = run_on(args, stop, Target::Existing)?;
     switch(args, caught_up)
 }
 
@@ -78,7 +79,7 @@ pub fn rollback(args: &RecomputeArgs, stop: Shutdown) -> Result<Switch, Recomput
         &args.speed.topics.events,
         &until,
     )?;
-    let caught_up = run::run(&back, stop)?;
+    let caught_up = run_on(&back, stop, Target::Existing)?;
     switch(&back, caught_up)
 }
 
@@ -100,6 +101,10 @@ fn switch(args: &RecomputeArgs, caught_up: RunSummary) -> Result<Switch, Recompu
         "promoted_at": chrono::Utc::now().to_rfc3339(),
     }});
     runtime.block_on(indices::set_meta(&live, &args.index, meta))?;
+    // Every document searchable before the alias shows the index: the catch-up set the
+    // refresh interval back, but the refresh itself comes only with the next tick, and a
+    // query in between would find the index empty.
+    runtime.block_on(live.on_index(&args.index).refresh())?;
     runtime.block_on(indices::swap(&live, alias, from.as_deref(), &args.index))?;
     tracing::info!(%alias, from = ?from, to = %args.index, "alias moved");
     Ok(Switch {

@@ -76,8 +76,27 @@ pub struct Timings {
     pub throttle: f64,
 }
 
+/// Whether a run may build its index from nothing.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Target {
+    /// `recompute run`: create the index when missing, resume it when not.
+    CreateOrResume,
+    /// A promote's or a rollback's catch-up: the index must exist (a missing one would be
+    /// rebuilt from scratch while the live layer is stopped for it).
+    Existing,
+}
+
 /// Builds (or resumes) `args.index` up to the live layer's commit, then flushes and commits.
 pub fn run(args: &RecomputeArgs, stop: Shutdown) -> Result<RunSummary, RecomputeError> {
+    run_on(args, stop, Target::CreateOrResume)
+}
+
+/// [`run`], on an index that must exist or not as `target` says.
+pub fn run_on(
+    args: &RecomputeArgs,
+    stop: Shutdown,
+    target: Target,
+) -> Result<RunSummary, RecomputeError> {
     let runtime = Arc::new(
         tokio::runtime::Builder::new_multi_thread()
             .worker_threads(2)
@@ -85,16 +104,23 @@ pub fn run(args: &RecomputeArgs, stop: Shutdown) -> Result<RunSummary, Recompute
             .build()?,
     );
     let live = ProfileStore::new(&args.speed.es)?;
-    let (target, created) = prepare_index(args, &live, &runtime)?;
+    check_target(args, &live, &runtime)?;
+    let fresh = !runtime.block_on(indices::exists(&live, &args.index))?;
+    if fresh && target == Target::Existing {
+        return Err(RecomputeError::Refused(format!(
+            "index {} does not exist (deleted by a cleanup?): build it with `recompute run` \
+             first, with the live layer running",
+            args.index
+        )));
+    }
     let archive = plan::open_archive(args)?;
-    let plan = runtime.block_on(plan::make(args, archive.as_deref(), created))?;
+    let plan = runtime.block_on(plan::make(args, archive.as_deref(), fresh))?;
     plan.check()?;
-    // Off while it loads; an error that ends the run leaves it off until the next run (which
-    // a promote always is) turns it back on.
-    runtime.block_on(indices::set_refresh_interval(&live, &args.index, "-1"))?;
-    if created {
-        // Commits left by an index of this name deleted since would be taken as progress
-        // by the next run after a kill: they are replaced by where this one starts.
+    if fresh {
+        // Commits left by an index of this name deleted since would be taken as progress by
+        // the next run after a kill: they are replaced by where this one starts, before the
+        // index exists. So an index that exists always has its own commits, also when this
+        // run stops at any point from here on (a run that finds no index starts afresh).
         let starts: Vec<(i32, i64)> = plan
             .partitions
             .iter()
@@ -106,7 +132,13 @@ pub fn run(args: &RecomputeArgs, stop: Shutdown) -> Result<RunSummary, Recompute
             &args.speed.topics.events,
             &starts,
         )?;
+        runtime.block_on(indices::create_index(&live, &args.index))?;
+        tracing::info!(index = %args.index, "created the index");
     }
+    let target = live.on_index(&args.index);
+    // Off while it loads; an error that ends the run leaves it off until the next run (which
+    // a promote always is) turns it back on.
+    runtime.block_on(indices::set_refresh_interval(&live, &args.index, "-1"))?;
     tracing::info!(index = %args.index, offsets = plan.offsets(), "recompute starting");
 
     let mut consumer_config = args.speed.kafka.consumer_config(&args.group());
@@ -131,8 +163,21 @@ pub fn run(args: &RecomputeArgs, stop: Shutdown) -> Result<RunSummary, Recompute
         },
         stop: stop.clone(),
         kill_at: args.failpoint_kill_at,
+        // A fresh index starts from nothing: entries left by a deleted index of this name
+        // are not this run's.
+        poison: match fresh {
+            true => Default::default(),
+            false => args.poison_journal().load(),
+        },
+        panic_at: args.speed.failpoint_panic_message_id.clone(),
     };
-    if created {
+    if !folder.poison.is_empty() {
+        tracing::warn!(
+            records = folder.poison.len(),
+            "records that made an earlier run panic are passed over"
+        );
+    }
+    if fresh {
         folder.state.assume_store_empty();
     }
     let partitions: Vec<i32> = plan.partitions.iter().map(|p| p.partition).collect();
@@ -183,14 +228,13 @@ pub fn run(args: &RecomputeArgs, stop: Shutdown) -> Result<RunSummary, Recompute
     Ok(summary)
 }
 
-/// The index to build, created when missing (the template's settings, this binary's
-/// mapping), and whether it was; never the one the alias points to, and always one the
-/// template covers (`<alias>-…`).
-fn prepare_index(
+/// Refuses an index to build that is the one the alias points to, or one the template does
+/// not cover (`<alias>-…`: the index gets the template's settings and this binary's mapping).
+fn check_target(
     args: &RecomputeArgs,
     live: &ProfileStore,
     runtime: &tokio::runtime::Runtime,
-) -> Result<(ProfileStore, bool), RecomputeError> {
+) -> Result<(), RecomputeError> {
     let alias = &args.speed.es.alias;
     if !args.index.starts_with(&format!("{alias}-")) {
         return Err(RecomputeError::Refused(format!(
@@ -205,11 +249,7 @@ fn prepare_index(
             args.index
         )));
     }
-    let created = runtime.block_on(indices::create_index(live, &args.index))?;
-    if created {
-        tracing::info!(index = %args.index, "created the index");
-    }
-    Ok((live.on_index(&args.index), created))
+    Ok(())
 }
 
 /// The live layer's state, fed from the archive and Kafka instead of a group's assignment.
@@ -220,6 +260,11 @@ struct Folder {
     stop: Shutdown,
     /// See [`RecomputeArgs::failpoint_kill_at`].
     kill_at: Option<(i32, i64)>,
+    /// Records that made an earlier run panic (see [`crate::poison`]): only passed, as the
+    /// live layer, which panicked on them too, dead-lettered them.
+    poison: std::collections::HashMap<(i32, i64), String>,
+    /// Tests only: panic while folding the event with this message id, as a model bug would.
+    panic_at: Option<String>,
 }
 
 impl Folder {
@@ -401,9 +446,22 @@ impl Folder {
             if self.kill_at == Some((*p, *offset)) {
                 kill_self(*p, *offset);
             }
-            if let (Some(event), Some(id)) = (event, id) {
+            if let Some(reason) = self.poison.get(&(*p, *offset)) {
+                tracing::warn!(
+                    partition = p,
+                    offset,
+                    reason,
+                    "passing over a record that made an earlier run panic"
+                );
+                self.summary.unusable += 1;
+            } else if let (Some(event), Some(id)) = (event, id) {
                 // A fold the live layer refused went to its dead-letter topic then.
+                crate::poison::working_on(*p, *offset);
+                if self.panic_at.as_deref() == Some(event.message_id.as_str()) {
+                    panic!("failpoint: folding message_id {}", event.message_id);
+                }
                 let _ = self.state.fold(event, id, *p, *offset, clock);
+                crate::poison::idle();
             }
             self.state.positions.handled(*p, *offset);
         }

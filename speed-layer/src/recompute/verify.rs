@@ -7,6 +7,11 @@
 //! document must be equal in every field the events decide (`updated_at`, the flush's clock,
 //! is not compared), except the fields named `--expect-changed` (after a model change: the
 //! model's fields).
+//!
+//! A model's answer may depend on when it was written as well as on its state (the 7-day
+//! gender counts the days up to the write). Two documents written on different days can hold
+//! the same state and different answers: when each answer is what its own state gives at its
+//! own `updated_at`, the difference is counted as `answers_as_of_write`, not as a defect.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::fmt::Write as _;
@@ -40,6 +45,9 @@ pub struct Verification {
     pub compared: u64,
     /// Changed in the live index after the recompute's position: not compared.
     pub live_ahead: u64,
+    /// Documents whose model answers differ only because they were written at other times
+    /// (equal model state, each answer right for its own write time).
+    pub answers_as_of_write: u64,
     pub only_live: u64,
     pub only_new: u64,
     /// Documents that differ, by field (dotted path, two levels deep).
@@ -79,8 +87,8 @@ impl Verification {
         }
         let _ = writeln!(
             out,
-            "compared {} documents: {} differ ({} unexpectedly), {} only in live, {} only in new, {} ahead in live (not compared)",
-            self.compared, self.differing_docs, self.unexpected, self.only_live, self.only_new, self.live_ahead
+            "compared {} documents: {} differ ({} unexpectedly), {} only in live, {} only in new, {} ahead in live (not compared), {} with answers as of another write time (same state)",
+            self.compared, self.differing_docs, self.unexpected, self.only_live, self.only_new, self.live_ahead, self.answers_as_of_write
         );
         for (field, n) in &self.differing_fields {
             let _ = writeln!(out, "  {field}: {n} documents");
@@ -97,6 +105,8 @@ pub async fn verify(
     args: &RecomputeArgs,
     expected: &[String],
 ) -> Result<Verification, RecomputeError> {
+    // Answers are re-derived with the flags the indices were built with.
+    crate::models::windowed_gender::set_window_days(args.speed.window_days);
     let live = ProfileStore::new(&args.speed.es)?;
     let alias = &args.speed.es.alias;
     let live_index = indices::alias_target(&live, alias)
@@ -224,6 +234,9 @@ impl Verification {
         let mut paths = Vec::new();
         differing_paths(live, new, "", 2, &mut paths);
         paths.retain(|p| p != WRITE_TIME);
+        if answers_as_of_write(live, new, &mut paths) {
+            self.answers_as_of_write += 1;
+        }
         if paths.is_empty() {
             return;
         }
@@ -256,6 +269,33 @@ impl Verification {
             self.examples.push(text);
         }
     }
+}
+
+/// Drops from `paths` the model answers that differ only by write time: the model's state is
+/// equal on both sides, and each side's answer is what that state gives at its `updated_at`.
+/// Whether it dropped any.
+fn answers_as_of_write(live: &Value, new: &Value, paths: &mut Vec<String>) -> bool {
+    let before = paths.len();
+    for kind in crate::models::registry() {
+        let state = format!("models.{}", kind.name);
+        if !paths.iter().any(|p| p == kind.field) || paths.contains(&state) {
+            continue;
+        }
+        let as_written = |doc: &Value| {
+            let stored = &doc["models"][kind.name];
+            let written = doc[WRITE_TIME]
+                .as_i64()
+                .and_then(chrono::DateTime::from_timestamp_millis);
+            match (stored.is_null(), written) {
+                (false, Some(at)) => json!(kind.load(stored.clone()).answer(at)) == doc[kind.field],
+                _ => false,
+            }
+        };
+        if as_written(live) && as_written(new) {
+            paths.retain(|p| p != kind.field);
+        }
+    }
+    paths.len() < before
 }
 
 /// The value at a dotted path.
@@ -345,6 +385,45 @@ mod tests {
         let mut out = Vec::new();
         differing_paths(&a, &b, "", 2, &mut out);
         assert_eq!(out, vec!["models.gender_7d"]);
+    }
+
+    /// The same 7-day state written ten days apart: the answers differ and both are right.
+    #[test]
+    fn an_answer_that_differs_only_by_write_time_is_not_a_difference() {
+        use crate::models::WindowedTopGender;
+        use chrono::{TimeZone, Utc};
+        use pulse_core::{parse_event, ParseContext};
+        let visit = parse_event(
+            r#"{"event":"page_view","partner_id":"p","user_id":"u","gender":"male","timestamp":"2026-11-01T12:00:00Z"}"#,
+            &ParseContext::now(),
+        )
+        .unwrap();
+        let mut model = WindowedTopGender::default();
+        crate::models::ProfileModel::fold(&mut model, &visit);
+        let state = serde_json::to_value(&model).unwrap();
+        let ms = |day| {
+            Utc.with_ymd_and_hms(2026, 11, day, 18, 0, 0)
+                .unwrap()
+                .timestamp_millis()
+        };
+        let doc = |day, answer: Value, state: &Value| json!({"profile_id": "p:u", "updated_at": ms(day), "gender_top_7d": answer, "models": {"MODEL3": state}});
+        let differing = |a: &Value, b: &Value| {
+            let mut paths = Vec::new();
+            differing_paths(a, b, "", 2, &mut paths);
+            paths.retain(|p| p != WRITE_TIME);
+            let explained = answers_as_of_write(a, b, &mut paths);
+            (paths, explained)
+        };
+        let live = doc(2, json!("male"), &state);
+        let (paths, explained) = differing(&live, &doc(12, Value::Null, &state));
+        assert!(paths.is_empty() && explained, "{paths:?}");
+        // An answer its own state does not give is a difference.
+        let (paths, _) = differing(&live, &doc(12, json!("female"), &state));
+        assert_eq!(paths, ["gender_top_7d"]);
+        // So is a different state (a model change), with its answer.
+        let (paths, explained) = differing(&live, &doc(12, Value::Null, &json!({"days": {}})));
+        assert_eq!(paths, ["gender_top_7d", "models.MODEL3"]);
+        assert!(!explained);
     }
 
     #[test]
