@@ -8,7 +8,7 @@
 //! files and marker) are deleted before the range is written again. So after a SIGKILL at any
 //! point there are no duplicate rows and no gaps. See [`crate::layout`].
 
-use std::collections::{BTreeMap, HashMap, HashSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -163,6 +163,12 @@ struct State {
     /// Partitions whose work was given up for now, and the offset their re-read starts at:
     /// their records are dropped until the loop has sought back there.
     rewinds: HashMap<i32, i64>,
+    /// Offsets per partition whose record this run has handed to the outbox as a dead letter
+    /// and whose range no marker covers yet: a range read again after its unit was given up
+    /// (its dead letters still queued, or kept to be sent again) does not dead-letter them a
+    /// second time, so an outage that gives a unit up every `--max-block-secs` neither fills
+    /// the dead-letter topic with copies nor grows the outbox.
+    dead_lettered: HashMap<i32, BTreeSet<i64>>,
     /// See `--max-block-secs`.
     max_block: Duration,
     /// When the blocking budget of this turn (`max_block` from its start) runs out: shared by
@@ -198,6 +204,8 @@ impl PartitionOwner for State {
                 self.buffered -= unit.bytes;
             }
             self.progress.remove(&p);
+            // The next owner reads the range again and dead-letters what it finds there.
+            self.dead_lettered.remove(&p);
             self.rewinds.remove(&p);
         }
         self.positions.revoke(partitions);
@@ -246,6 +254,7 @@ pub fn run(
         positions: Positions::default(),
         abandoned: HashSet::new(),
         rewinds: HashMap::new(),
+        dead_lettered: HashMap::new(),
         max_block: Duration::from_secs_f64(config.max_block_secs.max(0.1)),
         turn_deadline: Instant::now(),
         rows: 0,
@@ -434,7 +443,19 @@ impl State {
                 self.buffered += payload.len();
                 unit.events.push((msg.offset(), event));
             }
+            Err(_)
+                if self
+                    .dead_lettered
+                    .get(&p)
+                    .is_some_and(|o| o.contains(&msg.offset())) =>
+            {
+                // Dead-lettered before this range was given up and read again.
+            }
             Err(reason) => {
+                self.dead_lettered
+                    .entry(p)
+                    .or_default()
+                    .insert(msg.offset());
                 metrics::counter!(metric::DEAD_LETTERED).increment(1);
                 tracing::warn!(partition = p, offset = msg.offset(), %reason, "record to dead-letter topic");
                 let source = Source {
@@ -596,6 +617,9 @@ impl State {
         })
         .map_err(gave_up)?;
         self.progress.insert(p, Some(range.last));
+        if let Some(offsets) = self.dead_lettered.get_mut(&p) {
+            *offsets = offsets.split_off(&(range.last + 1));
+        }
         metrics::counter!(metric::UNITS).increment(1);
         metrics::gauge!(metric::BUFFERED_BYTES).set(self.buffered as f64);
         tracing::debug!(

@@ -222,6 +222,14 @@ async fn an_object_store_outage_longer_than_the_poll_interval_leaves_two_archive
     tokio::time::sleep(Duration::from_secs(4)).await;
     proxy.cut();
     produce(&f.topic, &events[2_000..4_000]).await;
+    // Bad records in units given up and read again, again and again, during the outage
+    // (keyed apart, so that every partition has some).
+    let keys: Vec<String> = (0..32).map(|i| format!("bad-{i}")).collect();
+    let bad: Vec<(Option<&str>, &[u8])> = keys
+        .iter()
+        .map(|k| (Some(k.as_str()), &b"garbage"[..]))
+        .collect();
+    produce_raw(&f.topic, &bad).await;
     // Well past the poll interval.
     tokio::time::sleep(Duration::from_secs(15)).await;
     proxy.restore();
@@ -242,6 +250,17 @@ async fn an_object_store_outage_longer_than_the_poll_interval_leaves_two_archive
     let (rows, total) = rows_by_id(&f.rows().await);
     assert_eq!(total, events.len(), "no duplicates");
     assert_eq!(rows.len(), events.len(), "no gaps");
+    // Each bad record dead-lettered once, however often its unit was given up.
+    let dead = read_topic(&f.dlq, bad.len(), Duration::from_secs(2));
+    let sources: HashSet<(String, String)> = dead
+        .iter()
+        .map(|r| {
+            let h = |k| r.header(k).unwrap_or_default().to_string();
+            (h("pulse.source.partition"), h("pulse.source.offset"))
+        })
+        .collect();
+    assert_eq!(sources.len(), bad.len(), "every bad record dead-lettered");
+    assert_eq!(dead.len(), bad.len(), "and each once");
 }
 
 /// A unit whose Parquet file cannot be built (a writer bug, injected by a failpoint) stops

@@ -143,3 +143,43 @@ async fn a_dead_letter_of_a_record_as_large_as_its_source_allows_fits_a_provisio
         "{outcomes:?}"
     );
 }
+
+/// A topic that refuses every record: what Kafka refused is kept to be sent again, and once
+/// it reaches `MAX_UNDELIVERED_BYTES` the outbox says it is full (its consumer stops reading,
+/// so memory does not grow with every record read meanwhile); once the topic takes them they
+/// are all delivered and the outbox is not full any more.
+#[tokio::test(flavor = "multi_thread")]
+async fn refused_records_fill_the_outbox_until_the_topic_takes_them() {
+    use pulse_service::outbox::MAX_UNDELIVERED_BYTES;
+    let topic = create_topic("outbox-full", 1).await;
+    pulse_tests::set_topic_config(&topic, "max.message.bytes", "64").await;
+    let outbox = Outbox::new(
+        KafkaArgs::with_brokers(brokers()).producer_config(),
+        "test",
+        Shutdown::new(),
+    )
+    .expect("outbox");
+    let record = vec![b'x'; 1 << 20];
+    let count = MAX_UNDELIVERED_BYTES / record.len() + 1;
+    for _ in 0..count {
+        outbox.send(&topic, b"k", &record, OwnedHeaders::new());
+    }
+    assert!(matches!(
+        outbox.confirm(Duration::from_secs(60)),
+        Err(OutboxError::Refused { .. })
+    ));
+    assert!(
+        outbox.is_full(),
+        "{count} refused records of 1 MiB are kept"
+    );
+
+    pulse_tests::set_topic_config(&topic, "max.message.bytes", "2097152").await;
+    outbox
+        .confirm(Duration::from_secs(60))
+        .expect("the topic takes them now");
+    assert!(!outbox.is_full());
+    assert_eq!(
+        read_topic(&topic, count, Duration::from_secs(1)).len(),
+        count
+    );
+}
