@@ -329,12 +329,24 @@ pub fn run(
         }
     }
     let mut s = consumer::lock(&state);
-    s.start_turn();
     let open: Vec<i32> = s.units.keys().copied().collect();
     let commit = consumer::committer(&consumer);
+    let mut given_up = Vec::new();
     for p in open {
-        // At a stop during an outage these are left unmarked and read again by the restart.
-        s.roll(&commit, p).or_else(stopping)?;
+        // No poll follows: each final roll has a budget of its own. At a stop during an
+        // outage these are left unmarked and read again by the restart.
+        s.start_turn();
+        match s.roll(&commit, p) {
+            Err(RollFailure::GaveUp { first }) => given_up.push((p, first)),
+            other => other.or_else(stopping)?,
+        }
+    }
+    if !given_up.is_empty() && !stop.is_stopped() {
+        // `--stop-at-end`: a catch-up that left ranges unarchived must not look complete.
+        return Err(ArchiverError::Store(format!(
+            "the object store took no unit of (partition, first offset) {given_up:?} within \
+             --max-block-secs; those ranges stay unmarked and the next run archives them"
+        )));
     }
     let summary = ArchiveSummary {
         elapsed_secs: started.elapsed().as_secs_f64(),

@@ -141,6 +141,14 @@ impl PoisonJournal {
             .collect()
     }
 
+    /// Removes every entry (the file).
+    pub fn forget_all(&self) -> std::io::Result<()> {
+        match std::fs::remove_file(&self.path) {
+            Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(e),
+            _ => Ok(()),
+        }
+    }
+
     /// Removes the entries at `done` (read again from the file, so entries journaled since
     /// this process started are kept); removes the file when nothing is left.
     pub fn forget(&self, done: &[(i32, i64)]) -> std::io::Result<()> {

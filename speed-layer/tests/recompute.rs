@@ -446,7 +446,9 @@ async fn a_recompute_sigkilled_again_and_again_resumes_and_ends_identical() {
     // First a SIGTERM, a few seconds into a slow run: it flushes and commits what it folded,
     // makes the index searchable again and exits non-zero, since it did not get to the live
     // layer's commit (so no promote takes this index for a finished one).
-    let slow = ["--archive-url", &archive, "--max-events-per-sec", "500"];
+    // At 300 events/s, 2 s stay inside partition 0's archive (about 1,250 records), well
+    // before the first kill point (in partition 1's).
+    let slow = ["--archive-url", &archive, "--max-events-per-sec", "300"];
     let child = recompute_command(&f, "run", &v2, &slow)
         .stdout(std::process::Stdio::piped())
         .stderr(std::process::Stdio::piped())
@@ -464,6 +466,11 @@ async fn a_recompute_sigkilled_again_and_again_resumes_and_ends_identical() {
     );
     assert!(
         stderr.contains("stopped before reaching the live layer's commit"),
+        "{stderr}"
+    );
+    // Stopped while folding, not while planning: it flushed what it had folded.
+    assert!(
+        stderr.contains("stopped; flushing what was folded"),
         "{stderr}"
     );
     assert_eq!(

@@ -95,17 +95,19 @@ fn main() -> anyhow::Result<()> {
 fn recompute(command: Recompute) -> anyhow::Result<()> {
     // A run that panics on a record journals it, as the live layer does: the next run passes
     // it over (the live layer dead-lettered it) instead of panicking there at every resume.
-    match &command {
-        Recompute::Run(args) | Recompute::Promote(args) | Recompute::Rollback(args) => {
-            let journal = args.poison_journal();
-            pulse_core::telemetry::exit_on_panic_with(move |m| journal.record_panic(m));
-        }
-        _ => pulse_core::telemetry::exit_on_panic(),
-    }
+    // The journal is the one of the index being folded, which a rollback only learns later.
+    pulse_core::telemetry::exit_on_panic_with(recompute::record_panic);
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()?;
-    let stop = Shutdown::on_signals();
+    // Only the commands that fold take SIGTERM as "flush, commit, stop"; the others
+    // (plan, verify, cleanup) only read or delete and end at once on it, as by default.
+    let stop = match &command {
+        Recompute::Run(_) | Recompute::Promote(_) | Recompute::Rollback(_) => {
+            Shutdown::on_signals()
+        }
+        _ => Shutdown::new(),
+    };
     let print = |value: serde_json::Value| println!("{value}");
     match command {
         Recompute::Plan(args) => {

@@ -152,6 +152,8 @@ pub fn run(
         // reading until a flush, which confirms the side outputs first, gets through. Lag
         // grows; memory does not.
         while (engine.state.over_dirty_bound() || engine.outbox.is_full()) && !stop.is_stopped() {
+            // Waiting on purpose, not stalled: readiness names what is waited for.
+            ready.beat();
             if engine.finish_flush(&commit, true).is_none() {
                 if !stop.sleep_blocking(engine.state.retry_in()) {
                     break;

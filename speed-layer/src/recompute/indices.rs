@@ -29,7 +29,8 @@ pub async fn alias_target(store: &ProfileStore, alias: &str) -> Result<Option<St
     Ok(body.as_object().and_then(|o| o.keys().next().cloned()))
 }
 
-/// Whether `index` exists.
+/// Whether `index` exists: only a 404 says it does not; any other failure is an error (a
+/// 401 or a 503 taken for "missing" would start a run over an index that is there).
 pub async fn exists(store: &ProfileStore, index: &str) -> Result<bool, StoreError> {
     let resp = store
         .client()
@@ -37,7 +38,14 @@ pub async fn exists(store: &ProfileStore, index: &str) -> Result<bool, StoreErro
         .exists(IndicesExistsParts::Index(&[index]))
         .send()
         .await?;
-    Ok(resp.status_code().is_success())
+    match resp.status_code() {
+        s if s.is_success() => Ok(true),
+        StatusCode::NOT_FOUND => Ok(false),
+        s => Err(StoreError::Status {
+            status: s.as_u16(),
+            body: format!("HEAD /{index} failed"),
+        }),
+    }
 }
 
 /// Creates `index` unless it exists, with the settings of the `{alias}-*` template (shards,

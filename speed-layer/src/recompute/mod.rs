@@ -35,6 +35,24 @@ pub use verify::{verify, Verification};
 
 use crate::config::SpeedConfig;
 
+/// The poison journal of the index a run is folding now: set by the run, read by the panic
+/// hook (`pulse-speed` installs [`record_panic`] before it knows which index that is; a
+/// rollback folds the previous one).
+static JOURNAL: std::sync::Mutex<Option<crate::poison::PoisonJournal>> =
+    std::sync::Mutex::new(None);
+
+fn set_journal(journal: crate::poison::PoisonJournal) {
+    *JOURNAL.lock().unwrap_or_else(|p| p.into_inner()) = Some(journal);
+}
+
+/// The panic hook's last words: journals the record being folded, if a run is folding one.
+pub fn record_panic(message: &str) {
+    let journal = JOURNAL.lock().unwrap_or_else(|p| p.into_inner());
+    if let Some(journal) = journal.as_ref() {
+        journal.record_panic(message);
+    }
+}
+
 /// Where history comes from.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
 pub enum Source {
@@ -83,8 +101,8 @@ impl RecomputeArgs {
         format!("recompute-{}", self.index)
     }
 
-    /// The journal of records that made this recompute panic (see [`crate::poison`]): the
-    /// next run passes them over instead of panicking on them again at every resume.
+    /// The journal of records that made a run of this index panic (see [`crate::poison`]):
+    /// the next run passes them over instead of panicking on them again at every resume.
     pub fn poison_journal(&self) -> crate::poison::PoisonJournal {
         crate::poison::PoisonJournal::new(
             &self.speed.state_dir,

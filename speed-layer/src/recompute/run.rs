@@ -132,10 +132,25 @@ pub fn run_on(
             &args.speed.topics.events,
             &starts,
         )?;
-        runtime.block_on(indices::create_index(&live, &args.index))?;
+        if !runtime.block_on(indices::create_index(&live, &args.index))? {
+            return Err(RecomputeError::Refused(format!(
+                "index {} was created by someone else meanwhile (another run of the same \
+                 recompute?): run one at a time",
+                args.index
+            )));
+        }
         tracing::info!(index = %args.index, "created the index");
     }
     let target = live.on_index(&args.index);
+    // A panic while folding journals its record here (see `recompute::record_panic`).
+    let journal = args.poison_journal();
+    if fresh {
+        // Entries left by a deleted index of this name are not this one's.
+        if let Err(e) = journal.forget_all() {
+            tracing::warn!(error = %e, journal = %journal.path().display(), "clearing the poison journal failed");
+        }
+    }
+    super::set_journal(journal.clone());
     // Off while it loads; an error that ends the run leaves it off until the next run (which
     // a promote always is) turns it back on.
     runtime.block_on(indices::set_refresh_interval(&live, &args.index, "-1"))?;
@@ -163,12 +178,7 @@ pub fn run_on(
         },
         stop: stop.clone(),
         kill_at: args.failpoint_kill_at,
-        // A fresh index starts from nothing: entries left by a deleted index of this name
-        // are not this run's.
-        poison: match fresh {
-            true => Default::default(),
-            false => args.poison_journal().load(),
-        },
+        poison: journal.load(),
         panic_at: args.speed.failpoint_panic_message_id.clone(),
     };
     if !folder.poison.is_empty() {
@@ -260,8 +270,10 @@ struct Folder {
     stop: Shutdown,
     /// See [`RecomputeArgs::failpoint_kill_at`].
     kill_at: Option<(i32, i64)>,
-    /// Records that made an earlier run panic (see [`crate::poison`]): only passed, as the
-    /// live layer, which panicked on them too, dead-lettered them.
+    /// Records that made an earlier run of this index panic (see [`crate::poison`]): passed
+    /// over, counted as `unusable` and logged. With the live layer's models the live layer
+    /// panicked on them too and dead-lettered them; a record only the recompute's models
+    /// panic on is left out of the new index, and `verify` shows its profile.
     poison: std::collections::HashMap<(i32, i64), String>,
     /// Tests only: panic while folding the event with this message id, as a model bug would.
     panic_at: Option<String>,

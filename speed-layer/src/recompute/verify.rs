@@ -45,8 +45,9 @@ pub struct Verification {
     pub compared: u64,
     /// Changed in the live index after the recompute's position: not compared.
     pub live_ahead: u64,
-    /// Documents whose model answers differ only because they were written at other times
-    /// (equal model state, each answer right for its own write time).
+    /// Documents with a model answer that differs only because the two were written at other
+    /// times (equal model state, each answer right for its own write time); such a document
+    /// may still differ in other fields, which are counted as usual.
     pub answers_as_of_write: u64,
     pub only_live: u64,
     pub only_new: u64,
