@@ -145,8 +145,10 @@ struct State {
     /// Dead letters, acknowledged before the marker of their range is written.
     outbox: Outbox,
     codec: Codec,
-    /// False while object-store operations fail (served as /readyz).
+    /// Beaten every turn of the loop (served as /readyz).
     ready: Readiness,
+    /// False while object-store operations fail.
+    store_health: Condition,
     /// False while Kafka has not acknowledged the dead letters of a unit being rolled.
     dead_letters: Condition,
     shutdown: Shutdown,
@@ -242,6 +244,7 @@ pub fn run(
         store,
         runtime,
         outbox: Outbox::new(config.kafka.producer_config(), "archiver", stop.clone())?,
+        store_health: ready.condition("object store unavailable"),
         dead_letters: ready
             .condition("dead letters not acknowledged by Kafka; no marker is written"),
         codec: config.codec,
@@ -653,16 +656,12 @@ impl State {
         F: Fn() -> Fut,
         Fut: std::future::Future<Output = object_store::Result<T>>,
     {
-        let ready = self.ready.clone();
         let attempt = || {
             let call = op();
-            let ready = ready.clone();
+            let health = self.store_health.clone();
             async move {
                 let result = call.await;
-                ready.set_healthy(result.is_ok());
-                if result.is_err() {
-                    metrics::counter!(metric::STORE_FAILURES).increment(1);
-                }
+                health.observe(&result, metric::STORE_FAILURES);
                 result
             }
         };

@@ -171,6 +171,15 @@ impl Condition {
     pub fn set(&self, ok: bool) {
         self.ok.store(ok, Ordering::Relaxed);
     }
+
+    /// Takes the outcome of one call to the dependency this condition watches: ready again
+    /// after a success; after a failure not ready, and the failure counted in `failures`.
+    pub fn observe<T, E>(&self, outcome: &Result<T, E>, failures: &'static str) {
+        self.set(outcome.is_ok());
+        if outcome.is_err() {
+            metrics::counter!(failures).increment(1);
+        }
+    }
 }
 
 /// Serves the endpoint until `shutdown`; `/readyz` answers 503 with the reason while `ready`

@@ -381,10 +381,7 @@ impl KafkaCalls {
                     let healthy = self.healthy.clone();
                     async move {
                         let result = call.await;
-                        healthy.set(result.is_ok());
-                        if result.is_err() {
-                            metrics::counter!(m::NOTIFY_KAFKA_FAILURES).increment(1);
-                        }
+                        healthy.observe(&result, m::NOTIFY_KAFKA_FAILURES);
                         result
                     }
                 },
