@@ -15,6 +15,7 @@ use std::time::{Duration, Instant};
 use chrono::NaiveDate;
 use object_store::{ObjectStore, ObjectStoreExt, PutPayload};
 use pulse_core::kafka::{KafkaArgs, TopicArgs};
+use pulse_core::partitioner::Placement;
 use pulse_core::Event;
 use pulse_service::consumer::{self, Commit, EndOfPartitions, PartitionOwner, Positions};
 use pulse_service::outbox::{Outbox, OutboxError, Source};
@@ -171,6 +172,9 @@ struct State {
     /// second time, so an outage that gives a unit up every `--max-block-secs` neither fills
     /// the dead-letter topic with copies nor grows the outbox.
     dead_lettered: HashMap<i32, BTreeSet<i64>>,
+    /// Partitions of the events topic: each record's key must hash to the partition it was
+    /// read from (see `pulse_core::partitioner`).
+    partitions: i32,
     /// See `--max-block-secs`.
     max_block: Duration,
     /// When the blocking budget of this turn (`max_block` from its start) runs out: shared by
@@ -239,6 +243,8 @@ pub fn run(
             .build()?,
     );
     let store = open_store(&config.store).map_err(|e| ArchiverError::Store(e.to_string()))?;
+    let partitions =
+        consumer::partition_count(&config.kafka.client_config(), &config.topics.events, &stop)?;
     let state = Arc::new(Mutex::new(State {
         dlq_topic: config.topics.dlq.clone(),
         store,
@@ -258,6 +264,7 @@ pub fn run(
         abandoned: HashSet::new(),
         rewinds: HashMap::new(),
         dead_lettered: HashMap::new(),
+        partitions,
         max_block: Duration::from_secs_f64(config.max_block_secs.max(0.1)),
         turn_deadline: Instant::now(),
         rows: 0,
@@ -452,7 +459,11 @@ impl State {
             opened: Instant::now(),
         });
         unit.last = msg.offset();
-        match Event::from_record(msg.key(), msg.payload()) {
+        let at = Placement {
+            partition: p,
+            partitions: self.partitions,
+        };
+        match Event::from_record(msg.key(), msg.payload(), at) {
             Ok(event) => {
                 unit.bytes += payload.len();
                 self.buffered += payload.len();
@@ -533,6 +544,13 @@ impl State {
                     "archiving the unit given up for now; reading it again"
                 );
                 self.rewinds.insert(p, first);
+                // Some of the unit's files may be in the store already, and the re-read unit
+                // starts at the same offset but may end at another: an orphan of this one
+                // would then count as committed beside it (duplicate rows) once the new
+                // marker passes it. The partition is initialised again from the store before
+                // the re-read takes a record, as after a crash: files beyond the marker go
+                // (and a marker that did get through before the deadline is found and kept).
+                self.progress.remove(&p);
             }
             _ => {}
         }

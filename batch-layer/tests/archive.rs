@@ -263,6 +263,90 @@ async fn an_object_store_outage_longer_than_the_poll_interval_leaves_two_archive
     assert_eq!(dead.len(), bad.len(), "and each once");
 }
 
+/// A roll given up on its time budget after one of its files got in: the re-read unit starts
+/// at the same offset and ends at a later one (more events arrived meanwhile), so the file
+/// that got in, named after the first range, would count as committed beside the new unit's
+/// once its marker passes it (duplicate rows). The partition is initialised again from the
+/// store before the re-read, which deletes it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_given_up_roll_leaves_no_file_that_later_counts_beside_the_range_read_again() {
+    let (f, proxy) = Fixture::on_s3_through_put_refusing_proxy("orphan", 1).await;
+    let events = generate(3_000, 47, 200, 2);
+    let days: HashSet<_> = events[..1_000]
+        .iter()
+        .map(|e| e.timestamp.date_naive())
+        .collect();
+    assert_eq!(
+        days.len(),
+        2,
+        "the first unit spans two UTC days: two files"
+    );
+    let args = ["--roll-secs", "1", "--max-block-secs", "2"];
+    // Every PUT refused but the first: the first unit's first file gets in, its second file
+    // and its marker are refused until the turn's budget runs out.
+    proxy.refuse(true);
+    proxy.pass_next(1);
+    let mut archiver = f.spawn(&args);
+    produce(&f.topic, &events[..1_000]).await;
+    let log_path = Fixture::log_path(&f.group);
+    let given_up = || {
+        std::fs::read_to_string(&log_path)
+            .unwrap_or_default()
+            .contains("reading it again")
+    };
+    pulse_tests::process::wait_until(given_up).await;
+    let store = f.store();
+    let in_store = layout::all_files(store.as_ref(), None).await.unwrap();
+    // The orphan may already be gone (the re-read initialises the partition at once); what
+    // matters is that it never counts. Record whether it was seen, to know the test bit.
+    let orphan_seen = !in_store.is_empty();
+    // More events while the range is given up and read again: the unit grows past the first
+    // one's last offset.
+    produce(&f.topic, &events[1_000..2_000]).await;
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    proxy.refuse(false);
+    produce(&f.topic, &events[2_000..]).await;
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    terminate(&mut archiver);
+    f.run_to_end(&["--roll-secs", "1"]);
+    assert!(proxy.refused() > 0, "PUTs were refused");
+    let log = std::fs::read_to_string(&log_path).unwrap_or_default();
+    assert!(
+        orphan_seen || log.contains("deleting file of an unfinished unit"),
+        "a file of the given-up unit reached the store"
+    );
+    let (rows, total) = rows_by_id(&f.rows().await);
+    assert_eq!(total, events.len(), "no duplicates");
+    assert_eq!(rows.len(), events.len(), "no gaps");
+    // No two committed files of one day cover the same offsets.
+    let mut by_day: BTreeMap<String, Vec<(i64, i64)>> = BTreeMap::new();
+    for file in layout::committed_files(store.as_ref(), None).await.unwrap() {
+        let day = file
+            .path
+            .as_ref()
+            .split('/')
+            .nth(1)
+            .unwrap_or_default()
+            .to_string();
+        by_day
+            .entry(day)
+            .or_default()
+            .push((file.range.first, file.range.last));
+    }
+    assert_eq!(by_day.len(), 2);
+    for (day, mut ranges) in by_day {
+        ranges.sort();
+        for w in ranges.windows(2) {
+            assert!(
+                w[0].1 < w[1].0,
+                "{day}: files {:?} and {:?} overlap",
+                w[0],
+                w[1]
+            );
+        }
+    }
+}
+
 /// A unit whose Parquet file cannot be built (a writer bug, injected by a failpoint) stops
 /// the archiver with an error that names the range, before any marker passes it; the
 /// restart archives it, and every event is there once.

@@ -49,6 +49,7 @@ struct NotifierCli {
 const RULES: &str = r#"
 [[rule]]
 id = "cart"
+partner = "*"
 event = "add_to_cart"
 template = "cart_reminder"
 "#;

@@ -79,15 +79,22 @@ impl Setup {
 
     /// Runs `pulse-batch load …` and returns its JSON reports, or its stderr when it failed.
     fn load(&self, extra: &[&str]) -> Result<Vec<Value>, String> {
-        let out = Command::new(env!("CARGO_BIN_EXE_pulse-batch"))
-            .args(["load", "--json", "--archive-url", &self.archive.store.url])
+        let out = self.load_command(extra).output().expect("run pulse-batch");
+        Self::reports(out)
+    }
+
+    fn load_command(&self, extra: &[&str]) -> Command {
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_pulse-batch"));
+        cmd.args(["load", "--json", "--archive-url", &self.archive.store.url])
             .args(["--source-uri", &self.source_uri])
             .args(["--bq-api-url", &api_url(), "--bq-project", &project()])
             .args(["--bq-dataset", &self.dataset, "--bq-auth", "none"])
             .args(extra)
-            .env("RUST_LOG", "warn")
-            .output()
-            .expect("run pulse-batch");
+            .env("RUST_LOG", "warn");
+        cmd
+    }
+
+    fn reports(out: std::process::Output) -> Result<Vec<Value>, String> {
         if !out.status.success() {
             return Err(String::from_utf8_lossy(&out.stderr).into_owned());
         }
@@ -287,6 +294,70 @@ async fn loading_a_day_replaces_its_partition_and_reruns_are_idempotent() {
         s.query("SELECT COUNT(*) FROM events").await,
         vec![vec![Some(events.len().to_string())]]
     );
+}
+
+/// Two loads of one day at once, each in several staging jobs (as a day of 100 partitions is
+/// loaded: more than 10,000 files): each has a staging table of its own, so neither truncates
+/// or drops the other's rows, and the partition ends as the whole day, each event once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_loads_of_one_day_at_once_each_load_the_whole_day() {
+    let s = Setup::new("bq-concurrent").await;
+    let events = generate(3_000, 44, 200, 1);
+    // Several units per partition: a file each, so the day is many files.
+    produce(&s.archive.topic, &events[..1_500]).await;
+    s.archive.run_to_end(&["--roll-secs", "0.5"]);
+    produce(&s.archive.topic, &events[1_500..]).await;
+    s.archive.run_to_end(&["--roll-secs", "0.5"]);
+    let d = days_of(&events)[0];
+    let files = pulse_batch::layout::committed_files(s.archive.store().as_ref(), Some(d))
+        .await
+        .unwrap()
+        .len();
+    assert!(files >= 8, "a day of {files} files");
+    for round in 0..2 {
+        let args = ["--date", &d.to_string(), "--max-files-per-job", "1"];
+        let a = s
+            .load_command(&args)
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        let b = s
+            .load_command(&args)
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        let (a, b) = (a.wait_with_output().unwrap(), b.wait_with_output().unwrap());
+        for out in [a, b] {
+            let reports = Setup::reports(out).unwrap_or_else(|e| panic!("round {round}: {e}"));
+            assert_eq!(reports[0]["files"], files);
+            assert!(
+                reports[0]["jobs"].as_array().unwrap().len() > files,
+                "a job per file"
+            );
+        }
+        assert_eq!(
+            s.query(&count_sql(d)).await,
+            vec![truth(&events, d)],
+            "round {round}"
+        );
+    }
+    // Both staging tables dropped.
+    let url = format!(
+        "{}/projects/{}/datasets/{}/tables",
+        api_url(),
+        project(),
+        s.dataset
+    );
+    let tables: Value = reqwest::get(url).await.unwrap().json().await.unwrap();
+    let names: Vec<&str> = tables["tables"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(|t| t["tableReference"]["tableId"].as_str())
+        .collect();
+    assert_eq!(names, vec!["events"], "{tables}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

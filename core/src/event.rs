@@ -4,6 +4,8 @@ use chrono::{DateTime, SecondsFormat, Utc};
 use rust_decimal::Decimal;
 use serde::{Deserialize, Serialize};
 
+use crate::partitioner::Placement;
+
 /// One user event, validated and normalised.
 ///
 /// This is the JSON written to Kafka. Absent optional fields are omitted, amounts are decimal
@@ -96,21 +98,27 @@ impl Event {
     }
 
     /// Decodes a record of the `events` topic as every consumer must: canonical JSON, the
-    /// rules of [`crate::validate::check_canonical`], and a Kafka key equal to the event's
-    /// own (a wrong key puts a user's events on several partitions: per-user order and the
-    /// profile watermark would no longer hold). The error is the dead-letter reason.
-    pub fn from_record(key: Option<&[u8]>, payload: Option<&[u8]>) -> Result<Self, String> {
+    /// rules of [`crate::validate::check_canonical`], a Kafka key equal to the event's own,
+    /// and the partition murmur2 gives that key (a wrong key or partition puts a user's
+    /// events on several partitions: per-user order and the profile watermark would no
+    /// longer hold; see [`crate::partitioner`]). The error is the dead-letter reason.
+    pub fn from_record(
+        key: Option<&[u8]>,
+        payload: Option<&[u8]>,
+        at: Placement,
+    ) -> Result<Self, String> {
         let payload = payload.unwrap_or_default();
         let event = Self::from_canonical_json(payload)
             .map_err(|e| format!("not a canonical event: {e}"))?;
         crate::validate::check_canonical(&event).map_err(|e| format!("invalid event: {e}"))?;
-        if !key.is_some_and(|k| event.has_key(k)) {
+        let Some(key) = key.filter(|k| event.has_key(k)) else {
             let key = key.map(String::from_utf8_lossy);
             return Err(format!(
                 "record key {key:?} is not the event's key {:?}",
                 event.partition_key()
             ));
-        }
+        };
+        at.check(key)?;
         Ok(event)
     }
 

@@ -12,6 +12,7 @@ pub mod kafka;
 pub mod limits;
 pub mod names;
 pub mod parse;
+pub mod partitioner;
 pub mod schema;
 pub mod segment;
 pub mod telemetry;

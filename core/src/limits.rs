@@ -22,6 +22,20 @@ pub const MAX_JSON_DEPTH: usize = 32;
 /// producer's clock cannot move profiles into the future either.
 pub const MAX_FUTURE_SECS_CEILING: u32 = 7 * 86_400;
 
+/// Earliest accepted event time (year), and the first year past the latest. Outside this, a
+/// timestamp is a unit mistake (microseconds sent as milliseconds, say), not a real event
+/// time. Consumers apply the same range to `received_at`, which only a foreign producer can
+/// set: a receive time in 1900 or 2200 would otherwise expire (or keep forever) every message
+/// id a profile remembers for dedupe, all at once.
+pub const MIN_YEAR: i32 = 2000;
+pub const MAX_YEAR: i32 = 2100;
+
+/// Longest profile id `{partner_id}:{user}`, in bytes of UTF-8: Elasticsearch refuses a
+/// document `_id` past 512 bytes, so a longer id could never have a profile (and would go to
+/// the profiles dead-letter topic on every flush). Ids are limited in characters too (see
+/// `validate`); this bounds ids of multibyte characters.
+pub const MAX_PROFILE_ID_BYTES: usize = 512;
+
 /// Limits applied while parsing. The defaults follow Segment's (32 KiB per event), so payloads
 /// that Segment accepts are accepted here too.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -66,10 +66,7 @@ const NATIVE_FIELDS: &[&str] = &[
     "received_at",
 ];
 
-/// Earliest and latest accepted event time. Outside this, a timestamp is a unit mistake
-/// (microseconds sent as milliseconds, say), not a real event time.
-const MIN_YEAR: i32 = 2000;
-const MAX_YEAR: i32 = 2100;
+use crate::limits::{MAX_YEAR, MIN_YEAR};
 
 /// Parses one native event from its JSON text.
 pub fn parse_event(json: &str, ctx: &ParseContext) -> Result<Event, EventError> {

@@ -11,10 +11,14 @@ use serde_json::{Map, Value};
 
 use crate::error::EventError;
 use crate::event::Event;
-use crate::limits::{MAX_AMOUNT, MAX_AMOUNT_SCALE, MAX_FUTURE_SECS_CEILING, MAX_JSON_DEPTH};
+use crate::limits::{
+    MAX_AMOUNT, MAX_AMOUNT_SCALE, MAX_FUTURE_SECS_CEILING, MAX_JSON_DEPTH, MAX_PROFILE_ID_BYTES,
+    MAX_YEAR, MIN_YEAR,
+};
 use crate::names::MAX_EVENT_NAME;
 
-/// Longest `partner_id`, `message_id` and user ids, in characters.
+/// Longest `partner_id`, `message_id` and user ids, in characters. A user id is also limited
+/// in bytes with its partner id: see [`MAX_PROFILE_ID_BYTES`].
 pub const MAX_PARTNER_ID: usize = 128;
 pub const MAX_MESSAGE_ID: usize = 128;
 pub const MAX_USER_ID: usize = 256;
@@ -53,6 +57,18 @@ pub fn check_canonical(event: &Event) -> Result<(), EventError> {
     for (field, id) in [("user_id", user), ("anonymous_id", anonymous)] {
         if let Some(id) = id {
             required_text(field, id, MAX_USER_ID)?;
+            let bytes = event.partner_id.len() + 1 + id.len();
+            if bytes > MAX_PROFILE_ID_BYTES {
+                return Err(EventError::field(
+                    field,
+                    format!(
+                        "{} bytes of UTF-8: with partner_id it makes a profile id \
+                         \"{{partner_id}}:{{{field}}}\" of {bytes} bytes, and Elasticsearch \
+                         takes at most {MAX_PROFILE_ID_BYTES}",
+                        id.len()
+                    ),
+                ));
+            }
         }
     }
     if let Some(amount) = event.cart_amount {
@@ -60,6 +76,17 @@ pub fn check_canonical(event: &Event) -> Result<(), EventError> {
     }
     check_depth("properties", event.properties.as_ref())?;
     check_depth("context", event.context.as_ref())?;
+    for (field, at) in [
+        ("timestamp", event.timestamp),
+        ("received_at", event.received_at),
+    ] {
+        if !(MIN_YEAR..MAX_YEAR).contains(&chrono::Datelike::year(&at)) {
+            return Err(EventError::field(
+                field,
+                format!("{} is outside {MIN_YEAR}..{MAX_YEAR}", at.to_rfc3339()),
+            ));
+        }
+    }
     let ceiling = chrono::Duration::seconds(i64::from(MAX_FUTURE_SECS_CEILING));
     if event.timestamp > event.received_at + ceiling {
         return Err(EventError::field(
@@ -203,6 +230,72 @@ mod tests {
             err.starts_with("timestamp: ") && err.contains("ahead"),
             "{err}"
         );
+    }
+
+    #[test]
+    fn a_receive_time_outside_the_years_is_refused() {
+        let ctx = crate::ParseContext::now();
+        let mut e =
+            crate::parse_event(r#"{"event":"x","partner_id":"p","user_id":"u"}"#, &ctx).unwrap();
+        for year in [
+            "1969-12-31T00:00:00Z",
+            "2106-02-07T06:28:16Z",
+            "1999-12-31T23:59:59Z",
+        ] {
+            e.received_at = year.parse().unwrap();
+            e.timestamp = e.received_at;
+            let err = check_canonical(&e).unwrap_err().to_string();
+            assert!(
+                err.starts_with("timestamp: ") || err.starts_with("received_at: "),
+                "{err}"
+            );
+            e.timestamp = ctx.received_at;
+            let err = check_canonical(&e).unwrap_err().to_string();
+            assert!(
+                err.starts_with("received_at: ") && err.contains("outside 2000..2100"),
+                "{err}"
+            );
+        }
+    }
+
+    #[test]
+    fn a_profile_id_beyond_what_elasticsearch_takes_is_refused() {
+        let ctx = crate::ParseContext::now();
+        let with_user =
+            |user: &str| format!(r#"{{"event":"x","partner_id":"bazaar","user_id":"{user}"}}"#);
+        // 256 characters of 4 bytes: within the character limit, 1,024 bytes.
+        let wide = "\u{1F600}".repeat(256);
+        let err = crate::parse_event(&with_user(&wide), &ctx)
+            .unwrap_err()
+            .to_string();
+        assert!(err.starts_with("user_id: 1024 bytes of UTF-8"), "{err}");
+        assert!(
+            err.contains("profile id \"{partner_id}:{user_id}\" of 1031 bytes"),
+            "{err}"
+        );
+        // 505 bytes of user id with "bazaar:" is 512: the most Elasticsearch takes.
+        let most = format!("{}{}", "\u{e9}".repeat(126), "a".repeat(253));
+        assert_eq!(most.chars().count(), 379);
+        assert_eq!("bazaar:".len() + most.len(), 512);
+        // Over the 256-character limit: limited by characters first.
+        assert!(crate::parse_event(&with_user(&most), &ctx).is_err());
+        let fits = format!("{}{}", "\u{e9}".repeat(126), "a".repeat(130));
+        assert!("bazaar:".len() + fits.len() <= 512);
+        assert!(crate::parse_event(&with_user(&fits), &ctx).is_ok());
+        let over = format!("{}{}", "\u{20ac}".repeat(168), "a".repeat(2));
+        assert_eq!("bazaar:".len() + over.len(), 513);
+        let err = crate::parse_event(&with_user(&over), &ctx)
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("of 513 bytes"), "{err}");
+        let mut anon = crate::parse_event(
+            r#"{"event":"x","partner_id":"bazaar","anonymous_id":"a"}"#,
+            &ctx,
+        )
+        .unwrap();
+        anon.anonymous_id = Some(over);
+        let err = check_canonical(&anon).unwrap_err().to_string();
+        assert!(err.starts_with("anonymous_id: "), "{err}");
     }
 
     #[test]

@@ -14,9 +14,15 @@ use crate::models::{ModelKind, ModelState};
 /// Distinct categories kept per profile, most recent first.
 pub const MAX_CATEGORIES: usize = 20;
 
-/// Distinct event types counted per profile; further types are counted under
-/// [`OTHER_EVENTS`]. A partner that sends thousands of names grows no document without bound.
+/// Distinct event types of a partner's own (not in `STANDARD_EVENT_TYPES`) counted per
+/// profile; further ones are counted under [`OTHER_EVENTS`]. A partner that sends thousands
+/// of names grows no document without bound, and the standard types, always counted by name,
+/// cannot be crowded out of `event_counts` and `event_types` by them.
 pub const MAX_EVENT_TYPES: usize = 100;
+
+fn is_standard(event_type: &str) -> bool {
+    pulse_core::names::STANDARD_EVENT_TYPES.contains(&event_type)
+}
 
 /// The `event_counts` key of types beyond [`MAX_EVENT_TYPES`]. Not a valid event type (those
 /// start with a letter), so it never collides with one.
@@ -135,7 +141,8 @@ impl Profile {
         self.first_seen = self.first_seen.min(ts);
         self.event_count = self.event_count.saturating_add(1);
         let counted = if self.event_counts.contains_key(&event.event)
-            || self.event_counts.len() < MAX_EVENT_TYPES
+            || is_standard(&event.event)
+            || self.own_types() < MAX_EVENT_TYPES
         {
             event.event.as_str()
         } else {
@@ -203,6 +210,14 @@ impl Profile {
 
     /// The Elasticsearch document. Amounts are exact decimal strings in `_source` (mapped as
     /// `double` for range queries) plus exact integer minor units for sums.
+    /// How many of the partner's own types (not standard, not [`OTHER_EVENTS`]) are counted.
+    fn own_types(&self) -> usize {
+        self.event_counts
+            .keys()
+            .filter(|k| *k != OTHER_EVENTS && !is_standard(k))
+            .count()
+    }
+
     pub fn to_document(&self, kinds: &[ModelKind], now: DateTime<Utc>) -> Value {
         let mut doc = json!({
             "profile_id": self.id,
@@ -433,6 +448,19 @@ mod tests {
         assert_eq!(p.event_counts.len(), MAX_EVENT_TYPES + 1);
         assert_eq!(p.event_counts[OTHER_EVENTS], 50);
         assert_eq!(p.event_count, (MAX_EVENT_TYPES + 50) as u64);
+        // Past the cap, a standard type is still counted and listed by name.
+        let buy = ev(r#"{"event":"purchase","partner_id":"p","user_id":"u","message_id":"b1"}"#);
+        assert_eq!(p.fold(&buy, at(0, 10_000), &d), Fold::Applied);
+        assert_eq!(p.event_counts["purchase"], 1);
+        let doc = p.to_document(&kinds, chrono::Utc::now());
+        let types = doc["event_types"].as_array().unwrap();
+        assert!(types.contains(&json!("purchase")));
+        assert_eq!(
+            types.len(),
+            MAX_EVENT_TYPES + 1,
+            "100 own types and purchase"
+        );
+        assert!(!types.contains(&json!(OTHER_EVENTS)));
     }
 
     #[test]

@@ -23,8 +23,14 @@ pub struct RuleSet {
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct TriggerRule {
-    /// Stable id: part of the idempotency key, so renaming a rule re-arms it.
+    /// Stable id: part of the idempotency key, so renaming a rule re-arms it. Unique in the
+    /// file.
     pub id: String,
+    /// Whose events it fires on: a partner id, or `"*"` for every partner's (a rule of the
+    /// whole deployment; each push still goes to its own partner's webhook). Required: many
+    /// partners share a deployment, and a rule one partner asked for must not push another
+    /// partner's users.
+    pub partner: String,
     /// Event type it fires on (snake_case, as on the topic).
     pub event: String,
     /// What the notifier does: `push` (the only channel so far).
@@ -91,8 +97,17 @@ impl RuleSet {
     pub fn from_toml(text: &str) -> Result<Self, RulesError> {
         let set: RuleSet =
             toml::from_str(text).map_err(|e| RulesError::Parse(String::new(), e.to_string()))?;
+        let mut ids = std::collections::HashSet::new();
         for rule in &set.rules {
             rule.validate()?;
+            if !ids.insert(rule.id.as_str()) {
+                return Err(RulesError::Invalid {
+                    rule: rule.id.clone(),
+                    message: "another rule has the same id (ids key the pushes and their \
+                              metrics)"
+                        .into(),
+                });
+            }
         }
         Ok(set)
     }
@@ -111,6 +126,11 @@ impl TriggerRule {
         };
         if self.id.trim().is_empty() {
             return Err(invalid("id must not be empty".into()));
+        }
+        if self.partner.trim().is_empty() {
+            return Err(invalid(
+                "partner must be a partner id, or \"*\" for every partner".into(),
+            ));
         }
         for c in &self.when {
             match c.op {
@@ -136,7 +156,9 @@ impl TriggerRule {
     }
 
     pub fn matches(&self, event: &Event) -> bool {
-        event.event == self.event && self.when.iter().all(|c| c.holds(event))
+        event.event == self.event
+            && (self.partner == "*" || self.partner == event.partner_id)
+            && self.when.iter().all(|c| c.holds(event))
     }
 
     /// Same rule, same event → same key, however often the event is read or retried.
@@ -302,6 +324,7 @@ mod tests {
     const RULES: &str = r#"
         [[rule]]
         id = "cart-push"
+        partner = "p"
         event = "add_to_cart"
         template = "cart_reminder"
         when = [
@@ -311,6 +334,7 @@ mod tests {
 
         [[rule]]
         id = "any-purchase"
+        partner = "*"
         event = "purchase"
         template = "thanks"
     "#;
@@ -369,6 +393,7 @@ mod tests {
         let e = RuleSet::from_toml(
             r#"[[rule]]
             id = "r"
+            partner = "p"
             event = "x"
             template = "t"
             when = [{ field = "cart_amount", op = "gt", value = "lots" }]"#,
@@ -376,5 +401,30 @@ mod tests {
         .unwrap_err();
         assert!(e.to_string().starts_with("rule r: cart_amount"), "{e}");
         assert!(RuleSet::from_toml("[[rule]]\nid = 1").is_err());
+        let e = RuleSet::from_toml("[[rule]]\nid = \"r\"\nevent = \"x\"\ntemplate = \"t\"\n")
+            .unwrap_err();
+        assert!(e.to_string().contains("missing field `partner`"), "{e}");
+        let twice = "[[rule]]\nid = \"r\"\npartner = \"a\"\nevent = \"x\"\ntemplate = \"t\"\n";
+        let e = RuleSet::from_toml(&format!("{twice}{twice}")).unwrap_err();
+        assert!(
+            e.to_string()
+                .starts_with("rule r: another rule has the same id"),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn a_rule_fires_for_its_partner_only() {
+        let rules = RuleSet::from_toml(RULES).unwrap();
+        let cart = |partner: &str| {
+            ev(&format!(
+                r#"{{"event":"add_to_cart","partner_id":"{partner}","user_id":"u","cart_amount":"500","country":"TR"}}"#
+            ))
+        };
+        let ids = |e: &Event| rules.matching(e).map(|r| r.id.clone()).collect::<Vec<_>>();
+        assert_eq!(ids(&cart("p")), vec!["cart-push"]);
+        assert!(ids(&cart("q")).is_empty(), "partner p's rule, q's cart");
+        let buy = ev(r#"{"event":"purchase","partner_id":"q","user_id":"u"}"#);
+        assert_eq!(ids(&buy), vec!["any-purchase"], "\"*\": every partner's");
     }
 }

@@ -476,3 +476,95 @@ async fn setup_upgrades_an_index_of_the_older_layout_and_says_what_it_cannot() {
     // Idempotent: a second run changes nothing and says the same.
     assert_eq!(f.store.setup(1, 0).await.unwrap(), lines);
 }
+
+/// Two records another producer could write, each correctly keyed and canonical: one on
+/// another partition than its key's (murmur2), one received "in 2200". The first, folded,
+/// would give its user a watermark of the wrong partition, and every later event of the user
+/// a 409 and a re-read for ever; the second would expire every message id the profile
+/// remembers, so that a client retry after it counted twice. Both go to `events.dlq` with the
+/// reason; the profile is exact, and no document was ever stale.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_record_on_the_wrong_partition_or_received_out_of_range_is_dead_lettered() {
+    use pulse_core::partitioner::partition_of;
+    let f = Fixture::new("placement", 2).await;
+    let user = "u-placed";
+    let key = format!("shop-a:{user}");
+    let right = partition_of(key.as_bytes(), 2);
+    let wrong = 1 - right;
+    let event = |i: usize| {
+        ev(
+            json!({"event": "purchase", "partner_id": "shop-a", "user_id": user,
+                  "cart_amount": "1.25", "message_id": format!("m{i}")}),
+        )
+    };
+    // Other users on the wrong partition, so that its offsets run far ahead of the right one's.
+    let fillers: Vec<Event> = (0..)
+        .map(|i| {
+            ev(json!({"event": "page_view", "partner_id": "shop-a", "user_id": format!("f{i}")}))
+        })
+        .filter(|e| partition_of(e.partition_key().as_bytes(), 2) == wrong)
+        .take(300)
+        .collect();
+    produce(&f.topic, &fillers).await;
+    let first: Vec<Event> = (0..5).map(event).collect();
+    produce(&f.topic, &first).await;
+    produce_to_partition(&f.topic, wrong, &key, &event(100).to_canonical_json()).await;
+    let mut future = event(101);
+    future.received_at = "2200-01-01T00:00:00Z".parse().unwrap();
+    future.timestamp = future.received_at;
+    produce_raw(
+        &f.topic,
+        &[(Some(key.as_str()), &future.to_canonical_json())],
+    )
+    .await;
+    // Later events of the user, on its own partition, at offsets far below the misplaced one's,
+    // and a client retry of the first one.
+    let later: Vec<Event> = (5..10).map(event).chain([event(0)]).collect();
+    produce(&f.topic, &later).await;
+
+    let port = free_port();
+    let listen = format!("127.0.0.1:{port}");
+    let mut speed = f.spawn_speed(&["--flush-interval-secs", "0.5", "--metrics-listen", &listen]);
+    let dead = read_topic(&f.dlq, 2, Duration::from_secs(1));
+    let docs = f.wait_for_events((fillers.len() + 10) as u64).await;
+    // Some flushes after the last event: a stale document would be met by now.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let (_, metrics) = poll_until(port, "/metrics", |s, _| s == 200).await;
+    terminate(&mut speed);
+
+    // The retry is not in the truth: it counts once.
+    let good: Vec<Event> = fillers
+        .iter()
+        .cloned()
+        .chain(first)
+        .chain(later[..5].iter().cloned())
+        .collect();
+    let problems = diff(&docs, &ground_truth(&good));
+    assert!(problems.is_empty(), "{}", problems.join("\n"));
+    let doc = &docs[&key];
+    assert_eq!(
+        doc["purchase_count"], 10,
+        "ten purchases, the retry once: {doc}"
+    );
+    assert_eq!(doc["watermark"]["partition"], right);
+    assert_eq!(
+        counter(&metrics, "pulse_speed_docs_stale_total"),
+        0.0,
+        "no 409"
+    );
+    assert_eq!(dead.len(), 2, "both dead-lettered, once each");
+    let reasons: Vec<&str> = dead
+        .iter()
+        .filter_map(|r| r.header("pulse.error"))
+        .collect();
+    let want = format!(
+        "record on partition {wrong} but its key \"{key}\" belongs on partition {right} of 2"
+    );
+    assert!(reasons.iter().any(|r| r.contains(&want)), "{reasons:?}");
+    assert!(
+        reasons
+            .iter()
+            .any(|r| r.contains("received_at: 2200-01-01") && r.contains("outside 2000..2100")),
+        "{reasons:?}"
+    );
+}

@@ -16,6 +16,7 @@ use object_store::local::LocalFileSystem;
 use object_store::{ObjectStoreExt, PutPayload};
 use pulse_archive::layout::{self, FileRange};
 use pulse_archive::parquet_file::{self, Codec};
+use pulse_core::partitioner::Placement;
 use pulse_core::Event;
 use serde_json::Value;
 
@@ -115,7 +116,11 @@ async fn archive_topic(
     let mut ranges = BTreeMap::new();
     let mut by_partition: BTreeMap<i32, Vec<(i64, Event)>> = BTreeMap::new();
     for r in read_topic(&f.topic, expected, Duration::ZERO) {
-        let event = Event::from_record(Some(r.key.as_bytes()), Some(&r.payload)).unwrap();
+        let at = Placement {
+            partition: r.partition,
+            partitions: f.partitions,
+        };
+        let event = Event::from_record(Some(r.key.as_bytes()), Some(&r.payload), at).unwrap();
         by_partition
             .entry(r.partition)
             .or_default()
@@ -704,4 +709,181 @@ async fn cleanup_deletes_indices_no_alias_points_to_but_keeps_the_live_previous_
     assert_eq!(all["indices"], serde_json::json!([v1]), "{all}");
     assert!(!index_exists(&v1).await);
     assert_eq!(f.documents().await.len(), ground_truth(&events).len());
+}
+
+/// The lease document of `index`, if there is one.
+async fn lease_of(f: &Fixture, index: &str) -> Option<Value> {
+    let url = format!("{}/{}.leases/_doc/{index}", es_url(), f.alias);
+    let body: Value = reqwest::get(url).await.unwrap().json().await.unwrap();
+    (body["found"] == true).then(|| body["_source"].clone())
+}
+
+/// A run holds its index's lease while it folds: a second run of the index is refused, and a
+/// cleanup keeps the index however old it is, naming who holds it. Released at the end (here
+/// a SIGTERM), after which the cleanup deletes it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_running_recompute_holds_its_index_against_a_second_run_and_a_cleanup() {
+    let f = Fixture::new("recompute-lease", 2).await;
+    let events = generate(1_500, 31, 100, 2);
+    let mut live = f.spawn_speed(&["--flush-interval-secs", "0.5"]);
+    produce(&f.topic, &events).await;
+    f.wait_for_events(events.len() as u64).await;
+    terminate(&mut live);
+    let v2 = format!("{}-v2", f.alias);
+    let slow = ["--source", "kafka", "--max-events-per-sec", "100"];
+    let mut running = recompute_command(&f, "run", &v2, &slow)
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut lease = None;
+    for _ in 0..300 {
+        lease = lease_of(&f, &v2).await;
+        if lease.is_some() && index_exists(&v2).await {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let lease = lease.expect("the run took a lease");
+    assert_eq!(lease["purpose"], "run", "{lease}");
+    assert_eq!(lease["pid"], running.id(), "{lease}");
+
+    let second = recompute(&f, "run", &v2, &["--source", "kafka"]);
+    let stderr = String::from_utf8_lossy(&second.stderr);
+    assert!(
+        !second.status.success(),
+        "a second run of the index is refused"
+    );
+    assert!(
+        stderr.contains(&format!("index {v2} is in use: its lease is held by run")),
+        "{stderr}"
+    );
+    let report = cleanup(&f, &["--min-age-hours", "0", "--yes"]);
+    assert_eq!(report["indices"], serde_json::json!([]), "{report}");
+    assert_eq!(report["in_use"][0][0], v2.as_str(), "{report}");
+    assert!(
+        index_exists(&v2).await,
+        "the running recompute's index is kept"
+    );
+    assert!(
+        running.try_wait().unwrap().is_none(),
+        "the run goes on after the cleanup"
+    );
+
+    // SAFETY: kill only sends a signal to the child's pid, which has not been waited for.
+    assert_eq!(unsafe { libc::kill(running.id() as i32, libc::SIGTERM) }, 0);
+    let status = running.wait().unwrap();
+    assert_eq!(status.code(), Some(1), "stopped before the live commit");
+    assert_eq!(lease_of(&f, &v2).await, None, "released at the end");
+    let report = cleanup(&f, &["--min-age-hours", "0", "--yes"]);
+    assert_eq!(report["indices"], serde_json::json!([v2]), "{report}");
+    assert!(!index_exists(&v2).await);
+}
+
+/// Another process writes into the index a recompute builds (here a live layer pointed at it
+/// by mistake, ahead of the run): the run meets documents newer than its own (409). It does
+/// not re-read as the live layer would; it fails, naming the partitions, instead of exiting 0
+/// with those partitions never committed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_recompute_that_meets_another_writer_in_its_index_fails_and_says_so() {
+    let f = Fixture::new("recompute-writer", 2).await;
+    let events = generate(1_200, 37, 60, 2);
+    let mut live = f.spawn_speed(&["--flush-interval-secs", "0.5"]);
+    produce(&f.topic, &events).await;
+    f.wait_for_events(events.len() as u64).await;
+    terminate(&mut live);
+    let v2 = format!("{}-v2", f.alias);
+    let slow = ["--source", "kafka", "--max-events-per-sec", "300"];
+    let running = recompute_command(&f, "run", &v2, &slow)
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    while !index_exists(&v2).await {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    // A second speed layer, in a group of its own, writing straight into v2: it folds the
+    // whole topic at once, well ahead of the throttled run.
+    let mut intruder = f.spawn_speed(&[
+        "--profiles-alias",
+        &v2,
+        "--group",
+        &unique("intruder"),
+        "--flush-interval-secs",
+        "0.3",
+    ]);
+    let out = running.wait_with_output().unwrap();
+    terminate(&mut intruder);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "the run fails: {stderr}");
+    assert!(
+        stderr.contains(&format!(
+            "index {v2} holds documents newer than this run wrote on partitions"
+        )),
+        "{stderr}"
+    );
+}
+
+/// An orchestrator restarts the live layer while `promote` catches the new index up: the
+/// events it folds and commits then are in the old index only. Just before the swap the
+/// promote sees the group changed, refuses, and leaves the alias on the old index. Once the
+/// live layer is stopped again, promote hands over exactly.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_live_layer_started_during_the_promote_makes_it_refuse_and_leave_the_alias() {
+    let f = Fixture::new("recompute-restart", 2).await;
+    let events = generate(2_400, 53, 150, 2);
+    let (first, rest) = events.split_at(1_200);
+    let (second, third) = rest.split_at(600);
+    let live_args = ["--flush-interval-secs", "0.5"];
+    let mut live = f.spawn_speed(&live_args);
+    produce(&f.topic, first).await;
+    f.wait_for_events(first.len() as u64).await;
+    let (v1, v2) = (format!("{}-v1", f.alias), format!("{}-v2", f.alias));
+    succeeded(&recompute(&f, "run", &v2, &["--source", "kafka"]));
+    // More for the catch-up to fold, then the live layer stops: its commit is final.
+    produce(&f.topic, second).await;
+    f.wait_for_events((first.len() + second.len()) as u64).await;
+    terminate(&mut live);
+    // A catch-up of 600 events at 100 per second: six seconds, in which the live layer is
+    // started again (by an orchestrator) and folds new events.
+    let promoting = recompute_command(
+        &f,
+        "promote",
+        &v2,
+        &["--source", "kafka", "--max-events-per-sec", "100"],
+    )
+    .stdout(std::process::Stdio::piped())
+    .stderr(std::process::Stdio::piped())
+    .spawn()
+    .unwrap();
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let mut live = f.spawn_speed(&live_args);
+    produce(&f.topic, third).await;
+    f.wait_for_events(events.len() as u64).await;
+    let out = promoting.wait_with_output().unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "promote refuses: {stderr}");
+    assert!(
+        stderr.contains("changed during the catch-up") && stderr.contains("left on the old index"),
+        "{stderr}"
+    );
+    let alias_url = format!("{}/_alias/{}", es_url(), f.alias);
+    let aliases: Value = reqwest::get(&alias_url)
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert!(
+        aliases.get(&v1).is_some(),
+        "the alias still reads v1: {aliases}"
+    );
+    assert!(aliases.get(&v2).is_none(), "{aliases}");
+
+    // Stopped again: promote hands over exactly, nothing the restarted layer folded missing.
+    terminate(&mut live);
+    let switched = succeeded(&recompute(&f, "promote", &v2, &["--source", "kafka"]));
+    assert_eq!(switched["to"], v2.as_str(), "{switched}");
+    let docs = f.documents().await;
+    assert_eq!(diff(&docs, &ground_truth(&events)), Vec::<String>::new());
 }

@@ -14,6 +14,7 @@ use serde_json::Value;
 const RULES: &str = r#"
 [[rule]]
 id = "cart-push"
+partner = "*"
 event = "add_to_cart"
 template = "cart_reminder"
 when = [
@@ -301,4 +302,119 @@ async fn a_dead_letter_topic_that_refuses_writes_makes_the_notifier_unready_and_
     let (status, _) = poll_until(port, "/readyz", |s, _| s == 200).await;
     assert_eq!(status, 200);
     terminate(&mut notifier);
+}
+
+/// Two partners share the deployment, each with its own rule and its own webhook, and a rule
+/// of the whole deployment (`partner = "*"`): each webhook gets exactly its partner's pushes,
+/// a partner's rule never fires on the other's events, and a partner with no webhook gets
+/// its trigger dead-lettered, not sent to someone else's endpoint.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn each_partners_pushes_go_to_its_own_webhook_and_no_other() {
+    const PARTNER_RULES: &str = r#"
+[[rule]]
+id = "a-cart"
+partner = "shop-a"
+event = "add_to_cart"
+template = "cart_a"
+
+[[rule]]
+id = "b-big-cart"
+partner = "shop-b"
+event = "add_to_cart"
+template = "cart_b"
+when = [{ field = "cart_amount", op = "gte", value = "100" }]
+
+[[rule]]
+id = "any-purchase"
+partner = "*"
+event = "purchase"
+template = "thanks"
+"#;
+    let f = Fixture::new("trg-partners", 4).await;
+    let rules_path = std::env::temp_dir().join(format!("{}.toml", f.alias));
+    std::fs::write(&rules_path, PARTNER_RULES).unwrap();
+    let rules = pulse_speed::triggers::RuleSet::from_toml(PARTNER_RULES).unwrap();
+    let mut events = generate(3_000, 23, 300, 1);
+    // A third partner, with a purchase (the "*" rule fires) but no webhook.
+    let stranger = pulse_core::parse_event(
+        r#"{"event":"purchase","partner_id":"shop-c","user_id":"c1","cart_amount":"5","message_id":"c-order-1"}"#,
+        &pulse_core::ParseContext::now(),
+    )
+    .unwrap();
+    events.push(stranger);
+    let mut expected: HashMap<String, Vec<String>> = HashMap::new();
+    for e in &events {
+        for rule in rules.matching(e) {
+            expected
+                .entry(e.partner_id.clone())
+                .or_default()
+                .push(rule.idempotency_key(e));
+        }
+    }
+    for partner in ["shop-a", "shop-b"] {
+        assert!(
+            expected.get(partner).is_some_and(|k| k.len() > 10),
+            "{partner}: {expected:?}"
+        );
+    }
+    // Partner b's rule is stricter: some of b's carts must not fire, as a's rule would.
+    let b_carts = events
+        .iter()
+        .filter(|e| e.partner_id == "shop-b" && e.event == "add_to_cart")
+        .count();
+    let b_cart_pushes = expected["shop-b"]
+        .iter()
+        .filter(|k| k.starts_with("b-big-cart:"))
+        .count();
+    assert!(b_cart_pushes < b_carts, "{b_cart_pushes} of {b_carts}");
+
+    let (url_a, got_a) = webhook(StatusCode::OK).await;
+    let (url_b, got_b) = webhook(StatusCode::OK).await;
+    let routes = std::env::temp_dir().join(format!("{}-webhooks.json", f.alias));
+    std::fs::write(
+        &routes,
+        serde_json::json!({"shop-a": url_a, "shop-b": url_b}).to_string(),
+    )
+    .unwrap();
+    let mut notifier = f.spawn_notifier(
+        "",
+        &[
+            "--webhooks-file",
+            routes.to_str().unwrap(),
+            "--rate-limit-secs",
+            "0",
+            "--max-trigger-age-secs",
+            "0",
+        ],
+    );
+    let mut speed = f.spawn_speed(&["--rules-file", rules_path.to_str().unwrap()]);
+    produce(&f.topic, &events).await;
+    let want_a = expected["shop-a"].len();
+    let want_b = expected["shop-b"].len();
+    wait_until(|| got_a.keys().len() >= want_a && got_b.keys().len() >= want_b).await;
+    let dead = read_topic(&f.triggers_dlq, 1, Duration::ZERO);
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    terminate(&mut speed);
+    terminate(&mut notifier);
+
+    for (partner, got) in [("shop-a", &got_a), ("shop-b", &got_b)] {
+        let mut keys = got.keys();
+        keys.sort();
+        let mut want = expected[partner].clone();
+        want.sort();
+        assert_eq!(
+            keys, want,
+            "{partner}'s webhook got exactly {partner}'s pushes"
+        );
+        for (_, body, _) in got.calls.lock().unwrap().iter() {
+            assert_eq!(body["message"]["data"]["partner_id"], partner, "{body}");
+        }
+    }
+    assert_eq!(dead.len(), 1, "shop-c's trigger dead-lettered");
+    let reason = dead[0].header("pulse.error").unwrap_or_default();
+    assert!(
+        reason.contains("no webhook for partner \"shop-c\""),
+        "{reason}"
+    );
+    assert_eq!(dead[0].json()["partner_id"], "shop-c");
 }

@@ -83,3 +83,22 @@ pub async fn produce_raw(topic: &str, records: &[(Option<&str>, &[u8])]) {
             .expect("acked");
     }
 }
+
+/// One record to a chosen partition, whatever its key hashes to (as another producer's
+/// partitioner, or a partition chosen explicitly, would put it).
+pub async fn produce_to_partition(topic: &str, partition: i32, key: &str, payload: &[u8]) {
+    let producer: FutureProducer = KafkaArgs::with_brokers(brokers())
+        .producer_config()
+        .create()
+        .expect("producer");
+    producer
+        .send(
+            FutureRecord::to(topic)
+                .partition(partition)
+                .key(key)
+                .payload(payload),
+            Duration::from_secs(30),
+        )
+        .await
+        .expect("acked");
+}

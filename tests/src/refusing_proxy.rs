@@ -1,8 +1,12 @@
-//! An HTTP proxy in front of Elasticsearch that refuses one kind of request while it is told
-//! to: `_bulk` answered 429 as an overloaded cluster answers it, everything else (`_mget`,
-//! searches) passed through. A test sees what a service does when writes fail and reads work.
+//! An HTTP proxy that refuses one kind of request while it is told to, and passes everything
+//! else: a test sees what a service does when one call of a dependency fails and the others
+//! work. Two kinds are built in: Elasticsearch's `_bulk` answered 429 as an overloaded
+//! cluster answers it ([`RefusingProxy::elasticsearch_bulk`]), and S3 `PUT`s answered 503
+//! `SlowDown` ([`RefusingProxy::s3_puts`]). [`RefusingProxy::pass_next`] lets a number of
+//! matching requests through before refusing again, so that a test can let one upload of a
+//! unit in and refuse the rest.
 
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, Ordering};
 use std::sync::Arc;
 
 use axum::body::{Body, Bytes};
@@ -10,31 +14,79 @@ use axum::http::{HeaderMap, Method, StatusCode, Uri};
 use axum::response::{IntoResponse, Response};
 use axum::Router;
 
-pub struct BulkRefusingProxy {
+/// Which requests are refused, and with what answer.
+#[derive(Clone, Copy)]
+struct Refusal {
+    matches: fn(&Method, &str) -> bool,
+    status: StatusCode,
+    content_type: &'static str,
+    body: &'static str,
+}
+
+pub struct RefusingProxy {
     refuse: Arc<AtomicBool>,
+    passes: Arc<AtomicI64>,
     refused: Arc<AtomicU64>,
     /// `http://host:port` of the proxy.
     pub url: String,
 }
 
+/// The proxy the speed layer's tests put in front of Elasticsearch.
+pub type BulkRefusingProxy = RefusingProxy;
+
 #[derive(Clone)]
 struct Shared {
     target: String,
     http: reqwest::Client,
+    refusal: Refusal,
     refuse: Arc<AtomicBool>,
+    passes: Arc<AtomicI64>,
     refused: Arc<AtomicU64>,
 }
 
-impl BulkRefusingProxy {
-    /// A proxy on a free port in front of `target` (`http://host:port`), passing everything.
+impl RefusingProxy {
+    /// In front of Elasticsearch at `target` (`http://host:port`): `_bulk` refused with 429.
     pub async fn start(target: &str) -> Self {
+        Self::elasticsearch_bulk(target).await
+    }
+
+    pub async fn elasticsearch_bulk(target: &str) -> Self {
+        let refusal = Refusal {
+            matches: |_, path| path.ends_with("/_bulk"),
+            status: StatusCode::TOO_MANY_REQUESTS,
+            content_type: "application/json",
+            body: r#"{"error":{"type":"es_rejected_execution_exception","reason":"rejected execution of coordinating operation"},"status":429}"#,
+        };
+        Self::with(target, refusal).await
+    }
+
+    /// In front of an S3 server at `target`: every `PUT` (uploads and markers) refused with
+    /// 503 `SlowDown`, as S3 answers a prefix it throttles; reads, lists and deletes pass.
+    pub async fn s3_puts(target: &str) -> Self {
+        let refusal = Refusal {
+            matches: |method, _| method == Method::PUT,
+            status: StatusCode::SERVICE_UNAVAILABLE,
+            content_type: "application/xml",
+            body: "<?xml version=\"1.0\" encoding=\"UTF-8\"?><Error><Code>SlowDown</Code>\
+                   <Message>Please reduce your request rate.</Message></Error>",
+        };
+        Self::with(target, refusal).await
+    }
+
+    async fn with(target: &str, refusal: Refusal) -> Self {
         let shared = Shared {
             target: target.trim_end_matches('/').to_string(),
             http: reqwest::Client::new(),
+            refusal,
             refuse: Arc::new(AtomicBool::new(false)),
+            passes: Arc::new(AtomicI64::new(0)),
             refused: Arc::new(AtomicU64::new(0)),
         };
-        let (refuse, refused) = (shared.refuse.clone(), shared.refused.clone());
+        let (refuse, passes, refused) = (
+            shared.refuse.clone(),
+            shared.passes.clone(),
+            shared.refused.clone(),
+        );
         let app = Router::new().fallback(forward).with_state(shared);
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
             .await
@@ -43,17 +95,28 @@ impl BulkRefusingProxy {
         tokio::spawn(async move { axum::serve(listener, app).await });
         Self {
             refuse,
+            passes,
             refused,
             url,
         }
     }
 
-    /// From now on `_bulk` is answered 429 (`true`) or passed through (`false`).
-    pub fn refuse_bulk(&self, refuse: bool) {
+    /// From now on matching requests are refused (`true`) or passed through (`false`).
+    pub fn refuse(&self, refuse: bool) {
         self.refuse.store(refuse, Ordering::SeqCst);
     }
 
-    /// How many `_bulk` requests were refused so far.
+    /// [`RefusingProxy::refuse`], named for the `_bulk` proxy.
+    pub fn refuse_bulk(&self, refuse: bool) {
+        self.refuse(refuse);
+    }
+
+    /// While refusing, pass the next `n` matching requests through first.
+    pub fn pass_next(&self, n: i64) {
+        self.passes.store(n, Ordering::SeqCst);
+    }
+
+    /// How many requests were refused so far.
     pub fn refused(&self) -> u64 {
         self.refused.load(Ordering::SeqCst)
     }
@@ -66,13 +129,16 @@ async fn forward(
     headers: HeaderMap,
     body: Bytes,
 ) -> Response {
-    if uri.path().ends_with("/_bulk") && shared.refuse.load(Ordering::SeqCst) {
+    let refusal = shared.refusal;
+    if (refusal.matches)(&method, uri.path())
+        && shared.refuse.load(Ordering::SeqCst)
+        && shared.passes.fetch_sub(1, Ordering::SeqCst) <= 0
+    {
         shared.refused.fetch_add(1, Ordering::SeqCst);
-        let body = r#"{"error":{"type":"es_rejected_execution_exception","reason":"rejected execution of coordinating operation"},"status":429}"#;
         return (
-            StatusCode::TOO_MANY_REQUESTS,
-            [("content-type", "application/json")],
-            body,
+            refusal.status,
+            [("content-type", refusal.content_type)],
+            refusal.body,
         )
             .into_response();
     }
@@ -90,14 +156,16 @@ async fn forward(
         Ok(answer) => {
             let status =
                 StatusCode::from_u16(answer.status().as_u16()).unwrap_or(StatusCode::BAD_GATEWAY);
-            let content_type = answer
-                .headers()
-                .get("content-type")
-                .and_then(|v| v.to_str().ok())
-                .unwrap_or("application/json")
-                .to_string();
+            let mut out = Response::builder().status(status);
+            for (name, value) in answer.headers() {
+                // The body is sent whole, not in the server's chunks.
+                if name != "transfer-encoding" && name != "content-length" {
+                    out = out.header(name.as_str(), value.as_bytes());
+                }
+            }
             let bytes = answer.bytes().await.unwrap_or_default();
-            (status, [("content-type", content_type)], Body::from(bytes)).into_response()
+            out.body(Body::from(bytes))
+                .unwrap_or_else(|e| (StatusCode::BAD_GATEWAY, e.to_string()).into_response())
         }
         Err(e) => (StatusCode::BAD_GATEWAY, e.to_string()).into_response(),
     }

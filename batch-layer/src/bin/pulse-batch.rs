@@ -6,7 +6,7 @@ use std::path::PathBuf;
 use clap::{Parser, Subcommand};
 use pulse_batch::sql::{self, OutputFormat};
 use pulse_batch::store::{open_store, StoreArgs};
-use pulse_batch::warehouse::load::{last_days, load_day, source_prefix};
+use pulse_batch::warehouse::load::{last_days, load_day, source_prefix, MAX_URIS_PER_JOB};
 use pulse_batch::warehouse::{Warehouse, WarehouseArgs};
 
 #[derive(Parser)]
@@ -57,6 +57,11 @@ enum Command {
         /// Print each day's report as a JSON line.
         #[arg(long)]
         json: bool,
+        /// Most files per staging load job (BigQuery's limit, 10,000); tests set it low to
+        /// load a small day in several jobs, as a day of 100 partitions is loaded.
+        #[arg(long, env = "PULSE_BQ_MAX_FILES_PER_JOB", default_value_t = MAX_URIS_PER_JOB as u64, hide = true,
+              value_parser = clap::value_parser!(u64).range(1..=MAX_URIS_PER_JOB as u64))]
+        max_files_per_job: u64,
         #[command(flatten)]
         store: StoreArgs,
         #[command(flatten)]
@@ -114,6 +119,7 @@ async fn main() -> anyhow::Result<()> {
             since,
             source_uri,
             json,
+            max_files_per_job,
             store,
             warehouse,
         } => {
@@ -127,7 +133,14 @@ async fn main() -> anyhow::Result<()> {
             let wh = Warehouse::connect(&warehouse).await?;
             wh.ensure_table().await?;
             for day in days {
-                let report = load_day(&wh, archive.as_ref(), &prefix, day).await?;
+                let report = load_day(
+                    &wh,
+                    archive.as_ref(),
+                    &prefix,
+                    day,
+                    max_files_per_job as usize,
+                )
+                .await?;
                 if json {
                     println!("{}", serde_json::to_string(&report)?);
                 } else {

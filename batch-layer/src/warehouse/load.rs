@@ -22,7 +22,7 @@ use super::schema::{table_schema, PARTITION_COLUMN};
 use crate::layout;
 
 /// A load job takes at most 10,000 source URIs.
-const MAX_URIS_PER_JOB: usize = 10_000;
+pub const MAX_URIS_PER_JOB: usize = 10_000;
 
 #[derive(Debug, thiserror::Error)]
 pub enum LoadError {
@@ -62,8 +62,14 @@ pub fn source_prefix(source_uri: Option<&str>, archive_url: &str) -> Result<Stri
     }
 }
 
+/// The staging table of one load of `date`: named for the day and for this load alone. Two
+/// loads of one day at once (a nightly `--since` and a re-run for late data, say) would
+/// otherwise share it, and with more than one job per day (a day of 100 partitions holds
+/// more than 10,000 files) one load's truncating first job or final drop would cut the
+/// other's staging rows, and its replace would write a partial day.
 fn staging_table(table: &str, date: NaiveDate) -> String {
-    format!("{table}__load_{}", date.format("%Y%m%d"))
+    let load = uuid::Uuid::new_v4().simple().to_string();
+    format!("{table}__load_{}_{}", date.format("%Y%m%d"), &load[..12])
 }
 
 /// The `configuration` of a Parquet load job.
@@ -91,6 +97,7 @@ pub async fn load_day(
     store: &dyn ObjectStore,
     source_prefix: &str,
     date: NaiveDate,
+    files_per_job: usize,
 ) -> Result<LoadReport, LoadError> {
     let uris: Vec<String> = layout::committed_files(store, Some(date))
         .await?
@@ -112,7 +119,9 @@ pub async fn load_day(
         return Ok(report);
     }
     let staging = staging_table(&wh.table, date);
-    let chunks: Vec<&[String]> = uris.chunks(MAX_URIS_PER_JOB).collect();
+    let chunks: Vec<&[String]> = uris
+        .chunks(files_per_job.clamp(1, MAX_URIS_PER_JOB))
+        .collect();
     let written = write_partition(wh, &chunks, &staging, date, &mut report).await;
     // Also after a failure: a staging table left behind costs storage and confuses.
     if let Err(e) = wh.drop_table(&staging).await {
@@ -233,6 +242,16 @@ mod tests {
         assert!(fields
             .iter()
             .any(|f| f["name"] == "category" && f["mode"] == "REPEATED"));
+    }
+
+    #[test]
+    fn each_load_of_a_day_has_a_staging_table_of_its_own() {
+        let (a, b) = (
+            staging_table("events", d("2026-11-21")),
+            staging_table("events", d("2026-11-21")),
+        );
+        assert!(a.starts_with("events__load_20261121_"), "{a}");
+        assert_ne!(a, b);
     }
 
     #[test]

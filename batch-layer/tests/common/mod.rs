@@ -18,6 +18,7 @@ use pulse_batch::store::{open_store, StoreArgs};
 use pulse_core::Event;
 use pulse_tests::data::produce;
 pub use pulse_tests::proxy::CutProxy;
+pub use pulse_tests::refusing_proxy::RefusingProxy;
 use pulse_tests::{brokers, create_topic, unique};
 use serde_json::Value;
 
@@ -60,6 +61,21 @@ impl Fixture {
         let through = format!("http://{}", proxy.addr);
         (
             Self::on_s3_at(name, partitions, &endpoint, &through).await,
+            proxy,
+        )
+    }
+
+    /// On the S3 server, reached through an HTTP proxy that refuses `PUT`s while told to
+    /// (reads, lists and deletes pass).
+    pub async fn on_s3_through_put_refusing_proxy(
+        name: &str,
+        partitions: i32,
+    ) -> (Self, RefusingProxy) {
+        let endpoint = s3_endpoint();
+        let proxy = RefusingProxy::s3_puts(&endpoint).await;
+        let url = proxy.url.clone();
+        (
+            Self::on_s3_at(name, partitions, &endpoint, &url).await,
             proxy,
         )
     }

@@ -1,5 +1,6 @@
 //! `pulse-webhook-sink`: a local push webhook for the demo and for trying rules. Prints each
-//! delivery as one JSON line (with its Idempotency-Key and arrival time).
+//! delivery as one JSON line (with its path, Idempotency-Key and arrival time): one sink can
+//! stand for every partner's webhook, one path each.
 
 use axum::body::Bytes;
 use axum::http::{HeaderMap, StatusCode};
@@ -23,12 +24,12 @@ async fn main() -> anyhow::Result<()> {
     let status = StatusCode::from_u16(cli.status)?;
     let app = Router::new().route(
         "/{*path}",
-        post(move |headers: HeaderMap, body: Bytes| async move {
+        post(move |uri: axum::http::Uri, headers: HeaderMap, body: Bytes| async move {
             let key = headers.get("idempotency-key").and_then(|v| v.to_str().ok()).unwrap_or("");
             let body: serde_json::Value = serde_json::from_slice(&body).unwrap_or(serde_json::Value::Null);
             println!(
                 "{}",
-                serde_json::json!({"received_at": chrono::Utc::now().timestamp_millis(), "idempotency_key": key, "body": body})
+                serde_json::json!({"received_at": chrono::Utc::now().timestamp_millis(), "path": uri.path(), "idempotency_key": key, "body": body})
             );
             status
         }),

@@ -68,6 +68,9 @@ pub(crate) struct Engine {
     /// dead-lettered instead of handled (see [`crate::poison`]).
     poison: HashMap<(i32, i64), String>,
     journal: PoisonJournal,
+    /// Partitions of the events topic: each record's key must hash to the partition it was
+    /// read from (see `pulse_core::partitioner`).
+    partitions: i32,
     /// Test-only fault injection: panic while folding this message id.
     failpoint: Option<String>,
     /// Test-only fault injection: the outbox's producer fails for good at this message id.
@@ -104,12 +107,15 @@ pub fn run(
     // acknowledged.
     let outbox = Outbox::new(config.kafka.producer_config(), "speed", stop.clone())?;
     let rule_count = rules.rules.len();
+    let partitions =
+        consumer::partition_count(&config.kafka.client_config(), &config.topics.events, &stop)?;
     let engine = Arc::new(Mutex::new(Engine {
         state: ProfileState::new(store, runtime, settings, &ready, stop.clone()),
         outbox: SpeedOutbox::new(outbox, &config.topics, &config.es.alias),
         rules,
         poison,
         journal,
+        partitions,
         failpoint: config.failpoint_panic_message_id.clone(),
         failpoint_fatal: config.failpoint_fatal_producer_message_id.clone(),
     }));

@@ -5,6 +5,7 @@ use std::collections::HashSet;
 use std::time::Instant;
 
 use chrono::Utc;
+use pulse_core::partitioner::Placement;
 use pulse_core::Event;
 use rdkafka::message::{Message, OwnedMessage};
 
@@ -113,7 +114,7 @@ impl Engine {
                 Some(reason) => Err(format!(
                     "this record made pulse-speed panic ({reason}); dead-lettered on the restart"
                 )),
-                None => decode(msg),
+                None => decode(msg, self.partitions),
             };
             parsed.push((msg, result));
         }
@@ -197,8 +198,12 @@ impl Engine {
 }
 
 /// The canonical event of a record and its profile id, or why it is not usable.
-fn decode(msg: &OwnedMessage) -> Decoded {
-    let event = Event::from_record(msg.key(), msg.payload())?;
+fn decode(msg: &OwnedMessage, partitions: i32) -> Decoded {
+    let at = Placement {
+        partition: msg.partition(),
+        partitions,
+    };
+    let event = Event::from_record(msg.key(), msg.payload(), at)?;
     let id = event.partition_key();
     Ok((event, id))
 }

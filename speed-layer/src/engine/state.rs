@@ -167,6 +167,14 @@ impl<S: DocumentStore> ProfileState<S> {
         }
     }
 
+    /// The partitions that met a stored document newer than theirs (409), in order: a live
+    /// layer re-reads them, a recompute ends (see `recompute::run`).
+    pub fn stale_partitions(&self) -> Vec<i32> {
+        let mut stale: Vec<i32> = self.rewind.iter().copied().collect();
+        stale.sort_unstable();
+        stale
+    }
+
     /// Whether records of `partition` are being dropped until its re-read starts.
     pub fn is_rewinding(&self, partition: i32) -> bool {
         self.rewind.contains(&partition)

@@ -10,8 +10,10 @@
 //!
 //! - `webhook`: the POST, its body and which answers are retried.
 //! - [`ledger`]: the pushes per user, in memory and in the state topic.
+//! - [`routes`]: which partner's pushes go to which webhook.
 
 pub mod ledger;
+pub mod routes;
 mod webhook;
 
 use std::sync::{Arc, Mutex};
@@ -30,6 +32,7 @@ use rdkafka::producer::{FutureProducer, FutureRecord, Producer};
 use crate::metrics as m;
 use crate::triggers::TriggerMessage;
 use ledger::{LedgerError, PushLedger};
+pub use routes::{RoutesError, WebhookRoutes};
 pub use webhook::push_body;
 
 #[derive(Debug, Clone, clap::Args)]
@@ -55,9 +58,15 @@ pub struct NotifierConfig {
     pub state_topic: String,
     #[arg(long, env = "PULSE_NOTIFIER_GROUP", default_value = "notifier")]
     pub group: String,
-    /// The partner's push webhook (FCM-style JSON body).
+    /// Each partner's push webhook (FCM-style JSON body): a JSON file
+    /// `{"partner_id": "https://…"}`. A partner's triggers go to its own URL only.
+    #[arg(long, env = "PULSE_WEBHOOKS_FILE")]
+    pub webhooks_file: Option<std::path::PathBuf>,
+    /// The webhook of the partners `--webhooks-file` does not name (a deployment of one
+    /// partner, or a gateway that routes by the body's `partner_id`). Without it, their
+    /// triggers are dead-lettered.
     #[arg(long, env = "PULSE_WEBHOOK_URL")]
-    pub webhook_url: String,
+    pub webhook_url: Option<String>,
     /// Attempts before dead-lettering.
     #[arg(long, env = "PULSE_WEBHOOK_MAX_ATTEMPTS", default_value_t = 5)]
     pub max_attempts: u32,
@@ -103,6 +112,7 @@ pub enum Outcome {
 
 pub struct Notifier {
     config: NotifierConfig,
+    routes: WebhookRoutes,
     http: reqwest::Client,
     producer: FutureProducer,
 }
@@ -126,9 +136,23 @@ pub fn is_stale(trigger: &TriggerMessage, now_ms: i64, max_age_secs: u64) -> boo
     max_age_secs > 0 && now_ms - trigger.occurred_at() > max_age_secs as i64 * 1000
 }
 
+/// Why a notifier could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum SetupError {
+    #[error("kafka: {0}")]
+    Kafka(#[from] KafkaError),
+    #[error(transparent)]
+    Routes(#[from] RoutesError),
+}
+
 impl Notifier {
-    pub fn new(config: NotifierConfig) -> Result<Self, rdkafka::error::KafkaError> {
+    pub fn new(config: NotifierConfig) -> Result<Self, SetupError> {
+        let routes = WebhookRoutes::load(
+            config.webhooks_file.as_deref(),
+            config.webhook_url.as_deref(),
+        )?;
         Ok(Self {
+            routes,
             http: reqwest::Client::builder()
                 .timeout(Duration::from_secs(config.timeout_secs))
                 .build()
@@ -163,7 +187,7 @@ impl Notifier {
             .consumer_config(&config.group)
             .create_with_context(context)?;
         consumer.subscribe(&[&config.topic])?;
-        tracing::info!(topic = %config.topic, webhook = %config.webhook_url, state = %config.state_topic, "notifier consuming");
+        tracing::info!(topic = %config.topic, webhooks = %self.routes.describe(), state = %config.state_topic, "notifier consuming");
         loop {
             let msg = tokio::select! {
                 _ = shutdown.stopped() => break,
@@ -276,6 +300,13 @@ impl Notifier {
             metrics::counter!(m::NOTIFY_RATE_LIMITED).increment(1);
             return Some(Outcome::RateLimited);
         }
+        let Some(url) = self.routes.url_for(&trigger.partner_id) else {
+            return Some(Outcome::DeadLettered(format!(
+                "no webhook for partner {:?}: add it to --webhooks-file (its pushes go to no \
+                 other partner's endpoint)",
+                trigger.partner_id
+            )));
+        };
         let body = push_body(trigger);
         let mut attempts = 0u32;
         let delivered = self
@@ -289,7 +320,7 @@ impl Notifier {
                     if attempts > 1 {
                         metrics::counter!(m::NOTIFY_RETRIES).increment(1);
                     }
-                    webhook::post(&self.http, &self.config.webhook_url, trigger, &body)
+                    webhook::post(&self.http, url, trigger, &body)
                 },
             )
             .await;
@@ -404,7 +435,8 @@ mod tests {
             dlq_topic: "triggers.dlq".into(),
             state_topic: "triggers.state".into(),
             group: "notifier".into(),
-            webhook_url: "http://localhost:1/push".into(),
+            webhooks_file: None,
+            webhook_url: Some("http://localhost:1/push".into()),
             max_attempts: 5,
             backoff_ms: 200,
             rate_limit_secs: 0,
@@ -425,7 +457,7 @@ mod tests {
     #[test]
     fn a_cart_two_hours_old_is_stale_however_recently_it_was_fired() {
         let rules = RuleSet::from_toml(
-            "[[rule]]\nid = \"cart\"\nevent = \"add_to_cart\"\ntemplate = \"t\"\n",
+            "[[rule]]\nid = \"cart\"\npartner = \"*\"\nevent = \"add_to_cart\"\ntemplate = \"t\"\n",
         )
         .unwrap();
         let now = Utc::now();

@@ -1,11 +1,12 @@
 //! Cleanup: the indices of the profiles template that no alias points to, and the
 //! `recompute-<index>` groups left by indices that are gone.
 //!
-//! Kept, whatever their age: the index the alias points to, and the one it replaced (the
-//! target of a `rollback`, named in the live index's `_meta.pulse.previous`) unless
-//! `--include-previous`. An index younger than `--min-age-hours` is kept too: it may be a
-//! recompute running now, which holds no alias and no group membership (it assigns its
-//! partitions rather than joining). Nothing is deleted without `--yes`.
+//! Kept, whatever their age: the index the alias points to, the one it replaced (the target
+//! of a `rollback`, named in the live index's `_meta.pulse.previous`) unless
+//! `--include-previous`, and any index whose lease a process holds (a recompute running now,
+//! a promote; see [`super::lease`]). Cleanup takes an index's lease itself to delete it, so a
+//! run cannot start on it in between. An index younger than `--min-age-hours` is kept too (a
+//! run stopped for now, to be resumed). Nothing is deleted without `--yes`.
 
 use std::time::Duration;
 
@@ -14,7 +15,7 @@ use rdkafka::admin::{AdminClient, AdminOptions};
 use rdkafka::client::DefaultClientContext;
 use rdkafka::consumer::{BaseConsumer, Consumer};
 
-use super::{indices, RecomputeError};
+use super::{indices, lease, RecomputeError};
 use crate::store::{EsArgs, ProfileStore};
 
 #[derive(Debug, Clone, clap::Args)]
@@ -44,6 +45,8 @@ pub struct Cleanup {
     pub indices: Vec<String>,
     /// Kept because younger than `--min-age-hours`.
     pub too_young: Vec<String>,
+    /// Kept because a process holds their lease (a recompute running), with who holds it.
+    pub in_use: Vec<(String, String)>,
     /// `recompute-<index>` groups whose index is gone (or goes now), without members.
     pub groups: Vec<String>,
     pub deleted: bool,
@@ -93,20 +96,47 @@ pub async fn cleanup(args: &CleanupArgs) -> Result<Cleanup, RecomputeError> {
     }
     out.indices.sort();
     out.too_young.sort();
-    let remaining: Vec<&String> = existing
-        .iter()
-        .filter(|i| !out.indices.contains(i))
-        .collect();
-    out.groups = orphan_groups(&args.kafka, &alias, &remaining)?;
-    if args.yes {
-        for index in &out.indices {
-            indices::delete(&store, index).await?;
-            tracing::info!(%index, "deleted the index");
+    let candidates = std::mem::take(&mut out.indices);
+    for index in candidates {
+        match lease::holder(&store, &alias, &index).await? {
+            Some(holder) => out.in_use.push((index, holder.describe(now_ms))),
+            None => out.indices.push(index),
         }
+    }
+    out.groups = orphan_groups(&args.kafka, &alias, &remaining_after(&existing, &out))?;
+    if args.yes {
+        let mut deleted = Vec::new();
+        for index in std::mem::take(&mut out.indices) {
+            // Under the index's lease: a run that starts meanwhile is refused, and one that
+            // starts after finds the index gone (and builds it afresh) rather than losing it
+            // midway.
+            let lease = match lease::acquire(&store, &alias, &index, "cleanup").await? {
+                lease::Acquired::Held(lease) => lease,
+                lease::Acquired::Busy(holder) => {
+                    out.in_use.push((index, holder.describe(now_ms)));
+                    continue;
+                }
+            };
+            let result = indices::delete(&store, &index).await;
+            lease.release().await;
+            result?;
+            tracing::info!(%index, "deleted the index");
+            deleted.push(index);
+        }
+        out.indices = deleted;
+        out.groups = orphan_groups(&args.kafka, &alias, &remaining_after(&existing, &out))?;
         delete_groups(&args.kafka, &out.groups).await?;
         out.deleted = true;
     }
     Ok(out)
+}
+
+/// The indices that stay: those that exist and are not (to be) deleted.
+fn remaining_after<'a>(existing: &'a [String], out: &Cleanup) -> Vec<&'a String> {
+    existing
+        .iter()
+        .filter(|i| !out.indices.contains(i))
+        .collect()
 }
 
 /// The groups `recompute-<alias>-…` whose index is not among `remaining`, and that have no
@@ -171,6 +201,9 @@ impl Cleanup {
         }
         for i in &self.too_young {
             s.push_str(&format!("kept index {i} (younger than --min-age-hours)\n"));
+        }
+        for (i, holder) in &self.in_use {
+            s.push_str(&format!("kept index {i} (in use: its lease is {holder})\n"));
         }
         for g in &self.groups {
             s.push_str(&format!("{verb} group {g}\n"));

@@ -15,11 +15,13 @@
 //! - [`promote`]: catch up, switch the alias, record the previous index; and roll back;
 //! - [`cleanup`]: indices no alias points to, and their groups;
 //! - [`indices`]: the index, the alias and the record a promotion leaves;
-//! - [`kafka`]: partitions, retained offsets, group commits and members.
+//! - [`kafka`]: partitions, retained offsets, group commits and members;
+//! - [`lease`]: the lock a run, a promote, a rollback and a cleanup hold on an index.
 
 pub mod cleanup;
 pub mod indices;
 pub mod kafka;
+pub mod lease;
 pub mod plan;
 mod progress;
 pub mod promote;

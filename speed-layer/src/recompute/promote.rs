@@ -9,8 +9,10 @@
 
 use serde_json::{json, Value};
 
-use super::run::{run_on, Target};
-use super::{indices, kafka, RecomputeArgs, RecomputeError, RunSummary};
+use std::collections::BTreeMap;
+
+use super::run::{run_leased, Target};
+use super::{indices, kafka, lease, RecomputeArgs, RecomputeError, RunSummary};
 use crate::store::ProfileStore;
 use pulse_service::Shutdown;
 
@@ -24,8 +26,9 @@ pub struct Switch {
     pub caught_up: RunSummary,
 }
 
-/// Refuses while the live group has members: their commit is not final yet.
-fn live_stopped(args: &RecomputeArgs) -> Result<(), RecomputeError> {
+/// Refuses while the live group has members: their commit is not final yet. The live
+/// group's commits, which the catch-up then folds up to: the bound the alias swap checks again.
+fn live_stopped(args: &RecomputeArgs) -> Result<LiveBound, RecomputeError> {
     let members = kafka::members(&args.speed.kafka, &args.speed.group)?;
     if members > 0 {
         return Err(RecomputeError::Refused(format!(
@@ -34,15 +37,62 @@ fn live_stopped(args: &RecomputeArgs) -> Result<(), RecomputeError> {
             args.speed.group
         )));
     }
-    Ok(())
+    live_commits(args)
+}
+
+/// Where the live group has committed, per partition of the events topic.
+type LiveBound = BTreeMap<i32, i64>;
+
+fn live_commits(args: &RecomputeArgs) -> Result<LiveBound, RecomputeError> {
+    let topic = &args.speed.topics.events;
+    let partitions = kafka::retained(&args.speed.kafka, topic)?.partitions();
+    Ok(kafka::committed(
+        &args.speed.kafka,
+        &args.speed.group,
+        topic,
+        &partitions,
+    )?)
+}
+
+/// Checked again just before the alias moves: the live layer is still stopped and its commits
+/// are still the ones the catch-up folded to. An orchestrator may have restarted it during the
+/// catch-up (it does so by itself): then the events it committed since are in the old index
+/// only, and the profiles it holds, loaded from the old index, would go on into the new one
+/// once the alias moved. The swap is refused and the alias left where it was.
+fn still_stopped(args: &RecomputeArgs, bound: &LiveBound) -> Result<(), RecomputeError> {
+    let members = kafka::members(&args.speed.kafka, &args.speed.group)?;
+    let now = live_commits(args)?;
+    if members == 0 && &now == bound {
+        return Ok(());
+    }
+    let moved: Vec<String> = now
+        .iter()
+        .filter(|(p, o)| bound.get(p) != Some(o))
+        .map(|(p, o)| {
+            format!(
+                "{p}: {} -> {o}",
+                bound.get(p).map_or("none".into(), |b| b.to_string())
+            )
+        })
+        .take(10)
+        .collect();
+    Err(RecomputeError::Refused(format!(
+        "the live group {} changed during the catch-up ({members} member(s) now; commits moved \
+         on partitions [{}]): the live layer was started again. The alias is left on the old \
+         index; stop the live layer and promote again",
+        args.speed.group,
+        moved.join(", ")
+    )))
 }
 
 /// Catches `args.index` up to the live layer's final commit and points the alias to it,
 /// recording in its `_meta` the index it replaced and where that one stopped.
 pub fn promote(args: &RecomputeArgs, stop: Shutdown) -> Result<Switch, RecomputeError> {
-    live_stopped(args)?;
-    let caught_up = run_on(args, stop, Target::Existing)?;
-    switch(args, caught_up)
+    lease::with_lease(args, &args.index, "promote", &stop, || {
+        let bound = live_stopped(args)?;
+        let caught_up = run_leased(args, stop.clone(), Target::Existing)?;
+        switch(args, caught_up, &bound)
+    })
 }
 
 /// Points the alias back to the index the current one replaced, caught up first from where
@@ -62,37 +112,42 @@ pub fn rollback(args: &RecomputeArgs, stop: Shutdown) -> Result<Switch, Recomput
             "index {current} records no previous index (it was not promoted by a recompute)"
         ))
     })?;
+    drop(runtime);
     let mut back = args.clone();
     back.index = previous.to_string();
-    // The previous index stopped being written at the promotion: its catch-up starts there.
-    let until: Vec<(i32, i64)> = meta["pulse"]["previous_until"]
-        .as_object()
-        .map(|o| {
-            o.iter()
-                .filter_map(|(p, v)| Some((p.parse().ok()?, v.as_i64()?)))
-                .collect()
-        })
-        .unwrap_or_default();
-    kafka::commit(
-        &args.speed.kafka,
-        &back.group(),
-        &args.speed.topics.events,
-        &until,
-    )?;
-    let caught_up = run_on(&back, stop, Target::Existing)?;
-    switch(&back, caught_up)
+    lease::with_lease(args, previous, "rollback", &stop, || {
+        let bound = live_stopped(args)?;
+        // The previous index stopped being written at the promotion: its catch-up starts there.
+        let until: Vec<(i32, i64)> = meta["pulse"]["previous_until"]
+            .as_object()
+            .map(|o| {
+                o.iter()
+                    .filter_map(|(p, v)| Some((p.parse().ok()?, v.as_i64()?)))
+                    .collect()
+            })
+            .unwrap_or_default();
+        kafka::commit(
+            &args.speed.kafka,
+            &back.group(),
+            &args.speed.topics.events,
+            &until,
+        )?;
+        let caught_up = run_leased(&back, stop.clone(), Target::Existing)?;
+        switch(&back, caught_up, &bound)
+    })
 }
 
-fn switch(args: &RecomputeArgs, caught_up: RunSummary) -> Result<Switch, RecomputeError> {
+fn switch(
+    args: &RecomputeArgs,
+    caught_up: RunSummary,
+    bound: &LiveBound,
+) -> Result<Switch, RecomputeError> {
     let runtime = tokio::runtime::Runtime::new()?;
     let live = ProfileStore::new(&args.speed.es)?;
     let alias = &args.speed.es.alias;
     let from = runtime.block_on(indices::alias_target(&live, alias))?;
-    let topic = &args.speed.topics.events;
-    let partitions = kafka::retained(&args.speed.kafka, topic)?.partitions();
-    let until = kafka::committed(&args.speed.kafka, &args.speed.group, topic, &partitions)?;
-    let until: serde_json::Map<String, Value> = until
-        .into_iter()
+    let until: serde_json::Map<String, Value> = bound
+        .iter()
         .map(|(p, o)| (p.to_string(), json!(o)))
         .collect();
     let meta = json!({"pulse": {
@@ -105,6 +160,7 @@ fn switch(args: &RecomputeArgs, caught_up: RunSummary) -> Result<Switch, Recompu
     // refresh interval back, but the refresh itself comes only with the next tick, and a
     // query in between would find the index empty.
     runtime.block_on(live.on_index(&args.index).refresh())?;
+    still_stopped(args, bound)?;
     runtime.block_on(indices::swap(&live, alias, from.as_deref(), &args.index))?;
     tracing::info!(%alias, from = ?from, to = %args.index, "alias moved");
     Ok(Switch {

@@ -15,6 +15,7 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use pulse_core::partitioner::Placement;
 use pulse_core::Event;
 use pulse_service::consumer::topic_committer;
 use pulse_service::outbox::Outbox;
@@ -97,6 +98,18 @@ pub fn run_on(
     stop: Shutdown,
     target: Target,
 ) -> Result<RunSummary, RecomputeError> {
+    super::lease::with_lease(args, &args.index, "run", &stop, || {
+        run_leased(args, stop.clone(), target)
+    })
+}
+
+/// [`run_on`], by a process that holds the index's lease (see [`super::lease`]): no other run
+/// folds into it and no cleanup deletes it meanwhile.
+pub(super) fn run_leased(
+    args: &RecomputeArgs,
+    stop: Shutdown,
+    target: Target,
+) -> Result<RunSummary, RecomputeError> {
     let runtime = Arc::new(
         tokio::runtime::Builder::new_multi_thread()
             .worker_threads(2)
@@ -134,8 +147,8 @@ pub fn run_on(
         )?;
         if !runtime.block_on(indices::create_index(&live, &args.index))? {
             return Err(RecomputeError::Refused(format!(
-                "index {} was created by someone else meanwhile (another run of the same \
-                 recompute?): run one at a time",
+                "index {} was created by someone else meanwhile (by hand, or by a process \
+                 that does not take its lease): run again to resume it",
                 args.index
             )));
         }
@@ -160,6 +173,8 @@ pub fn run_on(
     consumer_config.set("enable.partition.eof", "true");
     let consumer: BaseConsumer = consumer_config.create()?;
     let topic = args.speed.topics.events.clone();
+    let partition_count =
+        pulse_service::consumer::partition_count(&args.speed.kafka.client_config(), &topic, &stop)?;
     let commit = topic_committer(&consumer, &topic);
     let outbox = Outbox::new(
         args.speed.kafka.producer_config(),
@@ -178,6 +193,7 @@ pub fn run_on(
         },
         stop: stop.clone(),
         kill_at: args.failpoint_kill_at,
+        partition_count,
         poison: journal.load(),
         panic_at: args.speed.failpoint_panic_message_id.clone(),
     };
@@ -214,6 +230,7 @@ pub fn run_on(
         &args.index,
         crate::store::REFRESH_INTERVAL,
     ))?;
+    folder.check_no_other_writer()?;
     if !flushed {
         return Err(RecomputeError::Refused(
             "the final flush did not get through; run again: it resumes from the last commit"
@@ -270,6 +287,9 @@ struct Folder {
     stop: Shutdown,
     /// See [`RecomputeArgs::failpoint_kill_at`].
     kill_at: Option<(i32, i64)>,
+    /// Partitions of the events topic: a record the live layer dead-lettered for its
+    /// partition is passed over here too (see `pulse_core::partitioner`).
+    partition_count: i32,
     /// Records that made an earlier run of this index panic (see [`crate::poison`]): passed
     /// over, counted as `unusable` and logged. With the live layer's models the live layer
     /// panicked on them too and dead-lettered them; a record only the recompute's models
@@ -280,6 +300,24 @@ struct Folder {
 }
 
 impl Folder {
+    /// A document of the index newer than what this run wrote (409): another process writes
+    /// into the index (a live layer pointed at it, a hand-made writer; two runs cannot, they
+    /// share a lease). The live layer re-reads such a partition; a recompute cannot know
+    /// what the other writer folded, and a partition left uncommitted must not end in a run
+    /// that looks complete, so the run fails with the partitions named.
+    fn check_no_other_writer(&self) -> Result<(), RecomputeError> {
+        let stale = self.state.stale_partitions();
+        if stale.is_empty() {
+            return Ok(());
+        }
+        Err(RecomputeError::Refused(format!(
+            "index {} holds documents newer than this run wrote on partitions {stale:?}: \
+             another process writes into it (a live speed layer whose alias points to it?); \
+             those partitions are not committed. Stop that writer, then run again",
+            self.summary.index
+        )))
+    }
+
     /// Folds the partition's archive units, each in offset order, from where the recompute
     /// stands up to the live layer's commit.
     fn archive(
@@ -312,7 +350,7 @@ impl Folder {
             self.summary.from_archive += events.len() as u64;
             for chunk in events.chunks(self.progress.chunk(CHUNK)) {
                 if !self.fold(fx, chunk) {
-                    return Ok(());
+                    return self.check_no_other_writer();
                 }
             }
             // The unit's dead-lettered records hold offsets too: the position is past them.
@@ -394,7 +432,11 @@ impl Folder {
                 match open.get(&p) {
                     Some(bound) if offset < *bound => {
                         self.summary.from_kafka += 1;
-                        let event = Event::from_record(msg.key(), msg.payload()).ok();
+                        let at = Placement {
+                            partition: p,
+                            partitions: self.partition_count,
+                        };
+                        let event = Event::from_record(msg.key(), msg.payload(), at).ok();
                         if event.is_none() {
                             self.summary.unusable += 1;
                         }
@@ -410,7 +452,7 @@ impl Folder {
             }
             if chunk.len() >= size || (idle && !chunk.is_empty()) {
                 if !self.fold(fx, &chunk) {
-                    return Ok(());
+                    return self.check_no_other_writer();
                 }
                 chunk.clear();
             }
@@ -480,6 +522,10 @@ impl Folder {
         let flushing = Instant::now();
         self.summary.seconds.fold += (flushing - folding).as_secs_f64();
         self.state.finish_flush(fx, false);
+        if !self.state.stale_partitions().is_empty() {
+            // Not re-read as the live layer would: the run ends, naming the writer.
+            return false;
+        }
         if self.state.flush_due() || self.state.eager_flush_due() {
             self.state.start_flush_all(fx);
         }

@@ -21,7 +21,7 @@ use rust_decimal::Decimal;
 use serde_json::Value;
 
 #[allow(unused_imports)] // each test file uses its own subset
-pub use pulse_tests::data::{generate, produce, produce_raw};
+pub use pulse_tests::data::{generate, produce, produce_raw, produce_to_partition};
 #[allow(unused_imports)] // each test file uses its own subset
 pub use pulse_tests::process::{
     counter, free_port, log_file, poll_until, terminate, terminate_in_time, wait_exit, wait_until,
@@ -34,6 +34,7 @@ pub use pulse_tests::{brokers, create_topic, es_url, read_topic, unique, PATIENC
 pub const CART_RULE: &str = r#"
 [[rule]]
 id = "any-cart"
+partner = "*"
 event = "add_to_cart"
 template = "cart_reminder"
 "#;
@@ -41,6 +42,8 @@ template = "cart_reminder"
 /// One test's topics, consumer group and profile alias.
 pub struct Fixture {
     pub topic: String,
+    /// Partitions of `topic`.
+    pub partitions: i32,
     pub dlq: String,
     pub triggers: String,
     pub triggers_dlq: String,
@@ -63,6 +66,7 @@ impl Fixture {
             .expect("es setup (is the stack up?)");
         Self {
             topic,
+            partitions,
             dlq,
             triggers,
             triggers_dlq,
@@ -103,13 +107,6 @@ impl Fixture {
                 "--triggers-topic",
                 &self.triggers,
             ])
-            .args([
-                "--profiles-alias",
-                &self.alias,
-                "--profiles-index",
-                &format!("{}-v1", self.alias),
-            ])
-            .args(["--group", &self.group])
             .args(["--state-dir", &self.state_dir()])
             .args(extra)
             .env("RUST_LOG", "info,librdkafka=warn")
@@ -118,6 +115,14 @@ impl Fixture {
             .stderr(log_file(&format!("speed-{}", self.alias)));
         if !extra.contains(&"--es-url") {
             cmd.args(["--es-url", &es_url()]);
+        }
+        // A test may point a layer elsewhere (another alias or index, another group).
+        if !extra.contains(&"--profiles-alias") {
+            let index = format!("{}-v1", self.alias);
+            cmd.args(["--profiles-alias", &self.alias, "--profiles-index", &index]);
+        }
+        if !extra.contains(&"--group") {
+            cmd.args(["--group", &self.group]);
         }
         if !extra.contains(&"--metrics-listen") {
             cmd.args(["--metrics-listen", "127.0.0.1:0"]);
@@ -141,7 +146,12 @@ impl Fixture {
                 &self.triggers_dlq,
             ])
             .args(["--state-topic", &format!("{}.state", self.triggers)])
-            .args(["--group", group, "--webhook-url", webhook])
+            .args(["--group", group])
+            // A test that routes per partner passes its own `--webhooks-file` instead.
+            .args(match extra.contains(&"--webhooks-file") {
+                true => vec![],
+                false => vec!["--webhook-url", webhook],
+            })
             .args(match extra.contains(&"--metrics-listen") {
                 true => &[][..],
                 false => &["--metrics-listen", "127.0.0.1:0"][..],

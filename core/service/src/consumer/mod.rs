@@ -39,6 +39,44 @@ pub trait Commit {
     }
 }
 
+/// How many partitions `topic` has: what each record's partition is checked against
+/// (`pulse_core::partitioner`). Waits, retrying with backoff and saying so, while the topic
+/// does not exist yet or the broker does not answer; `Err` only when `stop` comes first.
+pub fn partition_count(
+    client: &rdkafka::ClientConfig,
+    topic: &str,
+    stop: &crate::Shutdown,
+) -> Result<i32, KafkaError> {
+    use rdkafka::consumer::{BaseConsumer, Consumer};
+    let consumer: BaseConsumer = client.create()?;
+    let policy = crate::RetryPolicy::forever(
+        std::time::Duration::from_millis(200),
+        std::time::Duration::from_secs(5),
+    );
+    let counted = policy.run_blocking(
+        stop,
+        "reading the topic's partition count",
+        |_| true,
+        || {
+            let md = consumer.fetch_metadata(Some(topic), std::time::Duration::from_secs(10))?;
+            match md.topics().iter().find(|t| t.name() == topic) {
+                Some(t) if t.error().is_none() && !t.partitions().is_empty() => {
+                    Ok(t.partitions().len() as i32)
+                }
+                Some(t) => Err(KafkaError::MetadataFetch(
+                    t.error()
+                        .map(rdkafka::error::RDKafkaErrorCode::from)
+                        .unwrap_or(rdkafka::error::RDKafkaErrorCode::UnknownTopicOrPartition),
+                )),
+                None => Err(KafkaError::MetadataFetch(
+                    rdkafka::error::RDKafkaErrorCode::UnknownTopicOrPartition,
+                )),
+            }
+        },
+    );
+    counted.map_err(crate::RetryError::into_inner)
+}
+
 /// The list to commit for `positions` (partition, next offset to read) of `topic`. A
 /// position librdkafka refuses is logged and counted, never silently dropped.
 pub fn commit_list(
