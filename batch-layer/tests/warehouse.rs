@@ -314,20 +314,24 @@ async fn two_loads_of_one_day_at_once_each_load_the_whole_day() {
         .unwrap()
         .len();
     assert!(files >= 8, "a day of {files} files");
-    for round in 0..2 {
-        let args = ["--date", &d.to_string(), "--max-files-per-job", "1"];
-        let a = s
-            .load_command(&args)
+    let args = ["--date", &d.to_string(), "--max-files-per-job", "1"];
+    // One load alone, to know how long one takes here: the second load of each round starts
+    // part-way through the first (started together, the two run in step and hide what one
+    // cuts of the other's staging rows).
+    let alone = std::time::Instant::now();
+    s.load(&args).unwrap();
+    let took = alone.elapsed();
+    let spawn = || {
+        s.load_command(&args)
             .stdout(std::process::Stdio::piped())
             .stderr(std::process::Stdio::piped())
             .spawn()
-            .unwrap();
-        let b = s
-            .load_command(&args)
-            .stdout(std::process::Stdio::piped())
-            .stderr(std::process::Stdio::piped())
-            .spawn()
-            .unwrap();
+            .unwrap()
+    };
+    for round in 0..3u32 {
+        let a = spawn();
+        tokio::time::sleep(took * (round + 1) / 4).await;
+        let b = spawn();
         let (a, b) = (a.wait_with_output().unwrap(), b.wait_with_output().unwrap());
         for out in [a, b] {
             let reports = Setup::reports(out).unwrap_or_else(|e| panic!("round {round}: {e}"));

@@ -511,7 +511,6 @@ async fn a_record_on_the_wrong_partition_or_received_out_of_range_is_dead_letter
     produce_to_partition(&f.topic, wrong, &key, &event(100).to_canonical_json()).await;
     let mut future = event(101);
     future.received_at = "2200-01-01T00:00:00Z".parse().unwrap();
-    future.timestamp = future.received_at;
     produce_raw(
         &f.topic,
         &[(Some(key.as_str()), &future.to_canonical_json())],
