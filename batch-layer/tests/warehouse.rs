@@ -471,15 +471,21 @@ async fn every_report_is_unchanged_when_all_events_are_sent_twice() {
     let once = Setup::new("bq-once").await;
     let twice = Setup::new("bq-twice").await;
     let events = generate(3_000, 45, 150, 4);
-    // Every client retried every event: same message ids, received later.
+    // Every client retried every event: same message ids, written to Kafka after the
+    // original. Half of the retries carry a receive time 5 s later, the other half one 5 s
+    // earlier (an ingest replica whose clock is behind): the copy kept is the first received,
+    // not the first written.
     let retries: Vec<Event> = events
         .iter()
-        .map(|e| {
+        .enumerate()
+        .map(|(i, e)| {
             let mut r = e.clone();
-            r.received_at += chrono::Duration::seconds(5);
+            let shift = if i % 2 == 0 { 5 } else { -5 };
+            r.received_at += chrono::Duration::seconds(shift);
             r
         })
         .collect();
+    let earlier_retries = events.len() / 2;
     once.archive_events(&events).await;
     produce(&twice.archive.topic, &events).await;
     twice.archive_events(&retries).await;
@@ -515,12 +521,16 @@ async fn every_report_is_unchanged_when_all_events_are_sent_twice() {
             "{d} on DataFusion"
         );
     }
-    // The first received copy is the one kept: generated events share one receive time,
-    // their retries have another.
-    let first = "SELECT COUNT(DISTINCT received_at) FROM events";
-    assert_eq!(twice.query(first).await, vec![vec![Some("1".into())]]);
+    // The first received copy is the one kept: generated events share one receive time T,
+    // their retries have T + 5 s or T - 5 s; kept are T for the first half and T - 5 s (the
+    // retry, written later) for the other, never T + 5 s.
+    let first = "SELECT COUNT(DISTINCT received_at), \
+                 COUNT(CASE WHEN received_at = (SELECT MIN(received_at) FROM events) THEN 1 END) \
+                 FROM events";
+    let want = vec![vec![Some("2".into()), Some(earlier_retries.to_string())]];
+    assert_eq!(twice.query(first).await, want, "BigQuery");
     let embedded = sql::query(twice.archive.store(), first).await.unwrap();
-    assert_eq!(rows(&embedded), vec![vec![Some("1".into())]]);
+    assert_eq!(rows(&embedded), want, "DataFusion");
 
     let wh_once = Warehouse::connect(&once.args()).await.unwrap();
     let wh_twice = Warehouse::connect(&twice.args()).await.unwrap();

@@ -179,9 +179,13 @@ async fn thousands_of_event_names_from_one_partner_leave_the_index_usable_for_ot
     events.extend((0..3_000).map(|i| {
         ev(json!({"event": format!("bulk_{i}"), "partner_id": "shop-a", "user_id": "spammer-x"}))
     }));
-    // After the flood, another partner's brand-new event type.
+    // After the flood, another partner's brand-new event type, and a purchase by the flooding
+    // user: standard types are counted by name however many own types a profile has.
     events.push(ev(
         json!({"event": "loyalty_signup", "partner_id": "shop-b", "user_id": "b-1"}),
+    ));
+    events.push(ev(
+        json!({"event": "purchase", "partner_id": "shop-a", "user_id": "spammer-x", "cart_amount": "3"}),
     ));
     let mut speed = f.spawn_speed(&[
         "--flush-interval-secs",
@@ -196,15 +200,28 @@ async fn thousands_of_event_names_from_one_partner_leave_the_index_usable_for_ot
     assert_eq!(b["event_counts"]["loyalty_signup"], json!(1));
     assert_eq!(b["event_types"], json!(["loyalty_signup"]));
     let spammer = &docs["shop-a:spammer-x"];
-    assert_eq!(spammer["event_count"], json!(3_000));
+    assert_eq!(spammer["event_count"], json!(3_001));
     assert_eq!(spammer["event_counts"]["_other"], json!(3_000 - 100));
-    // Every type is findable, the others' and the flood's alike.
-    let hits = f
-        .store
-        .search(json!({"query": {"term": {"event_types": "loyalty_signup"}}}))
-        .await
-        .unwrap();
-    assert_eq!(hits["hits"]["total"]["value"], json!(1));
+    assert_eq!(spammer["event_counts"]["purchase"], json!(1));
+    // "Users who did X": the other partner's new type, a standard type after the flood, and
+    // the flood's own first 100 types; the types counted under `_other` are not listed.
+    let who_did = |event_type: &'static str| {
+        let store = f.store.clone();
+        async move {
+            let query = json!({"query": {"term": {"event_types": event_type}}, "_source": ["profile_id", "partner_id", "user_id"]});
+            let hits = store.search(query).await.unwrap();
+            hits["hits"]["hits"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|h| h["_id"].as_str().unwrap_or_default().to_string())
+                .collect::<Vec<_>>()
+        }
+    };
+    assert_eq!(who_did("loyalty_signup").await, vec!["shop-b:b-1"]);
+    assert_eq!(who_did("purchase").await, vec!["shop-a:spammer-x"]);
+    assert_eq!(who_did("bulk_50").await, vec!["shop-a:spammer-x"]);
+    assert!(who_did("bulk_2999").await.is_empty());
     // The mapping did not grow: only the standard counters are fields.
     let mapping: Value = reqwest::get(format!("{}/{}/_mapping", es_url(), f.alias))
         .await

@@ -127,10 +127,30 @@ async fn profiles_equal_ground_truth_and_the_api_answers_from_them() {
     let (status, body) = get(format!("/api/v1/profiles/{some_user}"), Some("ra")).await;
     assert_eq!(status, 200);
     assert_eq!(body["user_id"], json!(some_user));
-    // A key sees only its own partner's users.
-    let other = truth.keys().find(|id| id.starts_with("shop-b:")).unwrap();
-    let cid = other.trim_start_matches("shop-b:");
-    if !truth.contains_key(&format!("shop-a:{cid}")) {
+    // A key sees only its own partner's users: a user id both partners have answers with
+    // shop-a's profile (ids are `u<n>` for both, so such ids exist: asserted, not assumed), and
+    // one only shop-b has is not found.
+    let shared: Vec<&str> = truth
+        .keys()
+        .filter_map(|id| id.strip_prefix("shop-b:"))
+        .filter(|cid| truth.contains_key(&format!("shop-a:{cid}")))
+        .collect();
+    assert!(shared.len() >= 5, "user ids both partners use: {shared:?}");
+    for cid in shared.iter().take(5) {
+        let (status, body) = get(format!("/api/v1/profiles/{cid}"), Some("ra")).await;
+        assert_eq!(status, 200, "{body}");
+        assert_eq!(body["partner_id"], "shop-a", "{body}");
+        let mine = &truth[&format!("shop-a:{cid}")];
+        assert_eq!(
+            body["event_count"], mine.event_count,
+            "shop-a's own count: {body}"
+        );
+    }
+    let b_only = truth
+        .keys()
+        .filter_map(|id| id.strip_prefix("shop-b:"))
+        .find(|cid| !truth.contains_key(&format!("shop-a:{cid}")));
+    if let Some(cid) = b_only {
         assert_eq!(
             get(format!("/api/v1/getGender/{cid}"), Some("ra")).await.0,
             404

@@ -201,16 +201,37 @@ async fn live_kafka_only_and_archive_then_kafka_give_identical_profiles_and_prom
     assert!(report["compared"].as_u64().unwrap() > 0, "{report}");
     assert_eq!(report["unexpected"], 0, "{report}");
 
+    // Users neither recompute has yet: the promote's catch-up creates them in v2.
+    let fresh: Vec<Event> = generate(200, 78, 20, 1)
+        .into_iter()
+        .enumerate()
+        .map(|(i, mut e)| {
+            e.user_id = Some(format!("fresh-{}", i % 20));
+            e.anonymous_id = None;
+            e
+        })
+        .collect();
+    produce(&f.topic, &fresh).await;
+    let before_third: Vec<Event> = first.iter().chain(second).chain(&fresh).cloned().collect();
+    let all: Vec<Event> = before_third.iter().chain(third).cloned().collect();
     // The live layer stops (flush, commit); both recomputes catch up to its final commit.
-    let total = first.len() + second.len();
+    let total = before_third.len();
     f.wait_for_events(total as u64).await;
     terminate(&mut live);
     succeeded(&recompute(&f, "run", &v3, &["--source", "kafka"]));
     // A portal queries the alias all through the promotion: every answer is complete (all
-    // the documents), from the old index and then from the new one, never an error or an
-    // empty page.
+    // the documents, every event counted in them, the users only the catch-up brought to v2),
+    // from the old index and then from the new one, never an error or an empty page.
     let v1 = format!("{}-v1", f.alias);
-    let expected = documents_of(&f, &v1).await.len() as u64;
+    let expected = Answer {
+        documents: documents_of(&f, &v1).await.len() as u64,
+        events: total as u64,
+        fresh_users: fresh
+            .iter()
+            .map(Event::partition_key)
+            .collect::<std::collections::HashSet<_>>()
+            .len() as u64,
+    };
     let querying = Arc::new(AtomicBool::new(true));
     let portal = tokio::spawn(query_loop(f.store.clone(), querying.clone()));
     let promoted =
@@ -228,19 +249,20 @@ async fn live_kafka_only_and_archive_then_kafka_give_identical_profiles_and_prom
         by_index.contains_key(v1.as_str()) && by_index.contains_key(v2.as_str()),
         "the loop saw both sides of the switch: {by_index:?}"
     );
-    let wrong: Vec<&(String, Result<u64, String>)> = answers
+    let wrong: Vec<&(String, Result<Answer, String>)> = answers
         .iter()
-        .filter(|(_, total)| total.as_ref() != Ok(&expected))
+        .filter(|(_, answer)| answer.as_ref() != Ok(&expected))
         .collect();
     assert!(
         wrong.is_empty(),
-        "{} documents expected in every answer: {wrong:?}",
-        expected
+        "{expected:?} expected in every answer; {} were not, e.g. {:?}",
+        wrong.len(),
+        &wrong[..wrong.len().min(3)]
     );
 
     let live_docs = documents_of(&f, &format!("{}-v1", f.alias)).await;
     let (archive_docs, kafka_docs) = (documents_of(&f, &v2).await, documents_of(&f, &v3).await);
-    let truth = ground_truth(&events[..total]);
+    let truth = ground_truth(&before_third);
     assert_eq!(
         diff(&live_docs, &truth),
         Vec::<String>::new(),
@@ -262,9 +284,9 @@ async fn live_kafka_only_and_archive_then_kafka_give_identical_profiles_and_prom
     assert_eq!(f.documents().await.len(), archive_docs.len());
     let mut live = f.spawn_speed(&live_args);
     produce(&f.topic, third).await;
-    let docs = f.wait_for_events(events.len() as u64).await;
+    let docs = f.wait_for_events(all.len() as u64).await;
     assert_eq!(
-        diff(&docs, &ground_truth(&events)),
+        diff(&docs, &ground_truth(&all)),
         Vec::<String>::new(),
         "after promotion"
     );
@@ -280,27 +302,40 @@ async fn live_kafka_only_and_archive_then_kafka_give_identical_profiles_and_prom
     assert_eq!(back["to"], format!("{}-v1", f.alias).as_str(), "{back}");
     let docs = f.documents().await;
     assert_eq!(
-        diff(&docs, &ground_truth(&events)),
+        diff(&docs, &ground_truth(&all)),
         Vec::<String>::new(),
         "after rollback"
     );
 }
 
 /// Searches the alias until `querying` turns false: for each answer, the index it came from
-/// and its total hits (or the error).
+/// and what it held (or the error).
 async fn query_loop(
     store: pulse_speed::store::ProfileStore,
     querying: Arc<AtomicBool>,
-) -> Vec<(String, Result<u64, String>)> {
-    let query =
-        serde_json::json!({"size": 1, "track_total_hits": true, "query": {"match_all": {}}});
+) -> Vec<(String, Result<Answer, String>)> {
+    let query = serde_json::json!({
+        "size": 1, "track_total_hits": true, "query": {"match_all": {}},
+        "aggs": {
+            "events": {"sum": {"field": "event_count"}},
+            "fresh": {"filter": {"prefix": {"user_id": "fresh-"}}},
+        },
+    });
     let mut answers = Vec::new();
     while querying.load(Ordering::Relaxed) {
         let answer = match store.search(query.clone()).await {
             Ok(body) => {
                 let index = body["hits"]["hits"][0]["_index"].as_str().unwrap_or("none");
-                let total = body["hits"]["total"]["value"].as_u64().unwrap_or_default();
-                (index.to_string(), Ok(total))
+                let answer = Answer {
+                    documents: body["hits"]["total"]["value"].as_u64().unwrap_or_default(),
+                    events: body["aggregations"]["events"]["value"]
+                        .as_f64()
+                        .unwrap_or(-1.0) as u64,
+                    fresh_users: body["aggregations"]["fresh"]["doc_count"]
+                        .as_u64()
+                        .unwrap_or_default(),
+                };
+                (index.to_string(), Ok(answer))
             }
             Err(e) => (String::new(), Err(e.to_string())),
         };
@@ -308,6 +343,15 @@ async fn query_loop(
         tokio::time::sleep(Duration::from_millis(5)).await;
     }
     answers
+}
+
+/// What one portal query through the alias found: the documents, the events they count, and
+/// the users only the promote's catch-up wrote to the new index.
+#[derive(Debug, PartialEq, Eq)]
+struct Answer {
+    documents: u64,
+    events: u64,
+    fresh_users: u64,
 }
 
 /// Drops the records of `partition` below `before`, as retention would.
