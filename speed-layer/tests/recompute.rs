@@ -13,10 +13,7 @@ use std::time::Duration;
 
 use common::*;
 use object_store::local::LocalFileSystem;
-use object_store::{ObjectStoreExt, PutPayload};
 use pulse_archive::layout::{self, FileRange};
-use pulse_archive::parquet_file::{self, Codec};
-use pulse_core::partitioner::Placement;
 use pulse_core::Event;
 use serde_json::Value;
 
@@ -103,58 +100,59 @@ fn differences(a: &HashMap<String, Value>, b: &HashMap<String, Value>) -> Vec<St
     out
 }
 
-/// Archives the topic's records as the archiver lays them out (one unit per partition, a
-/// file per event date, then the marker), from the records Kafka holds now; the range
-/// archived of each partition.
-async fn archive_topic(
-    f: &Fixture,
-    dir: &std::path::Path,
-    expected: usize,
-) -> BTreeMap<i32, FileRange> {
+/// Archives what the topic holds now with the real `pulse-archiver` (`--stop-at-end`, in a
+/// group of its own, small units: several per partition), into `dir`; each partition's
+/// archived range so far (from its first file to its last marker). Called again after more
+/// records, it goes on where the archive is. Bad records make units of markers only.
+async fn archive_topic(f: &Fixture, dir: &std::path::Path) -> BTreeMap<i32, FileRange> {
     std::fs::create_dir_all(dir).unwrap();
+    // Built beside this test by `cargo test --workspace` (pulse-batch's own tests need it).
+    let bin = std::env::current_exe()
+        .unwrap()
+        .parent()
+        .and_then(|deps| deps.parent())
+        .map(|debug| debug.join("pulse-archiver"))
+        .unwrap();
+    assert!(
+        bin.exists(),
+        "{} missing: cargo build -p pulse-batch --bin pulse-archiver (cargo test --workspace builds it)",
+        bin.display()
+    );
+    let group = unique("recompute-archiver");
+    let status = Command::new(&bin)
+        .args(["--kafka-brokers", &brokers(), "--events-topic", &f.topic])
+        .args(["--dlq-topic", &f.dlq, "--group", &group])
+        .args(["--archive-url", &dir.to_string_lossy()])
+        .args([
+            "--stop-at-end",
+            "--roll-bytes",
+            "30000",
+            "--metrics-listen",
+            "127.0.0.1:0",
+        ])
+        .env("RUST_LOG", "info,librdkafka=warn")
+        .stdout(std::process::Stdio::null())
+        .stderr(log_file(&format!("archiver-{group}")))
+        .status()
+        .unwrap();
+    assert!(status.success(), "pulse-archiver exited with {status}");
     let store = LocalFileSystem::new_with_prefix(dir).unwrap();
-    let mut ranges = BTreeMap::new();
-    let mut by_partition: BTreeMap<i32, Vec<(i64, Event)>> = BTreeMap::new();
-    for r in read_topic(&f.topic, expected, Duration::ZERO) {
-        let at = Placement {
-            partition: r.partition,
-            partitions: f.partitions,
-        };
-        let event = Event::from_record(Some(r.key.as_bytes()), Some(&r.payload), at).unwrap();
-        by_partition
-            .entry(r.partition)
-            .or_default()
-            .push((r.offset, event));
+    let done = layout::progress(&store).await.unwrap();
+    let mut ranges: BTreeMap<i32, FileRange> = BTreeMap::new();
+    for file in layout::committed_files(&store, None).await.unwrap() {
+        let r = file.range;
+        let range = ranges.entry(r.partition).or_insert(r);
+        range.first = range.first.min(r.first);
     }
-    for (p, mut rows) in by_partition {
-        rows.sort_by_key(|(o, _)| *o);
-        let range = FileRange {
-            partition: p,
-            first: rows[0].0,
-            last: rows[rows.len() - 1].0,
-        };
-        ranges.insert(p, range);
-        let mut by_date: BTreeMap<chrono::NaiveDate, Vec<(i64, Event)>> = BTreeMap::new();
-        for (o, e) in rows {
-            by_date
-                .entry(e.timestamp.date_naive())
-                .or_default()
-                .push((o, e));
-        }
-        for (dt, rows) in by_date {
-            let bytes = parquet_file::write(p, &rows, Codec::Zstd).unwrap();
-            store
-                .put(&layout::data_path(dt, range), PutPayload::from(bytes))
-                .await
-                .unwrap();
-        }
-        store
-            .put(
-                &layout::marker_path(p, range.last),
-                PutPayload::from_static(b""),
-            )
-            .await
-            .unwrap();
+    for (p, last) in done {
+        ranges
+            .entry(p)
+            .or_insert(FileRange {
+                partition: p,
+                first: 0,
+                last,
+            })
+            .last = last;
     }
     ranges
 }
@@ -168,12 +166,49 @@ async fn live_kafka_only_and_archive_then_kafka_give_identical_profiles_and_prom
     let (second, third) = rest.split_at(500);
     let live_args = ["--flush-interval-secs", "0.5"];
     let mut live = f.spawn_speed(&live_args);
-    produce(&f.topic, first).await;
-    f.wait_for_events(first.len() as u64).await;
-
-    // The archive holds the first part; the second arrives while the recomputes run.
+    // The archive holds the first part, written by the archiver in three runs: units of
+    // events with client retries among them (same message ids: they count once), then units
+    // of bad records only (markers, no files), then the rest. The second part arrives while
+    // the recomputes run.
     let dir = std::env::temp_dir().join(format!("{}-archive", f.alias));
-    archive_topic(&f, &dir, first.len()).await;
+    let (early, late) = first.split_at(1_000);
+    produce(&f.topic, early).await;
+    produce(&f.topic, &early[..150]).await;
+    archive_topic(&f, &dir).await;
+    let bad: Vec<String> = (0..8).map(|i| format!("shop-a:bad-{i}")).collect();
+    let garbage: Vec<(Option<&str>, &[u8])> = bad
+        .iter()
+        .map(|k| (Some(k.as_str()), &b"not an event"[..]))
+        .collect();
+    produce_raw(&f.topic, &garbage).await;
+    let after_bad = archive_topic(&f, &dir).await;
+    let store = LocalFileSystem::new_with_prefix(&dir).unwrap();
+    let files = layout::committed_files(&store, None).await.unwrap();
+    let marker_only = after_bad.iter().filter(|(p, r)| {
+        let last_file = files
+            .iter()
+            .filter(|file| file.range.partition == **p)
+            .map(|file| file.range.last)
+            .max();
+        last_file.is_some_and(|l| l < r.last)
+    });
+    assert!(
+        marker_only.count() > 0,
+        "a unit of bad records only: {after_bad:?}"
+    );
+    produce(&f.topic, late).await;
+    let ranges = archive_topic(&f, &dir).await;
+    f.wait_for_events(first.len() as u64).await;
+    let files = layout::committed_files(&store, None).await.unwrap();
+    for p in 0..f.partitions {
+        let units: std::collections::BTreeSet<i64> = files
+            .iter()
+            .filter(|file| file.range.partition == p)
+            .map(|file| file.range.first)
+            .collect();
+        assert!(units.len() >= 3, "partition {p}: {} units", units.len());
+    }
+    assert!(ranges.len() as i32 == f.partitions, "{ranges:?}");
     let archive = dir.to_string_lossy().into_owned();
     let (v2, v3) = (format!("{}-v2", f.alias), format!("{}-v3", f.alias));
     let plan = recompute(&f, "plan", &v2, &["--archive-url", &archive]);
@@ -450,7 +485,7 @@ async fn a_recompute_sigkilled_again_and_again_resumes_and_ends_identical() {
     let (archived, recent) = events.split_at(5_000);
     produce(&f.topic, archived).await;
     let dir = std::env::temp_dir().join(format!("{}-archive", f.alias));
-    let ranges = archive_topic(&f, &dir, archived.len()).await;
+    let ranges = archive_topic(&f, &dir).await;
     produce(&f.topic, recent).await;
     f.wait_for_events(events.len() as u64).await;
     terminate(&mut live);
