@@ -86,7 +86,7 @@ impl Holder {
 
 /// What trying for a lease found.
 pub enum Acquired {
-    Held(Lease),
+    Held(Box<Lease>),
     /// Someone else holds it.
     Busy(Holder),
 }
@@ -119,18 +119,18 @@ pub async fn acquire(
         match read(store, &leases, index).await? {
             None => {
                 if let Some(version) = write(store, &leases, index, &holder, None).await? {
-                    return Ok(Acquired::Held(Lease::new(
+                    return Ok(Acquired::Held(Box::new(Lease::new(
                         store, leases, index, holder, version,
-                    )));
+                    ))));
                 }
             }
             Some((current, _)) if !current.is_free(now) => return Ok(Acquired::Busy(current)),
             Some((current, version)) => {
                 tracing::warn!(index, previous = %current.describe(now), "taking over a lease its holder left");
                 if let Some(version) = write(store, &leases, index, &holder, Some(version)).await? {
-                    return Ok(Acquired::Held(Lease::new(
+                    return Ok(Acquired::Held(Box::new(Lease::new(
                         store, leases, index, holder, version,
-                    )));
+                    ))));
                 }
             }
         }
@@ -266,7 +266,7 @@ impl Lease {
     }
 
     /// Gives the lease up (unless it was lost).
-    pub async fn release(mut self) {
+    pub async fn release(mut self: Box<Self>) {
         if let Some(task) = self.renewal.take() {
             task.abort();
             let _ = task.await;
