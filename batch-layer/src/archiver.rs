@@ -74,6 +74,8 @@ pub mod metric {
     pub const JSON_BYTES: &str = "pulse_archiver_json_bytes_total";
     pub const UNITS: &str = "pulse_archiver_units_total";
     pub const DEAD_LETTERED: &str = "pulse_archiver_dead_lettered_total";
+    /// Identity records of the speed layer met in the events topic and not archived.
+    pub const IDENTITY_RECORDS: &str = "pulse_archiver_identity_records_total";
     pub const STORE_FAILURES: &str = "pulse_archiver_store_failures_total";
     pub const BUFFERED_BYTES: &str = "pulse_archiver_buffered_bytes";
 }
@@ -463,6 +465,14 @@ impl State {
             partition: p,
             partitions: self.partitions,
         };
+        if pulse_core::identity::IdentityRecord::marker(msg.headers()).is_some() {
+            // The speed layer's identity records (links, merges, events of merged devices
+            // passed on) share the topic so that they are ordered with the events; they are
+            // not events, so not archived as rows: the unit's offset range covers them as it
+            // covers a dead-lettered record.
+            metrics::counter!(metric::IDENTITY_RECORDS).increment(1);
+            return;
+        }
         match Event::from_record(msg.key(), msg.payload(), at) {
             Ok(event) => {
                 unit.bytes += payload.len();

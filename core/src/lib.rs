@@ -8,6 +8,7 @@
 
 pub mod error;
 pub mod event;
+pub mod identity;
 pub mod kafka;
 pub mod limits;
 pub mod names;

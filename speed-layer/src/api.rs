@@ -3,7 +3,8 @@
 //! `GET /api/v1/getGender/{cid}?model=MODEL1|MODEL2|MODEL3` answers the seed's gender API and
 //! `GET /api/v1/profiles/{cid}` the whole profile: the partner comes from its secret **read
 //! key** (never from a write key, which is public: it ships in apps and browsers), `cid` is
-//! the user id. The answer is
+//! the user id, or an anonymous id (a device merged into a person answers for the person).
+//! The answer is
 //! computed from the model state stored in the profile, with the current time, so a windowed
 //! model (MODEL3) forgets old visits even for a user who has not come back since.
 
@@ -100,7 +101,27 @@ fn partner<'a>(state: &'a ApiState, headers: &HeaderMap) -> Result<&'a str, ApiE
     Err(error(StatusCode::UNAUTHORIZED, "unknown read key"))
 }
 
+/// The profile of `cid`: the person's, when `cid` is an anonymous id merged into one (the
+/// device's own document is then only a pointer to the person).
 async fn load(state: &ApiState, partner: &str, cid: &str) -> Result<serde_json::Value, ApiError> {
+    let doc = get_doc(state, partner, cid).await?;
+    let Some(person) = doc.get("merged_into").and_then(|v| v.as_str()) else {
+        return Ok(doc);
+    };
+    get_doc(state, partner, person).await.map_err(|e| match e.0 {
+        StatusCode::NOT_FOUND => error(
+            StatusCode::NOT_FOUND,
+            format!("{cid} was merged into {person}, whose profile is not stored yet (within a flush interval)"),
+        ),
+        _ => e,
+    })
+}
+
+async fn get_doc(
+    state: &ApiState,
+    partner: &str,
+    cid: &str,
+) -> Result<serde_json::Value, ApiError> {
     let id = pulse_core::event::partition_key(partner, cid);
     match state.store.get(&id).await {
         Ok(Some(doc)) => Ok(doc),
@@ -177,10 +198,14 @@ async fn get_profile(
     };
     match load(&state, &partner, &cid).await {
         Ok(mut doc) => {
-            // Internal state, not the profile: model state and the dedupe digests.
+            // Internal state, not the profile: model state, the dedupe digests and the source
+            // positions of merges.
             if let Some(o) = doc.as_object_mut() {
                 o.remove("models");
                 o.remove("dedupe");
+                if let Some(identity) = o.get_mut("identity").and_then(|i| i.as_object_mut()) {
+                    identity.remove("sources");
+                }
             }
             Json(doc).into_response()
         }

@@ -29,6 +29,9 @@ pub struct SpeedConfig {
     #[command(flatten)]
     pub dedupe: DedupePolicy,
 
+    #[command(flatten)]
+    pub identity: crate::identity::IdentityPolicy,
+
     /// Most profiles held in memory; beyond it, clean profiles are evicted oldest first.
     #[arg(long, env = "PULSE_MAX_PROFILES", default_value_t = 2_000_000)]
     pub max_profiles: usize,
@@ -75,6 +78,12 @@ pub struct SpeedConfig {
     /// `message_id`. Never set it in production.
     #[arg(long, env = "PULSE_FAILPOINT_FATAL_PRODUCER_MESSAGE_ID", hide = true)]
     pub failpoint_fatal_producer_message_id: Option<String>,
+
+    /// Fault injection for the crash tests: SIGKILL the process when an event with one of
+    /// these `message_id`s (comma separated) is first handled (folded, or passed on for a
+    /// merged device). Never set it in production.
+    #[arg(long, env = "PULSE_FAILPOINT_KILL_MESSAGE_IDS", hide = true, value_delimiter = ',')]
+    pub failpoint_kill_message_ids: Vec<String>,
 
     /// Address of /healthz, /readyz and /metrics.
     #[arg(long, env = "PULSE_SPEED_METRICS_LISTEN", default_value = "0.0.0.0:9101")]

@@ -92,6 +92,33 @@ impl RecentMessages {
         }
     }
 
+    /// Adds the ids `other` remembers (a merged anonymous profile's), in receive-time order
+    /// with this profile's own, each once, then forgets what falls out of the window or beyond
+    /// the cap: a retry of an event folded on either side before a merge is recognised after
+    /// it.
+    pub fn merge(&mut self, other: &RecentMessages, policy: &DedupePolicy) {
+        let mut entries: Vec<(u32, MessageDigest)> = self
+            .received
+            .iter()
+            .copied()
+            .zip(self.digests.iter().copied())
+            .chain(
+                other
+                    .received
+                    .iter()
+                    .copied()
+                    .zip(other.digests.iter().copied())
+                    .filter(|(_, d)| !self.digests.contains(d)),
+            )
+            .collect();
+        // Stable: at equal times this profile's ids stay before the merged ones.
+        entries.sort_by_key(|(at, _)| *at);
+        *self = Self::default();
+        for (at, digest) in entries {
+            self.insert(digest, i64::from(at) * 1000, policy);
+        }
+    }
+
     pub fn len(&self) -> usize {
         self.digests.len()
     }
@@ -171,6 +198,39 @@ mod tests {
         }
         assert_eq!(r.len(), 3);
         assert!(!r.contains(d("c")) && r.contains(d("f")));
+    }
+
+    #[test]
+    fn a_merge_unites_the_ids_in_time_order_within_window_and_cap() {
+        let policy = DedupePolicy {
+            window_secs: 60,
+            max_ids: 4,
+        };
+        let mut person = RecentMessages::default();
+        person.insert(d("p1"), 9_000, &policy);
+        person.insert(d("both"), 20_000, &policy);
+        person.insert(d("p2"), 70_000, &policy);
+        let mut device = RecentMessages::default();
+        device.insert(d("old"), 1_000, &policy);
+        device.insert(d("both"), 20_000, &policy);
+        device.insert(d("a1"), 30_000, &policy);
+        person.merge(&device, &policy);
+        // "old" and "p1" are more than 60 s older than the newest (70 s); "both" once.
+        assert!(!person.contains(d("old")) && !person.contains(d("p1")));
+        assert!(person.contains(d("both")) && person.contains(d("a1")) && person.contains(d("p2")));
+        assert_eq!(person.len(), 3);
+        let capped = DedupePolicy {
+            window_secs: 1_000,
+            max_ids: 2,
+        };
+        let mut small = RecentMessages::default();
+        small.insert(d("x"), 5_000, &capped);
+        small.merge(&device, &capped);
+        assert_eq!(small.len(), 2);
+        assert!(
+            small.contains(d("both")) && small.contains(d("a1")),
+            "the two newest"
+        );
     }
 
     #[test]

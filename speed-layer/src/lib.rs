@@ -3,6 +3,7 @@
 //! - [`engine`]: the consumer loop (profiles in memory, flush to Elasticsearch, commit after).
 //! - [`profile`] and [`models`]: what a profile is and how events fold into it;
 //!   [`dedupe`]: the message ids a profile remembers, so a client retry counts once.
+//! - [`identity`]: anonymous devices merged into the person who logged in on them.
 //! - [`store`]: `ProfileStore`, profiles in Elasticsearch.
 //! - [`triggers`]: rules that fire on events; [`notifier`] delivers them to a webhook.
 //! - [`recompute`]: profiles rebuilt from the archive and Kafka into a new index, promoted.
@@ -13,6 +14,7 @@ pub mod api;
 pub mod config;
 pub mod dedupe;
 pub mod engine;
+pub mod identity;
 pub mod metrics;
 pub mod models;
 pub mod notifier;

@@ -16,6 +16,16 @@ pub const FLUSH_SECONDS: &str = "pulse_speed_flush_seconds";
 pub const DOCS_WRITTEN: &str = "pulse_speed_docs_written_total";
 pub const DOCS_STALE: &str = "pulse_speed_docs_stale_total";
 pub const DOCS_REJECTED: &str = "pulse_speed_docs_rejected_total";
+/// Identity unification (see `crate::identity`): links asked for by people, merges sent by
+/// devices and applied by people, events forwarded from merged devices, copies of identity
+/// records recognised and skipped, links refused (`reason`), junk or self ids ignored.
+pub const IDENTITY_LINKS_ASKED: &str = "pulse_speed_identity_links_asked_total";
+pub const IDENTITY_MERGES_SENT: &str = "pulse_speed_identity_merges_sent_total";
+pub const IDENTITY_MERGED: &str = "pulse_speed_identity_merged_total";
+pub const IDENTITY_FORWARDED: &str = "pulse_speed_identity_forwarded_total";
+pub const IDENTITY_COPIES: &str = "pulse_speed_identity_copies_skipped_total";
+pub const IDENTITY_REFUSED: &str = "pulse_speed_identity_links_refused_total";
+pub const IDENTITY_IGNORED: &str = "pulse_speed_identity_ids_ignored_total";
 
 pub const NOTIFY_DELIVERED: &str = "pulse_notifier_delivered_total";
 pub const NOTIFY_DUPLICATE: &str = "pulse_notifier_duplicates_total";

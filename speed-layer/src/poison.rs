@@ -174,6 +174,18 @@ impl PoisonJournal {
     }
 }
 
+/// Test-only fault injection (the crash tests' failpoints): SIGKILL, as an operator's
+/// `kill -9` or the OOM killer would, with the flush in flight and nothing of the process's
+/// own cleanup run; after saying where on stderr.
+pub(crate) fn kill_self(at: &str) -> ! {
+    eprintln!("failpoint: SIGKILL at {at}");
+    // SAFETY: getpid and kill take no pointers; SIGKILL ends the process here.
+    unsafe {
+        libc::kill(libc::getpid(), libc::SIGKILL);
+    }
+    std::process::abort()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

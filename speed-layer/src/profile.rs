@@ -9,6 +9,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::{json, Map, Value};
 
 use crate::dedupe::{DedupePolicy, MessageDigest, RecentMessages};
+use crate::identity::Identity;
 use crate::models::{ModelKind, ModelState};
 
 /// Distinct categories kept per profile, most recent first.
@@ -67,6 +68,9 @@ pub struct Profile {
     pub recent: RecentMessages,
     /// Model name → state, for the models enabled.
     pub models: BTreeMap<&'static str, Box<dyn ModelState>>,
+    /// Links to other profiles of the same person (see [`crate::identity`]); boxed and absent
+    /// for the many profiles that never took part in one.
+    pub identity: Option<Box<Identity>>,
 }
 
 /// What folding one record did.
@@ -85,11 +89,23 @@ pub enum Fold {
 impl Profile {
     pub fn new(event: &Event, models: &[ModelKind]) -> Self {
         let ts = event.timestamp.timestamp();
+        let mut profile = Self::empty(&event.partner_id, event.person_id(), models);
+        profile.anonymous = event.user_id.is_none();
+        profile.last_visit = ts;
+        profile.first_seen = ts;
+        profile
+    }
+
+    /// A profile with no event yet: what a merge lands in when its person has no document
+    /// (its first event was folded by a replica that crashed before writing it, and the
+    /// merge record is read before that event is read again: it never is, the event comes
+    /// first in the partition, but the merge must not depend on it).
+    pub fn empty(partner_id: &str, person: &str, models: &[ModelKind]) -> Self {
         Self {
-            id: event.partition_key(),
-            partner_id: event.partner_id.clone(),
-            user_id: event.person_id().to_string(),
-            anonymous: event.user_id.is_none(),
+            id: pulse_core::event::partition_key(partner_id, person),
+            partner_id: partner_id.to_string(),
+            user_id: person.to_string(),
+            anonymous: false,
             session_id: None,
             partner_name: None,
             country: None,
@@ -97,8 +113,8 @@ impl Profile {
             language: None,
             referrer: None,
             user_agent: None,
-            last_visit: ts,
-            first_seen: ts,
+            last_visit: 0,
+            first_seen: 0,
             category: Vec::new(),
             total_purchases: Decimal::ZERO,
             purchase_count: 0,
@@ -108,16 +124,145 @@ impl Profile {
             watermark: None,
             recent: RecentMessages::default(),
             models: models.iter().map(|k| (k.name, k.fresh())).collect(),
+            identity: None,
         }
+    }
+
+    /// The anonymous profile `{partner}:{anonymous_id}` merged into `person` by the link read
+    /// at `at`: a pointer with no state of its own (the state went to the person). Its
+    /// document is what tells a re-read, a second person and the profile API where the
+    /// device belongs.
+    pub fn merged_stub(
+        partner_id: &str,
+        anonymous_id: &str,
+        person: &str,
+        merged_at_ms: i64,
+        at: Watermark,
+    ) -> Self {
+        let mut stub = Self::empty(partner_id, anonymous_id, &[]);
+        stub.anonymous = true;
+        stub.watermark = Some(at);
+        stub.identity = Some(Box::new(Identity {
+            merged_into: Some(person.to_string()),
+            merged_at: Some(merged_at_ms),
+            ..Identity::default()
+        }));
+        stub
+    }
+
+    /// The person this profile was merged into, if it was.
+    pub fn merged_into(&self) -> Option<&str> {
+        self.identity.as_ref()?.merged_into.as_deref()
+    }
+
+    /// Whether the record read at `at` is already in the profile (at or below its watermark).
+    pub fn covers(&self, at: Watermark) -> bool {
+        self.watermark
+            .is_some_and(|w| w.partition == at.partition && at.offset <= w.offset)
+    }
+
+    /// The identity part, created on first use.
+    pub fn identity_mut(&mut self) -> &mut Identity {
+        self.identity.get_or_insert_with(Box::default)
+    }
+
+    /// Takes in `other`, the profile of an anonymous device of this person, as if this
+    /// profile had folded its events too: counts and sums added (exactly; refused, with
+    /// nothing changed, if a sum would leave the range), `first_seen` the earlier and
+    /// `last_visit` the later, the latest values and the recent categories of whichever was
+    /// seen last first, the open carts added, the recent message ids united, every model's
+    /// state merged. Event types beyond the cap of own types count under [`OTHER_EVENTS`].
+    pub fn merge(&mut self, other: &Profile, dedupe: &DedupePolicy) -> Result<(), String> {
+        let total = self
+            .total_purchases
+            .checked_add(other.total_purchases)
+            .filter(|d| minor_units(*d).is_some());
+        let cart = self
+            .cart_amount
+            .checked_add(other.cart_amount)
+            .filter(|d| minor_units(*d).is_some());
+        let (Some(total), Some(cart)) = (total, cart) else {
+            return Err(format!(
+                "merging {}: total_purchases {} + {} or cart_amount {} + {} leaves the range a profile sums exactly (±{})",
+                other.id,
+                self.total_purchases,
+                other.total_purchases,
+                self.cart_amount,
+                other.cart_amount,
+                max_profile_sum()
+            ));
+        };
+        if other.event_count == 0 {
+            return Ok(());
+        }
+        let other_is_newer = self.event_count == 0 || other.last_visit > self.last_visit;
+        self.total_purchases = total;
+        self.cart_amount = cart;
+        self.purchase_count = self.purchase_count.saturating_add(other.purchase_count);
+        if self.event_count == 0 {
+            (self.first_seen, self.last_visit) = (other.first_seen, other.last_visit);
+        } else {
+            self.first_seen = self.first_seen.min(other.first_seen);
+            self.last_visit = self.last_visit.max(other.last_visit);
+        }
+        self.event_count = self.event_count.saturating_add(other.event_count);
+        for (kind, n) in &other.event_counts {
+            let counted = if self.event_counts.contains_key(kind)
+                || is_standard(kind)
+                || (kind != OTHER_EVENTS && self.own_types() < MAX_EVENT_TYPES)
+            {
+                kind.as_str()
+            } else {
+                OTHER_EVENTS
+            };
+            match self.event_counts.get_mut(counted) {
+                Some(total) => *total = total.saturating_add(*n),
+                None => {
+                    self.event_counts.insert(counted.to_string(), *n);
+                }
+            }
+        }
+        let take = |slot: &mut Option<String>, theirs: &Option<String>| {
+            if theirs.is_some() && (other_is_newer || slot.is_none()) {
+                slot.clone_from(theirs);
+            }
+        };
+        take(&mut self.session_id, &other.session_id);
+        take(&mut self.partner_name, &other.partner_name);
+        take(&mut self.country, &other.country);
+        take(&mut self.version, &other.version);
+        take(&mut self.language, &other.language);
+        take(&mut self.referrer, &other.referrer);
+        take(&mut self.user_agent, &other.user_agent);
+        let (first, second) = if other_is_newer {
+            (&other.category, &self.category)
+        } else {
+            (&self.category, &other.category)
+        };
+        let mut category = first.clone();
+        for c in second {
+            if !category.contains(c) {
+                category.push(c.clone());
+            }
+        }
+        category.truncate(MAX_CATEGORIES);
+        self.category = category;
+        self.recent.merge(&other.recent, dedupe);
+        for (name, model) in self.models.iter_mut() {
+            if let Some(theirs) = other.models.get(name) {
+                if let Err(e) = model.merge(theirs.as_ref(), other_is_newer) {
+                    tracing::warn!(model = name, error = %e, "model state not merged");
+                }
+            }
+        }
+        Ok(())
     }
 
     /// Folds the event read at `at`, unless the profile already contains it (by offset or
     /// by message id) or cannot hold it. Nothing changes unless the answer is `Applied`.
     pub fn fold(&mut self, event: &Event, at: Watermark, dedupe: &DedupePolicy) -> Fold {
-        if let Some(w) = self.watermark {
-            if w.partition == at.partition && at.offset <= w.offset {
-                return Fold::Skipped;
-            }
+        if self.covers(at) {
+            return Fold::Skipped;
         }
         let digest = MessageDigest::of(&event.message_id);
         if self.recent.contains(digest) {
@@ -140,6 +285,10 @@ impl Profile {
         self.last_visit = self.last_visit.max(ts);
         self.first_seen = self.first_seen.min(ts);
         self.event_count = self.event_count.saturating_add(1);
+        if event.user_id.is_some() {
+            // A profile that folds events of a user id is a person, never merged into another.
+            self.anonymous = false;
+        }
         let counted = if self.event_counts.contains_key(&event.event)
             || is_standard(&event.event)
             || self.own_types() < MAX_EVENT_TYPES
@@ -219,6 +368,20 @@ impl Profile {
     }
 
     pub fn to_document(&self, kinds: &[ModelKind], now: DateTime<Utc>) -> Value {
+        if let Some(person) = self.merged_into() {
+            // A pointer, not a person: no counts, sums or times, so a portal query that
+            // forgets to leave merged devices out still sums and ranges over people only.
+            return json!({
+                "profile_id": self.id,
+                "partner_id": self.partner_id,
+                "user_id": self.user_id,
+                "anonymous": self.anonymous,
+                "merged_into": person,
+                "identity": self.identity,
+                "watermark": self.watermark,
+                "updated_at": now.timestamp_millis(),
+            });
+        }
         let mut doc = json!({
             "profile_id": self.id,
             "partner_id": self.partner_id,
@@ -260,6 +423,12 @@ impl Profile {
             }
         }
         obj.insert("models".into(), Value::Object(states));
+        if let Some(identity) = &self.identity {
+            if !identity.aliases.is_empty() {
+                obj.insert("aliases".into(), json!(identity.aliases));
+            }
+            obj.insert("identity".into(), json!(identity));
+        }
         doc
     }
 
@@ -276,6 +445,27 @@ impl Profile {
                 .map(Option::unwrap_or_default)
         };
         let stored_models = doc.get("models").and_then(Value::as_object);
+        let identity = match doc.get("identity") {
+            Some(v) => Some(Box::new(
+                serde_json::from_value::<Identity>(v.clone())
+                    .map_err(|e| format!("identity: {e}"))?,
+            )),
+            None => None,
+        };
+        if identity.as_ref().is_some_and(|i| i.merged_into.is_some()) {
+            let mut stub = Self::empty(
+                &s("partner_id").ok_or("partner_id missing")?,
+                &s("user_id").ok_or("user_id missing")?,
+                &[],
+            );
+            stub.id = s("profile_id").ok_or("profile_id missing")?;
+            stub.anonymous = true;
+            stub.watermark = doc
+                .get("watermark")
+                .and_then(|v| serde_json::from_value(v.clone()).ok());
+            stub.identity = identity;
+            return Ok(stub);
+        }
         Ok(Self {
             id: s("profile_id").ok_or("profile_id missing")?,
             partner_id: s("partner_id").ok_or("partner_id missing")?,
@@ -321,6 +511,7 @@ impl Profile {
                     (k.name, state.map_or_else(|| k.fresh(), |s| k.load(s)))
                 })
                 .collect(),
+            identity,
         })
     }
 }
@@ -461,6 +652,111 @@ mod tests {
             "100 own types and purchase"
         );
         assert!(!types.contains(&json!(OTHER_EVENTS)));
+    }
+
+    #[test]
+    fn a_merge_adds_what_both_profiles_folded() {
+        let kinds = registry();
+        let d = DedupePolicy::default();
+        let at_ts = |t: &str, json: &str| ev(&json.replace("TS", t));
+        // The device, browsed anonymously on the 1st and 3rd; the person, on the 2nd.
+        let a1 = at_ts(
+            "2026-11-01T10:00:00Z",
+            r#"{"event":"product_view","partner_id":"p","anonymous_id":"a","category":["shoes"],"gender":"female","country":"TR","message_id":"a1","timestamp":"TS"}"#,
+        );
+        let a2 = at_ts(
+            "2026-11-03T10:00:00Z",
+            r#"{"event":"add_to_cart","partner_id":"p","anonymous_id":"a","cart_amount":"19.90","category":["bags"],"gender":"female","message_id":"a2","timestamp":"TS"}"#,
+        );
+        let u1 = at_ts(
+            "2026-11-02T10:00:00Z",
+            r#"{"event":"purchase","partner_id":"p","user_id":"u","cart_amount":"5.05","category":["hats"],"country":"GB","gender":"male","message_id":"u1","timestamp":"TS"}"#,
+        );
+        let u2 = at_ts(
+            "2026-11-02T11:00:00Z",
+            r#"{"event":"add_to_cart","partner_id":"p","user_id":"u","cart_amount":"1.10","gender":"male","message_id":"u2","timestamp":"TS"}"#,
+        );
+        let mut device = Profile::new(&a1, &kinds);
+        assert!(device.anonymous);
+        device.fold(&a1, at(1, 1), &d);
+        device.fold(&a2, at(1, 2), &d);
+        let mut person = Profile::new(&u1, &kinds);
+        person.fold(&u1, at(2, 1), &d);
+        person.fold(&u2, at(2, 2), &d);
+        assert!(!person.anonymous);
+        person.merge(&device, &d).unwrap();
+        assert_eq!(person.event_count, 4);
+        assert_eq!(person.event_counts["add_to_cart"], 2);
+        assert_eq!(person.event_counts["product_view"], 1);
+        assert_eq!(person.total_purchases.to_string(), "5.05");
+        assert_eq!(person.cart_amount.to_string(), "21.00", "both open carts");
+        assert_eq!(person.purchase_count, 1);
+        assert_eq!(person.first_seen, a1.timestamp.timestamp());
+        assert_eq!(person.last_visit, a2.timestamp.timestamp());
+        // The device was seen last: its latest values and categories come first.
+        assert_eq!(person.country.as_deref(), Some("TR"));
+        assert_eq!(person.category, vec!["bags", "shoes", "hats"]);
+        assert!(person.recent.contains(MessageDigest::of("a2")));
+        assert!(person.recent.contains(MessageDigest::of("u1")));
+        let doc = person.to_document(&kinds, a2.timestamp);
+        assert_eq!(doc["gender_last"], json!("female"));
+        // MODEL2: female 2 (a1, a2) against male 1 (u2; a purchase is not a visit).
+        assert_eq!(doc["gender_top"], json!("female"));
+        // A retry of a device's event after the merge is recognised.
+        assert_eq!(person.fold(&a2, at(2, 9), &d), Fold::Duplicate);
+        // The watermark stays the person's own.
+        assert_eq!(person.watermark, Some(at(2, 2)));
+    }
+
+    #[test]
+    fn a_merge_whose_sums_leave_the_range_changes_nothing() {
+        let kinds = registry();
+        let d = DedupePolicy::default();
+        let buy = ev(r#"{"event":"purchase","partner_id":"p","user_id":"u","cart_amount":"1"}"#);
+        let mut person = Profile::new(&buy, &kinds);
+        person.fold(&buy, at(0, 1), &d);
+        person.total_purchases = max_profile_sum();
+        let mut device = Profile::new(&buy, &kinds);
+        device.fold(&buy, at(1, 1), &d);
+        let before = person.to_document(&kinds, Utc::now());
+        let err = person.merge(&device, &d).unwrap_err();
+        assert!(err.contains("leaves the range"), "{err}");
+        assert_eq!(
+            person.to_document(&kinds, Utc::now())["event_count"],
+            before["event_count"]
+        );
+    }
+
+    #[test]
+    fn a_merged_device_is_stored_as_a_pointer_and_read_back_as_one() {
+        let kinds = registry();
+        let stub = Profile::merged_stub("p", "a", "u", 1_700_000_000_000, at(4, 7));
+        let doc = stub.to_document(&kinds, Utc::now());
+        assert_eq!(doc["merged_into"], json!("u"));
+        assert_eq!(doc["user_id"], json!("a"));
+        for absent in [
+            "last_visit",
+            "total_purchases",
+            "event_count",
+            "event_types",
+        ] {
+            assert!(doc.get(absent).is_none(), "{absent} in {doc}");
+        }
+        let back = Profile::from_document(&doc, &kinds).unwrap();
+        assert_eq!(back.merged_into(), Some("u"));
+        assert!(back.covers(at(4, 7)) && !back.covers(at(4, 8)));
+        assert_eq!(
+            back.to_document(&kinds, Utc::now())["identity"],
+            doc["identity"]
+        );
+        // A person's aliases are a keyword list of the document.
+        let buy = ev(r#"{"event":"purchase","partner_id":"p","user_id":"u"}"#);
+        let mut person = Profile::new(&buy, &kinds);
+        person.identity_mut().merged("a");
+        let doc = person.to_document(&kinds, Utc::now());
+        assert_eq!(doc["aliases"], json!(["a"]));
+        let back = Profile::from_document(&doc, &kinds).unwrap();
+        assert_eq!(back.identity.unwrap().aliases, vec!["a"]);
     }
 
     #[test]

@@ -272,7 +272,8 @@ impl ProfileStore {
     }
 
     /// Brings an index made by an older `setup` as close to the current mapping as
-    /// Elasticsearch allows in place: the fields added since (`event_types`, `dedupe`) and
+    /// Elasticsearch allows in place: the fields added since (`event_types`, `dedupe`, the
+    /// identity fields) and
     /// `event_counts` no longer mapped dynamically. A field whose type changed cannot be
     /// changed in place; that is reported, with what to do.
     async fn upgrade_mapping(&self) -> Result<Vec<String>, StoreError> {
@@ -282,6 +283,9 @@ impl ProfileStore {
             "event_types": wanted["event_types"],
             "dedupe": wanted["dedupe"],
             "event_counts": wanted["event_counts"],
+            "aliases": wanted["aliases"],
+            "merged_into": wanted["merged_into"],
+            "identity": wanted["identity"],
         }});
         let resp = self
             .client
@@ -502,7 +506,10 @@ pub fn profile_mapping() -> Value {
             "gender_top_7d": keyword,
             "watermark": {"properties": {"partition": {"type": "integer"}, "offset": long}},
             "models": {"type": "object", "enabled": false},
-            "dedupe": {"type": "object", "enabled": false}
+            "dedupe": {"type": "object", "enabled": false},
+            "aliases": keyword,
+            "merged_into": keyword,
+            "identity": {"type": "object", "enabled": false}
         }
     })
 }

@@ -169,8 +169,14 @@ impl TriggerRule {
     /// message_id]`, unambiguous whatever the ids contain) so the key stays short enough for a
     /// push provider's `Idempotency-Key` header whatever the id lengths.
     pub fn idempotency_key(&self, event: &Event) -> String {
+        self.idempotency_key_for(event, event.person_id())
+    }
+
+    /// [`Self::idempotency_key`] of `event` fired for `person`: the person an event of a
+    /// merged anonymous device belongs to (see `crate::identity`), else the event's own id.
+    pub fn idempotency_key_for(&self, event: &Event, person: &str) -> String {
         use sha2::{Digest, Sha256};
-        let scope = serde_json::json!([event.partner_id, event.person_id(), event.message_id]);
+        let scope = serde_json::json!([event.partner_id, person, event.message_id]);
         let digest = Sha256::digest(scope.to_string().as_bytes());
         let mut key = String::with_capacity(self.id.len() + 1 + 64);
         key.push_str(&self.id);
@@ -279,13 +285,19 @@ pub struct TriggerMessage {
 
 impl TriggerMessage {
     pub fn new(rule: &TriggerRule, event: &Event, fired_at: i64) -> Self {
+        Self::for_person(rule, event, event.person_id(), fired_at)
+    }
+
+    /// The trigger of `event` for `person`, the profile it was folded into: a cart of an
+    /// anonymous device merged into a person is pushed to the person.
+    pub fn for_person(rule: &TriggerRule, event: &Event, person: &str, fired_at: i64) -> Self {
         Self {
-            idempotency_key: rule.idempotency_key(event),
+            idempotency_key: rule.idempotency_key_for(event, person),
             rule_id: rule.id.clone(),
             action: rule.action.clone(),
             template: rule.template.clone(),
             partner_id: event.partner_id.clone(),
-            user_id: event.person_id().to_string(),
+            user_id: person.to_string(),
             event: event.event.clone(),
             message_id: event.message_id.clone(),
             event_timestamp: event.timestamp.timestamp_millis(),

@@ -108,10 +108,26 @@ pub const MAX_UNDELIVERED_BYTES: usize = 8 * DEAD_LETTER_MAX_BYTES;
 #[derive(Default)]
 pub struct OutboxContext {
     undelivered: Mutex<Vec<Undelivered>>,
+    /// Set by [`Outbox::ordered`]: a record Kafka does not take is not sent again later (after
+    /// records sent since, out of order) but fails the outbox for good.
+    ordered: bool,
+    /// The first record an ordered outbox could not deliver.
+    failed: Mutex<Option<String>>,
 }
 
 impl OutboxContext {
     fn keep(&self, record: Undelivered) {
+        if self.ordered {
+            let mut failed = self.failed.lock().unwrap_or_else(|p| p.into_inner());
+            if failed.is_none() {
+                *failed = Some(format!(
+                    "an ordered record for topic {} was refused ({}); records after it must not \
+                     overtake it",
+                    record.topic, record.error
+                ));
+            }
+            return;
+        }
         metrics::counter!(UNDELIVERED, "topic" => record.topic.clone(), "error" => record.error.clone())
             .increment(1);
         // One line per record would flood the log while a topic refuses everything: the
@@ -191,6 +207,32 @@ impl Outbox {
         })
     }
 
+    /// An outbox whose records reach each partition in the order they were sent, or not at
+    /// all: for records whose reader skips anything at or below the last position it applied
+    /// (identity records, see `pulse_core::identity`). A record sent again after later ones
+    /// would be skipped as already applied, so a refusal is not kept for a later confirm as
+    /// [`Outbox::new`] does: it fails the outbox for good (as a fatal producer error does, the
+    /// process stops without committing, and the restart sends everything again in order).
+    /// `enable.gapless.guarantee` makes librdkafka itself stop at the first gap a failed batch
+    /// would leave, so no later record of the partition is written after it.
+    pub fn ordered(
+        mut config: ClientConfig,
+        consumer: &'static str,
+        shutdown: Shutdown,
+    ) -> Result<Self, KafkaError> {
+        config.set("enable.gapless.guarantee", "true");
+        config.set("message.timeout.ms", "0");
+        let context = OutboxContext {
+            ordered: true,
+            ..OutboxContext::default()
+        };
+        Ok(Self {
+            producer: config.create_with_context(context)?,
+            consumer,
+            shutdown,
+        })
+    }
+
     /// Queues a record. A full local queue is waited out (back-pressure, not a drop) until the
     /// process stops; a record the producer refuses at once (too large, say), or one still
     /// waiting at a stop, is kept as undelivered: the next confirm fails, so nothing after
@@ -252,9 +294,13 @@ impl Outbox {
         self.producer.context().bytes() >= MAX_UNDELIVERED_BYTES
     }
 
-    /// The producer's fatal error, if it raised one (see [`OutboxError::Fatal`]).
+    /// The producer's fatal error, if it raised one, or the refusal that failed an ordered
+    /// outbox (see [`OutboxError::Fatal`]).
     pub fn fatal_error(&self) -> Option<String> {
-        fatal_error(self.producer.client())
+        fatal_error(self.producer.client()).or_else(|| {
+            let failed = self.producer.context().failed.lock();
+            failed.unwrap_or_else(|p| p.into_inner()).clone()
+        })
     }
 
     /// Sends again what Kafka refused before, then waits (at most `timeout`) until every

@@ -39,6 +39,16 @@ impl ProfileCache {
         self.entries.contains_key(id)
     }
 
+    pub fn get(&self, id: &str) -> Option<&Profile> {
+        self.entries.get(id).map(|e| &e.profile)
+    }
+
+    /// The profile `id` to change outside a fold: the caller makes it dirty
+    /// ([`Self::redirty`]) if it changed anything.
+    pub fn get_mut(&mut self, id: &str) -> Option<&mut Profile> {
+        self.entries.get_mut(id).map(|e| &mut e.profile)
+    }
+
     /// A profile read from the store: clean, of the partition of its watermark.
     pub fn insert_loaded(&mut self, id: String, profile: Profile, now: Instant) {
         let partition = profile.watermark.map_or(-1, |w| w.partition);

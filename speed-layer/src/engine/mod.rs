@@ -19,6 +19,7 @@
 
 mod cache;
 mod flush;
+mod identity;
 pub(crate) mod outbox;
 mod rebalance;
 mod records;
@@ -64,6 +65,8 @@ pub(crate) struct Engine {
     state: ProfileState<ProfileStore>,
     outbox: SpeedOutbox,
     rules: RuleSet,
+    /// How anonymous ids are linked to people.
+    identity: crate::identity::IdentityPolicy,
     /// Records that made an earlier run panic, by position, with the panic message: they are
     /// dead-lettered instead of handled (see [`crate::poison`]).
     poison: HashMap<(i32, i64), String>,
@@ -75,6 +78,8 @@ pub(crate) struct Engine {
     failpoint: Option<String>,
     /// Test-only fault injection: the outbox's producer fails for good at this message id.
     failpoint_fatal: Option<String>,
+    /// Test-only fault injection: SIGKILL when one of these message ids is handled.
+    failpoint_kill: std::collections::HashSet<String>,
 }
 
 type SpeedConsumer = GroupConsumer<Engine>;
@@ -106,18 +111,22 @@ pub fn run(
     // Triggers and dead letters: offsets are committed only after the outbox saw them
     // acknowledged.
     let outbox = Outbox::new(config.kafka.producer_config(), "speed", stop.clone())?;
+    let identity_outbox = Outbox::ordered(config.kafka.producer_config(), "speed", stop.clone())?;
     let rule_count = rules.rules.len();
     let partitions =
         consumer::partition_count(&config.kafka.client_config(), &config.topics.events, &stop)?;
     let engine = Arc::new(Mutex::new(Engine {
         state: ProfileState::new(store, runtime, settings, &ready, stop.clone()),
-        outbox: SpeedOutbox::new(outbox, &config.topics, &config.es.alias),
+        outbox: SpeedOutbox::new(outbox, &config.topics, &config.es.alias)
+            .with_identity(identity_outbox),
+        identity: config.identity.clone(),
         rules,
         poison,
         journal,
         partitions,
         failpoint: config.failpoint_panic_message_id.clone(),
         failpoint_fatal: config.failpoint_fatal_producer_message_id.clone(),
+        failpoint_kill: config.failpoint_kill_message_ids.iter().cloned().collect(),
     }));
     let mut consumer_config = config.kafka.consumer_config(&config.group);
     consumer_config.set("max.poll.interval.ms", "600000");

@@ -1,10 +1,12 @@
 //! What the speed layer writes to Kafka beside its profiles: triggers, dead-lettered records
-//! and dead-lettered profile documents, through the one [`Outbox`] of `pulse-service`.
+//! and dead-lettered profile documents, through the one [`Outbox`] of `pulse-service`; and the
+//! identity records that carry a merge between partitions, through an ordered one.
 
+use pulse_core::identity::IdentityRecord;
 use pulse_service::consumer::Commit;
 use pulse_service::outbox::{Outbox, Source};
 use rdkafka::error::KafkaError;
-use rdkafka::message::{Message, OwnedHeaders, OwnedMessage};
+use rdkafka::message::{Header, Message, OwnedHeaders, OwnedMessage};
 use std::time::Duration;
 
 use super::state::Effects;
@@ -21,6 +23,9 @@ pub(crate) const CONFIRM_TIMEOUT: Duration = Duration::from_secs(5);
 /// The speed layer's side outputs and the topics they go to.
 pub(crate) struct SpeedOutbox {
     outbox: Outbox,
+    /// Identity records, written to the events topic in order (see [`Outbox::ordered`]); a
+    /// recompute, which writes none, has none.
+    identity: Option<Outbox>,
     /// The topic the records come from (the source of a dead-lettered document).
     pub events_topic: String,
     pub dlq_topic: String,
@@ -34,12 +39,45 @@ impl SpeedOutbox {
     pub fn new(outbox: Outbox, topics: &pulse_core::kafka::TopicArgs, alias: &str) -> Self {
         Self {
             outbox,
+            identity: None,
             events_topic: topics.events.clone(),
             dlq_topic: topics.dlq.clone(),
             triggers_topic: topics.triggers.clone(),
             profiles_dlq_topic: topics.profiles_dlq.clone(),
             alias: alias.to_string(),
         }
+    }
+
+    /// Writes identity records through `ordered` (an [`Outbox::ordered`]).
+    pub fn with_identity(mut self, ordered: Outbox) -> Self {
+        self.identity = Some(ordered);
+        self
+    }
+
+    /// Queues an identity record for the events topic, keyed by the profile it changes, with
+    /// the header that tells it from an event. Confirmed with the other side outputs before
+    /// any flush: the documents written then carry watermarks past the record that made it.
+    pub fn identity(&self, record: &IdentityRecord) {
+        let Some(ordered) = &self.identity else {
+            tracing::error!("an identity record without an identity producer (a bug); not sent");
+            return;
+        };
+        let headers =
+            IdentityRecord::headers()
+                .into_iter()
+                .fold(OwnedHeaders::new(), |h, (key, value)| {
+                    h.insert(Header {
+                        key,
+                        value: Some(value),
+                    })
+                });
+        let payload = record.to_json();
+        ordered.send(
+            &self.events_topic,
+            record.key().as_bytes(),
+            &payload,
+            headers,
+        );
     }
 
     /// Queues a fired trigger, keyed by its user (`partner:user`, see `TriggerMessage::key`),
@@ -104,7 +142,9 @@ impl SpeedOutbox {
 
     /// The producer's fatal error, if it raised one: the outbox then stopped the process.
     pub fn fatal_error(&self) -> Option<String> {
-        self.outbox.fatal_error()
+        self.outbox
+            .fatal_error()
+            .or_else(|| self.identity.as_ref().and_then(Outbox::fatal_error))
     }
 
     /// Test-only: see `SpeedConfig::failpoint_fatal_producer_message_id`.
@@ -139,6 +179,11 @@ impl Effects for KafkaEffects<'_> {
     }
 
     fn confirm(&self) -> Result<(), String> {
+        if let Some(ordered) = &self.outbox.identity {
+            ordered
+                .confirm(CONFIRM_TIMEOUT)
+                .map_err(|e| e.to_string())?;
+        }
         self.outbox
             .outbox
             .confirm(CONFIRM_TIMEOUT)

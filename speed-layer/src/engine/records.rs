@@ -1,14 +1,17 @@
 //! Handling a batch of records: decode each (or dead-letter it), load the profiles not in
-//! memory with one `mget`, fold each event in order and fire its triggers at once.
+//! memory with one `mget`, fold each event in order and fire its triggers at once (identity
+//! records, and the events of merged devices, are handled in `identity.rs`).
 
 use std::collections::HashSet;
 use std::time::Instant;
 
 use chrono::Utc;
+use pulse_core::identity::IdentityRecord;
 use pulse_core::partitioner::Placement;
 use pulse_core::Event;
 use rdkafka::message::{Message, OwnedMessage};
 
+use super::identity::Read;
 use super::state::ProfileState;
 use super::Engine;
 use crate::metrics as m;
@@ -94,8 +97,16 @@ impl<S: DocumentStore> ProfileState<S> {
     }
 }
 
-/// A record's event and profile id, or why it is not usable.
-type Decoded = Result<(Event, String), String>;
+/// What a record of the events topic holds. Not boxed: nearly every record is an event, and a
+/// box would cost each one an allocation to save the rare identity record some bytes.
+#[allow(clippy::large_enum_variant)]
+pub(super) enum Work {
+    Event(Event),
+    Identity(IdentityRecord),
+}
+
+/// A record's content and profile id (its key), or why it is not usable.
+type Decoded = Result<(Work, String), String>;
 
 impl Engine {
     /// Folds a batch of records: one mget for the profiles not in memory, then each record in
@@ -136,8 +147,15 @@ impl Engine {
                 continue;
             }
             poison::working_on(partition, msg.offset());
+            let read = Read {
+                partition,
+                offset: msg.offset(),
+                clock,
+                now_ms,
+            };
             let refused = match result {
-                Ok((event, id)) => self.fold(&event, id, partition, msg.offset(), clock, now_ms),
+                Ok((Work::Event(event), id)) => self.event(event, id, read),
+                Ok((Work::Identity(record), id)) => self.identity_record(record, id, read),
                 Err(reason) => Some(reason),
             };
             if let Some(reason) = refused {
@@ -156,7 +174,7 @@ impl Engine {
 
     /// Folds one event and fires its triggers; returns the dead-letter reason of an event
     /// that cannot be folded.
-    fn fold(
+    pub(super) fn fold(
         &mut self,
         event: &Event,
         id: String,
@@ -171,6 +189,13 @@ impl Engine {
         if self.failpoint_fatal.as_deref() == Some(event.message_id.as_str()) {
             self.outbox.inject_fatal_error("failpoint");
         }
+        // The profile's person, for the triggers: the event's own id, or the person its merged
+        // device belongs to. Taken before the fold owns `id`, and only when a rule matches.
+        let person = self.rules.matching(event).next().map(|_| {
+            id.split_once(':')
+                .map_or(id.as_str(), |(_, p)| p)
+                .to_string()
+        });
         match self.state.fold(event, id, partition, offset, clock) {
             // Already in the profile, or a client retry folded once already (its triggers
             // fired then).
@@ -180,9 +205,10 @@ impl Engine {
         }
         // Fired now, not at flush: a marketer's trigger must not wait 30 s. A re-read event
         // fires again with the same idempotency key; the notifier delivers it once.
+        let person = person.as_deref().unwrap_or_default();
         for rule in self.rules.matching(event) {
             self.outbox
-                .trigger(&TriggerMessage::new(rule, event, now_ms));
+                .trigger(&TriggerMessage::for_person(rule, event, person, now_ms));
             metrics::counter!(m::TRIGGERS_FIRED, "rule" => rule.id.clone()).increment(1);
         }
         None
@@ -197,13 +223,19 @@ impl Engine {
     }
 }
 
-/// The canonical event of a record and its profile id, or why it is not usable.
+/// The canonical event (or identity record) of a record and its profile id, or why it is
+/// not usable.
 fn decode(msg: &OwnedMessage, partitions: i32) -> Decoded {
     let at = Placement {
         partition: msg.partition(),
         partitions,
     };
+    if let Some(version) = IdentityRecord::marker(msg.headers()) {
+        let record = IdentityRecord::from_record(version, msg.key(), msg.payload(), at)?;
+        let id = record.key();
+        return Ok((Work::Identity(record), id));
+    }
     let event = Event::from_record(msg.key(), msg.payload(), at)?;
     let id = event.partition_key();
-    Ok((event, id))
+    Ok((Work::Event(event), id))
 }

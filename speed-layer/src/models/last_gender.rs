@@ -21,4 +21,11 @@ impl ProfileModel for LastGender {
     fn answer(&self, _now: DateTime<Utc>) -> Option<String> {
         self.last.clone()
     }
+
+    /// The last visit's gender of whichever profile was seen last, if it has one.
+    fn merge(&mut self, other: Self, other_is_newer: bool) {
+        if other.last.is_some() && (other_is_newer || self.last.is_none()) {
+            self.last = other.last;
+        }
+    }
 }

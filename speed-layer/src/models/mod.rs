@@ -28,6 +28,12 @@ pub trait ProfileModel: Default + Serialize + DeserializeOwned + Send + Sync + '
     /// The model's current answer (`None`: not enough data). `now` lets windowed models expire
     /// old data even for users who have not been seen for a while.
     fn answer(&self, now: DateTime<Utc>) -> Option<String>;
+
+    /// Takes in the state of another profile of the same person (an anonymous device's,
+    /// merged when the person logged in on it): afterwards the state is what it would be had
+    /// this profile folded both profiles' events. `other_is_newer` says which of the two was
+    /// seen last, for models that keep "the latest" of something.
+    fn merge(&mut self, other: Self, other_is_newer: bool);
 }
 
 /// A model's state behind a uniform interface, so the engine can hold a list of them.
@@ -36,6 +42,9 @@ pub trait ModelState: Send + Sync {
     fn answer(&self, now: DateTime<Utc>) -> Option<String>;
     fn to_json(&self) -> serde_json::Value;
     fn clone_box(&self) -> Box<dyn ModelState>;
+    /// [`ProfileModel::merge`] of a state of the same model (read through its stored form,
+    /// which every state has; merges are rare). A state of another model is refused.
+    fn merge(&mut self, other: &dyn ModelState, other_is_newer: bool) -> Result<(), String>;
 }
 
 impl<M: ProfileModel + Clone> ModelState for M {
@@ -50,6 +59,11 @@ impl<M: ProfileModel + Clone> ModelState for M {
     }
     fn clone_box(&self) -> Box<dyn ModelState> {
         Box::new(self.clone())
+    }
+    fn merge(&mut self, other: &dyn ModelState, other_is_newer: bool) -> Result<(), String> {
+        let other: M = serde_json::from_value(other.to_json()).map_err(|e| e.to_string())?;
+        ProfileModel::merge(self, other, other_is_newer);
+        Ok(())
     }
 }
 

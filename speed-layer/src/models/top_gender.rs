@@ -28,4 +28,12 @@ impl ProfileModel for TopGender {
     fn answer(&self, _now: DateTime<Utc>) -> Option<String> {
         top(self.counts.iter().map(|(k, n)| (k, *n)))
     }
+
+    /// Visits of both profiles, added per gender.
+    fn merge(&mut self, other: Self, _other_is_newer: bool) {
+        for (g, n) in other.counts {
+            let total = self.counts.entry(g).or_default();
+            *total = total.saturating_add(n);
+        }
+    }
 }

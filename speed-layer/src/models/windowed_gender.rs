@@ -54,15 +54,19 @@ impl ProfileModel for WindowedTopGender {
                 counts.insert(g.to_string(), 1);
             }
         }
-        // Expire by the newest day seen: state never outgrows the window.
-        let oldest = self.days.keys().next().copied();
-        let newest = self.days.keys().next_back().copied();
-        if let (Some(oldest), Some(newest)) = (oldest, newest) {
-            let start = Self::window_start(newest);
-            if oldest < start {
-                self.days.retain(|d, _| *d >= start);
+        self.expire();
+    }
+
+    /// Both profiles' day buckets added day by day, then expired by the newest day either saw.
+    fn merge(&mut self, other: Self, _other_is_newer: bool) {
+        for (day, counts) in other.days {
+            let mine = self.days.entry(day).or_default();
+            for (g, n) in counts {
+                let total = mine.entry(g).or_default();
+                *total = total.saturating_add(n);
             }
         }
+        self.expire();
     }
 
     fn answer(&self, now: DateTime<Utc>) -> Option<String> {
@@ -76,6 +80,21 @@ impl ProfileModel for WindowedTopGender {
             }
         }
         top(totals.into_iter())
+    }
+}
+
+impl WindowedTopGender {
+    /// Drops the buckets before the window that ends on the newest day seen: state never
+    /// outgrows the window.
+    fn expire(&mut self) {
+        let oldest = self.days.keys().next().copied();
+        let newest = self.days.keys().next_back().copied();
+        if let (Some(oldest), Some(newest)) = (oldest, newest) {
+            let start = Self::window_start(newest);
+            if oldest < start {
+                self.days.retain(|d, _| *d >= start);
+            }
+        }
     }
 }
 
@@ -110,5 +129,26 @@ mod tests {
         // A new day's visit drops the buckets that fell out of the window.
         m.fold(&visit("male", 12));
         assert_eq!(m.days.len(), 2, "{:?}", m.days);
+    }
+
+    #[test]
+    fn a_merge_adds_day_by_day_and_expires_by_the_newest_day() {
+        let mut person = WindowedTopGender::default();
+        person.fold(&visit("male", 10));
+        person.fold(&visit("male", 12));
+        let mut device = WindowedTopGender::default();
+        for _ in 0..2 {
+            device.fold(&visit("female", 12));
+        }
+        device.fold(&visit("female", 1));
+        ProfileModel::merge(&mut person, device, true);
+        assert_eq!(person.days[&day_of(visit("x", 12).timestamp)].len(), 2);
+        assert!(
+            !person.days.contains_key(&day_of(visit("x", 1).timestamp)),
+            "expired"
+        );
+        let at = Utc.with_ymd_and_hms(2026, 11, 12, 18, 0, 0).unwrap();
+        // male 2 (days 10, 12) against female 2 (day 12): the tie goes to "female".
+        assert_eq!(person.answer(at).as_deref(), Some("female"));
     }
 }

@@ -1,0 +1,385 @@
+//! What a replica does with the records of identity unification (the protocol is
+//! `pulse_core::identity`'s, the profile's rules `crate::identity`'s):
+//!
+//! - an event of a person that carries an anonymous id asks that id's partition for it
+//!   ([`Link`]), once;
+//! - a [`Link`] read on the anonymous id's partition turns its profile into a pointer to the
+//!   person and sends the state it had to the person's partition ([`Merge`]), or says no
+//!   ([`Refusal`]);
+//! - an event (or any record) of a merged anonymous id is passed on whole ([`Forward`]);
+//! - a [`Merge`] or a [`Forward`] read on the person's partition is applied once per source
+//!   position, under the person's own watermark, as an event would be.
+//!
+//! Nothing here waits for another partition: each step is one record read, one profile
+//! changed and at most one record written, so a merge costs the partitions involved no more
+//! than the events around it.
+
+use std::time::Instant;
+
+use pulse_core::identity::{Forward, IdentityRecord, Link, Merge, Position, Refusal};
+use pulse_core::Event;
+
+use super::Engine;
+use crate::identity::{answer_link, refusal, Answer, Ask, Identity};
+use crate::metrics as m;
+use crate::profile::{Fold, Profile, Watermark};
+
+/// Where a record was read.
+#[derive(Debug, Clone, Copy)]
+pub(super) struct Read {
+    pub partition: i32,
+    pub offset: i64,
+    /// One clock read per batch (profiles' last touch).
+    pub clock: Instant,
+    pub now_ms: i64,
+}
+
+impl Read {
+    fn at(&self) -> Watermark {
+        Watermark {
+            partition: self.partition,
+            offset: self.offset,
+        }
+    }
+
+    fn position(&self) -> Position {
+        Position {
+            partition: self.partition,
+            offset: self.offset,
+        }
+    }
+}
+
+impl Engine {
+    /// An event read for the profile `id`: passed on when `id` was merged into a person,
+    /// folded otherwise. The dead-letter reason of an event that cannot be folded.
+    pub(super) fn event(&mut self, event: Event, id: String, read: Read) -> Option<String> {
+        self.failpoint_kill(&event);
+        if let Some(person) = self.forwarding(&id, read) {
+            self.forward(event, person, read);
+            return None;
+        }
+        self.fold_event(&event, id, read)
+    }
+
+    /// The person a record of `id` read at `read` is passed on to: `id` is a merged device and
+    /// the record is past the link (one at or below it is in the merged state already).
+    fn forwarding(&self, id: &str, read: Read) -> Option<String> {
+        let profile = self.state.cache.get(id)?;
+        let person = profile.merged_into()?;
+        if profile.covers(read.at()) {
+            return None;
+        }
+        Some(person.to_string())
+    }
+
+    fn forward(&mut self, event: Event, person: String, read: Read) {
+        let record = IdentityRecord::Forward(Forward {
+            partner_id: event.partner_id.clone(),
+            user_id: person,
+            source: read.position(),
+            event: Box::new(event),
+        });
+        self.outbox.identity(&record);
+        metrics::counter!(m::IDENTITY_FORWARDED).increment(1);
+    }
+
+    /// Folds an event into `id` (a person or a device not merged), fires its triggers and asks
+    /// for the anonymous ids it links to the person.
+    fn fold_event(&mut self, event: &Event, id: String, read: Read) -> Option<String> {
+        match self.fold(
+            event,
+            id.clone(),
+            read.partition,
+            read.offset,
+            read.clock,
+            read.now_ms,
+        ) {
+            Some(refused) => Some(refused),
+            None => {
+                self.ask_links(event, &id, read);
+                None
+            }
+        }
+    }
+
+    /// Asks for each anonymous id `event` links to the person `id` it was just folded into:
+    /// its `anonymous_id` beside a `user_id`, and the `previousId` of a Segment `alias` call.
+    fn ask_links(&mut self, event: &Event, id: &str, read: Read) {
+        if event.user_id.is_none() {
+            return;
+        }
+        let candidates = [event.anonymous_id.as_deref(), previous_id(event)];
+        for anonymous_id in candidates.into_iter().flatten() {
+            let Some(profile) = self.state.cache.get_mut(id) else {
+                return;
+            };
+            if profile.merged_into().is_some() || profile.anonymous {
+                return;
+            }
+            let ask = Identity::ask(
+                profile.identity.as_deref(),
+                &profile.user_id,
+                anonymous_id,
+                &self.identity,
+            );
+            let record = match ask {
+                Ask::Known => continue,
+                Ask::Ignored => {
+                    metrics::counter!(m::IDENTITY_IGNORED).increment(1);
+                    continue;
+                }
+                Ask::Full => {
+                    profile
+                        .identity_mut()
+                        .refuse(anonymous_id, refusal::ALIAS_LIMIT);
+                    metrics::counter!(m::IDENTITY_REFUSED, "reason" => "alias_limit").increment(1);
+                    None
+                }
+                Ask::Link => {
+                    profile
+                        .identity_mut()
+                        .pending
+                        .push(anonymous_id.to_string());
+                    metrics::counter!(m::IDENTITY_LINKS_ASKED).increment(1);
+                    Some(IdentityRecord::Link(Link {
+                        partner_id: profile.partner_id.clone(),
+                        anonymous_id: anonymous_id.to_string(),
+                        user_id: profile.user_id.clone(),
+                        linked_at: event.timestamp,
+                        message_id: event.message_id.clone(),
+                        origin: read.position(),
+                    }))
+                }
+            };
+            // The profile changed outside a fold (an event skipped or recognised as a retry
+            // may still meet an id it never asked for): keep it in the next flush.
+            self.state.cache.redirty(id);
+            if let Some(record) = record {
+                self.outbox.identity(&record);
+            }
+        }
+    }
+
+    /// An identity record read for the profile `id` (its key). The dead-letter reason of one
+    /// that cannot be applied.
+    pub(super) fn identity_record(
+        &mut self,
+        record: IdentityRecord,
+        id: String,
+        read: Read,
+    ) -> Option<String> {
+        match record {
+            IdentityRecord::Link(link) => {
+                self.link(link, id, read);
+                None
+            }
+            IdentityRecord::Forward(f) => {
+                self.failpoint_kill(&f.event);
+                if let Some(person) = self.forwarding(&id, read) {
+                    // The person this was sent to is itself merged (cannot happen: a person is
+                    // never merged), so pass it on rather than lose it.
+                    self.forward(*f.event, person, read);
+                    return None;
+                }
+                if self.skipped(&id, read, f.source) {
+                    return None;
+                }
+                let source = f.source;
+                let outcome = self.fold_event(&f.event, id.clone(), read);
+                if let Some(profile) = self.state.cache.get_mut(&id) {
+                    if profile.covers(read.at()) {
+                        profile
+                            .identity_mut()
+                            .apply_source(source.partition, source.offset);
+                    }
+                }
+                outcome
+            }
+            IdentityRecord::Merge(merge) => self.merge(merge, id, read),
+            IdentityRecord::Refusal(r) => {
+                if self.forwarding(&id, read).is_some() || self.skipped(&id, read, r.source) {
+                    return None;
+                }
+                self.apply(&id, &r.partner_id, &r.user_id, read, |profile| {
+                    let identity = profile.identity_mut();
+                    identity.refuse(&r.anonymous_id, &r.reason);
+                    identity.apply_source(r.source.partition, r.source.offset);
+                    Ok(())
+                })
+            }
+        }
+    }
+
+    /// See `SpeedConfig::failpoint_kill_message_ids`.
+    fn failpoint_kill(&self, event: &Event) {
+        if !self.failpoint_kill.is_empty() && self.failpoint_kill.contains(&event.message_id) {
+            crate::poison::kill_self(&format!("message_id {}", event.message_id));
+        }
+    }
+
+    /// Whether a record for the person `id` read at `read` from `source` is in the profile
+    /// already: at or below its watermark (re-read after a crash), or a source position it
+    /// applied (a copy its producer sent again after a crash).
+    fn skipped(&mut self, id: &str, read: Read, source: Position) -> bool {
+        let Some(profile) = self.state.cache.get(id) else {
+            return false;
+        };
+        if profile.covers(read.at()) {
+            self.state.counts.skipped += 1;
+            return true;
+        }
+        if Identity::applied(profile.identity.as_deref(), source.partition, source.offset) {
+            self.state.counts.duplicates += 1;
+            metrics::counter!(m::IDENTITY_COPIES).increment(1);
+            return true;
+        }
+        false
+    }
+
+    /// The anonymous side: merge, or say no, or nothing (asked again for the same person).
+    fn link(&mut self, link: Link, id: String, read: Read) {
+        let profile = self.state.cache.get(&id);
+        if profile.is_some_and(|p| p.covers(read.at())) {
+            self.state.counts.skipped += 1;
+            return;
+        }
+        let answer = answer_link(
+            profile.map(|p| (p.merged_into(), p.anonymous)),
+            &link.user_id,
+        );
+        match answer {
+            Answer::AlreadyLinked => {}
+            Answer::Refuse(reason) => {
+                let label = if reason == refusal::OTHER_PERSON {
+                    "other_person"
+                } else {
+                    "not_anonymous"
+                };
+                metrics::counter!(m::IDENTITY_REFUSED, "reason" => label).increment(1);
+                tracing::info!(partner = %link.partner_id, reason, "link refused");
+                self.outbox.identity(&IdentityRecord::Refusal(Refusal {
+                    partner_id: link.partner_id,
+                    anonymous_id: link.anonymous_id,
+                    user_id: link.user_id,
+                    reason: reason.to_string(),
+                    source: read.position(),
+                }));
+            }
+            Answer::Merge => {
+                let (kinds, now) = (&self.state.settings.kinds, chrono::Utc::now());
+                let state = profile
+                    .filter(|p| p.event_count > 0)
+                    .map(|p| p.to_document(kinds, now));
+                let stub = Profile::merged_stub(
+                    &link.partner_id,
+                    &link.anonymous_id,
+                    &link.user_id,
+                    link.linked_at.timestamp_millis(),
+                    read.at(),
+                );
+                self.state.cache.fold(
+                    id,
+                    read.partition,
+                    read.clock,
+                    || stub.clone(),
+                    |p| {
+                        *p = stub.clone();
+                        Fold::Applied
+                    },
+                );
+                self.outbox.identity(&IdentityRecord::Merge(Merge {
+                    partner_id: link.partner_id,
+                    anonymous_id: link.anonymous_id,
+                    user_id: link.user_id,
+                    linked_at: link.linked_at,
+                    source: read.position(),
+                    profile: state,
+                }));
+                metrics::counter!(m::IDENTITY_MERGES_SENT).increment(1);
+            }
+        }
+    }
+
+    /// The person's side of a merge: the device's state added once.
+    fn merge(&mut self, merge: Merge, id: String, read: Read) -> Option<String> {
+        if self.forwarding(&id, read).is_some() {
+            return Some(format!(
+                "merge of {} into {}, which is itself merged into another person",
+                merge.anonymous_id, merge.user_id
+            ));
+        }
+        if self.skipped(&id, read, merge.source) {
+            return None;
+        }
+        let device = match &merge.profile {
+            Some(doc) => match Profile::from_document(doc, &self.state.settings.kinds) {
+                Ok(p) => Some(p),
+                Err(e) => {
+                    return Some(format!(
+                        "merge of {}: state unreadable: {e}",
+                        merge.anonymous_id
+                    ))
+                }
+            },
+            None => None,
+        };
+        let dedupe = self.state.settings.dedupe.clone();
+        let refused = self.apply(&id, &merge.partner_id, &merge.user_id, read, |profile| {
+            let merged = match &device {
+                Some(device) => profile.merge(device, &dedupe),
+                None => Ok(()),
+            };
+            let identity = profile.identity_mut();
+            identity.apply_source(merge.source.partition, merge.source.offset);
+            match merged {
+                Ok(()) => identity.merged(&merge.anonymous_id),
+                Err(_) => identity.refuse(&merge.anonymous_id, refusal::MERGE_REFUSED),
+            }
+            merged
+        });
+        match &refused {
+            None => metrics::counter!(m::IDENTITY_MERGED).increment(1),
+            Some(_) => metrics::counter!(m::IDENTITY_REFUSED, "reason" => "sums").increment(1),
+        }
+        refused
+    }
+
+    /// Changes the person `id` (made empty if it has no profile) with `change` under the
+    /// watermark of the record read at `read`; the reason `change` gives for a record to
+    /// dead-letter (the profile keeps what `change` did anyway).
+    fn apply(
+        &mut self,
+        id: &str,
+        partner_id: &str,
+        person: &str,
+        read: Read,
+        change: impl FnOnce(&mut Profile) -> Result<(), String>,
+    ) -> Option<String> {
+        let kinds = &self.state.settings.kinds;
+        let mut reason = None;
+        self.state.cache.fold(
+            id.to_string(),
+            read.partition,
+            read.clock,
+            || Profile::empty(partner_id, person, kinds),
+            |profile| {
+                reason = change(profile).err();
+                profile.watermark = Some(read.at());
+                Fold::Applied
+            },
+        );
+        reason
+    }
+}
+
+/// The id a Segment `alias` call links to its `userId`: `previousId`, kept under `properties`.
+fn previous_id(event: &Event) -> Option<&str> {
+    if event.event != "alias" {
+        return None;
+    }
+    let properties = event.properties.as_ref()?;
+    ["previousId", "previous_id"]
+        .iter()
+        .find_map(|k| properties.get(*k)?.as_str())
+}

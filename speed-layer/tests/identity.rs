@@ -1,0 +1,651 @@
+//! Identity unification against real Kafka and Elasticsearch: anonymous devices merged into
+//! the person who logged in on them, exactly once across partitions, through SIGKILLs and a
+//! rebalance; and the guards (a shared device, junk ids, the alias cap, partners apart, a
+//! person's id sent as an anonymous id), retries after a merge, triggers not fired again, and
+//! the profile API answering for a device with its person.
+
+mod common;
+
+use std::collections::{BTreeSet, HashMap, HashSet};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use chrono::Utc;
+use common::*;
+use pulse_core::{parse_event, Event, ParseContext};
+use pulse_service::keys::{KeyKind, PartnerKeys};
+use pulse_speed::api::{router, ApiState};
+use serde_json::{json, Value};
+
+/// A small deterministic generator (xorshift), so a failing run can be replayed.
+struct Rng(u64);
+
+impl Rng {
+    fn next(&mut self) -> u64 {
+        self.0 ^= self.0 << 13;
+        self.0 ^= self.0 >> 7;
+        self.0 ^= self.0 << 17;
+        self.0
+    }
+
+    fn below(&mut self, n: u64) -> u64 {
+        self.next() % n.max(1)
+    }
+}
+
+fn event(v: Value) -> Event {
+    parse_event(&v.to_string(), &ParseContext::now()).expect("a valid event")
+}
+
+struct Person {
+    partner: &'static str,
+    user: String,
+    gender: &'static str,
+    country: &'static str,
+    devices: Vec<String>,
+    logs_in: bool,
+}
+
+/// The events of the identity test, in four phases (before, during and after the logins, and
+/// after a rebalance), the retries sent besides them, and who each device belongs to.
+struct Stream {
+    phases: Vec<Vec<Event>>,
+    retries: Vec<Event>,
+    /// Device profile id → the person's profile id, for the devices that get merged.
+    linked: HashMap<String, String>,
+}
+
+fn identity_stream(people: usize, seed: u64) -> Stream {
+    let mut rng = Rng(seed);
+    let now = Utc::now().timestamp_millis();
+    let seq = std::cell::Cell::new(0u64);
+    let next = || {
+        seq.set(seq.get() + 1);
+        seq.get()
+    };
+    let visit = |rng: &mut Rng, p: &Person, who: Value, gender: &str| -> Event {
+        let seq = next();
+        let kind = ["page_view", "product_view", "add_to_cart", "purchase"][rng.below(4) as usize];
+        let mut v = json!({
+            "event": kind,
+            "partner_id": p.partner,
+            "message_id": format!("{}-{seq}", p.user),
+            "timestamp": now - rng.below(10 * 86_400_000) as i64,
+            "country": p.country,
+            "category": [format!("c{}", rng.below(30))],
+        });
+        for (k, val) in who.as_object().unwrap() {
+            v[k] = val.clone();
+        }
+        if kind != "purchase" {
+            v["gender"] = json!(gender);
+        }
+        if kind == "add_to_cart" || kind == "purchase" {
+            v["cart_amount"] = json!(format!("{}.{:02}", 1 + rng.below(300), rng.below(100)));
+        }
+        event(v)
+    };
+    let persons: Vec<Person> = (0..people)
+        .map(|i| Person {
+            partner: if i % 2 == 0 { "shop-a" } else { "shop-b" },
+            user: format!("user-{i}"),
+            gender: if i % 3 == 0 { "male" } else { "female" },
+            country: if i % 4 == 0 { "GB" } else { "TR" },
+            devices: (0..1 + (i % 3 == 0) as usize)
+                .map(|k| format!("device-{i}-{k}"))
+                .collect(),
+            logs_in: i % 10 < 7,
+        })
+        .collect();
+    let mut phases = vec![Vec::new(), Vec::new(), Vec::new(), Vec::new()];
+    let mut linked = HashMap::new();
+    for p in &persons {
+        let anon = |d: &String| json!({"anonymous_id": d});
+        let user = json!({"user_id": p.user});
+        let other = if p.gender == "male" { "female" } else { "male" };
+        // Before: the devices browse anonymously; the person, elsewhere, with either gender.
+        for d in &p.devices {
+            for _ in 0..2 + rng.below(5) {
+                phases[0].push(visit(&mut rng, p, anon(d), p.gender));
+            }
+        }
+        for _ in 0..rng.below(4) {
+            let g = if rng.below(2) == 0 { p.gender } else { other };
+            phases[0].push(visit(&mut rng, p, user.clone(), g));
+        }
+        // During: the logins, with the devices still browsing and the person active.
+        if p.logs_in {
+            for d in &p.devices {
+                phases[1].push(event(json!({
+                    "event": "identify", "partner_id": p.partner, "user_id": p.user,
+                    "anonymous_id": d, "message_id": format!("{}-login-{}", p.user, next()),
+                    "country": p.country,
+                })));
+                linked.insert(
+                    format!("{}:{d}", p.partner),
+                    format!("{}:{}", p.partner, p.user),
+                );
+            }
+        }
+        for d in &p.devices {
+            for _ in 0..rng.below(3) {
+                phases[1].push(visit(&mut rng, p, anon(d), p.gender));
+            }
+        }
+        phases[1].push(visit(&mut rng, p, user.clone(), p.gender));
+        // After: devices go on anonymously (their events now belong to the person if it
+        // logged in), the person visits with both ids (logged in) and with the user id alone.
+        for phase in [2, 3] {
+            for d in &p.devices {
+                for _ in 0..1 + rng.below(3) {
+                    phases[phase].push(visit(&mut rng, p, anon(d), p.gender));
+                }
+                if p.logs_in {
+                    let both = json!({"user_id": p.user, "anonymous_id": d});
+                    phases[phase].push(visit(&mut rng, p, both, p.gender));
+                }
+            }
+            phases[phase].push(visit(&mut rng, p, user.clone(), p.gender));
+        }
+    }
+    // Client retries of events before the logins, sent after them: counted once.
+    let retries = phases[0].iter().step_by(7).cloned().collect();
+    Stream {
+        phases,
+        retries,
+        linked,
+    }
+}
+
+/// The ground truth: every event in the profile of its person (a merged device's events in
+/// the person's), folded by the test's own code.
+fn truth_of(stream: &Stream) -> HashMap<String, Truth> {
+    let resolved: Vec<Event> = stream
+        .phases
+        .iter()
+        .flatten()
+        .map(|e| {
+            let mut e = e.clone();
+            if e.user_id.is_none() {
+                if let Some(person) = stream.linked.get(&e.partition_key()) {
+                    e.user_id = Some(person.split_once(':').unwrap().1.to_string());
+                }
+            }
+            e
+        })
+        .collect();
+    ground_truth(&resolved)
+}
+
+/// People and unmerged devices (documents without `merged_into`), and the merged devices'
+/// pointers (id → person).
+fn split(docs: &HashMap<String, Value>) -> (HashMap<String, Value>, HashMap<String, String>) {
+    let mut people = HashMap::new();
+    let mut pointers = HashMap::new();
+    for (id, d) in docs {
+        match d["merged_into"].as_str() {
+            Some(person) => {
+                pointers.insert(
+                    id.clone(),
+                    format!("{}:{person}", d["partner_id"].as_str().unwrap()),
+                );
+            }
+            None => {
+                people.insert(id.clone(), d.clone());
+            }
+        }
+    }
+    (people, pointers)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn merges_are_exact_across_partitions_through_sigkills_and_a_rebalance() {
+    let f = Fixture::new("identity", 12).await;
+    let stream = identity_stream(300, 0x1d3a_55e7);
+    let truth = truth_of(&stream);
+    assert!(
+        stream.linked.len() > 200,
+        "{} devices linked",
+        stream.linked.len()
+    );
+    // Frequent small flushes, so kills land before, during and after flushes and merges; a
+    // short session timeout so a survivor takes over a killed replica's partitions quickly.
+    let args = [
+        "--flush-interval-secs",
+        "0.2",
+        "--bulk-docs",
+        "200",
+        "--kafka-opt",
+        "session.timeout.ms=6000",
+    ];
+    // Each replica SIGKILLs itself where a failpoint says, whatever the machine's speed: at a
+    // login (the person folded it; the link may or may not be out), at an event of a linked
+    // device (forwarded, or folded before its link: merges in flight around it), and, with a
+    // second replica sharing the partitions, at the first event with both ids it handles.
+    let logins: Vec<&Event> = stream.phases[1]
+        .iter()
+        .filter(|e| e.event == "identify")
+        .collect();
+    let device_events: Vec<&Event> = stream.phases[2]
+        .iter()
+        .filter(|e| e.user_id.is_none() && stream.linked.contains_key(&e.partition_key()))
+        .collect();
+    let with_both: Vec<String> = stream.phases[3]
+        .iter()
+        .filter(|e| e.user_id.is_some() && e.anonymous_id.is_some())
+        .map(|e| e.message_id.clone())
+        .collect();
+    let kill_points = [
+        logins[logins.len() / 2].message_id.clone(),
+        device_events[device_events.len() / 3].message_id.clone(),
+        with_both.join(","),
+    ];
+    let spawn =
+        |kill_at: &str| f.spawn_speed_env(&args, &[("PULSE_FAILPOINT_KILL_MESSAGE_IDS", kill_at)]);
+    let mut partial = Vec::new();
+    let mut a = spawn(&kill_points[0]);
+    produce(&f.topic, &stream.phases[0]).await;
+    produce(&f.topic, &stream.phases[1]).await;
+    let mut b = None;
+    for (i, next) in [&stream.phases[2], &stream.phases[3]]
+        .into_iter()
+        .enumerate()
+    {
+        let status = wait_exit(&mut a).await;
+        assert_eq!(
+            std::os::unix::process::ExitStatusExt::signal(&status),
+            Some(libc::SIGKILL),
+            "killed by failpoint {i}"
+        );
+        let (people, pointers) = split(&f.documents().await);
+        partial.push((people.len(), pointers.len()));
+        a = spawn(&kill_points[i + 1]);
+        if i == 1 {
+            // A second replica: the partitions are shared out while merges are under way;
+            // it takes over the first one's after that is killed.
+            b = Some(f.spawn_speed(&args));
+        }
+        produce(&f.topic, next).await;
+        if i == 0 {
+            produce(&f.topic, &stream.retries).await;
+        }
+    }
+    let status = wait_exit(&mut a).await;
+    assert_eq!(
+        std::os::unix::process::ExitStatusExt::signal(&status),
+        Some(libc::SIGKILL),
+        "killed by failpoint 2"
+    );
+    let mut b = b.expect("second replica");
+    eprintln!("people and merged devices stored at the kills: {partial:?}");
+
+    let deadline = Instant::now() + PATIENCE * 4;
+    let (people, pointers, problems) = loop {
+        let (people, pointers) = split(&f.documents().await);
+        let problems = diff(&people, &truth);
+        if problems.is_empty() || Instant::now() > deadline {
+            break (people, pointers, problems);
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    };
+    terminate(&mut b);
+    assert!(
+        problems.is_empty(),
+        "after SIGKILLs and a rebalance during merges, people differ from the ground truth:\n{}",
+        problems.join("\n")
+    );
+    let mut want_pointers: Vec<_> = stream.linked.iter().collect();
+    want_pointers.sort();
+    let mut got_pointers: Vec<_> = pointers.iter().collect();
+    got_pointers.sort();
+    assert_eq!(
+        got_pointers, want_pointers,
+        "each merged device points to its person"
+    );
+    for (device, person) in &stream.linked {
+        let aliases: Vec<&str> = people[person]["aliases"]
+            .as_array()
+            .map(|a| a.iter().filter_map(Value::as_str).collect())
+            .unwrap_or_default();
+        let device_id = device.split_once(':').unwrap().1;
+        assert!(
+            aliases.contains(&device_id),
+            "{person} lists {device_id}: {aliases:?}"
+        );
+    }
+}
+
+/// The test's partner events, by hand.
+fn ev(partner: &str, who: Value, kind: &str, id: &str, extra: Value) -> Event {
+    let mut v = json!({"event": kind, "partner_id": partner, "message_id": id});
+    for (k, val) in who
+        .as_object()
+        .unwrap()
+        .iter()
+        .chain(extra.as_object().unwrap())
+    {
+        v[k] = val.clone();
+    }
+    event(v)
+}
+
+fn anon(id: &str) -> Value {
+    json!({"anonymous_id": id})
+}
+
+fn user(id: &str) -> Value {
+    json!({"user_id": id})
+}
+
+fn both(user: &str, anon: &str) -> Value {
+    json!({"user_id": user, "anonymous_id": anon})
+}
+
+/// Polls until `check` holds of the documents (or PATIENCE ran out); returns them.
+async fn until(
+    f: &Fixture,
+    check: impl Fn(&HashMap<String, Value>) -> bool,
+) -> HashMap<String, Value> {
+    let deadline = Instant::now() + PATIENCE;
+    loop {
+        let docs = f.documents().await;
+        if check(&docs) || Instant::now() > deadline {
+            return docs;
+        }
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
+}
+
+fn strings(v: &Value) -> BTreeSet<String> {
+    v.as_array()
+        .map(|a| {
+            a.iter()
+                .filter_map(|s| s.as_str().map(str::to_string))
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn guards_hold_and_a_merged_device_answers_for_its_person() {
+    let f = Fixture::new("identity-guards", 6).await;
+    let rules = std::env::temp_dir().join(format!("{}.toml", f.alias));
+    std::fs::write(&rules, CART_RULE).unwrap();
+    let args = [
+        "--flush-interval-secs",
+        "0.2",
+        "--max-aliases",
+        "2",
+        "--junk-ids",
+        "guest",
+        "--rules-file",
+        rules.to_str().unwrap(),
+    ];
+    let mut speed = f.spawn_speed(&args);
+    let cart =
+        |amount: &str| json!({"cart_amount": amount, "gender": "female", "category": ["toys"]});
+    let tablet_cart = ev(
+        "shop-a",
+        anon("tablet"),
+        "add_to_cart",
+        "t-1",
+        cart("10.50"),
+    );
+    // The devices browse first (in Kafka before any login is read, so the tablet's cart is
+    // folded before its merge).
+    let devices = vec![
+        ev(
+            "shop-a",
+            anon("tablet"),
+            "page_view",
+            "t-0",
+            json!({"gender": "female"}),
+        ),
+        tablet_cart.clone(),
+        ev("shop-a", anon("d1"), "page_view", "x-1", json!({})),
+        ev("shop-a", anon("d2"), "page_view", "x-2", json!({})),
+        ev("shop-a", anon("d3"), "page_view", "x-3", json!({})),
+        ev(
+            "shop-a",
+            anon("old-phone"),
+            "product_view",
+            "s-0",
+            json!({"gender": "male"}),
+        ),
+    ];
+    produce(&f.topic, &devices).await;
+    let first = vec![
+        // A family tablet browsed, filled a cart; mum logs in on it.
+        ev(
+            "shop-a",
+            user("mum"),
+            "purchase",
+            "m-0",
+            json!({"cart_amount": "5"}),
+        ),
+        ev(
+            "shop-a",
+            both("mum", "tablet"),
+            "identify",
+            "m-1",
+            json!({}),
+        ),
+        // The same anonymous id at another partner: another device, never linked here.
+        ev("shop-b", anon("tablet"), "add_to_cart", "b-1", cart("7")),
+        // Junk anonymous ids (built in, and the operator's own "guest") link nothing.
+        ev("shop-a", anon("undefined"), "page_view", "j-0", json!({})),
+        ev(
+            "shop-a",
+            both("jo", "undefined"),
+            "identify",
+            "j-1",
+            json!({}),
+        ),
+        ev("shop-a", both("jo", "NULL"), "page_view", "j-2", json!({})),
+        ev("shop-a", both("jo", "Guest"), "page_view", "j-3", json!({})),
+        // A person who logs in on three devices, with at most two aliases.
+        ev("shop-a", both("many", "d1"), "identify", "x-4", json!({})),
+        ev("shop-a", both("many", "d2"), "identify", "x-5", json!({})),
+        ev("shop-a", both("many", "d3"), "identify", "x-6", json!({})),
+        // A Segment alias call: previousId → userId.
+        ev(
+            "shop-a",
+            user("sam"),
+            "alias",
+            "s-1",
+            json!({"properties": {"previousId": "old-phone"}}),
+        ),
+    ];
+    produce(&f.topic, &first).await;
+    let docs = until(&f, |d| {
+        strings(
+            &d.get("shop-a:mum")
+                .map_or(Value::Null, |m| m["aliases"].clone()),
+        )
+        .contains("tablet")
+            && d.get("shop-a:sam")
+                .is_some_and(|s| s["aliases"] == json!(["old-phone"]))
+            && d.get("shop-a:many").is_some_and(|m| {
+                m["identity"]["refused"].is_array() && strings(&m["aliases"]).len() == 2
+            })
+    })
+    .await;
+    let mum = &docs["shop-a:mum"];
+    assert_eq!(mum["aliases"], json!(["tablet"]), "{mum}");
+    assert_eq!(
+        mum["event_count"],
+        json!(4),
+        "page view, cart, purchase, identify: {mum}"
+    );
+    assert_eq!(
+        mum["cart_amount"],
+        json!("10.5"),
+        "the tablet's open cart is carried over"
+    );
+    assert_eq!(mum["total_purchases"], json!("5"));
+    assert_eq!(mum["gender_last"], json!("female"));
+    assert_eq!(docs["shop-a:tablet"]["merged_into"], json!("mum"));
+    assert!(
+        docs["shop-a:tablet"].get("event_count").is_none(),
+        "a pointer, not a person"
+    );
+    // The other partner's device of the same id is untouched.
+    assert_eq!(docs["shop-b:tablet"]["event_count"], json!(1));
+    assert!(docs["shop-b:tablet"].get("merged_into").is_none());
+    // Junk ids linked nothing.
+    assert!(
+        docs["shop-a:jo"].get("aliases").is_none(),
+        "{}",
+        docs["shop-a:jo"]
+    );
+    assert!(docs["shop-a:undefined"].get("merged_into").is_none());
+    // Two aliases at most: the third device was refused, counted and listed.
+    let many = &docs["shop-a:many"];
+    assert_eq!(
+        strings(&many["aliases"]),
+        BTreeSet::from(["d1".into(), "d2".into()])
+    );
+    assert_eq!(
+        many["identity"]["refused"][0]["anonymous_id"],
+        json!("d3"),
+        "{many}"
+    );
+    assert!(docs["shop-a:d3"].get("merged_into").is_none());
+    assert_eq!(
+        docs["shop-a:sam"]["gender_last"],
+        json!("male"),
+        "the alias merged the old phone"
+    );
+
+    // Dad logs in on the same tablet: the first link stands. Eve sends mum's user id as her
+    // anonymous id: a person is never merged into another.
+    let second = vec![
+        ev(
+            "shop-a",
+            both("dad", "tablet"),
+            "identify",
+            "d-1",
+            json!({}),
+        ),
+        ev("shop-a", both("eve", "mum"), "identify", "e-1", json!({})),
+    ];
+    produce(&f.topic, &second).await;
+    let docs = until(&f, |d| {
+        ["shop-a:dad", "shop-a:eve"].iter().all(|id| {
+            d.get(*id)
+                .is_some_and(|p| p["identity"]["refused"].is_array())
+        })
+    })
+    .await;
+    assert_eq!(
+        docs["shop-a:dad"]["identity"]["refused"][0]["reason"],
+        json!("already linked to another user")
+    );
+    assert!(docs["shop-a:dad"].get("aliases").is_none());
+    let eve = &docs["shop-a:eve"]["identity"]["refused"][0];
+    assert_eq!(eve["anonymous_id"], json!("mum"));
+    assert!(
+        eve["reason"].as_str().unwrap().contains("is a person"),
+        "{eve}"
+    );
+    assert_eq!(docs["shop-a:mum"]["event_count"], json!(4), "mum untouched");
+
+    // After the merge: the tablet's new cart lands in mum's profile (and is pushed to her), a
+    // client retry of its cart from before the merge is recognised, dad's own events stay his.
+    let third = vec![
+        ev("shop-a", anon("tablet"), "add_to_cart", "t-2", cart("2.25")),
+        tablet_cart.clone(),
+        ev(
+            "shop-a",
+            user("dad"),
+            "page_view",
+            "d-2",
+            json!({"gender": "male"}),
+        ),
+    ];
+    produce(&f.topic, &third).await;
+    let docs = until(&f, |d| {
+        d.get("shop-a:mum")
+            .is_some_and(|m| m["event_count"] == json!(5))
+            && d.get("shop-a:dad")
+                .is_some_and(|m| m["event_count"] == json!(2))
+    })
+    .await;
+    let mum = &docs["shop-a:mum"];
+    assert_eq!(
+        mum["event_count"],
+        json!(5),
+        "the retry counted once: {mum}"
+    );
+    assert_eq!(mum["cart_amount"], json!("12.75"));
+    assert_eq!(docs["shop-a:dad"]["event_count"], json!(2));
+
+    // Each cart fired once: the tablet's first cart for the tablet (before the merge), its
+    // second for mum, the other partner's for its own device; the merge and the retry none.
+    let rule = pulse_speed::triggers::RuleSet::from_toml(CART_RULE)
+        .unwrap()
+        .rules
+        .remove(0);
+    let b_cart = &first[2];
+    let want: BTreeSet<String> = [
+        rule.idempotency_key_for(&tablet_cart, "tablet"),
+        rule.idempotency_key_for(&third[0], "mum"),
+        rule.idempotency_key(b_cart),
+    ]
+    .into();
+    let fired = read_topic(&f.triggers, 3, Duration::from_secs(3));
+    let keys: BTreeSet<String> = fired
+        .iter()
+        .map(|r| r.json()["idempotency_key"].as_str().unwrap().to_string())
+        .collect();
+    assert_eq!(keys, want);
+    assert_eq!(fired.len(), 3, "no trigger fired twice");
+    let to_mum = fired
+        .iter()
+        .find(|r| r.json()["message_id"] == json!("t-2"))
+        .unwrap();
+    assert_eq!(
+        to_mum.key, "shop-a:mum",
+        "the merged device's cart is pushed to the person"
+    );
+
+    terminate(&mut speed);
+
+    // The profile API answers for the tablet with mum's profile, and only with shop-a's key.
+    let read_keys = PartnerKeys::load_kind(
+        KeyKind::Read,
+        None,
+        &["ra=shop-a".into(), "rb=shop-b".into()],
+    )
+    .unwrap();
+    let api = ApiState::new(f.store.clone(), read_keys, None).unwrap();
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}", listener.local_addr().unwrap());
+    tokio::spawn(async move { axum::serve(listener, router(Arc::new(api))).await });
+    let client = reqwest::Client::new();
+    let get = |path: &str, key: &str| {
+        let req = client.get(format!("{url}{path}")).basic_auth(key, Some(""));
+        async move {
+            let resp = req.send().await.unwrap();
+            (
+                resp.status().as_u16(),
+                resp.json::<Value>().await.unwrap_or(Value::Null),
+            )
+        }
+    };
+    let (status, profile) = get("/api/v1/profiles/tablet", "ra").await;
+    assert_eq!(status, 200);
+    assert_eq!(profile["user_id"], json!("mum"));
+    assert_eq!(profile["event_count"], json!(5));
+    assert!(
+        profile["identity"].get("sources").is_none(),
+        "internal positions left out"
+    );
+    let (status, gender) = get("/api/v1/getGender/tablet?model=MODEL2", "ra").await;
+    assert_eq!((status, gender["gender"].clone()), (200, json!("female")));
+    // shop-b's tablet is shop-b's own device.
+    let (status, profile) = get("/api/v1/profiles/tablet", "rb").await;
+    assert_eq!((status, profile["user_id"].clone()), (200, json!("tablet")));
+    let ids: HashSet<&str> = docs.keys().map(String::as_str).collect();
+    assert!(!ids.contains("shop-b:mum"), "nothing crossed partners");
+}
