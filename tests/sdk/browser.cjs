@@ -10,6 +10,9 @@
 //
 //   shop     sign in, search, view, add two products, check out, leave (sendBeacon); then the
 //            partner's own code posts JSON with Basic auth (a CORS preflight). One JSON line.
+//   browse   view and add a product before signing in (the SDK's anonymous id alone), then
+//            sign in on the same page, add another and check out: one person, one device.
+//            One JSON line, with the SDK's `anonymousId`.
 //   outage   add a product while ingest cannot reach Kafka: prints {"unavailable": …} at the
 //            first 503, then waits until the SDK's own retries got every call accepted, and
 //            prints the result line. The caller restores Kafka when it reads the first line.
@@ -22,8 +25,8 @@
 const { chromium } = require('playwright-core');
 
 const [mode, pageUrl, ingestOrigin, email] = process.argv.slice(2);
-if (!['shop', 'outage', 'refused'].includes(mode) || !pageUrl || !ingestOrigin) {
-  console.error('usage: browser.cjs shop|outage|refused <page url> <ingest origin> [email]');
+if (!['shop', 'browse', 'outage', 'refused'].includes(mode) || !pageUrl || !ingestOrigin) {
+  console.error('usage: browser.cjs shop|browse|outage|refused <page url> <ingest origin> [email]');
   process.exit(2);
 }
 // How long to wait for the SDK's deliveries before giving up (the caller reports what
@@ -105,6 +108,14 @@ async function main() {
       await page.click('.product[data-id="sku-sock"] .add');
       await page.click('#checkout');
       await page.click('#beacon');
+    } else if (mode === 'browse') {
+      await page.click('.product[data-id="sku-sock"] .view');
+      await page.click('.product[data-id="sku-sock"] .add');
+      if (email) await page.fill('#email', email);
+      await page.click('#sign-in');
+      await page.click('.product[data-id="sku-shoe"] .add');
+      await page.click('#checkout');
+      out.anonymousId = await page.evaluate(async () => (await analytics.user()).anonymousId());
     } else if (mode === 'outage') {
       if (email) await page.fill('#email', email);
       await page.click('#sign-in');

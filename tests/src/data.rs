@@ -29,6 +29,7 @@ pub fn generate(n: usize, seed: u64, users: u64, days: i64) -> Vec<Event> {
         zipf_exponent: 1.05,
         concurrent_sessions: 64,
         seed,
+        login_share: 0.0,
     });
     let now = Utc::now().timestamp_millis();
     let ctx = ParseContext::now();

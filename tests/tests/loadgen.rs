@@ -27,6 +27,7 @@ async fn generated_clickstream_arrives_complete() {
             zipf_exponent: 1.1,
             concurrent_sessions: 32,
             seed: 1,
+            login_share: 0.0,
         },
         events: Some(3_000),
         duration: None,

@@ -29,6 +29,10 @@ struct Args {
     users: u64,
     #[arg(long, default_value_t = 42)]
     seed: u64,
+    /// Share of users who log in on a device they also browse with anonymously (see
+    /// `ClickstreamConfig::login_share`).
+    #[arg(long, default_value_t = 0.0)]
+    login_share: f64,
 }
 
 struct Acks {
@@ -57,6 +61,7 @@ fn main() -> anyhow::Result<()> {
         zipf_exponent: 1.1,
         concurrent_sessions: 256,
         seed: a.seed,
+        login_share: a.login_share,
     });
     let ctx = ParseContext::now();
     let records: Vec<(String, Vec<u8>)> = stream

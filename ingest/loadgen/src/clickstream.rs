@@ -145,6 +145,11 @@ pub struct ClickstreamConfig {
     /// Sessions in flight at once (interleaving).
     pub concurrent_sessions: usize,
     pub seed: u64,
+    /// Share of users (0 to 1) who browse on a device of theirs anonymously and log in on it
+    /// now and then: every event of theirs carries the device's `anonymous_id`, and about half
+    /// their sessions are logged in (`user_id` too), so the speed layer links the device to
+    /// them at their first logged-in session. 0: each user is either logged in or anonymous.
+    pub login_share: f64,
 }
 
 /// An endless stream of clickstream events.
@@ -198,6 +203,13 @@ impl Clickstream {
         };
         let user_agent = USER_AGENTS[(user_n as usize) % USER_AGENTS.len()];
         let anonymous = user_n % 10 == 9;
+        // Decided per user (not drawn), and no draw at all without logins, so a stream without
+        // them is the same as before they existed.
+        let logs_in = !anonymous
+            && self.config.login_share > 0.0
+            && (user_n.wrapping_mul(2_654_435_761) + partner as u64) % 1000
+                < (self.config.login_share * 1000.0) as u64;
+        let logged_in = !logs_in || rng.random_bool(0.5);
         let session_id = format!("s-{:016x}", rng.random::<u64>());
         let referrer = [
             "https://www.google.com/",
@@ -211,8 +223,11 @@ impl Clickstream {
         base.insert("partner_name".into(), json!(partner_id.to_uppercase()));
         if anonymous {
             base.insert("anonymous_id".into(), json!(format!("anon-{user_n}")));
-        } else {
+        } else if logged_in {
             base.insert("user_id".into(), json!(format!("u{user_n}")));
+        }
+        if logs_in {
+            base.insert("anonymous_id".into(), json!(format!("device-{user_n}")));
         }
         base.insert("session_id".into(), json!(session_id));
         base.insert("country".into(), json!(country));
@@ -380,6 +395,7 @@ mod tests {
             zipf_exponent: 1.1,
             concurrent_sessions: 16,
             seed: 7,
+            login_share: 0.0,
         }
     }
 
@@ -400,6 +416,32 @@ mod tests {
             views > carts && carts > purchases && purchases > 0,
             "{counts:?}"
         );
+    }
+
+    /// With logins, a share of users send events of their device anonymously and, in other
+    /// sessions, logged in with the device's id beside their user id.
+    #[test]
+    fn some_users_log_in_on_their_devices() {
+        let ctx = ParseContext::now();
+        let stream = Clickstream::new(ClickstreamConfig {
+            login_share: 0.3,
+            ..config()
+        });
+        let (mut device_only, mut both, mut users) = (0, 0, std::collections::HashSet::new());
+        for g in stream.take(20_000) {
+            let e = parse_event(&g.event.to_string(), &ctx).expect("generated event parses");
+            match (&e.user_id, &e.anonymous_id) {
+                (Some(u), Some(d)) => {
+                    assert_eq!(d, &format!("device-{}", &u[1..]));
+                    both += 1;
+                    users.insert(u.clone());
+                }
+                (None, Some(d)) if d.starts_with("device-") => device_only += 1,
+                _ => {}
+            }
+        }
+        assert!(device_only > 1000 && both > 1000, "{device_only} {both}");
+        assert!(users.len() > 50, "{}", users.len());
     }
 
     /// Same seed, same users and sessions (message ids and times aside).

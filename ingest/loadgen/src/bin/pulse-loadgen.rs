@@ -40,6 +40,10 @@ struct Args {
     zipf_exponent: f64,
     #[arg(long, default_value_t = 42)]
     seed: u64,
+    /// Share of users (0 to 1) who browse anonymously on a device and log in on it in about
+    /// half their sessions (the speed layer then merges the device into them).
+    #[arg(long, default_value_t = 0.0)]
+    login_share: f64,
     /// Build every request before starting the clock (needs --events).
     #[arg(long)]
     pregenerate: bool,
@@ -60,6 +64,7 @@ async fn main() -> anyhow::Result<()> {
         zipf_exponent: a.zipf_exponent,
         concurrent_sessions: 256,
         seed: a.seed,
+        login_share: a.login_share,
     };
     if a.print {
         let n = a.events.unwrap_or(10);
