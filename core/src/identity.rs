@@ -37,6 +37,12 @@ pub const HEADER: &str = "pulse.identity";
 /// The format version this build writes and reads.
 pub const VERSION: &str = "1";
 
+/// The largest identity record a speed layer writes: below what the `events` topic takes with
+/// Kafka's default `max.message.bytes` (1 MiB), with room for the headers. A merge carries a
+/// device's whole profile, which bounded state keeps far smaller; one that is not is refused
+/// rather than written (the device stays a profile of its own).
+pub const MAX_RECORD_BYTES: usize = 900 * 1024;
+
 /// Ids that never link anything: what SDKs and careless integrations send when they have no
 /// id (a JavaScript `undefined` turned into text, a placeholder). Linking on one of them
 /// would merge every visitor who sent it into one person. Compared trimmed and ignoring case.
@@ -186,21 +192,37 @@ impl IdentityRecord {
     }
 
     fn check(&self) -> Result<(), String> {
-        let ids = match self {
-            Self::Link(l) => [&l.partner_id, &l.anonymous_id, &l.user_id],
-            Self::Merge(m) => [&m.partner_id, &m.anonymous_id, &m.user_id],
-            Self::Refusal(r) => [&r.partner_id, &r.anonymous_id, &r.user_id],
+        use crate::validate::check_person_id;
+        let (partner, ids) = match self {
+            Self::Link(l) => (
+                &l.partner_id,
+                [("anonymous_id", &l.anonymous_id), ("user_id", &l.user_id)],
+            ),
+            Self::Merge(m) => (
+                &m.partner_id,
+                [("anonymous_id", &m.anonymous_id), ("user_id", &m.user_id)],
+            ),
+            Self::Refusal(r) => (
+                &r.partner_id,
+                [("anonymous_id", &r.anonymous_id), ("user_id", &r.user_id)],
+            ),
             Self::Forward(f) => {
                 crate::validate::check_canonical(&f.event)
                     .map_err(|e| format!("forwarded event invalid: {e}"))?;
                 if f.event.partner_id != f.partner_id {
                     return Err("forwarded event of another partner".into());
                 }
-                [&f.partner_id, &f.user_id, &f.user_id]
+                (
+                    &f.partner_id,
+                    [("user_id", &f.user_id), ("user_id", &f.user_id)],
+                )
             }
         };
-        if ids.iter().any(|id| id.trim().is_empty()) || ids[0].contains(':') {
-            return Err("identity record with an empty id or a partner id with ':'".into());
+        if partner.trim().is_empty() || partner.contains(':') {
+            return Err("identity record with an empty partner id or one with ':'".into());
+        }
+        for (field, id) in ids {
+            check_person_id(field, partner, id).map_err(|e| format!("identity record: {e}"))?;
         }
         Ok(())
     }

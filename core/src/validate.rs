@@ -56,19 +56,7 @@ pub fn check_canonical(event: &Event) -> Result<(), EventError> {
     }
     for (field, id) in [("user_id", user), ("anonymous_id", anonymous)] {
         if let Some(id) = id {
-            required_text(field, id, MAX_USER_ID)?;
-            let bytes = event.partner_id.len() + 1 + id.len();
-            if bytes > MAX_PROFILE_ID_BYTES {
-                return Err(EventError::field(
-                    field,
-                    format!(
-                        "{} bytes of UTF-8: with partner_id it makes a profile id \
-                         \"{{partner_id}}:{{{field}}}\" of {bytes} bytes, and Elasticsearch \
-                         takes at most {MAX_PROFILE_ID_BYTES}",
-                        id.len()
-                    ),
-                ));
-            }
+            check_person_id(field, &event.partner_id, id)?;
         }
     }
     if let Some(amount) = event.cart_amount {
@@ -165,6 +153,27 @@ pub fn is_event_type(name: &str) -> bool {
         && name
             .bytes()
             .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_')
+}
+
+/// A user or anonymous id of `partner_id`'s: present, at most [`MAX_USER_ID`] characters, and
+/// with the partner id a profile id (`{partner_id}:{id}`, the document's `_id`) Elasticsearch
+/// takes. Every id that names a profile passes here: an event's, and an id an identity link
+/// names (a Segment alias's `previousId`).
+pub fn check_person_id(field: &str, partner_id: &str, id: &str) -> Result<(), EventError> {
+    required_text(field, id, MAX_USER_ID)?;
+    let bytes = partner_id.len() + 1 + id.len();
+    if bytes > MAX_PROFILE_ID_BYTES {
+        return Err(EventError::field(
+            field,
+            format!(
+                "{} bytes of UTF-8: with partner_id it makes a profile id \
+                 \"{{partner_id}}:{{{field}}}\" of {bytes} bytes, and Elasticsearch \
+                 takes at most {MAX_PROFILE_ID_BYTES}",
+                id.len()
+            ),
+        ));
+    }
+    Ok(())
 }
 
 fn required_text(field: &str, value: &str, max_chars: usize) -> Result<(), EventError> {

@@ -56,8 +56,9 @@ pub struct Identity {
     /// When the link was made (the linking event's time, epoch milliseconds).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub merged_at: Option<i64>,
-    /// Anonymous ids merged into this person, in the order they were merged.
-    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    /// Anonymous ids merged into this person, in the order they were merged. Stored once, as
+    /// the document's indexed `aliases` (see `Profile::to_document`), not in this object.
+    #[serde(skip)]
     pub aliases: Vec<String>,
     /// Anonymous ids asked for and not answered yet.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
@@ -83,7 +84,7 @@ pub enum Ask {
     Link,
     /// Already merged, asked for, or refused: nothing to do.
     Known,
-    /// Never linked (a junk id, or the person's own id).
+    /// Never linked (a junk id on either side, or the person's own id).
     Ignored,
     /// The person has [`IdentityPolicy::max_aliases`] already.
     Full,
@@ -95,7 +96,9 @@ pub mod refusal {
     pub const NOT_ANONYMOUS: &str =
         "a profile with events of its own user_id is a person and is never merged into another";
     pub const ALIAS_LIMIT: &str = "the person has the most aliases allowed (--max-aliases)";
-    pub const MERGE_REFUSED: &str = "the merged sums leave the range a profile holds exactly";
+    pub const MERGE_REFUSED: &str =
+        "the merge could not be applied (the sums leave the range a profile holds exactly); the device's state is in the dead-letter topic";
+    pub const TOO_LARGE: &str = "the device's state is larger than an identity record may be";
 }
 
 impl Identity {
@@ -106,10 +109,8 @@ impl Identity {
         anonymous_id: &str,
         policy: &IdentityPolicy,
     ) -> Ask {
-        if policy.max_aliases == 0
-            || anonymous_id == person
-            || pulse_core::identity::is_junk_id(anonymous_id, &policy.junk_ids)
-        {
+        let junk = |id: &str| pulse_core::identity::is_junk_id(id, &policy.junk_ids);
+        if policy.max_aliases == 0 || anonymous_id == person || junk(anonymous_id) || junk(person) {
             return Ask::Ignored;
         }
         let Some(this) = this else {
@@ -202,6 +203,14 @@ mod tests {
         assert_eq!(Identity::ask(None, "u", "a1", &p), Ask::Link);
         for junk in ["", "null", "undefined", "GUEST", "u"] {
             assert_eq!(Identity::ask(None, "u", junk, &p), Ask::Ignored, "{junk:?}");
+        }
+        // A junk user id (a broken integration's "undefined") collects nobody's devices.
+        for person in ["undefined", "null", "guest"] {
+            assert_eq!(
+                Identity::ask(None, person, "a1", &p),
+                Ask::Ignored,
+                "{person:?}"
+            );
         }
         assert_eq!(Identity::ask(None, "u", "a1", &policy(0)), Ask::Ignored);
         let mut id = Identity::default();

@@ -26,6 +26,8 @@ pub const IDENTITY_FORWARDED: &str = "pulse_speed_identity_forwarded_total";
 pub const IDENTITY_COPIES: &str = "pulse_speed_identity_copies_skipped_total";
 pub const IDENTITY_REFUSED: &str = "pulse_speed_identity_links_refused_total";
 pub const IDENTITY_IGNORED: &str = "pulse_speed_identity_ids_ignored_total";
+/// Pointers turned back into profiles of their own by an event of their own user id.
+pub const IDENTITY_RECLAIMED: &str = "pulse_speed_identity_reclaimed_total";
 
 pub const NOTIFY_DELIVERED: &str = "pulse_notifier_delivered_total";
 pub const NOTIFY_DUPLICATE: &str = "pulse_notifier_duplicates_total";

@@ -88,8 +88,14 @@ pub enum Fold {
 
 impl Profile {
     pub fn new(event: &Event, models: &[ModelKind]) -> Self {
+        Self::new_for(event, event.person_id(), models)
+    }
+
+    /// The profile of `person` whose first event is `event`: the event's own id, or the
+    /// person an event of a merged device was forwarded to.
+    pub fn new_for(event: &Event, person: &str, models: &[ModelKind]) -> Self {
         let ts = event.timestamp.timestamp();
-        let mut profile = Self::empty(&event.partner_id, event.person_id(), models);
+        let mut profile = Self::empty(&event.partner_id, person, models);
         profile.anonymous = event.user_id.is_none();
         profile.last_visit = ts;
         profile.first_seen = ts;
@@ -261,7 +267,9 @@ impl Profile {
     /// Folds the event read at `at`, unless the profile already contains it (by offset or
     /// by message id) or cannot hold it. Nothing changes unless the answer is `Applied`.
     pub fn fold(&mut self, event: &Event, at: Watermark, dedupe: &DedupePolicy) -> Fold {
-        if self.covers(at) {
+        // A merged device's pointer holds no state: its events are its person's (the live
+        // layer forwards them before they get here).
+        if self.covers(at) || self.merged_into().is_some() {
             return Fold::Skipped;
         }
         let digest = MessageDigest::of(&event.message_id);
@@ -446,10 +454,15 @@ impl Profile {
         };
         let stored_models = doc.get("models").and_then(Value::as_object);
         let identity = match doc.get("identity") {
-            Some(v) => Some(Box::new(
-                serde_json::from_value::<Identity>(v.clone())
-                    .map_err(|e| format!("identity: {e}"))?,
-            )),
+            Some(v) => {
+                let mut identity = serde_json::from_value::<Identity>(v.clone())
+                    .map_err(|e| format!("identity: {e}"))?;
+                identity.aliases = doc
+                    .get("aliases")
+                    .and_then(|a| serde_json::from_value(a.clone()).ok())
+                    .unwrap_or_default();
+                Some(Box::new(identity))
+            }
             None => None,
         };
         if identity.as_ref().is_some_and(|i| i.merged_into.is_some()) {

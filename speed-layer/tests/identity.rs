@@ -447,6 +447,32 @@ async fn guards_hold_and_a_merged_device_answers_for_its_person() {
         ev("shop-a", both("many", "d1"), "identify", "x-4", json!({})),
         ev("shop-a", both("many", "d2"), "identify", "x-5", json!({})),
         ev("shop-a", both("many", "d3"), "identify", "x-6", json!({})),
+        // A broken integration's junk user id collects no devices.
+        ev("shop-a", anon("dev-x"), "page_view", "u-0", json!({})),
+        ev(
+            "shop-a",
+            both("undefined", "dev-x"),
+            "identify",
+            "u-1",
+            json!({}),
+        ),
+        // An alias whose previousId no profile id could hold is ignored.
+        ev(
+            "shop-a",
+            user("sam"),
+            "alias",
+            "s-2",
+            json!({"properties": {"previousId": "x".repeat(600)}}),
+        ),
+        // Someone sends a user id nobody has used yet as their anonymous id: a pointer to
+        // them, until that user's own first event reclaims it.
+        ev(
+            "shop-a",
+            both("mallory", "victim@example.com"),
+            "identify",
+            "v-0",
+            json!({}),
+        ),
         // A Segment alias call: previousId → userId.
         ev(
             "shop-a",
@@ -516,10 +542,29 @@ async fn guards_hold_and_a_merged_device_answers_for_its_person() {
         json!("male"),
         "the alias merged the old phone"
     );
+    assert!(
+        docs["shop-a:dev-x"].get("merged_into").is_none(),
+        "a junk user id links nothing"
+    );
+    assert!(docs["shop-a:undefined"].get("identity").is_none());
+    assert_eq!(
+        docs["shop-a:sam"]["aliases"],
+        json!(["old-phone"]),
+        "the overlong previousId is ignored"
+    );
+    assert!(docs.keys().all(|id| id.len() <= 512));
 
     // Dad logs in on the same tablet: the first link stands. Eve sends mum's user id as her
     // anonymous id: a person is never merged into another.
     let second = vec![
+        // The victim's own events are theirs: the pointer mallory made is reclaimed.
+        ev(
+            "shop-a",
+            user("victim@example.com"),
+            "add_to_cart",
+            "v-1",
+            cart("30"),
+        ),
         ev(
             "shop-a",
             both("dad", "tablet"),
@@ -534,7 +579,9 @@ async fn guards_hold_and_a_merged_device_answers_for_its_person() {
         ["shop-a:dad", "shop-a:eve"].iter().all(|id| {
             d.get(*id)
                 .is_some_and(|p| p["identity"]["refused"].is_array())
-        })
+        }) && d
+            .get("shop-a:victim@example.com")
+            .is_some_and(|v| v["event_count"] == json!(1))
     })
     .await;
     assert_eq!(
@@ -549,6 +596,17 @@ async fn guards_hold_and_a_merged_device_answers_for_its_person() {
         "{eve}"
     );
     assert_eq!(docs["shop-a:mum"]["event_count"], json!(4), "mum untouched");
+    let victim = &docs["shop-a:victim@example.com"];
+    assert_eq!(
+        (victim["event_count"].clone(), victim.get("merged_into")),
+        (json!(1), None),
+        "{victim}"
+    );
+    assert_eq!(
+        docs["shop-a:mallory"]["event_count"],
+        json!(1),
+        "mallory got none of the victim's events"
+    );
 
     // After the merge: the tablet's new cart lands in mum's profile (and is pushed to her), a
     // client retry of its cart from before the merge is recognised, dad's own events stay his.
@@ -591,15 +649,16 @@ async fn guards_hold_and_a_merged_device_answers_for_its_person() {
         rule.idempotency_key_for(&tablet_cart, "tablet"),
         rule.idempotency_key_for(&third[0], "mum"),
         rule.idempotency_key(b_cart),
+        rule.idempotency_key(&second[0]),
     ]
     .into();
-    let fired = read_topic(&f.triggers, 3, Duration::from_secs(3));
+    let fired = read_topic(&f.triggers, 4, Duration::from_secs(3));
     let keys: BTreeSet<String> = fired
         .iter()
         .map(|r| r.json()["idempotency_key"].as_str().unwrap().to_string())
         .collect();
     assert_eq!(keys, want);
-    assert_eq!(fired.len(), 3, "no trigger fired twice");
+    assert_eq!(fired.len(), 4, "no trigger fired twice");
     let to_mum = fired
         .iter()
         .find(|r| r.json()["message_id"] == json!("t-2"))
@@ -646,6 +705,15 @@ async fn guards_hold_and_a_merged_device_answers_for_its_person() {
     // shop-b's tablet is shop-b's own device.
     let (status, profile) = get("/api/v1/profiles/tablet", "rb").await;
     assert_eq!((status, profile["user_id"].clone()), (200, json!("tablet")));
-    let ids: HashSet<&str> = docs.keys().map(String::as_str).collect();
-    assert!(!ids.contains("shop-b:mum"), "nothing crossed partners");
+    // Nothing of shop-a's people reached shop-b: its only documents are its own device's.
+    let b_ids: HashSet<&str> = docs
+        .keys()
+        .map(String::as_str)
+        .filter(|id| id.starts_with("shop-b:"))
+        .collect();
+    assert_eq!(
+        b_ids,
+        HashSet::from(["shop-b:tablet"]),
+        "nothing crossed partners"
+    );
 }

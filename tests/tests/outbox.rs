@@ -40,15 +40,19 @@ async fn a_fatal_producer_error_fails_the_confirm_and_stops_the_process() {
         Err(OutboxError::Fatal(_))
     ));
 
-    let stored: Vec<Vec<u8>> = read_topic(&topic, 1, Duration::from_secs(3))
-        .into_iter()
-        .map(|m| m.payload)
-        .collect();
     assert_eq!(
-        stored,
+        payloads_in(&topic),
         vec![b"first".to_vec()],
         "only the acknowledged record is in Kafka"
     );
+}
+
+/// The payloads in `topic`, read until one is in and a few seconds more (to see any other).
+fn payloads_in(topic: &str) -> Vec<Vec<u8>> {
+    read_topic(topic, 1, Duration::from_secs(3))
+        .into_iter()
+        .map(|m| m.payload)
+        .collect()
 }
 
 /// The largest record a topic at the broker's default `max.message.bytes` (1,048,588) takes
@@ -181,5 +185,42 @@ async fn refused_records_fill_the_outbox_until_the_topic_takes_them() {
     assert_eq!(
         read_topic(&topic, count, Duration::from_secs(1)).len(),
         count
+    );
+}
+
+/// An ordered outbox (identity records, read behind a high-water mark) delivers in order or
+/// not at all: a record refused for its size fails it for good, nothing sent after it reaches
+/// Kafka (it would overtake the refused one), and the process stops without committing.
+#[tokio::test(flavor = "multi_thread")]
+async fn an_ordered_outbox_sends_nothing_after_a_refused_record_and_stops() {
+    let topic = create_topic("outbox-ordered", 1).await;
+    let shutdown = Shutdown::new();
+    // A producer limit below the second record: refused at once, before any broker saw it.
+    let mut config = KafkaArgs::with_brokers(brokers()).producer_config();
+    config.set("message.max.bytes", "20000");
+    config.set("compression.type", "none");
+    let outbox = Outbox::ordered(config, "test", shutdown.clone()).expect("outbox");
+    outbox.send(&topic, b"k", b"first", OwnedHeaders::new());
+    outbox
+        .confirm(Duration::from_secs(30))
+        .expect("a healthy ordered outbox confirms");
+    let large: Vec<u8> = std::iter::repeat_with(|| *uuid::Uuid::new_v4().as_bytes())
+        .flatten()
+        .take(40_000)
+        .collect();
+    outbox.send(&topic, b"k", &large, OwnedHeaders::new());
+    assert!(
+        shutdown.is_stopped(),
+        "the refusal stops the process at once"
+    );
+    outbox.send(&topic, b"k", b"third", OwnedHeaders::new());
+    match outbox.confirm(Duration::from_secs(10)) {
+        Err(OutboxError::Fatal(reason)) => assert!(reason.contains("ordered record"), "{reason}"),
+        other => panic!("expected the ordered outbox to have failed for good, got {other:?}"),
+    }
+    assert_eq!(
+        payloads_in(&topic),
+        vec![b"first".to_vec()],
+        "the third did not overtake the second"
     );
 }

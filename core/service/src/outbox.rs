@@ -68,6 +68,20 @@ pub enum OutboxError {
     Fatal(String),
 }
 
+/// What every outbox producer is set to: librdkafka never gives up on a record by itself
+/// (`message.timeout.ms=0`: what it can retry, it retries), and records as large as
+/// [`DEAD_LETTER_MAX_BYTES`] pass unless the configuration sets `message.max.bytes` itself:
+/// librdkafka's default (1,000,000) would refuse, before any broker saw it, the dead letter of
+/// a record as large as its source topic allows.
+fn set_limits(config: &mut ClientConfig) {
+    config.set("message.timeout.ms", "0");
+    if config.get("message.max.bytes").is_none() {
+        // The request that carries the record also carries its framing.
+        let limit = DEAD_LETTER_MAX_BYTES + 64 * 1024;
+        config.set("message.max.bytes", limit.to_string());
+    }
+}
+
 /// Whether `error` is librdkafka's fatal error, which no retry cures (the idempotent producer
 /// refuses every record after one): a retry loop stops on it, and the process exits.
 pub fn is_fatal(error: &KafkaError) -> bool {
@@ -183,23 +197,14 @@ pub struct Outbox {
 }
 
 impl Outbox {
-    /// A producer from `config` that never gives up on a record by itself
-    /// (`message.timeout.ms=0`: what librdkafka can retry, it retries); what Kafka refuses is
-    /// kept and sent again by [`Outbox::confirm`]. It takes records up to
-    /// [`DEAD_LETTER_MAX_BYTES`], as the dead-letter topics do, unless `config` sets
-    /// `message.max.bytes` itself: librdkafka's default (1,000,000) would refuse, before any
-    /// broker saw it, the dead letter of a record as large as its source topic allows.
+    /// A producer from `config` with the outbox's limits (see `set_limits`); what Kafka refuses
+    /// is kept and sent again by [`Outbox::confirm`].
     pub fn new(
         mut config: ClientConfig,
         consumer: &'static str,
         shutdown: Shutdown,
     ) -> Result<Self, KafkaError> {
-        config.set("message.timeout.ms", "0");
-        if config.get("message.max.bytes").is_none() {
-            // The request that carries the record also carries its framing.
-            let limit = DEAD_LETTER_MAX_BYTES + 64 * 1024;
-            config.set("message.max.bytes", limit.to_string());
-        }
+        set_limits(&mut config);
         Ok(Self {
             producer: config.create_with_context(OutboxContext::default())?,
             consumer,
@@ -221,7 +226,7 @@ impl Outbox {
         shutdown: Shutdown,
     ) -> Result<Self, KafkaError> {
         config.set("enable.gapless.guarantee", "true");
-        config.set("message.timeout.ms", "0");
+        set_limits(&mut config);
         let context = OutboxContext {
             ordered: true,
             ..OutboxContext::default()
@@ -236,8 +241,12 @@ impl Outbox {
     /// Queues a record. A full local queue is waited out (back-pressure, not a drop) until the
     /// process stops; a record the producer refuses at once (too large, say), or one still
     /// waiting at a stop, is kept as undelivered: the next confirm fails, so nothing after
-    /// it is committed.
+    /// it is committed. An ordered outbox that failed sends nothing more (a later record
+    /// must not overtake the refused one) and stops the process at once.
     pub fn send(&self, topic: &str, key: &[u8], payload: &[u8], headers: OwnedHeaders) {
+        if self.failed_in_order() {
+            return;
+        }
         let mut record = BaseRecord::to(topic)
             .key(key)
             .payload(payload)
@@ -260,6 +269,7 @@ impl Outbox {
                         error: e.to_string(),
                         too_large: is_too_large(&e),
                     });
+                    self.failed_in_order();
                     return;
                 }
             }
@@ -292,6 +302,31 @@ impl Outbox {
     /// [`Outbox::confirm`] gets them through.
     pub fn is_full(&self) -> bool {
         self.producer.context().bytes() >= MAX_UNDELIVERED_BYTES
+    }
+
+    /// Whether this is an ordered outbox that failed; then the process is stopping (see
+    /// [`Outbox::ordered`]).
+    fn failed_in_order(&self) -> bool {
+        let context = self.producer.context();
+        if !context.ordered {
+            return false;
+        }
+        let failed = context
+            .failed
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone();
+        let Some(reason) = failed else {
+            return false;
+        };
+        if !self.shutdown.is_stopped() {
+            tracing::error!(
+                reason,
+                "an ordered record was refused; stopping the process without committing past it"
+            );
+            self.shutdown.stop();
+        }
+        true
     }
 
     /// The producer's fatal error, if it raised one, or the refusal that failed an ordered

@@ -56,10 +56,33 @@ impl Engine {
     pub(super) fn event(&mut self, event: Event, id: String, read: Read) -> Option<String> {
         self.failpoint_kill(&event);
         if let Some(person) = self.forwarding(&id, read) {
-            self.forward(event, person, read);
-            return None;
+            if event.user_id.is_none() {
+                self.forward(event, person, read);
+                return None;
+            }
+            // An event of this id's own user: the id is a person's, whoever linked it as a
+            // device (a user id sent as someone's anonymous id before its user's first
+            // event). Its events are its own from now on, never forwarded to another person.
+            self.reclaim(&id, &person);
         }
         self.fold_event(&event, id, read)
+    }
+
+    /// Turns the pointer `id` back into a profile of its own (empty: what the pointer had
+    /// went to `person`), so that the event being read folds into it and a later link to it
+    /// is refused (it is a person's now).
+    fn reclaim(&mut self, id: &str, person: &str) {
+        if let Some(profile) = self.state.cache.get_mut(id) {
+            profile.identity = None;
+            profile.anonymous = false;
+            self.state.cache.redirty(id);
+            metrics::counter!(m::IDENTITY_RECLAIMED).increment(1);
+            tracing::warn!(
+                id,
+                merged_into = person,
+                "an event of a user id that was linked as a device: its events are its own again"
+            );
+        }
     }
 
     /// The person a record of `id` read at `read` is passed on to: `id` is a merged device and
@@ -109,7 +132,12 @@ impl Engine {
         if event.user_id.is_none() {
             return;
         }
-        let candidates = [event.anonymous_id.as_deref(), previous_id(event)];
+        // `previousId` is the client's free text (under `properties`): held to the rules of an
+        // event's ids before it names a profile.
+        let previous = previous_id(event).filter(|id| {
+            pulse_core::validate::check_person_id("previousId", &event.partner_id, id).is_ok()
+        });
+        let candidates = [event.anonymous_id.as_deref(), previous];
         for anonymous_id in candidates.into_iter().flatten() {
             let Some(profile) = self.state.cache.get_mut(id) else {
                 return;
@@ -271,6 +299,28 @@ impl Engine {
                 let state = profile
                     .filter(|p| p.event_count > 0)
                     .map(|p| p.to_document(kinds, now));
+                let merge = IdentityRecord::Merge(Merge {
+                    partner_id: link.partner_id.clone(),
+                    anonymous_id: link.anonymous_id.clone(),
+                    user_id: link.user_id.clone(),
+                    linked_at: link.linked_at,
+                    source: read.position(),
+                    profile: state,
+                });
+                let size = merge.to_json().len();
+                if size > pulse_core::identity::MAX_RECORD_BYTES {
+                    // Bounded state keeps a device far below this; a device that is not is
+                    // left as it is rather than stop the partition (Kafka would refuse it).
+                    metrics::counter!(m::IDENTITY_REFUSED, "reason" => "too_large").increment(1);
+                    self.outbox.identity(&IdentityRecord::Refusal(Refusal {
+                        partner_id: link.partner_id,
+                        anonymous_id: link.anonymous_id,
+                        user_id: link.user_id,
+                        reason: format!("{} ({size} bytes)", refusal::TOO_LARGE),
+                        source: read.position(),
+                    }));
+                    return;
+                }
                 let stub = Profile::merged_stub(
                     &link.partner_id,
                     &link.anonymous_id,
@@ -288,47 +338,35 @@ impl Engine {
                         Fold::Applied
                     },
                 );
-                self.outbox.identity(&IdentityRecord::Merge(Merge {
-                    partner_id: link.partner_id,
-                    anonymous_id: link.anonymous_id,
-                    user_id: link.user_id,
-                    linked_at: link.linked_at,
-                    source: read.position(),
-                    profile: state,
-                }));
+                self.outbox.identity(&merge);
                 metrics::counter!(m::IDENTITY_MERGES_SENT).increment(1);
             }
         }
     }
 
-    /// The person's side of a merge: the device's state added once.
+    /// The person's side of a merge: the device's state added once. A merge that cannot be
+    /// applied is listed as refused on the person (so it is not pending for ever) and
+    /// dead-lettered: the record holds the device's state as it was.
     fn merge(&mut self, merge: Merge, id: String, read: Read) -> Option<String> {
-        if self.forwarding(&id, read).is_some() {
-            return Some(format!(
-                "merge of {} into {}, which is itself merged into another person",
-                merge.anonymous_id, merge.user_id
-            ));
-        }
         if self.skipped(&id, read, merge.source) {
             return None;
         }
-        let device = match &merge.profile {
-            Some(doc) => match Profile::from_document(doc, &self.state.settings.kinds) {
-                Ok(p) => Some(p),
-                Err(e) => {
-                    return Some(format!(
-                        "merge of {}: state unreadable: {e}",
-                        merge.anonymous_id
-                    ))
-                }
-            },
-            None => None,
+        let device = match (&merge.profile, self.forwarding(&id, read)) {
+            (_, Some(_)) => Err(format!(
+                "merge of {} into {}, which is itself merged into another person",
+                merge.anonymous_id, merge.user_id
+            )),
+            (Some(doc), None) => Profile::from_document(doc, &self.state.settings.kinds)
+                .map(Some)
+                .map_err(|e| format!("merge of {}: state unreadable: {e}", merge.anonymous_id)),
+            (None, None) => Ok(None),
         };
         let dedupe = self.state.settings.dedupe.clone();
         let refused = self.apply(&id, &merge.partner_id, &merge.user_id, read, |profile| {
             let merged = match &device {
-                Some(device) => profile.merge(device, &dedupe),
-                None => Ok(()),
+                Ok(Some(device)) => profile.merge(device, &dedupe),
+                Ok(None) => Ok(()),
+                Err(e) => Err(e.clone()),
             };
             let identity = profile.identity_mut();
             identity.apply_source(merge.source.partition, merge.source.offset);
@@ -340,7 +378,9 @@ impl Engine {
         });
         match &refused {
             None => metrics::counter!(m::IDENTITY_MERGED).increment(1),
-            Some(_) => metrics::counter!(m::IDENTITY_REFUSED, "reason" => "sums").increment(1),
+            Some(_) => {
+                metrics::counter!(m::IDENTITY_REFUSED, "reason" => "merge_failed").increment(1)
+            }
         }
         refused
     }

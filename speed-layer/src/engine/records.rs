@@ -80,11 +80,23 @@ impl<S: DocumentStore> ProfileState<S> {
     ) -> Fold {
         let (kinds, dedupe) = (&self.settings.kinds, &self.settings.dedupe);
         let at = Watermark { partition, offset };
+        // A forwarded event is folded into its person, not under its own key.
+        let own = event.has_key(id.as_bytes());
+        let person = match own {
+            true => String::new(),
+            false => id
+                .split_once(':')
+                .map_or(id.as_str(), |(_, p)| p)
+                .to_string(),
+        };
         let outcome = self.cache.fold(
             id,
             partition,
             touched,
-            || Profile::new(event, kinds),
+            || match own {
+                true => Profile::new(event, kinds),
+                false => Profile::new_for(event, &person, kinds),
+            },
             |profile| profile.fold(event, at, dedupe),
         );
         match outcome {

@@ -163,6 +163,27 @@ pub fn select(names: &[String]) -> Result<Vec<ModelKind>, String> {
         .collect()
 }
 
+/// Distinct genders a model counts: `gender` is the client's free text, and state must stay
+/// bounded whatever a partner sends (a device's state travels whole in a merge record).
+/// Further values are not counted.
+pub const MAX_GENDERS: usize = 32;
+
+/// Adds `n` visits of `gender` to `counts`, unless it is a new gender beyond [`MAX_GENDERS`].
+pub(crate) fn count_gender(
+    counts: &mut std::collections::BTreeMap<String, u64>,
+    gender: &str,
+    n: u64,
+) {
+    let full = counts.len() >= MAX_GENDERS;
+    match counts.get_mut(gender) {
+        Some(total) => *total = total.saturating_add(n),
+        None if !full => {
+            counts.insert(gender.to_string(), n);
+        }
+        None => {}
+    }
+}
+
 /// The gender an event shows, if it is a page visit that carries one. Declared genders
 /// (`identify`) are not page visits and do not count.
 pub(crate) fn visit_gender(event: &Event) -> Option<&str> {

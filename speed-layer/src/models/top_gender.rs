@@ -6,7 +6,7 @@ use chrono::{DateTime, Utc};
 use pulse_core::Event;
 use serde::{Deserialize, Serialize};
 
-use super::{top, visit_gender, ProfileModel};
+use super::{count_gender, top, visit_gender, ProfileModel};
 
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
 pub struct TopGender {
@@ -16,12 +16,7 @@ pub struct TopGender {
 impl ProfileModel for TopGender {
     fn fold(&mut self, event: &Event) {
         if let Some(g) = visit_gender(event) {
-            match self.counts.get_mut(g) {
-                Some(n) => *n = n.saturating_add(1),
-                None => {
-                    self.counts.insert(g.to_string(), 1);
-                }
-            }
+            count_gender(&mut self.counts, g, 1);
         }
     }
 
@@ -32,8 +27,40 @@ impl ProfileModel for TopGender {
     /// Visits of both profiles, added per gender.
     fn merge(&mut self, other: Self, _other_is_newer: bool) {
         for (g, n) in other.counts {
-            let total = self.counts.entry(g).or_default();
-            *total = total.saturating_add(n);
+            count_gender(&mut self.counts, &g, n);
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::models::MAX_GENDERS;
+    use pulse_core::{parse_event, ParseContext};
+
+    #[test]
+    fn a_flood_of_distinct_genders_keeps_state_bounded() {
+        let mut m = TopGender::default();
+        for i in 0..(MAX_GENDERS + 50) {
+            let e = parse_event(
+                &format!(
+                    r#"{{"event":"page_view","partner_id":"p","user_id":"u","gender":"g{i}"}}"#
+                ),
+                &ParseContext::now(),
+            )
+            .unwrap();
+            ProfileModel::fold(&mut m, &e);
+        }
+        assert_eq!(m.counts.len(), MAX_GENDERS);
+        let mut other = TopGender::default();
+        other.counts.insert("extra".into(), 9);
+        other.counts.insert("g0".into(), 1);
+        ProfileModel::merge(&mut m, other, false);
+        assert_eq!(
+            m.counts.len(),
+            MAX_GENDERS,
+            "a merge adds no gender beyond the cap"
+        );
+        assert_eq!(m.counts["g0"], 2);
     }
 }

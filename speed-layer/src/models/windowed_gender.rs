@@ -11,7 +11,7 @@ use chrono::{DateTime, Utc};
 use pulse_core::Event;
 use serde::{Deserialize, Serialize};
 
-use super::{top, visit_gender, ProfileModel};
+use super::{count_gender, top, visit_gender, ProfileModel};
 
 /// Window length in days; set once at start-up from configuration.
 static WINDOW_DAYS: AtomicU32 = AtomicU32::new(7);
@@ -47,13 +47,7 @@ impl ProfileModel for WindowedTopGender {
             return;
         };
         let day = day_of(event.timestamp);
-        let counts = self.days.entry(day).or_default();
-        match counts.get_mut(g) {
-            Some(n) => *n = n.saturating_add(1),
-            None => {
-                counts.insert(g.to_string(), 1);
-            }
-        }
+        count_gender(self.days.entry(day).or_default(), g, 1);
         self.expire();
     }
 
@@ -62,8 +56,7 @@ impl ProfileModel for WindowedTopGender {
         for (day, counts) in other.days {
             let mine = self.days.entry(day).or_default();
             for (g, n) in counts {
-                let total = mine.entry(g).or_default();
-                *total = total.saturating_add(n);
+                count_gender(mine, &g, n);
             }
         }
         self.expire();

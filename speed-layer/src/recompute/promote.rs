@@ -169,6 +169,16 @@ fn switch(
     caught_up: RunSummary,
     bound: &LiveBound,
 ) -> Result<Switch, RecomputeError> {
+    if caught_up.identity_records > 0 && !args.split_identities {
+        // The catch-up passed over merges and forwarded device events the live layer applied
+        // meanwhile: the index lacks them for those people.
+        return Err(RecomputeError::Refused(format!(
+            "the catch-up of {} passed over {} identity record(s) (merges and forwarded events \
+             of devices the live layer applied meanwhile), which a recompute does not resolve \
+             yet: the alias stays. Pass --split-identities to switch anyway",
+            args.index, caught_up.identity_records
+        )));
+    }
     let runtime = tokio::runtime::Runtime::new()?;
     let live = ProfileStore::new(&args.speed.es)?;
     let alias = &args.speed.es.alias;
