@@ -25,9 +25,11 @@ use rdkafka::message::{Message, OwnedMessage};
 use rdkafka::Offset;
 use tokio::runtime::Runtime;
 
+use crate::identity_file::{self, ArchivedIdentity};
 use crate::layout::{self, FileRange};
 use crate::parquet_file::{self, Codec};
 use crate::store::{open_store, StoreArgs};
+use pulse_core::identity::TopicRecord;
 
 #[derive(Debug, Clone, clap::Args)]
 pub struct ArchiverConfig {
@@ -74,7 +76,7 @@ pub mod metric {
     pub const JSON_BYTES: &str = "pulse_archiver_json_bytes_total";
     pub const UNITS: &str = "pulse_archiver_units_total";
     pub const DEAD_LETTERED: &str = "pulse_archiver_dead_lettered_total";
-    /// Identity records of the speed layer met in the events topic and not archived.
+    /// Identity records of the speed layer archived (beside the events, under `identities/`).
     pub const IDENTITY_RECORDS: &str = "pulse_archiver_identity_records_total";
     pub const STORE_FAILURES: &str = "pulse_archiver_store_failures_total";
     pub const BUFFERED_BYTES: &str = "pulse_archiver_buffered_bytes";
@@ -137,6 +139,8 @@ struct Unit {
     last: i64,
     /// The unit's events with their offsets, in offset order.
     events: Vec<(i64, Event)>,
+    /// The speed layer's identity records of the range, in offset order (archived apart).
+    identities: Vec<ArchivedIdentity>,
     bytes: usize,
     opened: Instant,
 }
@@ -457,6 +461,7 @@ impl State {
             first: msg.offset(),
             last: msg.offset(),
             events: Vec::new(),
+            identities: Vec::new(),
             bytes: 0,
             opened: Instant::now(),
         });
@@ -465,19 +470,28 @@ impl State {
             partition: p,
             partitions: self.partitions,
         };
-        if pulse_core::identity::IdentityRecord::marker(msg.headers()).is_some() {
-            // The speed layer's identity records (links, merges, events of merged devices
-            // passed on) share the topic so that they are ordered with the events; they are
-            // not events, so not archived as rows: the unit's offset range covers them as it
-            // covers a dead-lettered record.
-            metrics::counter!(metric::IDENTITY_RECORDS).increment(1);
-            return;
-        }
-        match Event::from_record(msg.key(), msg.payload(), at) {
-            Ok(event) => {
+        // The speed layer's identity records share the topic so that they are ordered with
+        // the events; they are archived beside them, not as rows of `events`.
+        match TopicRecord::decode(msg.headers(), msg.key(), msg.payload(), at) {
+            Ok(TopicRecord::Event(event)) => {
                 unit.bytes += payload.len();
                 self.buffered += payload.len();
                 unit.events.push((msg.offset(), event));
+            }
+            Ok(TopicRecord::Identity(record)) => {
+                unit.bytes += payload.len();
+                self.buffered += payload.len();
+                let written_at = msg
+                    .timestamp()
+                    .to_millis()
+                    .and_then(chrono::DateTime::from_timestamp_millis)
+                    .unwrap_or_else(chrono::Utc::now);
+                unit.identities.push(ArchivedIdentity {
+                    partition: p,
+                    offset: msg.offset(),
+                    written_at,
+                    record,
+                });
             }
             Err(_)
                 if self
@@ -515,7 +529,9 @@ impl State {
             let store = store.clone();
             async move {
                 let progress = layout::progress(store.as_ref()).await?.get(&p).copied();
-                for file in layout::all_files(store.as_ref(), None).await? {
+                let mut files = layout::all_files(store.as_ref(), None).await?;
+                files.extend(layout::all_identity_files(store.as_ref(), None).await?);
+                for file in files {
                     let range = file.range;
                     if range.partition == p && progress.is_none_or(|d| range.last > d) {
                         tracing::warn!(path = %file.path, "deleting file of an unfinished unit");
@@ -598,6 +614,29 @@ impl State {
                 }
             }
         }
+        let identity_rows = unit.identities.len();
+        let mut identities: BTreeMap<NaiveDate, Vec<ArchivedIdentity>> = BTreeMap::new();
+        for row in unit.identities {
+            identities
+                .entry(row.written_at.date_naive())
+                .or_default()
+                .push(row);
+        }
+        for (dt, rows) in &identities {
+            match identity_file::write(rows, self.codec) {
+                Ok(bytes) => files.push((layout::identity_path(*dt, range), bytes, 0)),
+                Err(e) => {
+                    let e = ArchiverError::Parquet {
+                        partition: p,
+                        first: range.first,
+                        last: range.last,
+                        message: e.to_string(),
+                    };
+                    tracing::error!(error = %e, partition = p, "building the identity file failed; stopping before the range is passed");
+                    return Err(RollFailure::Fatal(e));
+                }
+            }
+        }
         let deadline = self.turn_deadline;
         let gave_up = |why: Interrupted| match why {
             Interrupted::Stopped => RollFailure::Stopped,
@@ -664,6 +703,7 @@ impl State {
             *offsets = offsets.split_off(&(range.last + 1));
         }
         metrics::counter!(metric::UNITS).increment(1);
+        metrics::counter!(metric::IDENTITY_RECORDS).increment(identity_rows as u64);
         metrics::gauge!(metric::BUFFERED_BYTES).set(self.buffered as f64);
         tracing::debug!(
             partition = p,

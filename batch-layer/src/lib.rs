@@ -15,4 +15,4 @@ pub mod dedupe;
 pub mod sql;
 pub mod warehouse;
 
-pub use pulse_archive::{layout, parquet_file, store};
+pub use pulse_archive::{identity_file, layout, parquet_file, store};

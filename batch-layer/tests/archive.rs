@@ -13,6 +13,7 @@ use arrow::array::{Array, AsArray};
 use arrow::datatypes::{Date32Type, Decimal128Type, TimestampMicrosecondType};
 use arrow::record_batch::RecordBatch;
 use common::{run_report, Fixture};
+use object_store::ObjectStoreExt;
 use pulse_batch::layout;
 use pulse_core::Event;
 use pulse_tests::data::{generate, produce, produce_raw};
@@ -174,6 +175,121 @@ async fn sigkill_during_writes_leaves_no_duplicates_and_no_gaps() {
     assert_eq!(total, events.len(), "no duplicates");
     let want: HashSet<&str> = events.iter().map(|e| e.message_id.as_str()).collect();
     assert!(rows.keys().all(|k| want.contains(k.as_str())));
+}
+
+/// The speed layer's identity records (links, merges, forwarded device events) share the
+/// events topic: the archive keeps each once, beside the events and not among them, in the
+/// same units and across SIGKILLs, so the archive stays an exact prefix of the topic.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn identity_records_are_archived_once_beside_the_events_across_sigkills() {
+    use pulse_core::identity::{Forward, IdentityRecord, Link, Merge, Position, HEADER, VERSION};
+    use rdkafka::message::{Header, OwnedHeaders};
+    use rdkafka::producer::{FutureProducer, FutureRecord};
+
+    let f = Fixture::new("identities", 8).await;
+    let events = generate(8_000, 33, 600, 2);
+    let at = chrono::Utc::now();
+    let at = chrono::DateTime::from_timestamp_millis(at.timestamp_millis()).unwrap();
+    let position = Position {
+        partition: 1,
+        offset: 2,
+    };
+    let records: Vec<IdentityRecord> = (0..600)
+        .map(|i| match i % 3 {
+            0 => IdentityRecord::Link(Link {
+                partner_id: "shop-a".into(),
+                anonymous_id: format!("device-{i}"),
+                user_id: format!("person-{i}"),
+                linked_at: at,
+                message_id: format!("m-{i}"),
+                origin: position,
+            }),
+            1 => IdentityRecord::Merge(Merge {
+                partner_id: "shop-a".into(),
+                anonymous_id: format!("device-{i}"),
+                user_id: format!("person-{i}"),
+                linked_at: at,
+                source: position,
+                profile: Some(serde_json::json!({"event_count": i})),
+            }),
+            _ => {
+                let mut event = events[i].clone();
+                event.partner_id = "shop-a".into();
+                IdentityRecord::Forward(Forward {
+                    partner_id: "shop-a".into(),
+                    user_id: format!("person-{i}"),
+                    source: position,
+                    event: Box::new(event),
+                })
+            }
+        })
+        .collect();
+    let producer: FutureProducer =
+        pulse_core::kafka::KafkaArgs::with_brokers(pulse_tests::brokers())
+            .producer_config()
+            .create()
+            .expect("producer");
+    let args = ["--roll-secs", "0.05", "--roll-bytes", "30000"];
+    let mut archiver = f.spawn(&args);
+    for (i, (chunk, ids)) in events.chunks(2_000).zip(records.chunks(150)).enumerate() {
+        produce(&f.topic, chunk).await;
+        for r in ids {
+            let headers = OwnedHeaders::new().insert(Header {
+                key: HEADER,
+                value: Some(VERSION),
+            });
+            let (key, payload) = (r.key(), r.to_json());
+            producer
+                .send(
+                    FutureRecord::to(&f.topic)
+                        .key(&key)
+                        .payload(&payload)
+                        .headers(headers),
+                    Duration::from_secs(30),
+                )
+                .await
+                .expect("acked");
+        }
+        tokio::time::sleep(Duration::from_millis(300 + 200 * i as u64)).await;
+        archiver.kill().unwrap();
+        let _ = archiver.wait();
+        archiver = f.spawn(&args);
+    }
+    archiver.kill().unwrap();
+    let _ = archiver.wait();
+    f.run_to_end(&args);
+
+    let (rows, total) = rows_by_id(&f.rows().await);
+    assert_eq!(
+        (rows.len(), total),
+        (events.len(), events.len()),
+        "every event once, and only events"
+    );
+    let store = f.store();
+    let mut archived = Vec::new();
+    for file in layout::committed_identity_files(store.as_ref(), None)
+        .await
+        .unwrap()
+    {
+        let bytes = store.get(&file.path).await.unwrap().bytes().await.unwrap();
+        archived.extend(pulse_batch::identity_file::read(bytes).unwrap());
+    }
+    let positions: HashSet<(i32, i64)> = archived.iter().map(|a| (a.partition, a.offset)).collect();
+    assert_eq!(positions.len(), archived.len(), "no identity record twice");
+    let mut got: Vec<Value> = archived
+        .iter()
+        .map(|a| serde_json::from_slice(&a.record.to_json()).unwrap())
+        .collect();
+    let mut want: Vec<Value> = records
+        .iter()
+        .map(|r| serde_json::from_slice(&r.to_json()).unwrap())
+        .collect();
+    got.sort_by_key(|v| v.to_string());
+    want.sort_by_key(|v| v.to_string());
+    assert_eq!(got.len(), want.len(), "every identity record once");
+    assert_eq!(got, want);
+    // Nothing of them was taken for a bad record.
+    assert!(read_topic(&f.dlq, 1, Duration::from_secs(1)).is_empty());
 }
 
 /// The same guarantees on an S3-compatible object store (moto's server from the local stack):

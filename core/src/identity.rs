@@ -233,6 +233,46 @@ impl IdentityRecord {
     }
 }
 
+/// What a record of the `events` topic holds: an event, or one of the speed layer's identity
+/// records. Every consumer of the topic decodes through [`TopicRecord::decode`], so each tells
+/// them apart and checks them the same way.
+///
+/// Not boxed: nearly every record is an event, and a box would cost each one an allocation to
+/// save the rare identity record some bytes.
+#[allow(clippy::large_enum_variant)]
+#[derive(Debug, Clone, PartialEq)]
+pub enum TopicRecord {
+    Event(Event),
+    Identity(IdentityRecord),
+}
+
+impl TopicRecord {
+    /// The record read at `at` (its headers, key and payload), checked by the rules of its kind
+    /// ([`Event::from_record`], [`IdentityRecord::from_record`]); the error is the dead-letter
+    /// reason.
+    pub fn decode<H: rdkafka::message::Headers>(
+        headers: Option<&H>,
+        key: Option<&[u8]>,
+        payload: Option<&[u8]>,
+        at: Placement,
+    ) -> Result<Self, String> {
+        match IdentityRecord::marker(headers) {
+            Some(version) => {
+                IdentityRecord::from_record(version, key, payload, at).map(Self::Identity)
+            }
+            None => Event::from_record(key, payload, at).map(Self::Event),
+        }
+    }
+
+    /// The profile the record belongs to: its Kafka key.
+    pub fn key(&self) -> String {
+        match self {
+            Self::Event(e) => e.partition_key(),
+            Self::Identity(r) => r.key(),
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -2,13 +2,15 @@
 //!
 //! ```text
 //! events/dt=2026-11-21/part-007-00000000000000001200-00000000000000001899.parquet
+//! identities/dt=2026-11-21/part-007-00000000000000001200-00000000000000001899.parquet
 //! _progress/partition=007/00000000000000001899
 //! ```
 //!
 //! The archiver reads partition 7 from offset 1200 to 1899 (one "unit"), writes one file per
 //! event date found in that range, all named after the range, and then the progress marker.
-//! A unit is committed once its marker exists: the object store, not Kafka, says how far the
-//! archive got. A crash between the files and the marker leaves files beyond the marker
+//! The speed layer's identity records of the range (see `identity_file`) go beside them, under
+//! `identities/`, by the day they were written, named the same way. A unit is committed once
+//! its marker exists: the object store, not Kafka, says how far the archive got. A crash between the files and the marker leaves files beyond the marker
 //! (orphans); readers ignore them and the archiver deletes them before it re-reads the range.
 
 use std::collections::{BTreeSet, HashMap};
@@ -19,6 +21,7 @@ use object_store::path::Path;
 use object_store::ObjectStore;
 
 pub const DATA_PREFIX: &str = "events";
+pub const IDENTITY_PREFIX: &str = "identities";
 pub const PROGRESS_PREFIX: &str = "_progress";
 
 /// A data file's partition and offset range, parsed from its name.
@@ -30,8 +33,17 @@ pub struct FileRange {
 }
 
 pub fn data_path(dt: NaiveDate, range: FileRange) -> Path {
+    path_under(DATA_PREFIX, dt, range)
+}
+
+/// The identity records of a unit written on day `dt`.
+pub fn identity_path(dt: NaiveDate, range: FileRange) -> Path {
+    path_under(IDENTITY_PREFIX, dt, range)
+}
+
+fn path_under(prefix: &str, dt: NaiveDate, range: FileRange) -> Path {
     Path::from(format!(
-        "{DATA_PREFIX}/dt={dt}/part-{:03}-{:020}-{:020}.parquet",
+        "{prefix}/dt={dt}/part-{:03}-{:020}-{:020}.parquet",
         range.partition, range.first, range.last
     ))
 }
@@ -44,8 +56,12 @@ pub fn marker_path(partition: i32, last: i64) -> Path {
 
 /// (dt, range) of a data file path, or None for anything else.
 pub fn parse_data_path(path: &Path) -> Option<(NaiveDate, FileRange)> {
+    parse_under(DATA_PREFIX, path)
+}
+
+fn parse_under(prefix: &str, path: &Path) -> Option<(NaiveDate, FileRange)> {
     let text = path.as_ref();
-    let rest = text.strip_prefix(DATA_PREFIX)?.strip_prefix("/dt=")?;
+    let rest = text.strip_prefix(prefix)?.strip_prefix("/dt=")?;
     let (dt, file) = rest.split_once('/')?;
     let dt = NaiveDate::parse_from_str(dt, "%Y-%m-%d").ok()?;
     let stem = file.strip_prefix("part-")?.strip_suffix(".parquet")?;
@@ -108,14 +124,30 @@ pub async fn all_files(
     store: &dyn ObjectStore,
     dt: Option<NaiveDate>,
 ) -> object_store::Result<Vec<ArchiveFile>> {
+    all_files_under(store, DATA_PREFIX, dt).await
+}
+
+/// Every identity file, committed or not, optionally of one day, by day then range.
+pub async fn all_identity_files(
+    store: &dyn ObjectStore,
+    dt: Option<NaiveDate>,
+) -> object_store::Result<Vec<ArchiveFile>> {
+    all_files_under(store, IDENTITY_PREFIX, dt).await
+}
+
+async fn all_files_under(
+    store: &dyn ObjectStore,
+    under: &str,
+    dt: Option<NaiveDate>,
+) -> object_store::Result<Vec<ArchiveFile>> {
     let prefix = match dt {
-        Some(d) => Path::from(format!("{DATA_PREFIX}/dt={d}")),
-        None => Path::from(DATA_PREFIX),
+        Some(d) => Path::from(format!("{under}/dt={d}")),
+        None => Path::from(under),
     };
     let mut out = Vec::new();
     let mut list = store.list(Some(&prefix));
     while let Some(meta) = list.try_next().await? {
-        if let Some((dt, range)) = parse_data_path(&meta.location) {
+        if let Some((dt, range)) = parse_under(under, &meta.location) {
             out.push(ArchiveFile {
                 path: meta.location,
                 dt,
@@ -134,9 +166,24 @@ pub async fn committed_files(
     store: &dyn ObjectStore,
     dt: Option<NaiveDate>,
 ) -> object_store::Result<Vec<ArchiveFile>> {
+    committed(store, all_files(store, dt).await?).await
+}
+
+/// The committed identity files, optionally of one day.
+pub async fn committed_identity_files(
+    store: &dyn ObjectStore,
+    dt: Option<NaiveDate>,
+) -> object_store::Result<Vec<ArchiveFile>> {
+    committed(store, all_identity_files(store, dt).await?).await
+}
+
+/// Those of `files` a progress marker covers.
+async fn committed(
+    store: &dyn ObjectStore,
+    files: Vec<ArchiveFile>,
+) -> object_store::Result<Vec<ArchiveFile>> {
     let done = progress(store).await?;
-    Ok(all_files(store, dt)
-        .await?
+    Ok(files
         .into_iter()
         .filter(|f| {
             done.get(&f.range.partition)
@@ -166,6 +213,17 @@ mod tests {
         assert_eq!(
             parse_data_path(&Path::from("events/dt=2026-11-21/other.parquet")),
             None
+        );
+        let i = identity_path(dt, r);
+        assert_eq!(
+            i.as_ref(),
+            "identities/dt=2026-11-21/part-007-00000000000000001200-00000000000000001899.parquet"
+        );
+        assert_eq!(parse_under(IDENTITY_PREFIX, &i), Some((dt, r)));
+        assert_eq!(
+            parse_data_path(&i),
+            None,
+            "an identity file is no data file"
         );
         assert_eq!(
             marker_path(7, 1899).as_ref(),

@@ -5,8 +5,10 @@
 //! - [`parquet_file`]: events (with their Kafka partition and offset) to a Parquet file and
 //!   back;
 //! - [`reader`]: an archive file back to events, for recompute;
+//! - [`identity_file`]: the speed layer's identity records of a unit, beside its events;
 //! - [`store`]: opening the object store (local directory, `s3://`, `gs://`).
 
+pub mod identity_file;
 pub mod layout;
 pub mod parquet_file;
 pub mod reader;

@@ -37,7 +37,7 @@ pub enum Codec {
 }
 
 impl Codec {
-    fn compression(self) -> Compression {
+    pub(crate) fn compression(self) -> Compression {
         match self {
             Codec::Zstd => Compression::ZSTD(ZstdLevel::try_new(3).unwrap_or_default()),
             Codec::Snappy => Compression::SNAPPY,

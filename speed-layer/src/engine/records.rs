@@ -6,7 +6,7 @@ use std::collections::HashSet;
 use std::time::Instant;
 
 use chrono::Utc;
-use pulse_core::identity::IdentityRecord;
+use pulse_core::identity::TopicRecord;
 use pulse_core::partitioner::Placement;
 use pulse_core::Event;
 use rdkafka::message::{Message, OwnedMessage};
@@ -109,16 +109,8 @@ impl<S: DocumentStore> ProfileState<S> {
     }
 }
 
-/// What a record of the events topic holds. Not boxed: nearly every record is an event, and a
-/// box would cost each one an allocation to save the rare identity record some bytes.
-#[allow(clippy::large_enum_variant)]
-pub(super) enum Work {
-    Event(Event),
-    Identity(IdentityRecord),
-}
-
 /// A record's content and profile id (its key), or why it is not usable.
-type Decoded = Result<(Work, String), String>;
+type Decoded = Result<(TopicRecord, String), String>;
 
 impl Engine {
     /// Folds a batch of records: one mget for the profiles not in memory, then each record in
@@ -166,8 +158,8 @@ impl Engine {
                 now_ms,
             };
             let refused = match result {
-                Ok((Work::Event(event), id)) => self.event(event, id, read),
-                Ok((Work::Identity(record), id)) => self.identity_record(record, id, read),
+                Ok((TopicRecord::Event(event), id)) => self.event(event, id, read),
+                Ok((TopicRecord::Identity(record), id)) => self.identity_record(record, id, read),
                 Err(reason) => Some(reason),
             };
             if let Some(reason) = refused {
@@ -242,12 +234,7 @@ fn decode(msg: &OwnedMessage, partitions: i32) -> Decoded {
         partition: msg.partition(),
         partitions,
     };
-    if let Some(version) = IdentityRecord::marker(msg.headers()) {
-        let record = IdentityRecord::from_record(version, msg.key(), msg.payload(), at)?;
-        let id = record.key();
-        return Ok((Work::Identity(record), id));
-    }
-    let event = Event::from_record(msg.key(), msg.payload(), at)?;
-    let id = event.partition_key();
-    Ok((Work::Event(event), id))
+    let record = TopicRecord::decode(msg.headers(), msg.key(), msg.payload(), at)?;
+    let id = record.key();
+    Ok((record, id))
 }
