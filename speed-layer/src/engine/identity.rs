@@ -6,7 +6,8 @@
 //! - a [`Link`] read on the anonymous id's partition turns its profile into a pointer to the
 //!   person and sends the state it had to the person's partition ([`Merge`]), or says no
 //!   ([`Refusal`]);
-//! - an event (or any record) of a merged anonymous id is passed on whole ([`Forward`]);
+//! - an event of a merged anonymous id that carries no user id is passed on whole
+//!   ([`Forward`]); one that carries a user id takes the id back (it is a person's);
 //! - a [`Merge`] or a [`Forward`] read on the person's partition is applied once per source
 //!   position, under the person's own watermark, as an event would be.
 //!
