@@ -371,9 +371,13 @@ async fn guards_hold_and_a_merged_device_answers_for_its_person() {
     let f = Fixture::new("identity-guards", 6).await;
     let rules = std::env::temp_dir().join(format!("{}.toml", f.alias));
     std::fs::write(&rules, CART_RULE).unwrap();
+    // Every profile evicted after each flush: pointers and people are read back from
+    // Elasticsearch before each step, as after a restart or a long pause.
     let args = [
         "--flush-interval-secs",
         "0.2",
+        "--idle-evict-secs",
+        "0",
         "--max-aliases",
         "2",
         "--junk-ids",
