@@ -147,6 +147,14 @@ pub fn partition_key(partner_id: &str, user: &str) -> String {
     key
 }
 
+/// The user (or anonymous) id of a profile id `{partner_id}:{user}`: what follows the first
+/// ':' (partner ids never contain one), or the whole id when there is none.
+pub fn person_of(profile_id: &str) -> &str {
+    profile_id
+        .split_once(':')
+        .map_or(profile_id, |(_, user)| user)
+}
+
 /// RFC 3339, UTC, milliseconds: the one timestamp form on the topic.
 pub mod millis_rfc3339 {
     use super::*;

@@ -51,7 +51,8 @@ pub const REFUSALS_KEPT: usize = 20;
 pub struct Identity {
     /// Set on an anonymous profile merged into a person: that person's user id. Such a
     /// profile is a pointer, not a person: its state moved, and its events are forwarded.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    /// Stored once, as the document's indexed `merged_into` (see `Profile::to_document`).
+    #[serde(skip)]
     pub merged_into: Option<String>,
     /// When the link was made (the linking event's time, epoch milliseconds).
     #[serde(default, skip_serializing_if = "Option::is_none")]

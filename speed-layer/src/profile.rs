@@ -461,6 +461,7 @@ impl Profile {
                     .get("aliases")
                     .and_then(|a| serde_json::from_value(a.clone()).ok())
                     .unwrap_or_default();
+                identity.merged_into = s("merged_into");
                 Some(Box::new(identity))
             }
             None => None,

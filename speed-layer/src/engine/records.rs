@@ -84,10 +84,7 @@ impl<S: DocumentStore> ProfileState<S> {
         let own = event.has_key(id.as_bytes());
         let person = match own {
             true => String::new(),
-            false => id
-                .split_once(':')
-                .map_or(id.as_str(), |(_, p)| p)
-                .to_string(),
+            false => pulse_core::event::person_of(&id).to_string(),
         };
         let outcome = self.cache.fold(
             id,
@@ -195,11 +192,11 @@ impl Engine {
         }
         // The profile's person, for the triggers: the event's own id, or the person its merged
         // device belongs to. Taken before the fold owns `id`, and only when a rule matches.
-        let person = self.rules.matching(event).next().map(|_| {
-            id.split_once(':')
-                .map_or(id.as_str(), |(_, p)| p)
-                .to_string()
-        });
+        let person = self
+            .rules
+            .matching(event)
+            .next()
+            .map(|_| pulse_core::event::person_of(&id).to_string());
         match self.state.fold(event, id, partition, offset, clock) {
             // Already in the profile, or a client retry folded once already (its triggers
             // fired then).
