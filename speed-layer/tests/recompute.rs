@@ -343,6 +343,105 @@ async fn live_kafka_only_and_archive_then_kafka_give_identical_profiles_and_prom
     );
 }
 
+/// The identity stream's people folded by the live layer and by two recomputes: from the
+/// archive (whose units hold the live layer's links, merges, refusals and forwarded events
+/// beside the events, cut at arbitrary points of merges under way) then Kafka, and from Kafka
+/// only. Each recompute replays those records by the live layer's rules, so every document,
+/// pointers and identity state included, is the live one, and the promote switches to it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn merged_people_come_out_of_a_recompute_as_the_live_layer_has_them() {
+    use common::identities::{identity_stream, split, truth_of};
+    let f = Fixture::new("recompute-identity", 6).await;
+    let stream = identity_stream(120, 0x005e_ed1d);
+    let truth = truth_of(&stream);
+    let live_args = ["--flush-interval-secs", "0.3", "--idle-evict-secs", "0"];
+    let mut live = f.spawn_speed(&live_args);
+    let dir = std::env::temp_dir().join(format!("{}-archive", f.alias));
+    // Archived twice while the live layer is merging (so units end between a link and its
+    // merge), the last phase left in Kafka only.
+    produce(&f.topic, &stream.phases[0]).await;
+    produce(&f.topic, &stream.phases[1]).await;
+    archive_topic(&f, &dir).await;
+    produce(&f.topic, &stream.phases[2]).await;
+    produce(&f.topic, &stream.retries).await;
+    archive_topic(&f, &dir).await;
+    produce(&f.topic, &stream.phases[3]).await;
+    let deadline = std::time::Instant::now() + PATIENCE * 4;
+    let problems = loop {
+        let (people, _) = split(&f.documents().await);
+        let problems = diff(&people, &truth);
+        if problems.is_empty() || std::time::Instant::now() > deadline {
+            break problems;
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    };
+    assert!(problems.is_empty(), "live: {}", problems.join("\n"));
+    terminate(&mut live);
+    let store = LocalFileSystem::new_with_prefix(&dir).unwrap();
+    let identity_files = layout::committed_identity_files(&store, None)
+        .await
+        .unwrap();
+    assert!(
+        !identity_files.is_empty(),
+        "the archive holds identity records"
+    );
+
+    let archive = dir.to_string_lossy().into_owned();
+    let (v1, v2, v3) = (
+        format!("{}-v1", f.alias),
+        format!("{}-v2", f.alias),
+        format!("{}-v3", f.alias),
+    );
+    let from_archive = succeeded(&recompute(&f, "run", &v2, &["--archive-url", &archive]));
+    let kafka_only = succeeded(&recompute(&f, "run", &v3, &["--source", "kafka"]));
+    eprintln!("from the archive: {from_archive}\nfrom Kafka: {kafka_only}");
+    assert!(
+        from_archive["identity_records"].as_u64().unwrap() > 0
+            && from_archive["from_archive"].as_u64().unwrap() > 0,
+        "{from_archive}"
+    );
+    let live_docs = documents_of(&f, &v1).await;
+    let (_, pointers) = split(&live_docs);
+    assert_eq!(
+        pointers.len(),
+        stream.linked.len(),
+        "every linked device merged"
+    );
+    for (index, source) in [(&v2, "archive then Kafka"), (&v3, "Kafka only")] {
+        let docs = documents_of(&f, index).await;
+        assert_eq!(
+            differences(&live_docs, &docs),
+            Vec::<String>::new(),
+            "{source}: every document of the live index, pointers and identity state included"
+        );
+        assert_eq!(docs.len(), live_docs.len(), "{source}: no document more");
+    }
+    assert_eq!(
+        kafka_only["identity_records"], from_archive["identity_records"],
+        "the same identity records from either source"
+    );
+    let report = succeeded(&recompute(&f, "verify", &v2, &["--json"]));
+    assert_eq!(
+        (
+            &report["unexpected"],
+            &report["only_live"],
+            &report["only_new"]
+        ),
+        (&Value::from(0), &Value::from(0), &Value::from(0)),
+        "{report}"
+    );
+    // Nothing stands in the way of promoting it: the people stay merged behind the alias.
+    let promoted = succeeded(&recompute(&f, "promote", &v2, &["--archive-url", &archive]));
+    assert_eq!(promoted["to"], v2.as_str(), "{promoted}");
+    let (people, pointers) = split(&f.documents().await);
+    assert_eq!(
+        diff(&people, &truth),
+        Vec::<String>::new(),
+        "behind the alias"
+    );
+    assert_eq!(pointers.len(), stream.linked.len());
+}
+
 /// Searches the alias until `querying` turns false: for each answer, the index it came from
 /// and what it held (or the error).
 async fn query_loop(

@@ -14,20 +14,26 @@
 //! Nothing here waits for another partition: each step is one record read, one profile
 //! changed and at most one record written, so a merge costs the partitions involved no more
 //! than the events around it.
+//!
+//! The rules are the [`Unifier`]'s, over a [`ProfileState`], and what they write goes through
+//! [`Writes`]: the live layer sends its records and fires triggers; a recompute, which reads
+//! the records the live layer wrote among the events, writes nothing and makes every decision
+//! again from the same state, so it reaches the same profiles, pointers and people.
 
 use std::time::Instant;
 
 use pulse_core::identity::{Forward, IdentityRecord, Link, Merge, Position, Refusal};
 use pulse_core::Event;
 
-use super::Engine;
-use crate::identity::{answer_link, refusal, Answer, Ask, Identity};
+use super::state::ProfileState;
+use crate::identity::{answer_link, refusal, Answer, Ask, Identity, IdentityPolicy};
 use crate::metrics as m;
 use crate::profile::{Fold, Profile, Watermark};
+use crate::store::DocumentStore;
 
 /// Where a record was read.
 #[derive(Debug, Clone, Copy)]
-pub(super) struct Read {
+pub(crate) struct Read {
     pub partition: i32,
     pub offset: i64,
     /// One clock read per batch (profiles' last touch).
@@ -51,11 +57,59 @@ impl Read {
     }
 }
 
-impl Engine {
+/// What the identity rules do beyond the profiles.
+pub(crate) trait Writes<S: DocumentStore> {
+    /// An identity record decided here. The live layer sends it (through its ordered outbox);
+    /// a recompute does nothing: the record the live layer sent is in what it reads.
+    fn send(&mut self, record: &IdentityRecord);
+    /// Folds `event` into the profile `id` and does what folding it does beside the profile
+    /// (the live layer fires its triggers); the dead-letter reason of an event that cannot
+    /// be folded.
+    fn fold(
+        &mut self,
+        state: &mut ProfileState<S>,
+        event: &Event,
+        id: String,
+        read: Read,
+    ) -> Option<String>;
+    /// An event (the record's own, or one forwarded) is about to be handled: the live layer's
+    /// kill failpoint.
+    fn handling(&mut self, _event: &Event) {}
+}
+
+/// The identity rules over a replica's profiles.
+pub(crate) struct Unifier<'a, S: DocumentStore, W: Writes<S>> {
+    pub state: &'a mut ProfileState<S>,
+    pub policy: &'a IdentityPolicy,
+    pub writes: W,
+}
+
+/// A replay's [`Writes`]: records are not sent again and an event fires nothing (a recompute
+/// never folds past the live layer's commit, so the live layer fired each trigger).
+pub(crate) struct Replay;
+
+impl<S: DocumentStore> Writes<S> for Replay {
+    fn send(&mut self, _record: &IdentityRecord) {}
+
+    fn fold(
+        &mut self,
+        state: &mut ProfileState<S>,
+        event: &Event,
+        id: String,
+        read: Read,
+    ) -> Option<String> {
+        match state.fold(event, id, read.partition, read.offset, read.clock) {
+            Fold::Refused(reason) => Some(reason),
+            Fold::Applied | Fold::Skipped | Fold::Duplicate => None,
+        }
+    }
+}
+
+impl<S: DocumentStore, W: Writes<S>> Unifier<'_, S, W> {
     /// An event read for the profile `id`: passed on when `id` was merged into a person,
     /// folded otherwise. The dead-letter reason of an event that cannot be folded.
-    pub(super) fn event(&mut self, event: Event, id: String, read: Read) -> Option<String> {
-        self.failpoint_kill(&event);
+    pub fn event(&mut self, event: Event, id: String, read: Read) -> Option<String> {
+        self.writes.handling(&event);
         if let Some(person) = self.forwarding(&id, read) {
             if event.user_id.is_none() {
                 self.forward(event, person, read);
@@ -104,21 +158,14 @@ impl Engine {
             source: read.position(),
             event: Box::new(event),
         });
-        self.outbox.identity(&record);
+        self.writes.send(&record);
         metrics::counter!(m::IDENTITY_FORWARDED).increment(1);
     }
 
     /// Folds an event into `id` (a person or a device not merged), fires its triggers and asks
     /// for the anonymous ids it links to the person.
     fn fold_event(&mut self, event: &Event, id: String, read: Read) -> Option<String> {
-        match self.fold(
-            event,
-            id.clone(),
-            read.partition,
-            read.offset,
-            read.clock,
-            read.now_ms,
-        ) {
+        match self.writes.fold(self.state, event, id.clone(), read) {
             Some(refused) => Some(refused),
             None => {
                 self.ask_links(event, &id, read);
@@ -150,7 +197,7 @@ impl Engine {
                 profile.identity.as_deref(),
                 &profile.user_id,
                 anonymous_id,
-                &self.identity,
+                self.policy,
             );
             let record = match ask {
                 Ask::Known => continue,
@@ -185,26 +232,21 @@ impl Engine {
             // may still meet an id it never asked for): keep it in the next flush.
             self.state.cache.redirty(id);
             if let Some(record) = record {
-                self.outbox.identity(&record);
+                self.writes.send(&record);
             }
         }
     }
 
     /// An identity record read for the profile `id` (its key). The dead-letter reason of one
     /// that cannot be applied.
-    pub(super) fn identity_record(
-        &mut self,
-        record: IdentityRecord,
-        id: String,
-        read: Read,
-    ) -> Option<String> {
+    pub fn record(&mut self, record: IdentityRecord, id: String, read: Read) -> Option<String> {
         match record {
             IdentityRecord::Link(link) => {
                 self.link(link, id, read);
                 None
             }
             IdentityRecord::Forward(f) => {
-                self.failpoint_kill(&f.event);
+                self.writes.handling(&f.event);
                 if let Some(person) = self.forwarding(&id, read) {
                     // The person this was sent to is itself merged (cannot happen: a person is
                     // never merged), so pass it on rather than lose it.
@@ -237,13 +279,6 @@ impl Engine {
                     Ok(())
                 })
             }
-        }
-    }
-
-    /// See `SpeedConfig::failpoint_kill_message_ids`.
-    fn failpoint_kill(&self, event: &Event) {
-        if !self.failpoint_kill.is_empty() && self.failpoint_kill.contains(&event.message_id) {
-            crate::poison::kill_self(&format!("message_id {}", event.message_id));
         }
     }
 
@@ -287,7 +322,7 @@ impl Engine {
                 };
                 metrics::counter!(m::IDENTITY_REFUSED, "reason" => label).increment(1);
                 tracing::info!(partner = %link.partner_id, reason, "link refused");
-                self.outbox.identity(&IdentityRecord::Refusal(Refusal {
+                self.writes.send(&IdentityRecord::Refusal(Refusal {
                     partner_id: link.partner_id,
                     anonymous_id: link.anonymous_id,
                     user_id: link.user_id,
@@ -313,7 +348,7 @@ impl Engine {
                     // Bounded state keeps a device far below this; a device that is not is
                     // left as it is rather than stop the partition (Kafka would refuse it).
                     metrics::counter!(m::IDENTITY_REFUSED, "reason" => "too_large").increment(1);
-                    self.outbox.identity(&IdentityRecord::Refusal(Refusal {
+                    self.writes.send(&IdentityRecord::Refusal(Refusal {
                         partner_id: link.partner_id,
                         anonymous_id: link.anonymous_id,
                         user_id: link.user_id,
@@ -339,7 +374,7 @@ impl Engine {
                         Fold::Applied
                     },
                 );
-                self.outbox.identity(&merge);
+                self.writes.send(&merge);
                 metrics::counter!(m::IDENTITY_MERGES_SENT).increment(1);
             }
         }

@@ -19,7 +19,7 @@
 
 mod cache;
 mod flush;
-mod identity;
+pub(crate) mod identity;
 pub(crate) mod outbox;
 mod rebalance;
 mod records;
@@ -74,12 +74,18 @@ pub(crate) struct Engine {
     /// Partitions of the events topic: each record's key must hash to the partition it was
     /// read from (see `pulse_core::partitioner`).
     partitions: i32,
-    /// Test-only fault injection: panic while folding this message id.
-    failpoint: Option<String>,
-    /// Test-only fault injection: the outbox's producer fails for good at this message id.
-    failpoint_fatal: Option<String>,
-    /// Test-only fault injection: SIGKILL when one of these message ids is handled.
-    failpoint_kill: std::collections::HashSet<String>,
+    failpoints: Failpoints,
+}
+
+/// Test-only fault injection, by message id.
+#[derive(Default)]
+pub(crate) struct Failpoints {
+    /// Panic while folding this message id.
+    panic: Option<String>,
+    /// The outbox's producer fails for good at this message id.
+    fatal_producer: Option<String>,
+    /// SIGKILL when one of these message ids is handled.
+    kill: std::collections::HashSet<String>,
 }
 
 type SpeedConsumer = GroupConsumer<Engine>;
@@ -124,9 +130,11 @@ pub fn run(
         poison,
         journal,
         partitions,
-        failpoint: config.failpoint_panic_message_id.clone(),
-        failpoint_fatal: config.failpoint_fatal_producer_message_id.clone(),
-        failpoint_kill: config.failpoint_kill_message_ids.iter().cloned().collect(),
+        failpoints: Failpoints {
+            panic: config.failpoint_panic_message_id.clone(),
+            fatal_producer: config.failpoint_fatal_producer_message_id.clone(),
+            kill: config.failpoint_kill_message_ids.iter().cloned().collect(),
+        },
     }));
     let mut consumer_config = config.kafka.consumer_config(&config.group);
     consumer_config.set("max.poll.interval.ms", "600000");

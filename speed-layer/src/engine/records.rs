@@ -6,19 +6,20 @@ use std::collections::HashSet;
 use std::time::Instant;
 
 use chrono::Utc;
-use pulse_core::identity::TopicRecord;
+use pulse_core::identity::{IdentityRecord, TopicRecord};
 use pulse_core::partitioner::Placement;
 use pulse_core::Event;
 use rdkafka::message::{Message, OwnedMessage};
 
-use super::identity::Read;
+use super::identity::{Read, Unifier, Writes};
+use super::outbox::SpeedOutbox;
 use super::state::ProfileState;
-use super::Engine;
+use super::{Engine, Failpoints};
 use crate::metrics as m;
 use crate::poison;
 use crate::profile::{Fold, Profile, Watermark};
-use crate::store::DocumentStore;
-use crate::triggers::TriggerMessage;
+use crate::store::{DocumentStore, ProfileStore};
+use crate::triggers::{RuleSet, TriggerMessage};
 
 /// Loading and folding: the state's side of reading records.
 impl<S: DocumentStore> ProfileState<S> {
@@ -155,8 +156,8 @@ impl Engine {
                 now_ms,
             };
             let refused = match result {
-                Ok((TopicRecord::Event(event), id)) => self.event(event, id, read),
-                Ok((TopicRecord::Identity(record), id)) => self.identity_record(record, id, read),
+                Ok((TopicRecord::Event(event), id)) => self.unifier().event(event, id, read),
+                Ok((TopicRecord::Identity(record), id)) => self.unifier().record(record, id, read),
                 Err(reason) => Some(reason),
             };
             if let Some(reason) = refused {
@@ -173,46 +174,17 @@ impl Engine {
         self.state.gauges();
     }
 
-    /// Folds one event and fires its triggers; returns the dead-letter reason of an event
-    /// that cannot be folded.
-    pub(super) fn fold(
-        &mut self,
-        event: &Event,
-        id: String,
-        partition: i32,
-        offset: i64,
-        clock: Instant,
-        now_ms: i64,
-    ) -> Option<String> {
-        if self.failpoint.as_deref() == Some(event.message_id.as_str()) {
-            panic!("failpoint: folding message_id {}", event.message_id);
+    /// The identity rules over this replica's profiles, writing as the live layer does.
+    fn unifier(&mut self) -> Unifier<'_, ProfileStore, Live<'_>> {
+        Unifier {
+            state: &mut self.state,
+            policy: &self.identity,
+            writes: Live {
+                outbox: &self.outbox,
+                rules: &self.rules,
+                failpoints: &self.failpoints,
+            },
         }
-        if self.failpoint_fatal.as_deref() == Some(event.message_id.as_str()) {
-            self.outbox.inject_fatal_error("failpoint");
-        }
-        // The profile's person, for the triggers: the event's own id, or the person its merged
-        // device belongs to. Taken before the fold owns `id`, and only when a rule matches.
-        let person = self
-            .rules
-            .matching(event)
-            .next()
-            .map(|_| pulse_core::event::person_of(&id).to_string());
-        match self.state.fold(event, id, partition, offset, clock) {
-            // Already in the profile, or a client retry folded once already (its triggers
-            // fired then).
-            Fold::Skipped | Fold::Duplicate => return None,
-            Fold::Refused(reason) => return Some(reason),
-            Fold::Applied => {}
-        }
-        // Fired now, not at flush: a marketer's trigger must not wait 30 s. A re-read event
-        // fires again with the same idempotency key; the notifier delivers it once.
-        let person = person.as_deref().unwrap_or_default();
-        for rule in self.rules.matching(event) {
-            self.outbox
-                .trigger(&TriggerMessage::for_person(rule, event, person, now_ms));
-            metrics::counter!(m::TRIGGERS_FIRED, "rule" => rule.id.clone()).increment(1);
-        }
-        None
     }
 
     /// The panic message of a record that made an earlier run panic.
@@ -234,4 +206,69 @@ fn decode(msg: &OwnedMessage, partitions: i32) -> Decoded {
     let record = TopicRecord::decode(msg.headers(), msg.key(), msg.payload(), at)?;
     let id = record.key();
     Ok((record, id))
+}
+
+/// The live layer's [`Writes`]: identity records through the ordered outbox, an event's
+/// triggers fired as soon as it is folded.
+struct Live<'a> {
+    outbox: &'a SpeedOutbox,
+    rules: &'a RuleSet,
+    failpoints: &'a Failpoints,
+}
+
+impl Writes<ProfileStore> for Live<'_> {
+    fn send(&mut self, record: &IdentityRecord) {
+        self.outbox.identity(record);
+    }
+
+    /// Folds one event and fires its triggers; returns the dead-letter reason of an event
+    /// that cannot be folded.
+    fn fold(
+        &mut self,
+        state: &mut ProfileState<ProfileStore>,
+        event: &Event,
+        id: String,
+        read: Read,
+    ) -> Option<String> {
+        if self.failpoints.panic.as_deref() == Some(event.message_id.as_str()) {
+            panic!("failpoint: folding message_id {}", event.message_id);
+        }
+        if self.failpoints.fatal_producer.as_deref() == Some(event.message_id.as_str()) {
+            self.outbox.inject_fatal_error("failpoint");
+        }
+        // The profile's person, for the triggers: the event's own id, or the person its merged
+        // device belongs to. Taken before the fold owns `id`, and only when a rule matches.
+        let person = self
+            .rules
+            .matching(event)
+            .next()
+            .map(|_| pulse_core::event::person_of(&id).to_string());
+        match state.fold(event, id, read.partition, read.offset, read.clock) {
+            // Already in the profile, or a client retry folded once already (its triggers
+            // fired then).
+            Fold::Skipped | Fold::Duplicate => return None,
+            Fold::Refused(reason) => return Some(reason),
+            Fold::Applied => {}
+        }
+        // Fired now, not at flush: a marketer's trigger must not wait 30 s. A re-read event
+        // fires again with the same idempotency key; the notifier delivers it once.
+        let person = person.as_deref().unwrap_or_default();
+        for rule in self.rules.matching(event) {
+            self.outbox.trigger(&TriggerMessage::for_person(
+                rule,
+                event,
+                person,
+                read.now_ms,
+            ));
+            metrics::counter!(m::TRIGGERS_FIRED, "rule" => rule.id.clone()).increment(1);
+        }
+        None
+    }
+
+    /// See `SpeedConfig::failpoint_kill_message_ids`.
+    fn handling(&mut self, event: &Event) {
+        if !self.failpoints.kill.is_empty() && self.failpoints.kill.contains(&event.message_id) {
+            crate::poison::kill_self(&format!("message_id {}", event.message_id));
+        }
+    }
 }

@@ -80,12 +80,6 @@ pub struct RecomputeArgs {
     /// Leave room for live traffic: fold at most this many events per second (0: no limit).
     #[arg(long, env = "PULSE_RECOMPUTE_MAX_EVENTS_PER_SEC", default_value_t = 0)]
     pub max_events_per_sec: u64,
-    /// Promote even though the live index holds anonymous devices merged into people: a
-    /// recompute does not resolve identities yet, so its index has each such device as a
-    /// profile of its own again (each merges again, whole, at its person's next event that
-    /// carries both ids). Without it, `promote` refuses such a live index.
-    #[arg(long, env = "PULSE_RECOMPUTE_SPLIT_IDENTITIES")]
-    pub split_identities: bool,
     /// Fault injection for the kill test: the process SIGKILLs itself when it is about to
     /// fold this record (`partition:offset`), so a kill lands at a chosen point of the run
     /// whatever the machine's speed. Never set it in production.

@@ -15,11 +15,22 @@ use super::kafka::{self, Retained};
 use super::{RecomputeArgs, RecomputeError, Source};
 use crate::store::ProfileStore;
 
-/// One archived offset range of a partition, with the files (one per event date) it wrote.
+/// One archived offset range of a partition, with the files it wrote.
 #[derive(Debug, Clone)]
 pub struct Unit {
     pub range: FileRange,
+    /// Its events, one file per event date.
     pub files: Vec<ArchiveFile>,
+    /// The speed layer's identity records among them, one file per date they were written
+    /// (a unit may hold only these).
+    pub identity_files: Vec<ArchiveFile>,
+}
+
+impl Unit {
+    /// Every file of the unit, events first.
+    pub fn all_files(&self) -> impl Iterator<Item = &ArchiveFile> {
+        self.files.iter().chain(&self.identity_files)
+    }
 }
 
 #[derive(Debug, Clone)]
@@ -50,7 +61,7 @@ impl PartitionPlan {
     pub fn archive_bytes(&self) -> u64 {
         self.units
             .iter()
-            .flat_map(|u| &u.files)
+            .flat_map(Unit::all_files)
             .map(|f| f.size)
             .sum()
     }
@@ -217,15 +228,25 @@ pub async fn make(
         Default::default();
     if let (Source::Archive, Some(store)) = (args.source, archive) {
         markers = layout::markers(store).await?;
-        let mut by_range: BTreeMap<FileRange, Vec<ArchiveFile>> = BTreeMap::new();
+        let mut by_range: BTreeMap<FileRange, Unit> = BTreeMap::new();
+        let unit = |range| Unit {
+            range,
+            files: Vec::new(),
+            identity_files: Vec::new(),
+        };
         for f in layout::committed_files(store, None).await? {
-            by_range.entry(f.range).or_default().push(f);
+            by_range
+                .entry(f.range)
+                .or_insert_with(|| unit(f.range))
+                .files
+                .push(f);
         }
-        for (range, files) in by_range {
-            units
-                .entry(range.partition)
-                .or_default()
-                .push(Unit { range, files });
+        for f in layout::committed_identity_files(store, None).await? {
+            let entry = by_range.entry(f.range).or_insert_with(|| unit(f.range));
+            entry.identity_files.push(f);
+        }
+        for (range, unit) in by_range {
+            units.entry(range.partition).or_default().push(unit);
         }
     }
     let mut out = Vec::with_capacity(partitions.len());
@@ -315,6 +336,7 @@ mod tests {
                 last,
             },
             files: Vec::new(),
+            identity_files: Vec::new(),
         }
     }
 

@@ -52,7 +52,7 @@ impl Progress {
             .partitions
             .iter()
             .flat_map(|p| &p.units)
-            .map(|u| u.files.len() as u64)
+            .map(|u| u.all_files().count() as u64)
             .sum();
         let kafka = plan
             .partitions

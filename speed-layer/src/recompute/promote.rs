@@ -88,38 +88,11 @@ fn still_stopped(args: &RecomputeArgs, bound: &LiveBound) -> Result<(), Recomput
 /// Catches `args.index` up to the live layer's final commit and points the alias to it,
 /// recording in its `_meta` the index it replaced and where that one stopped.
 pub fn promote(args: &RecomputeArgs, stop: Shutdown) -> Result<Switch, RecomputeError> {
-    identities_kept(args)?;
     lease::with_lease(args, &args.index, "promote", &stop, || {
         let bound = live_stopped(args)?;
         let caught_up = run_leased(args, stop.clone(), Target::Existing)?;
         switch(args, caught_up, &bound)
     })
-}
-
-/// Refuses a promotion that would split merged people back into devices (see
-/// `RecomputeArgs::split_identities`), unless asked to.
-fn identities_kept(args: &RecomputeArgs) -> Result<(), RecomputeError> {
-    if args.split_identities {
-        return Ok(());
-    }
-    let runtime = tokio::runtime::Runtime::new()?;
-    let live = ProfileStore::new(&args.speed.es)?;
-    let merged = runtime.block_on(live.search(serde_json::json!({
-        "size": 0,
-        "track_total_hits": true,
-        "query": {"exists": {"field": "merged_into"}}
-    })))?;
-    let merged = merged["hits"]["total"]["value"].as_u64().unwrap_or(0);
-    if merged == 0 {
-        return Ok(());
-    }
-    Err(RecomputeError::Refused(format!(
-        "the live index holds {merged} anonymous device(s) merged into people, and a recompute \
-         does not resolve identities yet: {} has each of them as a profile of its own, so \
-         promoting it would split those people (each device merges again, whole, at its \
-         person's next event that carries both ids). Pass --split-identities to promote anyway",
-        args.index
-    )))
 }
 
 /// Points the alias back to the index the current one replaced, caught up first from where
@@ -169,16 +142,6 @@ fn switch(
     caught_up: RunSummary,
     bound: &LiveBound,
 ) -> Result<Switch, RecomputeError> {
-    if caught_up.identity_records > 0 && !args.split_identities {
-        // The catch-up passed over merges and forwarded device events the live layer applied
-        // meanwhile: the index lacks them for those people.
-        return Err(RecomputeError::Refused(format!(
-            "the catch-up of {} passed over {} identity record(s) (merges and forwarded events \
-             of devices the live layer applied meanwhile), which a recompute does not resolve \
-             yet: the alias stays. Pass --split-identities to switch anyway",
-            args.index, caught_up.identity_records
-        )));
-    }
     let runtime = tokio::runtime::Runtime::new()?;
     let live = ProfileStore::new(&args.speed.es)?;
     let alias = &args.speed.es.alias;

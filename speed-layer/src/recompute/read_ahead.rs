@@ -12,6 +12,7 @@ use std::sync::Arc;
 use std::thread::JoinHandle;
 
 use object_store::{ObjectStore, ObjectStoreExt};
+use pulse_archive::identity_file::{self, ArchivedIdentity};
 use pulse_archive::parquet_file::Archived;
 use pulse_archive::reader;
 use tokio::runtime::Runtime;
@@ -20,7 +21,11 @@ use super::plan::Unit;
 use super::RecomputeError;
 
 /// One unit's rows, per file (each file's rows in file order).
-pub type UnitRows = Vec<Vec<Archived>>;
+#[derive(Debug, Default)]
+pub struct UnitRows {
+    pub events: Vec<Vec<Archived>>,
+    pub identities: Vec<Vec<ArchivedIdentity>>,
+}
 
 /// Units read in the order given, ahead of whoever takes them.
 pub struct ReadAhead {
@@ -79,12 +84,19 @@ fn read_unit(
     store: &dyn ObjectStore,
     unit: &Unit,
 ) -> Result<UnitRows, RecomputeError> {
-    let mut out = Vec::with_capacity(unit.files.len());
+    let fetch = |path: &object_store::path::Path| {
+        runtime.block_on(async { store.get(path).await?.bytes().await })
+    };
+    let mut out = UnitRows::default();
     for file in &unit.files {
-        let bytes = runtime.block_on(async { store.get(&file.path).await?.bytes().await })?;
-        let rows = reader::read(bytes)
+        let rows = reader::read(fetch(&file.path)?)
             .map_err(|e| RecomputeError::Archive(format!("{}: {e}", file.path)))?;
-        out.push(rows);
+        out.events.push(rows);
+    }
+    for file in &unit.identity_files {
+        let rows = identity_file::read(fetch(&file.path)?)
+            .map_err(|e| RecomputeError::Archive(format!("{}: {e}", file.path)))?;
+        out.identities.push(rows);
     }
     Ok(out)
 }

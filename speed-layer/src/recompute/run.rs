@@ -7,16 +7,23 @@
 //! flush that covers it, exactly as the live layer commits: after a SIGKILL the next run
 //! resumes from the commit, and the documents' watermarks skip what was folded past it.
 //!
+//! The speed layer's identity records are read with the events (from the archive's
+//! `identities/` files and from Kafka) and handled by the live layer's own rules
+//! (`engine::identity`): a device turns into a pointer where the live layer's did, a person
+//! takes the merge and the forwarded events the live layer's took, so people come out merged
+//! as they are live.
+//!
 //! Nothing is sent beside the profiles: no trigger (the live layer fired each for the events
-//! it committed, and the recompute never folds past that commit) and no dead letter of a
-//! record (the live layer sent those). A document the new index refuses for good goes to the
-//! profiles dead-letter topic, named with the new index.
+//! it committed, and the recompute never folds past that commit), no identity record (those
+//! the live layer wrote are what is read) and no dead letter of a record (the live layer sent
+//! those). A document the new index refuses for good goes to the profiles dead-letter topic,
+//! named with the new index.
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use pulse_core::identity::TopicRecord;
 use pulse_core::partitioner::Placement;
-use pulse_core::Event;
 use pulse_service::consumer::topic_committer;
 use pulse_service::outbox::Outbox;
 use pulse_service::{Readiness, Shutdown};
@@ -28,6 +35,7 @@ use super::plan::{self, PartitionPlan, Plan};
 use super::progress::Progress;
 use super::read_ahead::ReadAhead;
 use super::{indices, RecomputeArgs, RecomputeError};
+use crate::engine::identity::{Read, Replay, Unifier};
 use crate::engine::outbox::SpeedOutbox;
 use crate::engine::state::{Effects, ProfileState, Settings};
 use crate::store::ProfileStore;
@@ -35,9 +43,9 @@ use crate::store::ProfileStore;
 /// Events folded per load-and-fold step: one mget for the profiles not in memory.
 const CHUNK: usize = 2_000;
 
-/// A record to fold: partition, offset, and its event (`None`: the live layer dead-lettered
-/// it; it only moves the position, in order with the others).
-type Record = (i32, i64, Option<Event>);
+/// A record to fold: partition, offset, and its event or identity record (`None`: the live
+/// layer dead-lettered it; it only moves the position, in order with the others).
+type Record = (i32, i64, Option<TopicRecord>);
 
 /// What a run did, printed as JSON on exit.
 #[derive(Debug, Clone, Default, serde::Serialize)]
@@ -51,9 +59,8 @@ pub struct RunSummary {
     pub duplicates: u64,
     /// Records the live layer dead-lettered; skipped here.
     pub unusable: u64,
-    /// Identity records (links, merges, forwarded events of merged devices) read from Kafka
-    /// and passed over: a recompute does not resolve identities yet, so a person's merged
-    /// devices stay profiles of their own in the index it builds.
+    /// Identity records (links, merges, refusals, forwarded events of merged devices) read
+    /// from the archive and Kafka, among the two counts above.
     pub identity_records: u64,
     pub files: u64,
     pub elapsed_secs: f64,
@@ -200,6 +207,7 @@ pub(super) fn run_leased(
         partition_count,
         poison: journal.load(),
         panic_at: args.speed.failpoint_panic_message_id.clone(),
+        identity: args.speed.identity.clone(),
     };
     if !folder.poison.is_empty() {
         tracing::warn!(
@@ -301,6 +309,8 @@ struct Folder {
     poison: std::collections::HashMap<(i32, i64), String>,
     /// Tests only: panic while folding the event with this message id, as a model bug would.
     panic_at: Option<String>,
+    /// The live layer's identity settings: the same links are refused.
+    identity: crate::identity::IdentityPolicy,
 }
 
 impl Folder {
@@ -334,25 +344,42 @@ impl Folder {
             if self.stop.is_stopped() {
                 return Ok(());
             }
-            let mut rows = Vec::new();
+            let mut records: Vec<Record> = Vec::new();
             let clock = Instant::now();
-            let files = reader.next_unit().ok_or_else(|| {
+            let rows = reader.next_unit().ok_or_else(|| {
                 RecomputeError::Archive("the archive reader ended before the plan's units".into())
             })??;
             self.summary.seconds.archive_read += clock.elapsed().as_secs_f64();
-            for file in files {
+            let wanted = |offset: i64| offset >= plan.resume && offset < plan.bound;
+            for file in rows.events {
                 self.progress.file_read(file.len());
-                rows.extend(file);
                 self.summary.files += 1;
+                let events = file.into_iter().filter(|r| wanted(r.offset));
+                records.extend(
+                    events.map(|r| (r.partition, r.offset, Some(TopicRecord::Event(r.event)))),
+                );
             }
-            rows.sort_by_key(|r| r.offset);
-            let events: Vec<Record> = rows
-                .into_iter()
-                .filter(|r| r.offset >= plan.resume && r.offset < plan.bound)
-                .map(|r| (r.partition, r.offset, Some(r.event)))
-                .collect();
-            self.summary.from_archive += events.len() as u64;
-            for chunk in events.chunks(self.progress.chunk(CHUNK)) {
+            for file in rows.identities {
+                self.progress.file_read(file.len());
+                self.summary.files += 1;
+                let identities = file.into_iter().filter(|r| wanted(r.offset));
+                let before = records.len();
+                records.extend(
+                    identities
+                        .map(|r| (r.partition, r.offset, Some(TopicRecord::Identity(r.record)))),
+                );
+                self.summary.identity_records += (records.len() - before) as u64;
+            }
+            // One partition's records in its order: a link between the events around it.
+            records.sort_by_key(|(_, offset, _)| *offset);
+            self.summary.from_archive += records.len() as u64;
+            let size = self.progress.chunk(CHUNK);
+            let mut records = records.into_iter();
+            loop {
+                let chunk: Vec<Record> = records.by_ref().take(size).collect();
+                if chunk.is_empty() {
+                    break;
+                }
                 if !self.fold(fx, chunk) {
                     return self.check_no_other_writer();
                 }
@@ -440,20 +467,15 @@ impl Folder {
                             partition: p,
                             partitions: self.partition_count,
                         };
-                        let event = if pulse_core::identity::IdentityRecord::marker(msg.headers())
-                            .is_some()
-                        {
-                            // Not resolved by a recompute yet: see the README (identities).
-                            self.summary.identity_records += 1;
-                            None
-                        } else {
-                            let event = Event::from_record(msg.key(), msg.payload(), at).ok();
-                            if event.is_none() {
-                                self.summary.unusable += 1;
-                            }
-                            event
-                        };
-                        chunk.push((p, offset, event));
+                        // The live layer's decoder: what it dead-lettered is passed over.
+                        let record =
+                            TopicRecord::decode(msg.headers(), msg.key(), msg.payload(), at).ok();
+                        match &record {
+                            None => self.summary.unusable += 1,
+                            Some(TopicRecord::Identity(_)) => self.summary.identity_records += 1,
+                            Some(TopicRecord::Event(_)) => {}
+                        }
+                        chunk.push((p, offset, record));
                         self.progress.kafka_at(p, offset);
                         if offset + 1 >= *bound {
                             self.close(consumer, topic, &mut open, p)?;
@@ -463,15 +485,13 @@ impl Folder {
                     None => {}
                 }
             }
-            if chunk.len() >= size || (idle && !chunk.is_empty()) {
-                if !self.fold(fx, &chunk) {
-                    return self.check_no_other_writer();
-                }
-                chunk.clear();
+            let full = chunk.len() >= size || (idle && !chunk.is_empty());
+            if full && !self.fold(fx, std::mem::take(&mut chunk)) {
+                return self.check_no_other_writer();
             }
         }
         if !chunk.is_empty() {
-            self.fold(fx, &chunk);
+            self.fold(fx, chunk);
         }
         Ok(())
     }
@@ -492,14 +512,15 @@ impl Folder {
         Ok(())
     }
 
-    /// Loads the chunk's profiles not in memory (one mget), folds each event in order (a
-    /// record without one is only passed), then lets the state flush and commit as the live
-    /// layer does. `false` when stopped.
-    fn fold(&mut self, fx: &dyn Effects, chunk: &[Record]) -> bool {
+    /// Loads the chunk's profiles not in memory (one mget), handles each record in order as
+    /// the live layer does (a position without a record is only passed), then lets the state
+    /// flush and commit as the live layer does. `false` when stopped.
+    fn fold(&mut self, fx: &dyn Effects, chunk: Vec<Record>) -> bool {
         let clock = Instant::now();
+        let count = chunk.len() as u64;
         let ids: Vec<Option<String>> = chunk
             .iter()
-            .map(|(_, _, e)| e.as_ref().map(Event::partition_key))
+            .map(|(_, _, r)| r.as_ref().map(TopicRecord::key))
             .collect();
         let loaded = self
             .state
@@ -509,11 +530,12 @@ impl Folder {
         if !loaded {
             return false;
         }
-        for ((p, offset, event), id) in chunk.iter().zip(ids) {
-            if self.kill_at == Some((*p, *offset)) {
+        let now_ms = chrono::Utc::now().timestamp_millis();
+        for ((p, offset, record), id) in chunk.into_iter().zip(ids) {
+            if self.kill_at == Some((p, offset)) {
                 crate::poison::kill_self(&format!("partition {p} offset {offset}"));
             }
-            if let Some(reason) = self.poison.get(&(*p, *offset)) {
+            if let Some(reason) = self.poison.get(&(p, offset)) {
                 tracing::warn!(
                     partition = p,
                     offset,
@@ -521,16 +543,32 @@ impl Folder {
                     "passing over a record that made an earlier run panic"
                 );
                 self.summary.unusable += 1;
-            } else if let (Some(event), Some(id)) = (event, id) {
-                // A fold the live layer refused went to its dead-letter topic then.
-                crate::poison::working_on(*p, *offset);
-                if self.panic_at.as_deref() == Some(event.message_id.as_str()) {
-                    panic!("failpoint: folding message_id {}", event.message_id);
-                }
-                let _ = self.state.fold(event, id, *p, *offset, clock);
+            } else if let (Some(record), Some(id)) = (record, id) {
+                // A record the live layer refused went to its dead-letter topic then.
+                crate::poison::working_on(p, offset);
+                let read = Read {
+                    partition: p,
+                    offset,
+                    clock,
+                    now_ms,
+                };
+                let mut unifier = Unifier {
+                    state: &mut self.state,
+                    policy: &self.identity,
+                    writes: Replay,
+                };
+                let _ = match record {
+                    TopicRecord::Event(event) => {
+                        if self.panic_at.as_deref() == Some(event.message_id.as_str()) {
+                            panic!("failpoint: folding message_id {}", event.message_id);
+                        }
+                        unifier.event(event, id, read)
+                    }
+                    TopicRecord::Identity(record) => unifier.record(record, id, read),
+                };
                 crate::poison::idle();
             }
-            self.state.positions.handled(*p, *offset);
+            self.state.positions.handled(p, offset);
         }
         let flushing = Instant::now();
         self.summary.seconds.fold += (flushing - folding).as_secs_f64();
@@ -552,7 +590,7 @@ impl Folder {
         }
         let throttled = Instant::now();
         self.summary.seconds.flush += (throttled - flushing).as_secs_f64();
-        self.progress.advance(chunk.len() as u64, &self.stop);
+        self.progress.advance(count, &self.stop);
         self.summary.seconds.throttle += throttled.elapsed().as_secs_f64();
         !self.stop.is_stopped()
     }

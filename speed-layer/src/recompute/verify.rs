@@ -13,11 +13,9 @@
 //! the same state and different answers: when each answer is what its own state gives at its
 //! own `updated_at`, the difference is counted as `answers_as_of_write`, not as a defect.
 //!
-//! A recompute does not resolve identities yet (the live layer merges anonymous devices into
-//! the people who log in on them; see `crate::identity`): a live document of a merged device
-//! or of a person with merged devices that differs is counted as `identities_unresolved`,
-//! apart from the unexpected differences (and `promote` refuses such a live index unless told
-//! to split them).
+//! Identity state is compared like the rest: a recompute replays the live layer's identity
+//! records by the live layer's rules (see `run`), so a merged device's pointer, a person's
+//! `aliases` and `identity` (links asked, refused, merge positions) come out equal.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::fmt::Write as _;
@@ -30,8 +28,6 @@ use crate::store::ProfileStore;
 
 /// Not decided by events: when the document was written.
 const WRITE_TIME: &str = "updated_at";
-/// The live layer's identity state (see the module documentation).
-const IDENTITY_FIELDS: [&str; 3] = ["identity", "aliases", "merged_into"];
 /// Documents per page of each side.
 const PAGE: usize = 1_000;
 /// Example differences printed.
@@ -64,9 +60,6 @@ pub struct Verification {
     pub differing_docs: u64,
     /// Documents that differ in a field not expected to change.
     pub unexpected: u64,
-    /// Live documents of merged devices, or of people with merged devices, that differ: a
-    /// recompute does not resolve identities yet.
-    pub identities_unresolved: u64,
     pub examples: Vec<String>,
 }
 
@@ -102,13 +95,6 @@ impl Verification {
             "compared {} documents: {} differ ({} unexpectedly), {} only in live, {} only in new, {} ahead in live (not compared), {} with answers as of another write time (same state)",
             self.compared, self.differing_docs, self.unexpected, self.only_live, self.only_new, self.live_ahead, self.answers_as_of_write
         );
-        if self.identities_unresolved > 0 {
-            let _ = writeln!(
-                out,
-                "{} documents of merged devices or of their people differ: a recompute does not resolve identities yet (promote refuses without --split-identities)",
-                self.identities_unresolved
-            );
-        }
         for (field, n) in &self.differing_fields {
             let _ = writeln!(out, "  {field}: {n} documents");
         }
@@ -223,9 +209,6 @@ impl Verification {
         self.count_live(doc);
         match ahead(doc, position) {
             true => self.live_ahead += 1,
-            // A device merged before it sent an event of its own: only the live layer, which
-            // resolves identities, has its pointer.
-            false if doc.get("merged_into").is_some() => self.identities_unresolved += 1,
             false => {
                 self.only_live += 1;
                 self.example(format!("{}: only in live", id(doc)));
@@ -255,25 +238,11 @@ impl Verification {
         self.compared += 1;
         let mut paths = Vec::new();
         differing_paths(live, new, "", 2, &mut paths);
-        // Identity state (links asked, refused, merge positions) is the live layer's alone
-        // while a recompute does not resolve identities; what it changed in the counts is
-        // judged below.
-        paths.retain(|p| {
-            p != WRITE_TIME
-                && !IDENTITY_FIELDS
-                    .iter()
-                    .any(|f| p == f || p.starts_with(&format!("{f}.")))
-        });
+        paths.retain(|p| p != WRITE_TIME);
         if answers_as_of_write(live, new, &mut paths) {
             self.answers_as_of_write += 1;
         }
         if paths.is_empty() {
-            return;
-        }
-        if live.get("merged_into").is_some() || live.get("aliases").is_some() {
-            // A merged device, or a person with merged devices: the recompute has the
-            // device's history apart.
-            self.identities_unresolved += 1;
             return;
         }
         self.differing_docs += 1;
@@ -463,41 +432,36 @@ mod tests {
     }
 
     #[test]
-    fn merged_devices_and_their_people_are_counted_apart_not_as_unexpected() {
+    fn identity_state_is_compared_like_any_field() {
         let position: BTreeMap<i32, i64> = [(0, 100)].into();
         let at = json!({"partition": 0, "offset": 5});
         let mut v = Verification::default();
+        // A person the recompute did not merge the device into.
         let person = json!({"profile_id": "p:u", "partner_id": "p", "event_count": 5, "aliases": ["d"], "watermark": at});
         let unmerged =
             json!({"profile_id": "p:u", "partner_id": "p", "event_count": 3, "watermark": at});
         v.both(&person, &unmerged, &position, &BTreeSet::new());
+        assert_eq!(
+            (v.unexpected, v.differing_fields.get("aliases")),
+            (1, Some(&1))
+        );
+        // A device's pointer the recompute does not have.
         let pointer =
             json!({"profile_id": "p:d0", "partner_id": "p", "merged_into": "u", "watermark": at});
         v.live_only(&pointer, &position);
-        assert_eq!(
-            (v.identities_unresolved, v.unexpected, v.only_live),
-            (2, 0, 0)
-        );
-        assert!(v.ok());
-        // Any other difference still fails.
-        let other =
-            json!({"profile_id": "p:w", "partner_id": "p", "event_count": 5, "watermark": at});
-        let less =
-            json!({"profile_id": "p:w", "partner_id": "p", "event_count": 4, "watermark": at});
-        v.both(&other, &less, &position, &BTreeSet::new());
-        assert_eq!(v.unexpected, 1);
-        assert!(!v.ok());
-        // A person whose only difference is identity state (a link refused, still pending)
-        // is equal.
+        assert_eq!(v.only_live, 1);
+        // A link refused in one and not the other.
         let refused = json!({"profile_id": "p:x", "partner_id": "p", "event_count": 2, "identity": {"refused": [{"anonymous_id": "t", "reason": "r"}]}, "watermark": at});
         let plain =
             json!({"profile_id": "p:x", "partner_id": "p", "event_count": 2, "watermark": at});
-        let before = (v.differing_docs, v.unexpected, v.identities_unresolved);
         v.both(&refused, &plain, &position, &BTreeSet::new());
-        assert_eq!(
-            (v.differing_docs, v.unexpected, v.identities_unresolved),
-            before
-        );
+        assert_eq!(v.unexpected, 2);
+        assert!(!v.ok());
+        // Equal identity state is equal.
+        let mut same = Verification::default();
+        same.both(&person, &person, &position, &BTreeSet::new());
+        same.both(&pointer, &pointer, &position, &BTreeSet::new());
+        assert!(same.ok() && same.differing_docs == 0, "{same:?}");
     }
 
     #[test]

@@ -4,6 +4,8 @@
 
 #![allow(dead_code)]
 
+pub mod identities;
+
 use std::collections::{BTreeMap, HashMap};
 use std::process::{Child, Command, Stdio};
 use std::sync::{Arc, Mutex};
