@@ -4,6 +4,8 @@
 //!   where and which files count; [`parquet_file`] writes them).
 //! - [`sql`]: BI SQL over the archive on an embedded engine (DataFusion).
 //! - [`dedupe`]: the rule every reader applies: each `(partner_id, message_id)` once.
+//! - [`identities`]: the devices the speed layer merged into people, for reports that count
+//!   people.
 //! - [`store`]: the object store (local directory, `s3://`, `gs://`).
 //! - [`warehouse`]: BigQuery: the day-partitioned table, daily loads, BI SQL on BigQuery.
 //!
@@ -12,6 +14,7 @@
 
 pub mod archiver;
 pub mod dedupe;
+pub mod identities;
 pub mod sql;
 pub mod warehouse;
 

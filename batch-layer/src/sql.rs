@@ -3,7 +3,9 @@
 //! The table is `events`, with the columns of `pulse_core::schema::event_schema` (the same as
 //! the BigQuery table): a view that shows each `(partner_id, message_id)` of a day once
 //! ([`crate::dedupe`]), as the BigQuery load does. `events_raw` is the archive as written,
-//! client retries included. Reports in `warehouse-sql/reports/` take parameters as `{{name}}`,
+//! client retries included. `identities` is the devices the speed layer merged into people
+//! ([`crate::identities`], over `identities_raw`, the archive's identity files), as the
+//! BigQuery table of that name holds them. Reports in `warehouse-sql/reports/` take parameters as `{{name}}`,
 //! substituted before running, so the same text runs on BigQuery with the same substitution.
 
 use std::collections::BTreeMap;
@@ -57,26 +59,38 @@ pub fn substitute(sql: &str, params: &BTreeMap<String, String>) -> Result<String
 /// The raw archive's table name in a session.
 pub const RAW_TABLE: &str = "events_raw";
 
+/// The raw identity files' table name in a session.
+pub const RAW_IDENTITIES_TABLE: &str = "identities_raw";
+
 /// A session with `events_raw` registered over the committed files of the archive and
-/// `events`, the deduplicated view over it.
+/// `events`, the deduplicated view over it; `identities_raw` and `identities` likewise.
 pub async fn session(store: Arc<dyn ObjectStore>) -> Result<SessionContext, SqlError> {
     let ctx = SessionContext::new();
     let base = ObjectStoreUrl::parse(STORE_URL)?;
     ctx.register_object_store(base.as_ref(), store.clone());
-    register_raw(&ctx, store.as_ref()).await?;
+    let files = layout::committed_files(store.as_ref(), None).await?;
+    register_raw(&ctx, RAW_TABLE, &files, event_schema()).await?;
     let view = crate::dedupe::first_of_each_message(RAW_TABLE, None);
     ctx.sql(&format!("CREATE VIEW events AS {view}")).await?;
+    let files = layout::committed_identity_files(store.as_ref(), None).await?;
+    let schema = crate::identity_file::identity_schema();
+    register_raw(&ctx, RAW_IDENTITIES_TABLE, &files, schema).await?;
+    let view = crate::identities::merges_of(RAW_IDENTITIES_TABLE, None);
+    let name = crate::identities::TABLE;
+    ctx.sql(&format!("CREATE VIEW {name} AS {view}")).await?;
     Ok(ctx)
 }
 
-async fn register_raw(ctx: &SessionContext, store: &dyn ObjectStore) -> Result<(), SqlError> {
-    let files = layout::committed_files(store, None).await?;
-    let schema = Arc::new(event_schema());
+/// `files` as the table `name` (empty, with its columns, when there are none).
+async fn register_raw(
+    ctx: &SessionContext,
+    name: &str,
+    files: &[layout::ArchiveFile],
+    schema: arrow_schema::Schema,
+) -> Result<(), SqlError> {
+    let schema = Arc::new(schema);
     if files.is_empty() {
-        ctx.register_table(
-            RAW_TABLE,
-            Arc::new(MemTable::try_new(schema, vec![vec![]])?),
-        )?;
+        ctx.register_table(name, Arc::new(MemTable::try_new(schema, vec![vec![]])?))?;
         return Ok(());
     }
     let urls = files
@@ -88,7 +102,7 @@ async fn register_raw(ctx: &SessionContext, store: &dyn ObjectStore) -> Result<(
     let config = ListingTableConfig::new_with_multi_paths(urls)
         .with_listing_options(options)
         .with_schema(schema);
-    ctx.register_table(RAW_TABLE, Arc::new(ListingTable::try_new(config)?))?;
+    ctx.register_table(name, Arc::new(ListingTable::try_new(config)?))?;
     Ok(())
 }
 

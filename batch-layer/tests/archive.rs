@@ -182,9 +182,7 @@ async fn sigkill_during_writes_leaves_no_duplicates_and_no_gaps() {
 /// same units and across SIGKILLs, so the archive stays an exact prefix of the topic.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn identity_records_are_archived_once_beside_the_events_across_sigkills() {
-    use pulse_core::identity::{Forward, IdentityRecord, Link, Merge, Position, HEADER, VERSION};
-    use rdkafka::message::{Header, OwnedHeaders};
-    use rdkafka::producer::{FutureProducer, FutureRecord};
+    use pulse_core::identity::{Forward, IdentityRecord, Link, Merge, Position};
 
     let f = Fixture::new("identities", 8).await;
     let events = generate(8_000, 33, 600, 2);
@@ -224,32 +222,11 @@ async fn identity_records_are_archived_once_beside_the_events_across_sigkills() 
             }
         })
         .collect();
-    let producer: FutureProducer =
-        pulse_core::kafka::KafkaArgs::with_brokers(pulse_tests::brokers())
-            .producer_config()
-            .create()
-            .expect("producer");
     let args = ["--roll-secs", "0.05", "--roll-bytes", "30000"];
     let mut archiver = f.spawn(&args);
     for (i, (chunk, ids)) in events.chunks(2_000).zip(records.chunks(150)).enumerate() {
         produce(&f.topic, chunk).await;
-        for r in ids {
-            let headers = OwnedHeaders::new().insert(Header {
-                key: HEADER,
-                value: Some(VERSION),
-            });
-            let (key, payload) = (r.key(), r.to_json());
-            producer
-                .send(
-                    FutureRecord::to(&f.topic)
-                        .key(&key)
-                        .payload(&payload)
-                        .headers(headers),
-                    Duration::from_secs(30),
-                )
-                .await
-                .expect("acked");
-        }
+        pulse_tests::data::produce_identities(&f.topic, ids).await;
         tokio::time::sleep(Duration::from_millis(300 + 200 * i as u64)).await;
         archiver.kill().unwrap();
         let _ = archiver.wait();
@@ -566,7 +543,21 @@ async fn bi_reports_on_the_embedded_engine_match_the_ground_truth() {
     let f = Fixture::new("reports", 4).await;
     let events = generate(8_000, 34, 300, 9);
     produce(&f.topic, &events).await;
+    // Devices merged into people: the reports that count people count each person once.
+    let (merges, person_of) = pulse_tests::data::merges_for(&events);
+    assert!(person_of.len() >= 5, "{} devices merged", person_of.len());
+    pulse_tests::data::produce_identities(&f.topic, &merges).await;
     f.run_to_end(&["--roll-secs", "0.5"]);
+    let person = |ev: &Event| -> String {
+        match (&ev.user_id, &ev.anonymous_id) {
+            (Some(u), _) => u.clone(),
+            (None, Some(a)) => person_of
+                .get(&(ev.partner_id.clone(), a.clone()))
+                .unwrap_or(a)
+                .clone(),
+            (None, None) => String::new(),
+        }
+    };
     let store = f.store();
     let days: Vec<chrono::NaiveDate> = {
         let mut d: Vec<_> = events.iter().map(|e| e.timestamp.date_naive()).collect();
@@ -578,17 +569,25 @@ async fn bi_reports_on_the_embedded_engine_match_the_ground_truth() {
     let in_range = |e: &&Event| (start..=end).contains(&e.timestamp.date_naive());
     let (s, e) = (start.to_string(), end.to_string());
 
-    // Daily active users.
+    // Daily active people: a merged device is its person.
     let mut dau: BTreeMap<(String, String), HashSet<String>> = BTreeMap::new();
+    let mut ids: BTreeMap<(String, String), HashSet<String>> = BTreeMap::new();
     for ev in events.iter().filter(in_range) {
-        dau.entry((ev.timestamp.date_naive().to_string(), ev.partner_id.clone()))
+        let day = (ev.timestamp.date_naive().to_string(), ev.partner_id.clone());
+        dau.entry(day.clone()).or_default().insert(person(ev));
+        ids.entry(day)
             .or_default()
             .insert(ev.person_id().to_string());
     }
+    assert_ne!(
+        dau.values().map(HashSet::len).sum::<usize>(),
+        ids.values().map(HashSet::len).sum::<usize>(),
+        "some day has a device and its person both active"
+    );
     let got = run_report(store.clone(), "daily_active_users.sql", &s, &e).await;
     let want: Vec<Value> = dau
         .iter()
-        .map(|((d, p), users)| serde_json::json!({"date": d, "partner_id": p, "active_users": users.len()}))
+        .map(|((d, p), people)| serde_json::json!({"date": d, "partner_id": p, "active_people": people.len()}))
         .collect();
     assert_eq!(got, want, "daily_active_users");
 
@@ -609,40 +608,60 @@ async fn bi_reports_on_the_embedded_engine_match_the_ground_truth() {
         .collect();
     assert_eq!(got, want, "sessions_per_day");
 
-    // Funnel.
-    let mut funnel: BTreeMap<(String, String), [HashSet<String>; 3]> = BTreeMap::new();
-    for ev in events.iter().filter(in_range) {
-        let slot = funnel
-            .entry((ev.timestamp.date_naive().to_string(), ev.partner_id.clone()))
-            .or_default();
-        let i = match ev.event.as_str() {
-            "product_view" => 0,
-            "add_to_cart" => 1,
-            "purchase" => 2,
-            _ => continue,
-        };
-        if let Some(sid) = &ev.session_id {
-            slot[i].insert(sid.clone());
+    // The funnel, in sessions and in people: every (day, partner) with events has a row,
+    // zeros where it had none of a step.
+    let funnel_of = |who: &dyn Fn(&Event) -> Option<String>, names: [&str; 3]| -> Vec<Value> {
+        let mut funnel: BTreeMap<(String, String), [HashSet<String>; 3]> = dau
+            .keys()
+            .map(|k| (k.clone(), Default::default()))
+            .collect();
+        for ev in events.iter().filter(in_range) {
+            let step = match ev.event.as_str() {
+                "product_view" => 0,
+                "add_to_cart" => 1,
+                "purchase" => 2,
+                _ => continue,
+            };
+            let day = (ev.timestamp.date_naive().to_string(), ev.partner_id.clone());
+            if let (Some(slot), Some(id)) = (funnel.get_mut(&day), who(ev)) {
+                slot[step].insert(id);
+            }
         }
-    }
+        funnel
+            .into_iter()
+            .map(|((d, p), steps)| {
+                let mut row = serde_json::json!({"date": d, "partner_id": p});
+                for (name, ids) in names.iter().zip(steps) {
+                    row[*name] = ids.len().into();
+                }
+                row
+            })
+            .collect()
+    };
+    let sessions = ["viewing_sessions", "cart_sessions", "purchase_sessions"];
     let got = run_report(store.clone(), "funnel.sql", &s, &e).await;
-    let mut want: Vec<Value> = Vec::new();
-    for ((d, p), [v, c, b]) in &funnel {
-        want.push(serde_json::json!({"date": d, "partner_id": p, "viewing_sessions": v.len(), "cart_sessions": c.len(), "purchase_sessions": b.len()}));
-    }
-    // Days where a partner had only other events still appear, with zeros.
-    for ((d, p), _) in dau.iter() {
-        if !funnel.contains_key(&(d.clone(), p.clone())) {
-            want.push(serde_json::json!({"date": d, "partner_id": p, "viewing_sessions": 0, "cart_sessions": 0, "purchase_sessions": 0}));
-        }
-    }
-    want.sort_by_key(|v| {
-        (
-            v["date"].as_str().unwrap().to_string(),
-            v["partner_id"].as_str().unwrap().to_string(),
-        )
-    });
-    assert_eq!(got, want, "funnel");
+    assert_eq!(
+        got,
+        funnel_of(&|ev| ev.session_id.clone(), sessions),
+        "funnel"
+    );
+    let people = ["viewing_people", "cart_people", "purchase_people"];
+    let got = run_report(store.clone(), "funnel_people.sql", &s, &e).await;
+    assert_eq!(
+        got,
+        funnel_of(&|ev| Some(person(ev)), people),
+        "funnel_people"
+    );
+
+    // The identities themselves: each merged device once, links and refusals left out.
+    let got = pulse_batch::sql::query(
+        store.clone(),
+        "SELECT partner_id, anonymous_id, user_id FROM identities ORDER BY partner_id, anonymous_id",
+    )
+    .await
+    .unwrap();
+    let rows: usize = got.iter().map(|b| b.num_rows()).sum();
+    assert_eq!(rows, person_of.len(), "one row per merged device");
 
     // Revenue per day and country: exact decimals.
     let mut revenue: BTreeMap<(String, String), (u64, Decimal)> = BTreeMap::new();

@@ -5,9 +5,21 @@ use pulse_core::schema::event_schema;
 
 #[test]
 fn ddl_columns_match_the_arrow_schema() {
-    let ddl = include_str!("../../warehouse-sql/ddl/events.sql");
+    check_ddl(
+        include_str!("../../warehouse-sql/ddl/events.sql"),
+        "events",
+        &event_schema(),
+    );
+    check_ddl(
+        include_str!("../../warehouse-sql/ddl/identities.sql"),
+        "identities",
+        &pulse_batch::identities::identities_schema(),
+    );
+}
+
+fn check_ddl(ddl: &str, table: &str, schema: &arrow_schema::Schema) {
     let body = ddl
-        .split_once("events (")
+        .split_once(&format!("{table} ("))
         .unwrap()
         .1
         .split_once("\n)")
@@ -24,10 +36,9 @@ fn ddl_columns_match_the_arrow_schema() {
             (name, ty, l.contains("NOT NULL"))
         })
         .collect();
-    let schema = event_schema();
-    assert_eq!(columns.len(), schema.fields().len());
+    assert_eq!(columns.len(), schema.fields().len(), "{table}");
     for ((name, ty, not_null), field) in columns.iter().zip(schema.fields()) {
-        assert_eq!(name, field.name());
+        assert_eq!(name, field.name(), "{table}");
         assert_eq!(Some(ty.clone()), ddl_type(field.data_type()), "{name}");
         assert_eq!(*not_null, !field.is_nullable(), "{name} nullability");
     }

@@ -382,6 +382,7 @@ async fn a_batch_retried_after_a_broker_cut_counts_once_in_profiles_pushes_and_t
         project: Some(project.clone()),
         dataset: dataset.clone(),
         table: "events".into(),
+        identities: "identities".into(),
         location: "US".into(),
         api_url: api_url.clone(),
         auth: pulse_batch::warehouse::AuthMode::None,

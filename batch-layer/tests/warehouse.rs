@@ -62,6 +62,7 @@ impl Setup {
             project: Some(project()),
             dataset: self.dataset.clone(),
             table: "events".into(),
+            identities: "identities".into(),
             location: "US".into(),
             api_url: api_url(),
             auth: AuthMode::None,
@@ -348,6 +349,11 @@ async fn two_loads_of_one_day_at_once_each_load_the_whole_day() {
         );
     }
     // Both staging tables dropped.
+    assert_eq!(table_names(&s).await, ["events", "identities"]);
+}
+
+/// The tables of the setup's dataset, sorted.
+async fn table_names(s: &Setup) -> Vec<String> {
     let url = format!(
         "{}/projects/{}/datasets/{}/tables",
         api_url(),
@@ -355,13 +361,15 @@ async fn two_loads_of_one_day_at_once_each_load_the_whole_day() {
         s.dataset
     );
     let tables: Value = reqwest::get(url).await.unwrap().json().await.unwrap();
-    let names: Vec<&str> = tables["tables"]
+    let mut names: Vec<String> = tables["tables"]
         .as_array()
         .into_iter()
         .flatten()
         .filter_map(|t| t["tableReference"]["tableId"].as_str())
+        .map(str::to_string)
         .collect();
-    assert_eq!(names, vec!["events"], "{tables}");
+    names.sort_unstable();
+    names
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -388,24 +396,11 @@ async fn failed_loads_say_why_and_change_nothing() {
     );
     assert!(err.contains("part-099"), "names the file: {err}");
     assert_eq!(s.query(&count_sql(d)).await, vec![truth(&events, d)]);
-    let tables: Value = reqwest::get(format!(
-        "{}/projects/{}/datasets/{}/tables",
-        api_url(),
-        project(),
-        s.dataset
-    ))
-    .await
-    .unwrap()
-    .json()
-    .await
-    .unwrap();
-    let names: Vec<&str> = tables["tables"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .filter_map(|t| t["tableReference"]["tableId"].as_str())
-        .collect();
-    assert_eq!(names, vec!["events"], "no staging table left behind");
+    assert_eq!(
+        table_names(&s).await,
+        ["events", "identities"],
+        "no staging table left behind"
+    );
 
     // An archive BigQuery cannot read (not on Cloud Storage) is refused before any job.
     let out = Command::new(env!("CARGO_BIN_EXE_pulse-batch"))
@@ -432,10 +427,35 @@ const NOT_ON_EMULATOR: &[&str] = &[];
 async fn bi_reports_agree_on_bigquery_and_on_the_embedded_engine() {
     let s = Setup::new("bq-reports").await;
     let events = generate(5_000, 44, 200, 9);
-    s.archive_events(&events).await;
+    // Devices merged into people (written today): the people-counting reports join them.
+    let (merges, person_of) = pulse_tests::data::merges_for(&events);
+    produce(&s.archive.topic, &events).await;
+    pulse_tests::data::produce_identities(&s.archive.topic, &merges).await;
+    s.archive.run_to_end(&["--roll-secs", "0.5"]);
     let days = days_of(&events);
-    s.load(&["--since", &days.len().to_string()]).unwrap();
+    let loads = s.load(&["--since", &days.len().to_string()]).unwrap();
+    let today = chrono::Utc::now().date_naive().to_string();
+    let loaded: Vec<(&str, u64)> = loads
+        .iter()
+        .map(|r| {
+            (
+                r["date"].as_str().unwrap(),
+                r["identities"].as_u64().unwrap(),
+            )
+        })
+        .collect();
+    assert!(
+        loaded.contains(&(today.as_str(), person_of.len() as u64)),
+        "each merged device once, today: {loaded:?}"
+    );
     let wh = Warehouse::connect(&s.args()).await.unwrap();
+    let identities =
+        "SELECT partner_id, anonymous_id, user_id, date, kafka_partition, kafka_offset \
+                      FROM identities ORDER BY partner_id, anonymous_id";
+    let embedded = sql::query(s.archive.store(), identities).await.unwrap();
+    let on_bq = wh.query(identities).await.unwrap();
+    assert_eq!(rows(&embedded), rows(&on_bq), "identities on both engines");
+    assert_eq!(rows(&on_bq).len(), person_of.len());
     let params: BTreeMap<String, String> = [
         ("start".to_string(), days[1].to_string()),
         ("end".to_string(), days[days.len() - 2].to_string()),

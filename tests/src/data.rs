@@ -103,3 +103,98 @@ pub async fn produce_to_partition(topic: &str, partition: i32, key: &str, payloa
         .await
         .expect("acked");
 }
+
+/// Identity records as the speed layer writes them (keyed by the profile each changes, with
+/// the `pulse.identity` header), in order.
+pub async fn produce_identities(topic: &str, records: &[pulse_core::identity::IdentityRecord]) {
+    use pulse_core::identity::{HEADER, VERSION};
+    use rdkafka::message::{Header, OwnedHeaders};
+    let producer: FutureProducer = KafkaArgs::with_brokers(brokers())
+        .producer_config()
+        .create()
+        .expect("producer");
+    for r in records {
+        let headers = OwnedHeaders::new().insert(Header {
+            key: HEADER,
+            value: Some(VERSION),
+        });
+        let (key, payload) = (r.key(), r.to_json());
+        producer
+            .send(
+                FutureRecord::to(topic)
+                    .key(&key)
+                    .payload(&payload)
+                    .headers(headers),
+                Duration::from_secs(30),
+            )
+            .await
+            .expect("acked");
+    }
+}
+
+/// Merges, as the speed layer would write them, of every other anonymous-only visitor of
+/// `events` into a user of the same partner (so that the people counted differ from the
+/// ids), each merge written twice (a copy after a crash), with a link and a refusal around
+/// them that link nothing; and the device → person map they make, by (partner, device).
+pub fn merges_for(
+    events: &[Event],
+) -> (
+    Vec<pulse_core::identity::IdentityRecord>,
+    std::collections::HashMap<(String, String), String>,
+) {
+    use pulse_core::identity::{IdentityRecord, Link, Merge, Position, Refusal};
+    use std::collections::{BTreeMap, BTreeSet, HashMap};
+    let mut devices: BTreeMap<&str, BTreeSet<&str>> = BTreeMap::new();
+    let mut users: BTreeMap<&str, BTreeSet<&str>> = BTreeMap::new();
+    for e in events {
+        match (&e.user_id, &e.anonymous_id) {
+            (Some(u), _) => users.entry(&e.partner_id).or_default().insert(u),
+            (None, Some(a)) => devices.entry(&e.partner_id).or_default().insert(a),
+            (None, None) => false,
+        };
+    }
+    let at = chrono::DateTime::from_timestamp_millis(Utc::now().timestamp_millis()).expect("now");
+    let mut records = Vec::new();
+    let mut map = HashMap::new();
+    for (partner, devices) in &devices {
+        let people: Vec<&&str> = users.get(partner).into_iter().flatten().collect();
+        for (i, device) in devices.iter().enumerate().filter(|(i, _)| i % 2 == 0) {
+            let Some(person) = people.get(i % people.len().max(1)) else {
+                continue;
+            };
+            let (partner, device, person) =
+                (partner.to_string(), device.to_string(), person.to_string());
+            let source = Position {
+                partition: 0,
+                offset: i as i64,
+            };
+            records.push(IdentityRecord::Link(Link {
+                partner_id: partner.clone(),
+                anonymous_id: device.clone(),
+                user_id: person.clone(),
+                linked_at: at,
+                message_id: format!("login-{i}"),
+                origin: source,
+            }));
+            let merge = IdentityRecord::Merge(Merge {
+                partner_id: partner.clone(),
+                anonymous_id: device.clone(),
+                user_id: person.clone(),
+                linked_at: at,
+                source,
+                profile: None,
+            });
+            records.push(merge.clone());
+            records.push(merge);
+            records.push(IdentityRecord::Refusal(Refusal {
+                partner_id: partner.clone(),
+                anonymous_id: device.clone(),
+                user_id: format!("someone-else-{i}"),
+                reason: "linked to another person".into(),
+                source,
+            }));
+            map.insert((partner, device), person);
+        }
+    }
+    (records, map)
+}

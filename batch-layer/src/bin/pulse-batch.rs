@@ -22,7 +22,8 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
-    /// Run SQL on the embedded engine over the archive's committed files (table `events`).
+    /// Run SQL on the embedded engine over the archive's committed files (tables `events`
+    /// and `identities`).
     Sql {
         /// The query (or use --file).
         query: Option<String>,
@@ -42,7 +43,8 @@ enum Command {
         #[command(flatten)]
         warehouse: WarehouseArgs,
     },
-    /// Load days of the archive into the BigQuery table, replacing their partitions.
+    /// Load days of the archive into the BigQuery tables (`events`, `identities`), replacing
+    /// their partitions.
     Load {
         /// The day to load, YYYY-MM-DD (UTC, as the archive's dt=).
         #[arg(long, conflicts_with = "since", required_unless_present = "since")]
@@ -145,7 +147,7 @@ async fn main() -> anyhow::Result<()> {
                     println!("{}", serde_json::to_string(&report)?);
                 } else {
                     println!(
-                        "{}  {} rows ({} archived, {} client retries dropped) from {} files into {}.{}.{}  (jobs {})",
+                        "{}  {} rows ({} archived, {} client retries dropped) from {} files into {}.{}.{}; {} merged devices from {} identity files into {}  (jobs {})",
                         report.date,
                         report.rows,
                         report.archived_rows,
@@ -154,6 +156,9 @@ async fn main() -> anyhow::Result<()> {
                         wh.project,
                         wh.dataset,
                         wh.table,
+                        report.identities,
+                        report.identity_files,
+                        wh.identities,
                         report.jobs.join(", ")
                     );
                 }

@@ -12,13 +12,17 @@
 //! WRITE_TRUNCATE: a load job cannot deduplicate, and a query job's result columns are all
 //! NULLABLE, which BigQuery refuses to write over the table's REQUIRED columns. The
 //! transaction is also what the local emulator runs, so the production path is the tested one.
+//!
+//! The day's identity files (the speed layer's merges, by the day they were written) replace
+//! partition D of the `identities` table the same way: staged, then one transaction that
+//! keeps each device once ([`crate::identities`]).
 
 use chrono::NaiveDate;
 use object_store::ObjectStore;
 use serde_json::{json, Value};
 
 use super::client::{Warehouse, WarehouseError};
-use super::schema::{table_schema, PARTITION_COLUMN};
+use super::schema::{identity_file_table_schema, table_schema, PARTITION_COLUMN};
 use crate::layout;
 
 /// A load job takes at most 10,000 source URIs.
@@ -48,6 +52,9 @@ pub struct LoadReport {
     pub rows: u64,
     /// Archived rows that were client retries of a row kept (`archived_rows - rows`).
     pub duplicates: u64,
+    /// The day's identity files, and the devices partition D of `identities` holds now.
+    pub identity_files: usize,
+    pub identities: u64,
     pub jobs: Vec<String>,
 }
 
@@ -72,12 +79,22 @@ fn staging_table(table: &str, date: NaiveDate) -> String {
     format!("{table}__load_{}_{}", date.format("%Y%m%d"), &load[..12])
 }
 
-/// The `configuration` of a Parquet load job.
+/// The `configuration` of a Parquet load job of event files.
 pub fn load_configuration(
     destination: Value,
     uris: &[String],
     truncate: bool,
     create: bool,
+) -> Value {
+    load_configuration_of(destination, uris, truncate, create, table_schema())
+}
+
+fn load_configuration_of(
+    destination: Value,
+    uris: &[String],
+    truncate: bool,
+    create: bool,
+    schema: gcp_bigquery_client::model::table_schema::TableSchema,
 ) -> Value {
     json!({"load": {
         "sourceUris": uris,
@@ -85,7 +102,7 @@ pub fn load_configuration(
         // Parquet LIST columns (category) load as ARRAY<STRING>, not as a nested RECORD.
         "parquetOptions": {"enableListInference": true},
         "destinationTable": destination,
-        "schema": table_schema(),
+        "schema": schema,
         "writeDisposition": if truncate { "WRITE_TRUNCATE" } else { "WRITE_APPEND" },
         "createDisposition": if create { "CREATE_IF_NEEDED" } else { "CREATE_NEVER" },
     }})
@@ -104,12 +121,19 @@ pub async fn load_day(
         .into_iter()
         .map(|f| format!("{source_prefix}/{}", f.path))
         .collect();
+    let identity_uris: Vec<String> = layout::committed_identity_files(store, Some(date))
+        .await?
+        .into_iter()
+        .map(|f| format!("{source_prefix}/{}", f.path))
+        .collect();
     let mut report = LoadReport {
         date,
         files: uris.len(),
         archived_rows: 0,
         rows: 0,
         duplicates: 0,
+        identity_files: identity_uris.len(),
+        identities: 0,
         jobs: Vec::new(),
     };
     if uris.is_empty() {
@@ -128,9 +152,63 @@ pub async fn load_day(
         tracing::warn!(error = %e, table = %staging, "dropping the staging table failed");
     }
     written?;
+    load_identities(wh, &identity_uris, date, files_per_job, &mut report).await?;
     tracing::info!(%date, files = report.files, archived_rows = report.archived_rows,
-        rows = report.rows, duplicates = report.duplicates, "day loaded");
+        rows = report.rows, duplicates = report.duplicates, identities = report.identities,
+        "day loaded");
     Ok(report)
+}
+
+/// Partition D of `identities` becomes the devices merged on day D: the day's identity files
+/// staged, then one transaction (with none that day the partition is only emptied).
+async fn load_identities(
+    wh: &Warehouse,
+    uris: &[String],
+    date: NaiveDate,
+    files_per_job: usize,
+    report: &mut LoadReport,
+) -> Result<(), WarehouseError> {
+    let staging = staging_table(&wh.identities, date);
+    let written = replace_identities(wh, uris, &staging, date, files_per_job, report).await;
+    if !uris.is_empty() {
+        if let Err(e) = wh.drop_table(&staging).await {
+            tracing::warn!(error = %e, table = %staging, "dropping the staging table failed");
+        }
+    }
+    written
+}
+
+async fn replace_identities(
+    wh: &Warehouse,
+    uris: &[String],
+    staging: &str,
+    date: NaiveDate,
+    files_per_job: usize,
+    report: &mut LoadReport,
+) -> Result<(), WarehouseError> {
+    let table = qualified(wh, &wh.identities);
+    let mut insert = String::new();
+    if !uris.is_empty() {
+        let chunks = uris.chunks(files_per_job.clamp(1, MAX_URIS_PER_JOB));
+        for (i, chunk) in chunks.enumerate() {
+            let destination = wh.table_ref(staging);
+            let schema = identity_file_table_schema();
+            let config = load_configuration_of(destination, chunk, i == 0, true, schema);
+            let (job_id, _) = wh.run_job("load_identities", config).await?;
+            report.jobs.push(job_id);
+        }
+        let select = crate::identities::merges_of(&qualified(wh, staging), Some(date));
+        let columns = crate::identities::columns();
+        insert = format!("INSERT INTO {table} ({columns}) {select}; ");
+    }
+    let day = day_filter(date);
+    let script =
+        format!("BEGIN TRANSACTION; DELETE FROM {table} WHERE {day}; {insert}COMMIT TRANSACTION;");
+    let configuration = json!({"query": {"query": script, "useLegacySql": false}});
+    let (job_id, _) = wh.run_job("replace_identities", configuration).await?;
+    report.jobs.push(job_id);
+    report.identities = count_rows(wh, &wh.identities, date).await?;
+    Ok(())
 }
 
 /// The staging load job(s), then the deduplicated replace of partition D.
@@ -158,7 +236,7 @@ async fn write_partition(
     }});
     let (job_id, _) = wh.run_job("replace", configuration).await?;
     report.jobs.push(job_id);
-    report.rows = count_day(wh, date).await?;
+    report.rows = count_rows(wh, &wh.table, date).await?;
     report.duplicates = report.archived_rows.saturating_sub(report.rows);
     Ok(())
 }
@@ -186,11 +264,11 @@ fn replace_script(wh: &Warehouse, staging: &str, date: NaiveDate) -> String {
     )
 }
 
-/// Rows partition D holds.
-async fn count_day(wh: &Warehouse, date: NaiveDate) -> Result<u64, WarehouseError> {
+/// Rows partition D of `table` holds.
+async fn count_rows(wh: &Warehouse, table: &str, date: NaiveDate) -> Result<u64, WarehouseError> {
     let sql = format!(
         "SELECT COUNT(*) AS n FROM {} WHERE {}",
-        qualified(wh, &wh.table),
+        qualified(wh, table),
         day_filter(date)
     );
     let batches = wh.query(&sql).await?;

@@ -28,6 +28,14 @@ pub struct WarehouseArgs {
     pub dataset: String,
     #[arg(long = "bq-table", env = "PULSE_BQ_TABLE", default_value = "events")]
     pub table: String,
+    /// The table of devices merged into people (see `pulse_batch::identities`), loaded with
+    /// each day; the reports that count people join it by this name.
+    #[arg(
+        long = "bq-identities-table",
+        env = "PULSE_BQ_IDENTITIES_TABLE",
+        default_value = "identities"
+    )]
+    pub identities: String,
     /// Location of the dataset and of the jobs.
     #[arg(long = "bq-location", env = "PULSE_BQ_LOCATION", default_value = "US")]
     pub location: String,

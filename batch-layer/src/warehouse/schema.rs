@@ -42,8 +42,8 @@ fn field(f: &Field) -> TableFieldSchema {
         t if f.is_nullable() => (t, "NULLABLE"),
         t => (t, "REQUIRED"),
     };
-    let (ty, _) = scalar(item)
-        .unwrap_or_else(|| panic!("event schema column {} has no BigQuery type", f.name()));
+    let (ty, _) =
+        scalar(item).unwrap_or_else(|| panic!("archive column {} has no BigQuery type", f.name()));
     let mut out = TableFieldSchema::new(f.name(), ty);
     out.mode = Some(mode.to_string());
     out
@@ -51,7 +51,21 @@ fn field(f: &Field) -> TableFieldSchema {
 
 /// The `events` table schema for the REST API.
 pub fn table_schema() -> TableSchema {
-    TableSchema::new(event_schema().fields().iter().map(|f| field(f)).collect())
+    schema_of(&event_schema())
+}
+
+/// The `identities` table schema for the REST API (see [`crate::identities`]).
+pub fn identities_table_schema() -> TableSchema {
+    schema_of(&crate::identities::identities_schema())
+}
+
+/// The staging table of an identities load: an identity file's columns.
+pub fn identity_file_table_schema() -> TableSchema {
+    schema_of(&crate::identity_file::identity_schema())
+}
+
+fn schema_of(schema: &arrow_schema::Schema) -> TableSchema {
+    TableSchema::new(schema.fields().iter().map(|f| field(f)).collect())
 }
 
 /// The archive's columns an existing table lacks, in the archive's order (a table created
@@ -149,5 +163,15 @@ mod tests {
         assert_eq!(by_name("user_id").mode.as_deref(), Some("NULLABLE"));
         assert!(matches!(by_name("cart_amount").r#type, FieldType::Numeric));
         assert!(event_schema().field_with_name(PARTITION_COLUMN).is_ok());
+        let identities = identities_table_schema();
+        let fields = identities.fields().as_ref().unwrap();
+        assert!(fields
+            .iter()
+            .any(|f| f.name == PARTITION_COLUMN && f.mode.as_deref() == Some("REQUIRED")));
+        let staging = identity_file_table_schema();
+        assert_eq!(
+            staging.fields().as_ref().unwrap().len(),
+            crate::identity_file::identity_schema().fields().len()
+        );
     }
 }

@@ -1,18 +1,50 @@
-//! Provisioning: the dataset and the day-partitioned table, created or brought to the
-//! configured expiration; dropping a table.
+//! Provisioning: the dataset and the day-partitioned tables (`events`, `identities`), created
+//! or brought to the configured expiration; dropping a table.
 
 use gcp_bigquery_client::model::dataset::Dataset;
 use gcp_bigquery_client::model::table::Table;
 use gcp_bigquery_client::model::time_partitioning::TimePartitioning;
 
 use super::{api_error, http_status, Warehouse, WarehouseError, DAY_MS};
-use crate::warehouse::schema::{add_columns_ddl, missing_columns, table_schema, PARTITION_COLUMN};
+use gcp_bigquery_client::model::table_schema::TableSchema;
+
+use crate::warehouse::schema::{
+    add_columns_ddl, identities_table_schema, missing_columns, table_schema, PARTITION_COLUMN,
+};
+
+/// A table `ensure_table` provisions.
+struct Wanted<'a> {
+    id: &'a str,
+    schema: TableSchema,
+    description: &'static str,
+    /// Add the columns an older table lacks (the events table grows with the event).
+    add_columns: bool,
+}
 
 impl Warehouse {
-    /// Creates the dataset and the day-partitioned table when missing, and brings the
+    /// Creates the dataset and the day-partitioned tables when missing, and brings the
     /// partition expiration of an existing table to the configured one. Idempotent, and safe
     /// when two loaders race (a 409 from the loser counts as success).
     pub async fn ensure_table(&self) -> Result<(), WarehouseError> {
+        self.ensure_dataset().await?;
+        self.ensure_partitioned(Wanted {
+            id: &self.table,
+            schema: table_schema(),
+            description: "Pulse clickstream events, loaded daily from the Parquet archive",
+            add_columns: true,
+        })
+        .await?;
+        self.ensure_partitioned(Wanted {
+            id: &self.identities,
+            schema: identities_table_schema(),
+            description: "Anonymous devices merged into people by the speed layer, loaded daily \
+                          from the Parquet archive (one row per device and day)",
+            add_columns: false,
+        })
+        .await
+    }
+
+    async fn ensure_dataset(&self) -> Result<(), WarehouseError> {
         let datasets = self.client.dataset();
         match datasets.get(&self.project, &self.dataset).await {
             Ok(existing) => {
@@ -39,6 +71,12 @@ impl Warehouse {
             }
             Err(e) => return Err(api_error(format!("dataset {}", self.dataset), e)),
         }
+        Ok(())
+    }
+
+    /// One day-partitioned table, created when missing or checked and brought to the
+    /// configured expiration.
+    async fn ensure_partitioned(&self, wanted: Wanted<'_>) -> Result<(), WarehouseError> {
         let partitioning = TimePartitioning {
             expiration_ms: self
                 .partition_expiration_days
@@ -49,14 +87,14 @@ impl Warehouse {
         };
         let tables = self.client.table();
         match tables
-            .get(&self.project, &self.dataset, &self.table, None)
+            .get(&self.project, &self.dataset, wanted.id, None)
             .await
         {
             Ok(existing) => {
                 let current = existing.time_partitioning.clone().unwrap_or_default();
                 if current.r#type != "DAY" || current.field.as_deref() != Some(PARTITION_COLUMN) {
                     return Err(WarehouseError::Api {
-                        what: format!("table {}", self.table),
+                        what: format!("table {}", wanted.id),
                         message: format!(
                             "it exists but is not partitioned by day on `{PARTITION_COLUMN}` \
                              ({current:?}); day loads need that"
@@ -77,27 +115,30 @@ impl Warehouse {
                         ..Default::default()
                     };
                     tables
-                        .patch(&self.project, &self.dataset, &self.table, patch)
+                        .patch(&self.project, &self.dataset, wanted.id, patch)
                         .await
                         .map_err(|e| api_error("updating partition expiration", e))?;
-                    tracing::info!(days = ?self.partition_expiration_days, "partition expiration updated");
+                    tracing::info!(table = wanted.id, days = ?self.partition_expiration_days, "partition expiration updated");
                 }
-                self.add_missing_columns(&existing).await
+                match wanted.add_columns {
+                    true => self.add_missing_columns(&existing).await,
+                    false => Ok(()),
+                }
             }
             Err(e) if http_status(&e) == Some(404) => {
-                let table = Table::new(&self.project, &self.dataset, &self.table, table_schema())
-                    .description("Pulse clickstream events, loaded daily from the Parquet archive")
+                let table = Table::new(&self.project, &self.dataset, wanted.id, wanted.schema)
+                    .description(wanted.description)
                     .time_partitioning(partitioning);
                 match tables.create(table).await {
                     Ok(_) => {
-                        tracing::info!(table = %self.table, "table created");
+                        tracing::info!(table = wanted.id, "table created");
                         Ok(())
                     }
                     Err(e) if http_status(&e) == Some(409) => Ok(()),
-                    Err(e) => Err(api_error(format!("creating table {}", self.table), e)),
+                    Err(e) => Err(api_error(format!("creating table {}", wanted.id), e)),
                 }
             }
-            Err(e) => Err(api_error(format!("table {}", self.table), e)),
+            Err(e) => Err(api_error(format!("table {}", wanted.id), e)),
         }
     }
 
