@@ -139,6 +139,30 @@ pub struct Forward {
     pub event: Box<Event>,
 }
 
+/// An operator's decision that the device `anonymous_id` is not `user_id`'s after all
+/// (`pulse-speed identities unlink`). Kept in a compacted topic (`--unlinks-topic`, keyed by
+/// [`Unlink::key`]) that every process folding profiles reads before it starts: from the
+/// beginning of history the device never merges again (into anyone), its merges and forwarded
+/// events are not applied to a person, and no person asks for it. The same rule for the live
+/// layer, a recompute and the unlink's own refold is what makes the three agree.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Unlink {
+    pub partner_id: String,
+    pub anonymous_id: String,
+    /// The person the device had been merged into.
+    pub user_id: String,
+    #[serde(with = "millis_rfc3339")]
+    pub unlinked_at: DateTime<Utc>,
+}
+
+impl Unlink {
+    /// The compacted topic's key: the device's profile id.
+    pub fn key(&self) -> String {
+        partition_key(&self.partner_id, &self.anonymous_id)
+    }
+}
+
 impl IdentityRecord {
     /// The Kafka key: the profile the record changes.
     pub fn key(&self) -> String {

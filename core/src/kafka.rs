@@ -122,6 +122,10 @@ pub struct TopicArgs {
         default_value = "profiles.dlq"
     )]
     pub profiles_dlq: String,
+    /// Devices an operator unlinked from the person they had been merged into (compacted;
+    /// see `pulse_core::identity::Unlink`).
+    #[arg(long = "unlinks-topic", env = "PULSE_UNLINKS_TOPIC", default_value = "identity.unlinks")]
+    pub unlinks: String,
 }
 
 impl Default for TopicArgs {
@@ -131,6 +135,7 @@ impl Default for TopicArgs {
             dlq: "events.dlq".into(),
             triggers: "triggers".into(),
             profiles_dlq: "profiles.dlq".into(),
+            unlinks: "identity.unlinks".into(),
         }
     }
 }

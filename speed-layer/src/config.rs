@@ -91,6 +91,18 @@ pub struct SpeedConfig {
 }
 
 impl SpeedConfig {
+    /// The identity rules with the devices operators unlinked, read from `--unlinks-topic`:
+    /// what every process that folds profiles starts with.
+    pub fn identity_policy(
+        &self,
+    ) -> Result<crate::identity::IdentityPolicy, rdkafka::error::KafkaError> {
+        let unlinks = crate::unlinks::Unlinks::load(&self.kafka, &self.topics.unlinks)?;
+        Ok(crate::identity::IdentityPolicy {
+            unlinks: std::sync::Arc::new(unlinks),
+            ..self.identity.clone()
+        })
+    }
+
     /// The journal of records that made this consumer panic (see [`crate::poison`]).
     pub fn poison_journal(&self) -> crate::poison::PoisonJournal {
         crate::poison::PoisonJournal::new(&self.state_dir, &self.topics.events, &self.group)

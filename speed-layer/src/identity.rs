@@ -30,6 +30,9 @@ pub struct IdentityPolicy {
     /// `anonymous`, `0`, `-1`, the empty string, …), comma separated, compared ignoring case.
     #[arg(long = "junk-ids", env = "PULSE_JUNK_IDS", value_delimiter = ',')]
     pub junk_ids: Vec<String>,
+    /// The devices operators unlinked: read from `--unlinks-topic` before folding starts.
+    #[arg(skip)]
+    pub unlinks: std::sync::Arc<crate::unlinks::Unlinks>,
 }
 
 impl Default for IdentityPolicy {
@@ -37,6 +40,7 @@ impl Default for IdentityPolicy {
         Self {
             max_aliases: 100,
             junk_ids: Vec::new(),
+            unlinks: Default::default(),
         }
     }
 }
@@ -100,6 +104,7 @@ pub mod refusal {
     pub const MERGE_REFUSED: &str =
         "the merge could not be applied (the sums leave the range a profile holds exactly); the device's state is in the dead-letter topic";
     pub const TOO_LARGE: &str = "the device's state is larger than an identity record may be";
+    pub const UNLINKED: &str = "unlinked by an operator (pulse-speed identities unlink)";
 }
 
 impl Identity {
@@ -195,6 +200,7 @@ mod tests {
         IdentityPolicy {
             max_aliases: max,
             junk_ids: vec!["guest".into()],
+            unlinks: Default::default(),
         }
     }
 

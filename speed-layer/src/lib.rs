@@ -23,3 +23,4 @@ pub mod profile;
 pub mod recompute;
 pub mod store;
 pub mod triggers;
+pub mod unlinks;

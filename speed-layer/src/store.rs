@@ -16,7 +16,7 @@ use elasticsearch::indices::{
     IndicesCreateParts, IndicesExistsAliasParts, IndicesGetMappingParts, IndicesPutAliasParts,
     IndicesPutIndexTemplateParts, IndicesPutMappingParts,
 };
-use elasticsearch::{BulkParts, Elasticsearch, GetParts, MgetParts};
+use elasticsearch::{BulkParts, DeleteParts, Elasticsearch, GetParts, MgetParts};
 use serde_json::{json, Value};
 
 /// How soon a written profile is searchable: portals read profiles through search, so a
@@ -366,6 +366,20 @@ impl ProfileStore {
         }
         let body = check(resp).await?;
         Ok(body.get("_source").cloned())
+    }
+
+    /// Deletes one document by id; `false` when there was none.
+    pub async fn delete(&self, id: &str) -> Result<bool, StoreError> {
+        let resp = self
+            .client
+            .delete(DeleteParts::IndexId(&self.args.alias, id))
+            .send()
+            .await?;
+        if resp.status_code() == StatusCode::NOT_FOUND {
+            return Ok(false);
+        }
+        check(resp).await?;
+        Ok(true)
     }
 
     /// Writes documents with `_bulk`, one outcome per document in input order.

@@ -540,3 +540,145 @@ async fn guards_hold_and_a_merged_device_answers_for_its_person() {
         "nothing crossed partners"
     );
 }
+
+/// `pulse-speed identities unlink` on this fixture (history from Kafka: the test has no
+/// archive).
+fn unlink(f: &Fixture, partner: &str, device: &str) -> std::process::Output {
+    std::process::Command::new(env!("CARGO_BIN_EXE_pulse-speed"))
+        .args(["identities", "unlink", "--partner", partner])
+        .args(["--anonymous-id", device, "--source", "kafka"])
+        .args(["--kafka-brokers", &brokers(), "--es-url", &es_url()])
+        .args(["--events-topic", &f.topic, "--dlq-topic", &f.dlq])
+        .args([
+            "--triggers-topic",
+            &f.triggers,
+            "--unlinks-topic",
+            &unlinks_topic(f),
+        ])
+        .args(["--profiles-alias", &f.alias, "--group", &f.group])
+        .env("RUST_LOG", "info,librdkafka=warn")
+        .output()
+        .expect("run pulse-speed identities unlink")
+}
+
+fn unlinks_topic(f: &Fixture) -> String {
+    format!("{}.unlinks", f.topic)
+}
+
+/// People and unmerged devices equal `truth` (waiting for the live layer), and the pointers
+/// are `linked` less `unlinked`.
+async fn people_are(f: &Fixture, truth: &HashMap<String, Truth>, stream: &Stream, unlinked: &str) {
+    let deadline = Instant::now() + PATIENCE * 2;
+    let (people, pointers, problems) = loop {
+        let (people, pointers) = split(&f.documents().await);
+        let problems = diff(&people, truth);
+        if problems.is_empty() || Instant::now() > deadline {
+            break (people, pointers, problems);
+        }
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    };
+    assert!(problems.is_empty(), "{}", problems.join("\n"));
+    let mut want: Vec<(&String, &String)> = stream
+        .linked
+        .iter()
+        .filter(|(device, _)| device.as_str() != unlinked)
+        .collect();
+    want.sort();
+    let mut got: Vec<(&String, &String)> = pointers.iter().collect();
+    got.sort();
+    assert_eq!(got, want, "pointers");
+    assert!(
+        unlinked.is_empty() || people.contains_key(unlinked),
+        "{unlinked} is a profile again"
+    );
+}
+
+/// An operator undoes a merge (a family's shared tablet): the device and its person are
+/// refolded as if the link had never been made, the link is not made again (the person's
+/// later events with both ids and the device's own events stay apart), and a recompute
+/// reaches the same documents.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_unlinked_device_is_split_from_its_person_exactly_and_never_linked_again() {
+    let f = Fixture::new("unlink", 4).await;
+    let stream = identity_stream(40, 0x0a11_7e57);
+    // user-0 logs in on two devices: one is unlinked, the other stays merged.
+    let (device, person) = ("shop-a:device-0-0", "shop-a:user-0");
+    assert_eq!(stream.linked.get(device).map(String::as_str), Some(person));
+    assert!(stream.linked.contains_key("shop-a:device-0-1"));
+    let args = [
+        "--flush-interval-secs",
+        "0.3",
+        "--unlinks-topic",
+        &unlinks_topic(&f),
+    ];
+    let args: Vec<&str> = args.iter().map(|s| s.as_ref()).collect();
+    let mut live = f.spawn_speed(&args);
+    for phase in &stream.phases[..3] {
+        produce(&f.topic, phase).await;
+    }
+    produce(&f.topic, &stream.retries).await;
+    people_are(&f, &truth_until(&stream, 3, &[]), &stream, "").await;
+
+    // A running live layer is refused: its commit is not final.
+    let refused = unlink(&f, "shop-a", "device-0-0");
+    assert!(!refused.status.success());
+    let err = String::from_utf8_lossy(&refused.stderr);
+    assert!(err.contains("stop the live speed layer"), "{err}");
+    terminate(&mut live);
+    // Not merged: nothing to unlink.
+    let never = unlink(&f, "shop-a", "user-1");
+    assert!(!never.status.success());
+
+    let out = unlink(&f, "shop-a", "device-0-0");
+    let report = succeeded(&out);
+    eprintln!("unlink: {report}");
+    assert_eq!(report["user_id"], "user-0", "{report}");
+    let truth = truth_until(&stream, 3, &[device]);
+    assert_eq!(
+        report["device"]["event_count"].as_u64(),
+        Some(truth[device].event_count),
+        "{report}"
+    );
+    people_are(&f, &truth, &stream, device).await;
+    let docs = f.documents().await;
+    let aliases = strings(&docs[person]["aliases"]);
+    assert_eq!(aliases, BTreeSet::from(["device-0-1".to_string()]));
+    // Running it again changes nothing.
+    succeeded(&unlink(&f, "shop-a", "device-0-0"));
+    people_are(&f, &truth, &stream, device).await;
+
+    // The live layer goes on under the unlink: the device's events stay its own, the
+    // person's events with both ids link nothing.
+    let mut live = f.spawn_speed(&args);
+    produce(&f.topic, &stream.phases[3]).await;
+    people_are(&f, &truth_until(&stream, 4, &[device]), &stream, device).await;
+    let docs = f.documents().await;
+    let refused: Vec<&str> = docs[person]["identity"]["refused"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter(|r| r["anonymous_id"] == "device-0-0")
+        .filter_map(|r| r["reason"].as_str())
+        .collect();
+    assert!(
+        refused.len() == 1 && refused[0].starts_with("unlinked"),
+        "{refused:?}"
+    );
+    terminate(&mut live);
+
+    // A recompute of the whole history applies the unlink from the start: the same documents.
+    let live_docs = documents_of(&f, &format!("{}-v1", f.alias)).await;
+    let v2 = format!("{}-v2", f.alias);
+    let unlinks = unlinks_topic(&f);
+    succeeded(&recompute(
+        &f,
+        "run",
+        &v2,
+        &["--source", "kafka", "--unlinks-topic", &unlinks],
+    ));
+    assert_eq!(
+        differences(&live_docs, &documents_of(&f, &v2).await),
+        Vec::<String>::new(),
+        "a recompute after the unlink"
+    );
+}

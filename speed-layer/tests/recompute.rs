@@ -6,7 +6,7 @@
 mod common;
 
 use std::collections::{BTreeMap, HashMap};
-use std::process::{Command, Output};
+use std::process::Command;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
@@ -16,89 +16,6 @@ use object_store::local::LocalFileSystem;
 use pulse_archive::layout::{self, FileRange};
 use pulse_core::Event;
 use serde_json::Value;
-
-/// `pulse-speed recompute <command>` on this fixture's topics, alias and live group.
-fn recompute(f: &Fixture, command: &str, index: &str, extra: &[&str]) -> Output {
-    recompute_command(f, command, index, extra)
-        .output()
-        .expect("run pulse-speed recompute")
-}
-
-fn recompute_command(f: &Fixture, command: &str, index: &str, extra: &[&str]) -> Command {
-    let mut cmd = Command::new(env!("CARGO_BIN_EXE_pulse-speed"));
-    cmd.args(["recompute", command, "--index", index])
-        .args(["--kafka-brokers", &brokers(), "--es-url", &es_url()])
-        .args(["--events-topic", &f.topic, "--dlq-topic", &f.dlq])
-        .args(["--triggers-topic", &f.triggers])
-        .args(["--profiles-alias", &f.alias, "--group", &f.group])
-        .args(["--flush-interval-secs", "0.5"])
-        .args(extra)
-        .env("RUST_LOG", "info,librdkafka=warn");
-    cmd
-}
-
-fn succeeded(out: &Output) -> Value {
-    assert!(
-        out.status.success(),
-        "recompute failed: {}\n{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    serde_json::from_str(stdout.lines().last().unwrap_or_default()).unwrap_or(Value::Null)
-}
-
-/// Every document of `index`, by id.
-async fn documents_of(f: &Fixture, index: &str) -> HashMap<String, Value> {
-    documents_in(&f.store.on_index(index)).await
-}
-
-/// When a document was written (the flush's clock), the one field no fold decides.
-const WRITE_TIME: &str = "updated_at";
-
-/// The documents that differ between `a` and `b` in any field the events decide, with the
-/// first differing field of each.
-fn differences(a: &HashMap<String, Value>, b: &HashMap<String, Value>) -> Vec<String> {
-    let strip = |docs: &HashMap<String, Value>| -> HashMap<String, Value> {
-        docs.iter()
-            .map(|(id, d)| {
-                let mut d = d.clone();
-                if let Some(o) = d.as_object_mut() {
-                    o.remove(WRITE_TIME);
-                }
-                (id.clone(), d)
-            })
-            .collect()
-    };
-    let (a, b) = (&strip(a), &strip(b));
-    let mut out = Vec::new();
-    for (id, doc) in a {
-        match b.get(id) {
-            None => out.push(format!("{id}: missing")),
-            Some(other) if other != doc => {
-                let fields = doc.as_object().into_iter().flatten();
-                let first = fields
-                    .filter(|(k, v)| other.get(k.as_str()) != Some(v))
-                    .map(|(k, v)| {
-                        format!(
-                            "{k}: {v} vs {}",
-                            other.get(k.as_str()).unwrap_or(&Value::Null)
-                        )
-                    })
-                    .next();
-                out.push(format!("{id}: {}", first.unwrap_or_default()));
-            }
-            Some(_) => {}
-        }
-    }
-    out.extend(
-        b.keys()
-            .filter(|id| !a.contains_key(*id))
-            .map(|id| format!("{id}: extra")),
-    );
-    out.sort();
-    out
-}
 
 /// Archives what the topic holds now with the real `pulse-archiver` (`--stop-at-end`, in a
 /// group of its own, small units: several per partition), into `dir`; each partition's

@@ -26,8 +26,8 @@ enum Command {
 
 #[derive(Subcommand)]
 enum TopicsCommand {
-    /// Create `events`, `events.dlq`, `triggers`, `triggers.dlq`, `triggers.state` and
-    /// `profiles.dlq` if missing (the dead-letter topics take records up to 8 MiB); check
+    /// Create `events`, `events.dlq`, `triggers`, `triggers.dlq`, `triggers.state`,
+    /// `profiles.dlq` and `identity.unlinks` if missing (the dead-letter topics take records up to 8 MiB); check
     /// existing ones. Idempotent.
     Ensure(EnsureArgs),
     /// Records per partition (high minus low watermark) of a topic.
@@ -203,6 +203,8 @@ async fn ensure(args: EnsureArgs) -> anyhow::Result<()> {
         // The notifier's pushes per user, partitioned as the triggers are.
         TopicSpec::compacted(format!("{}.state", args.topics.triggers), aux, replication),
         dead_letters(&args.topics.profiles_dlq),
+        // Devices unlinked from their person: a handful of records, read whole at start.
+        TopicSpec::compacted(&args.topics.unlinks, 1, replication),
     ];
     let outcomes =
         ensure_topics(&args.kafka, &specs, Duration::from_secs(args.timeout_secs)).await?;

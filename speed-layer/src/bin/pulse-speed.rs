@@ -38,6 +38,17 @@ enum Command {
     /// Rebuild profiles from the archive and Kafka into a new index; promote; roll back.
     #[command(subcommand)]
     Recompute(Recompute),
+    /// Identity unification: undo a merge.
+    #[command(subcommand)]
+    Identities(Identities),
+}
+
+#[derive(Subcommand)]
+enum Identities {
+    /// Split a device from the person it was merged into, exactly as the two would be
+    /// without the link, and never link it again (the live speed layer stopped, as for a
+    /// promote). Prints what it wrote as JSON.
+    Unlink(Box<recompute::unlink::UnlinkArgs>),
 }
 
 #[derive(Subcommand)]
@@ -89,6 +100,12 @@ fn main() -> anyhow::Result<()> {
         }
         Command::Run(config) => run(*config),
         Command::Recompute(command) => recompute(command),
+        Command::Identities(Identities::Unlink(args)) => {
+            pulse_core::telemetry::exit_on_panic_with(recompute::record_panic);
+            let report = recompute::unlink::unlink(&args, Shutdown::on_signals())?;
+            println!("{}", serde_json::to_value(&report)?);
+            Ok(())
+        }
     }
 }
 

@@ -11,6 +11,9 @@
 //! - a [`Merge`] or a [`Forward`] read on the person's partition is applied once per source
 //!   position, under the person's own watermark, as an event would be.
 //!
+//! - a device an operator unlinked (`crate::unlinks`) never merges again, into anyone; its
+//!   merges and forwarded events are not applied to a person, and no person asks for it.
+//!
 //! Nothing here waits for another partition: each step is one record read, one profile
 //! changed and at most one record written, so a merge costs the partitions involved no more
 //! than the events around it.
@@ -111,13 +114,15 @@ impl<S: DocumentStore, W: Writes<S>> Unifier<'_, S, W> {
     pub fn event(&mut self, event: Event, id: String, read: Read) -> Option<String> {
         self.writes.handling(&event);
         if let Some(person) = self.forwarding(&id, read) {
-            if event.user_id.is_none() {
+            if event.user_id.is_none() && !self.unlinked(&event.partner_id, &event.anonymous_id) {
                 self.forward(event, person, read);
                 return None;
             }
             // An event of this id's own user: the id is a person's, whoever linked it as a
             // device (a user id sent as someone's anonymous id before its user's first
             // event). Its events are its own from now on, never forwarded to another person.
+            // (Or a device unlinked whose pointer the unlink has not replaced yet, an unlink
+            // cut short: its events stay its own, and running the unlink again refolds it.)
             self.reclaim(&id, &person);
         }
         self.fold_event(&event, id, read)
@@ -138,6 +143,13 @@ impl<S: DocumentStore, W: Writes<S>> Unifier<'_, S, W> {
                 "an event of a user id that was linked as a device: its events are its own again"
             );
         }
+    }
+
+    /// Whether an operator unlinked the device `anonymous_id` of `partner`.
+    fn unlinked(&self, partner: &str, anonymous_id: &Option<String>) -> bool {
+        anonymous_id
+            .as_deref()
+            .is_some_and(|a| self.policy.unlinks.contains(partner, a))
     }
 
     /// The person a record of `id` read at `read` is passed on to: `id` is a merged device and
@@ -212,6 +224,18 @@ impl<S: DocumentStore, W: Writes<S>> Unifier<'_, S, W> {
                     metrics::counter!(m::IDENTITY_REFUSED, "reason" => "alias_limit").increment(1);
                     None
                 }
+                Ask::Link
+                    if self
+                        .policy
+                        .unlinks
+                        .contains(&profile.partner_id, anonymous_id) =>
+                {
+                    profile
+                        .identity_mut()
+                        .refuse(anonymous_id, refusal::UNLINKED);
+                    metrics::counter!(m::IDENTITY_REFUSED, "reason" => "unlinked").increment(1);
+                    None
+                }
                 Ask::Link => {
                     profile
                         .identity_mut()
@@ -254,6 +278,13 @@ impl<S: DocumentStore, W: Writes<S>> Unifier<'_, S, W> {
                     return None;
                 }
                 if self.skipped(&id, read, f.source) {
+                    return None;
+                }
+                if f.event.user_id.is_none()
+                    && self.unlinked(&f.event.partner_id, &f.event.anonymous_id)
+                {
+                    // The device's own again: folded there, from its own partition.
+                    self.state.counts.skipped += 1;
                     return None;
                 }
                 let source = f.source;
@@ -308,17 +339,24 @@ impl<S: DocumentStore, W: Writes<S>> Unifier<'_, S, W> {
             self.state.counts.skipped += 1;
             return;
         }
-        let answer = answer_link(
-            profile.map(|p| (p.merged_into(), p.anonymous)),
-            &link.user_id,
-        );
+        let answer = match self
+            .policy
+            .unlinks
+            .contains(&link.partner_id, &link.anonymous_id)
+        {
+            true => Answer::Refuse(refusal::UNLINKED),
+            false => answer_link(
+                profile.map(|p| (p.merged_into(), p.anonymous)),
+                &link.user_id,
+            ),
+        };
         match answer {
             Answer::AlreadyLinked => {}
             Answer::Refuse(reason) => {
-                let label = if reason == refusal::OTHER_PERSON {
-                    "other_person"
-                } else {
-                    "not_anonymous"
+                let label = match reason {
+                    refusal::OTHER_PERSON => "other_person",
+                    refusal::UNLINKED => "unlinked",
+                    _ => "not_anonymous",
                 };
                 metrics::counter!(m::IDENTITY_REFUSED, "reason" => label).increment(1);
                 tracing::info!(partner = %link.partner_id, reason, "link refused");
@@ -386,6 +424,20 @@ impl<S: DocumentStore, W: Writes<S>> Unifier<'_, S, W> {
     fn merge(&mut self, merge: Merge, id: String, read: Read) -> Option<String> {
         if self.skipped(&id, read, merge.source) {
             return None;
+        }
+        if self
+            .policy
+            .unlinks
+            .contains(&merge.partner_id, &merge.anonymous_id)
+        {
+            // Never applied: the device keeps its history (its unlink refolded it).
+            metrics::counter!(m::IDENTITY_REFUSED, "reason" => "unlinked").increment(1);
+            return self.apply(&id, &merge.partner_id, &merge.user_id, read, |profile| {
+                profile
+                    .identity_mut()
+                    .refuse(&merge.anonymous_id, refusal::UNLINKED);
+                Ok(())
+            });
         }
         let device = match (&merge.profile, self.forwarding(&id, read)) {
             (_, Some(_)) => Err(format!(

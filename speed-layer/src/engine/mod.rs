@@ -125,7 +125,7 @@ pub fn run(
         state: ProfileState::new(store, runtime, settings, &ready, stop.clone()),
         outbox: SpeedOutbox::new(outbox, &config.topics, &config.es.alias)
             .with_identity(identity_outbox),
-        identity: config.identity.clone(),
+        identity: config.identity_policy()?,
         rules,
         poison,
         journal,

@@ -18,7 +18,6 @@ use pulse_service::outbox::fatal_error;
 use pulse_service::Shutdown;
 use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::producer::{FutureProducer, FutureRecord, Producer};
-use rdkafka::{Message, Offset, TopicPartitionList};
 use serde::{Deserialize, Serialize};
 
 /// One user's recent pushes, as stored in the state topic.
@@ -266,39 +265,20 @@ fn read_partition(
     topic: &str,
     partition: i32,
 ) -> Result<Vec<(String, Option<UserPushes>)>, rdkafka::error::KafkaError> {
-    use rdkafka::error::KafkaError;
-    let mut config = kafka.consumer_config("pulse-notifier-restore");
-    config
-        .set("enable.auto.commit", "false")
-        .set("enable.partition.eof", "true");
-    let consumer: BaseConsumer = config.create()?;
-    let (low, high) = consumer.fetch_watermarks(topic, partition, Duration::from_secs(30))?;
-    let mut out = Vec::new();
-    if high <= low {
-        return Ok(out);
-    }
-    let mut tpl = TopicPartitionList::new();
-    tpl.add_partition_offset(topic, partition, Offset::Beginning)?;
-    consumer.assign(&tpl)?;
-    let deadline = std::time::Instant::now() + Duration::from_secs(60);
-    loop {
-        match consumer.poll(Duration::from_secs(1)) {
-            Some(Ok(m)) => {
-                let user = String::from_utf8_lossy(m.key().unwrap_or_default()).into_owned();
-                let pushes = m.payload().and_then(|p| serde_json::from_slice(p).ok());
-                out.push((user, pushes));
-                if m.offset() + 1 >= high {
-                    return Ok(out);
-                }
-            }
-            Some(Err(KafkaError::PartitionEOF(_))) => return Ok(out),
-            Some(Err(e)) => tracing::warn!(error = %e, topic, partition, "reading push state"),
-            None => {}
-        }
-        if std::time::Instant::now() > deadline {
-            return Err(KafkaError::NoMessageReceived);
-        }
-    }
+    let config = kafka.consumer_config("pulse-notifier-restore");
+    let records = pulse_service::consumer::compacted::read_to_end(
+        config,
+        topic,
+        partition,
+        Duration::from_secs(60),
+    )?;
+    Ok(records
+        .into_iter()
+        .map(|(user, payload)| {
+            let pushes = payload.and_then(|p| serde_json::from_slice(&p).ok());
+            (user, pushes)
+        })
+        .collect())
 }
 
 #[cfg(test)]

@@ -163,7 +163,10 @@ fn orphan_groups(
     Ok(out)
 }
 
-async fn delete_groups(kafka: &KafkaArgs, groups: &[String]) -> Result<(), RecomputeError> {
+pub(super) async fn delete_groups(
+    kafka: &KafkaArgs,
+    groups: &[String],
+) -> Result<(), RecomputeError> {
     if groups.is_empty() {
         return Ok(());
     }

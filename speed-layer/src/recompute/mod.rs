@@ -16,7 +16,8 @@
 //! - [`cleanup`]: indices no alias points to, and their groups;
 //! - [`indices`]: the index, the alias and the record a promotion leaves;
 //! - [`kafka`]: partitions, retained offsets, group commits and members;
-//! - [`lease`]: the lock a run, a promote, a rollback and a cleanup hold on an index.
+//! - [`lease`]: the lock a run, a promote, a rollback and a cleanup hold on an index;
+//! - [`unlink`]: a device split back from the person it was merged into, both refolded.
 
 pub mod cleanup;
 pub mod indices;
@@ -27,6 +28,7 @@ mod progress;
 pub mod promote;
 mod read_ahead;
 pub mod run;
+pub mod unlink;
 pub mod verify;
 
 pub use cleanup::{cleanup, Cleanup, CleanupArgs};
@@ -85,6 +87,17 @@ pub struct RecomputeArgs {
     /// whatever the machine's speed. Never set it in production.
     #[arg(long, env = "PULSE_FAILPOINT_RECOMPUTE_KILL_AT", hide = true, value_parser = parse_position)]
     pub failpoint_kill_at: Option<(i32, i64)>,
+    /// Not a flag: a recompute of a few profiles only (see [`Scope`]).
+    #[arg(skip)]
+    pub scope: Option<Scope>,
+}
+
+/// A recompute of a few profiles (an unlink's refold): the partitions read, and the profiles
+/// whose records are folded; any other record only moves the position.
+#[derive(Debug, Clone, Default)]
+pub struct Scope {
+    pub partitions: std::collections::BTreeSet<i32>,
+    pub ids: std::collections::HashSet<String>,
 }
 
 /// `partition:offset`.

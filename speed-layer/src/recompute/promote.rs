@@ -28,7 +28,7 @@ pub struct Switch {
 
 /// Refuses while the live group has members: their commit is not final yet. The live
 /// group's commits, which the catch-up then folds up to: the bound the alias swap checks again.
-fn live_stopped(args: &RecomputeArgs) -> Result<LiveBound, RecomputeError> {
+pub(super) fn live_stopped(args: &RecomputeArgs) -> Result<LiveBound, RecomputeError> {
     let members = kafka::members(&args.speed.kafka, &args.speed.group)?;
     if members > 0 {
         return Err(RecomputeError::Refused(format!(
@@ -41,7 +41,7 @@ fn live_stopped(args: &RecomputeArgs) -> Result<LiveBound, RecomputeError> {
 }
 
 /// Where the live group has committed, per partition of the events topic.
-type LiveBound = BTreeMap<i32, i64>;
+pub(super) type LiveBound = BTreeMap<i32, i64>;
 
 fn live_commits(args: &RecomputeArgs) -> Result<LiveBound, RecomputeError> {
     let topic = &args.speed.topics.events;
@@ -59,7 +59,7 @@ fn live_commits(args: &RecomputeArgs) -> Result<LiveBound, RecomputeError> {
 /// catch-up (it does so by itself): then the events it committed since are in the old index
 /// only, and the profiles it holds, loaded from the old index, would go on into the new one
 /// once the alias moved. The swap is refused and the alias left where it was.
-fn still_stopped(args: &RecomputeArgs, bound: &LiveBound) -> Result<(), RecomputeError> {
+pub(super) fn still_stopped(args: &RecomputeArgs, bound: &LiveBound) -> Result<(), RecomputeError> {
     let members = kafka::members(&args.speed.kafka, &args.speed.group)?;
     let now = live_commits(args)?;
     if members == 0 && &now == bound {

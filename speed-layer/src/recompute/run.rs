@@ -138,7 +138,11 @@ pub(super) fn run_leased(
         )));
     }
     let archive = plan::open_archive(args)?;
-    let plan = runtime.block_on(plan::make(args, archive.as_deref(), fresh))?;
+    let mut plan = runtime.block_on(plan::make(args, archive.as_deref(), fresh))?;
+    if let Some(scope) = &args.scope {
+        plan.partitions
+            .retain(|p| scope.partitions.contains(&p.partition));
+    }
     plan.check()?;
     if fresh {
         // Commits left by an index of this name deleted since would be taken as progress by
@@ -207,7 +211,8 @@ pub(super) fn run_leased(
         partition_count,
         poison: journal.load(),
         panic_at: args.speed.failpoint_panic_message_id.clone(),
-        identity: args.speed.identity.clone(),
+        identity: args.speed.identity_policy()?,
+        scope: args.scope.as_ref().map(|s| s.ids.clone()),
     };
     if !folder.poison.is_empty() {
         tracing::warn!(
@@ -311,6 +316,8 @@ struct Folder {
     panic_at: Option<String>,
     /// The live layer's identity settings: the same links are refused.
     identity: crate::identity::IdentityPolicy,
+    /// The only profiles folded, when the run has a [`super::Scope`].
+    scope: Option<std::collections::HashSet<String>>,
 }
 
 impl Folder {
@@ -518,9 +525,11 @@ impl Folder {
     fn fold(&mut self, fx: &dyn Effects, chunk: Vec<Record>) -> bool {
         let clock = Instant::now();
         let count = chunk.len() as u64;
+        let scope = self.scope.as_ref();
         let ids: Vec<Option<String>> = chunk
             .iter()
             .map(|(_, _, r)| r.as_ref().map(TopicRecord::key))
+            .map(|id| id.filter(|id| scope.is_none_or(|s| s.contains(id))))
             .collect();
         let loaded = self
             .state

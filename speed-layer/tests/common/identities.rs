@@ -153,14 +153,20 @@ pub fn identity_stream(people: usize, seed: u64) -> Stream {
 /// The ground truth: every event in the profile of its person (a merged device's events in
 /// the person's), folded by the test's own code.
 pub fn truth_of(stream: &Stream) -> HashMap<String, Truth> {
-    let resolved: Vec<Event> = stream
-        .phases
+    truth_until(stream, stream.phases.len(), &[])
+}
+
+/// The ground truth of the first `phases` phases, the devices `unlinked` (profile ids) left
+/// out of their people: their anonymous events are theirs, as if never linked.
+pub fn truth_until(stream: &Stream, phases: usize, unlinked: &[&str]) -> HashMap<String, Truth> {
+    let resolved: Vec<Event> = stream.phases[..phases]
         .iter()
         .flatten()
         .map(|e| {
             let mut e = e.clone();
-            if e.user_id.is_none() {
-                if let Some(person) = stream.linked.get(&e.partition_key()) {
+            let device = e.partition_key();
+            if e.user_id.is_none() && !unlinked.contains(&device.as_str()) {
+                if let Some(person) = stream.linked.get(&device) {
                     e.user_id = Some(person.split_once(':').unwrap().1.to_string());
                 }
             }

@@ -7,7 +7,7 @@
 pub mod identities;
 
 use std::collections::{BTreeMap, HashMap};
-use std::process::{Child, Command, Stdio};
+use std::process::{Child, Command, Output, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -408,4 +408,89 @@ pub async fn webhook(status: StatusCode) -> (String, Received) {
     let url = format!("http://{}/push", listener.local_addr().unwrap());
     tokio::spawn(async move { axum::serve(listener, app).await });
     (url, received)
+}
+
+// ------------------------------------------------------------- recompute commands
+
+/// `pulse-speed recompute <command>` on this fixture's topics, alias and live group.
+pub fn recompute(f: &Fixture, command: &str, index: &str, extra: &[&str]) -> Output {
+    recompute_command(f, command, index, extra)
+        .output()
+        .expect("run pulse-speed recompute")
+}
+
+pub fn recompute_command(f: &Fixture, command: &str, index: &str, extra: &[&str]) -> Command {
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_pulse-speed"));
+    cmd.args(["recompute", command, "--index", index])
+        .args(["--kafka-brokers", &brokers(), "--es-url", &es_url()])
+        .args(["--events-topic", &f.topic, "--dlq-topic", &f.dlq])
+        .args(["--triggers-topic", &f.triggers])
+        .args(["--profiles-alias", &f.alias, "--group", &f.group])
+        .args(["--flush-interval-secs", "0.5"])
+        .args(extra)
+        .env("RUST_LOG", "info,librdkafka=warn");
+    cmd
+}
+
+pub fn succeeded(out: &Output) -> Value {
+    assert!(
+        out.status.success(),
+        "recompute failed: {}\n{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    serde_json::from_str(stdout.lines().last().unwrap_or_default()).unwrap_or(Value::Null)
+}
+
+/// Every document of `index`, by id.
+pub async fn documents_of(f: &Fixture, index: &str) -> HashMap<String, Value> {
+    documents_in(&f.store.on_index(index)).await
+}
+
+/// When a document was written (the flush's clock), the one field no fold decides.
+pub const WRITE_TIME: &str = "updated_at";
+
+/// The documents that differ between `a` and `b` in any field the events decide, with the
+/// first differing field of each.
+pub fn differences(a: &HashMap<String, Value>, b: &HashMap<String, Value>) -> Vec<String> {
+    let strip = |docs: &HashMap<String, Value>| -> HashMap<String, Value> {
+        docs.iter()
+            .map(|(id, d)| {
+                let mut d = d.clone();
+                if let Some(o) = d.as_object_mut() {
+                    o.remove(WRITE_TIME);
+                }
+                (id.clone(), d)
+            })
+            .collect()
+    };
+    let (a, b) = (&strip(a), &strip(b));
+    let mut out = Vec::new();
+    for (id, doc) in a {
+        match b.get(id) {
+            None => out.push(format!("{id}: missing")),
+            Some(other) if other != doc => {
+                let fields = doc.as_object().into_iter().flatten();
+                let first = fields
+                    .filter(|(k, v)| other.get(k.as_str()) != Some(v))
+                    .map(|(k, v)| {
+                        format!(
+                            "{k}: {v} vs {}",
+                            other.get(k.as_str()).unwrap_or(&Value::Null)
+                        )
+                    })
+                    .next();
+                out.push(format!("{id}: {}", first.unwrap_or_default()));
+            }
+            Some(_) => {}
+        }
+    }
+    out.extend(
+        b.keys()
+            .filter(|id| !a.contains_key(*id))
+            .map(|id| format!("{id}: extra")),
+    );
+    out.sort();
+    out
 }

@@ -8,9 +8,11 @@
 //!   read to its end ([`EndOfPartitions`], for `--stop-at-end`).
 //! - [`positions`]: which partitions are owned, how far each was read and committed, and where
 //!   a re-read starts.
+//! - [`compacted`]: a compacted topic's partition read to its end (state restored at start).
 //! - [`Commit`]: what commits positions, the group's consumer in production, a recorder in the
 //!   unit tests of the consumers' logic.
 
+pub mod compacted;
 pub mod group;
 pub mod positions;
 

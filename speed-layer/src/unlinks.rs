@@ -1,0 +1,112 @@
+//! The devices an operator unlinked from the person they had been merged into
+//! (`pulse-speed identities unlink`; the record is `pulse_core::identity::Unlink`). Kept in
+//! the compacted `--unlinks-topic`, read to its end by every process that folds profiles
+//! before it folds anything, so that the live layer, a recompute and the unlink's own refold
+//! apply the same rule from the beginning of history (see `engine::identity`).
+
+use std::collections::HashMap;
+use std::time::Duration;
+
+use pulse_core::event::partition_key;
+use pulse_core::identity::Unlink;
+use pulse_core::kafka::{ensure_topics, KafkaArgs, TopicSpec};
+use rdkafka::consumer::{BaseConsumer, Consumer};
+use rdkafka::error::KafkaError;
+use rdkafka::producer::{FutureProducer, FutureRecord};
+
+/// The unlinked devices, by device profile id (`partner:anonymous_id`).
+#[derive(Debug, Clone, Default)]
+pub struct Unlinks {
+    by_device: HashMap<String, Unlink>,
+}
+
+impl Unlinks {
+    /// Whether the device `anonymous_id` of `partner` was unlinked. Free when none was (the
+    /// usual case): no key is built.
+    pub fn contains(&self, partner: &str, anonymous_id: &str) -> bool {
+        !self.by_device.is_empty()
+            && self
+                .by_device
+                .contains_key(&partition_key(partner, anonymous_id))
+    }
+
+    /// The unlink of the device profile `id`.
+    pub fn get(&self, id: &str) -> Option<&Unlink> {
+        self.by_device.get(id)
+    }
+
+    pub fn len(&self) -> usize {
+        self.by_device.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.by_device.is_empty()
+    }
+
+    /// Adds one (what `load` would read back).
+    pub fn insert(&mut self, unlink: Unlink) {
+        self.by_device.insert(unlink.key(), unlink);
+    }
+
+    /// Every unlink in `topic`, read to its end; none when the topic does not exist yet.
+    /// A record that does not decode is logged and passed over: it cannot be applied, and
+    /// refusing to start would stop every partner's profiles for one bad record.
+    pub fn load(kafka: &KafkaArgs, topic: &str) -> Result<Self, KafkaError> {
+        let consumer: BaseConsumer = kafka.client_config().create()?;
+        let metadata = consumer.fetch_metadata(Some(topic), Duration::from_secs(30))?;
+        let partitions = metadata
+            .topics()
+            .iter()
+            .find(|t| t.name() == topic && t.error().is_none())
+            .map(|t| t.partitions().len() as i32)
+            .unwrap_or(0);
+        let mut out = Self::default();
+        for partition in 0..partitions {
+            let config = kafka.consumer_config("pulse-unlinks-restore");
+            let records = pulse_service::consumer::compacted::read_to_end(
+                config,
+                topic,
+                partition,
+                Duration::from_secs(60),
+            )?;
+            for (key, payload) in records {
+                match payload.map(|p| serde_json::from_slice::<Unlink>(&p)) {
+                    Some(Ok(unlink)) => out.insert(unlink),
+                    // A tombstone: the unlink was withdrawn.
+                    None => {
+                        out.by_device.remove(&key);
+                    }
+                    Some(Err(e)) => {
+                        tracing::error!(topic, key, error = %e, "an unlink record that does not decode is passed over")
+                    }
+                }
+            }
+        }
+        if !out.is_empty() {
+            tracing::info!(topic, unlinks = out.len(), "unlinked devices loaded");
+        }
+        Ok(out)
+    }
+
+    /// Writes `unlink` to `topic` (created compacted when missing) and waits for Kafka's
+    /// acknowledgement.
+    pub async fn record(kafka: &KafkaArgs, topic: &str, unlink: &Unlink) -> Result<(), String> {
+        let spec = TopicSpec::compacted(topic, 1, 1);
+        ensure_topics(kafka, &[spec], Duration::from_secs(30))
+            .await
+            .map_err(|e| format!("creating {topic}: {e}"))?;
+        let producer: FutureProducer = kafka
+            .producer_config()
+            .create()
+            .map_err(|e| e.to_string())?;
+        let (key, payload) = (unlink.key(), serde_json::to_vec(unlink).unwrap_or_default());
+        producer
+            .send(
+                FutureRecord::to(topic).key(&key).payload(&payload),
+                Duration::from_secs(30),
+            )
+            .await
+            .map_err(|(e, _)| format!("writing to {topic}: {e}"))?;
+        Ok(())
+    }
+}
