@@ -653,15 +653,16 @@ async fn bi_reports_on_the_embedded_engine_match_the_ground_truth() {
         "funnel_people"
     );
 
-    // The identities themselves: each merged device once, links and refusals left out.
+    // The identities themselves: each device once per kind, links and refusals left out.
     let got = pulse_batch::sql::query(
         store.clone(),
-        "SELECT partner_id, anonymous_id, user_id FROM identities ORDER BY partner_id, anonymous_id",
+        "SELECT partner_id, anonymous_id, user_id, kind FROM identities ORDER BY partner_id, anonymous_id, kind",
     )
     .await
     .unwrap();
     let rows: usize = got.iter().map(|b| b.num_rows()).sum();
-    assert_eq!(rows, person_of.len(), "one row per merged device");
+    // One merge row per device merged (the one unlinked since too), and its unlink row.
+    assert_eq!(rows, person_of.len() + 2, "one row per device and kind");
 
     // Revenue per day and country: exact decimals.
     let mut revenue: BTreeMap<(String, String), (u64, Decimal)> = BTreeMap::new();

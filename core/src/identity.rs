@@ -82,6 +82,11 @@ pub enum IdentityRecord {
     Merge(Merge),
     Refusal(Refusal),
     Forward(Forward),
+    /// An operator's unlink, written by `pulse-speed identities unlink` beside its record in
+    /// the unlinks topic, keyed by the device: so the archive (and the warehouse's
+    /// `identities`) holds it too. The rule itself comes from the unlinks topic; folding this
+    /// record changes no profile.
+    Unlink(Unlink),
 }
 
 /// "Anonymous id A belongs to user U": sent to A's partition by U's replica.
@@ -171,6 +176,7 @@ impl IdentityRecord {
             Self::Merge(m) => partition_key(&m.partner_id, &m.user_id),
             Self::Refusal(r) => partition_key(&r.partner_id, &r.user_id),
             Self::Forward(f) => partition_key(&f.partner_id, &f.user_id),
+            Self::Unlink(u) => u.key(),
         }
     }
 
@@ -229,6 +235,10 @@ impl IdentityRecord {
             Self::Refusal(r) => (
                 &r.partner_id,
                 [("anonymous_id", &r.anonymous_id), ("user_id", &r.user_id)],
+            ),
+            Self::Unlink(u) => (
+                &u.partner_id,
+                [("anonymous_id", &u.anonymous_id), ("user_id", &u.user_id)],
             ),
             Self::Forward(f) => {
                 crate::validate::check_canonical(&f.event)

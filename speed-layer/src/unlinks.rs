@@ -8,10 +8,11 @@ use std::collections::HashMap;
 use std::time::Duration;
 
 use pulse_core::event::partition_key;
-use pulse_core::identity::Unlink;
+use pulse_core::identity::{IdentityRecord, Unlink};
 use pulse_core::kafka::{ensure_topics, KafkaArgs, TopicSpec};
 use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::error::KafkaError;
+use rdkafka::message::{Header, OwnedHeaders};
 use rdkafka::producer::{FutureProducer, FutureRecord};
 
 /// The unlinked devices, by device profile id (`partner:anonymous_id`).
@@ -95,18 +96,47 @@ impl Unlinks {
         ensure_topics(kafka, &[spec], Duration::from_secs(30))
             .await
             .map_err(|e| format!("creating {topic}: {e}"))?;
-        let producer: FutureProducer = kafka
-            .producer_config()
-            .create()
-            .map_err(|e| e.to_string())?;
-        let (key, payload) = (unlink.key(), serde_json::to_vec(unlink).unwrap_or_default());
-        producer
-            .send(
-                FutureRecord::to(topic).key(&key).payload(&payload),
-                Duration::from_secs(30),
-            )
-            .await
-            .map_err(|(e, _)| format!("writing to {topic}: {e}"))?;
-        Ok(())
+        let payload = serde_json::to_vec(unlink).unwrap_or_default();
+        send(
+            kafka,
+            FutureRecord::to(topic).key(&unlink.key()).payload(&payload),
+        )
+        .await
     }
+
+    /// Writes `unlink` into the events topic too, as an identity record keyed by the device,
+    /// so that the archive keeps it beside the merge it undoes (the warehouse's `identities`
+    /// leave the device out). Written by every run of an unlink: a copy is harmless.
+    pub async fn announce(kafka: &KafkaArgs, events: &str, unlink: &Unlink) -> Result<(), String> {
+        let record = IdentityRecord::Unlink(unlink.clone());
+        let headers =
+            IdentityRecord::headers()
+                .into_iter()
+                .fold(OwnedHeaders::new(), |h, (key, value)| {
+                    h.insert(Header {
+                        key,
+                        value: Some(value),
+                    })
+                });
+        let (key, payload) = (record.key(), record.to_json());
+        let record = FutureRecord::to(events)
+            .key(&key)
+            .payload(&payload)
+            .headers(headers);
+        send(kafka, record).await
+    }
+}
+
+/// Sends one record and waits for Kafka's acknowledgement.
+async fn send(kafka: &KafkaArgs, record: FutureRecord<'_, String, Vec<u8>>) -> Result<(), String> {
+    let producer: FutureProducer = kafka
+        .producer_config()
+        .create()
+        .map_err(|e| e.to_string())?;
+    let topic = record.topic.to_string();
+    producer
+        .send(record, Duration::from_secs(30))
+        .await
+        .map(|_| ())
+        .map_err(|(e, _)| format!("writing to {topic}: {e}"))
 }

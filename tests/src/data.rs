@@ -135,14 +135,15 @@ pub async fn produce_identities(topic: &str, records: &[pulse_core::identity::Id
 /// Merges, as the speed layer would write them, of every other anonymous-only visitor of
 /// `events` into a user of the same partner (so that the people counted differ from the
 /// ids), each merge written twice (a copy after a crash), with a link and a refusal around
-/// them that link nothing; and the device → person map they make, by (partner, device).
+/// them that link nothing, and one device unlinked again; and the device → person map they
+/// make, by (partner, device).
 pub fn merges_for(
     events: &[Event],
 ) -> (
     Vec<pulse_core::identity::IdentityRecord>,
     std::collections::HashMap<(String, String), String>,
 ) {
-    use pulse_core::identity::{IdentityRecord, Link, Merge, Position, Refusal};
+    use pulse_core::identity::{IdentityRecord, Link, Merge, Position, Refusal, Unlink};
     use std::collections::{BTreeMap, BTreeSet, HashMap};
     let mut devices: BTreeMap<&str, BTreeSet<&str>> = BTreeMap::new();
     let mut users: BTreeMap<&str, BTreeSet<&str>> = BTreeMap::new();
@@ -195,6 +196,18 @@ pub fn merges_for(
             }));
             map.insert((partner, device), person);
         }
+    }
+    // The first merged device is unlinked again by an operator (written twice, as two runs
+    // of the unlink would): it counts as itself.
+    if let Some(IdentityRecord::Merge(m)) = records.get(1).cloned() {
+        let unlink = IdentityRecord::Unlink(Unlink {
+            partner_id: m.partner_id.clone(),
+            anonymous_id: m.anonymous_id.clone(),
+            user_id: m.user_id.clone(),
+            unlinked_at: at,
+        });
+        records.extend([unlink.clone(), unlink]);
+        map.remove(&(m.partner_id, m.anonymous_id));
     }
     (records, map)
 }

@@ -1,7 +1,8 @@
 -- Product view → add to cart → purchase funnel per partner and day, counted in people: who
--- viewed, who added to a cart, who bought. A device merged into a person (table identities)
--- counts as that person, so a product viewed anonymously and bought after the login is one
--- person's conversion. (funnel.sql counts sessions.)
+-- viewed, who added to a cart, who bought. A device merged into a person (table identities,
+-- unless an operator unlinked it since) counts as that person, so a product viewed
+-- anonymously and bought after the login is one person's conversion. (funnel.sql counts
+-- sessions.)
 -- Parameters: start, end (YYYY-MM-DD, inclusive).
 SELECT
   e.date,
@@ -14,6 +15,7 @@ LEFT JOIN (
   SELECT partner_id, anonymous_id, MIN(user_id) AS user_id
   FROM identities
   GROUP BY partner_id, anonymous_id
+  HAVING SUM(CASE WHEN kind = 'unlink' THEN 1 ELSE 0 END) = 0
 ) AS link
   ON link.partner_id = e.partner_id AND link.anonymous_id = e.anonymous_id
 WHERE e.date BETWEEN DATE '{{start}}' AND DATE '{{end}}'

@@ -42,14 +42,14 @@ pub fn identity_schema() -> Schema {
         Field::new("kafka_partition", DataType::Int64, false),
         Field::new("kafka_offset", DataType::Int64, false),
         Field::new("written_at", time.clone(), false),
-        // link, merge, refusal, forward
+        // link, merge, refusal, forward, unlink
         Field::new("kind", DataType::Utf8, false),
         Field::new("partner_id", DataType::Utf8, false),
         // The device (null for a forward).
         Field::new("anonymous_id", DataType::Utf8, true),
         // The person.
         Field::new("user_id", DataType::Utf8, false),
-        // When the link was seen (links and merges).
+        // When the link was seen (links and merges), or undone (unlinks).
         Field::new("linked_at", time, true),
         Field::new("record", DataType::Utf8, false),
     ])
@@ -87,6 +87,13 @@ fn parts(
             None,
         ),
         IdentityRecord::Forward(f) => ("forward", &f.partner_id, None, &f.user_id, None),
+        IdentityRecord::Unlink(u) => (
+            "unlink",
+            &u.partner_id,
+            Some(&u.anonymous_id),
+            &u.user_id,
+            Some(u.unlinked_at),
+        ),
     }
 }
 

@@ -299,6 +299,8 @@ impl<S: DocumentStore, W: Writes<S>> Unifier<'_, S, W> {
                 outcome
             }
             IdentityRecord::Merge(merge) => self.merge(merge, id, read),
+            // Its rule came from the unlinks topic before anything was folded.
+            IdentityRecord::Unlink(_) => None,
             IdentityRecord::Refusal(r) => {
                 if self.forwarding(&id, read).is_some() || self.skipped(&id, read, r.source) {
                     return None;

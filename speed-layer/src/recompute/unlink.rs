@@ -2,7 +2,8 @@
 //! be had the link never been made, and the link never made again.
 //!
 //! With the live layer stopped (its commit is final), the unlink is first recorded in the
-//! compacted `--unlinks-topic` (`crate::unlinks`): from then on every process that folds
+//! compacted `--unlinks-topic` (`crate::unlinks`), and announced in the events topic (so the
+//! archive and the warehouse's `identities` have it): from then on every process that folds
 //! profiles applies it from the beginning of history (the device never merges, its merges and
 //! forwarded events are not applied to a person, no person asks for it). Then the two
 //! profiles are refolded under that rule by a recompute of just them (the partitions of the
@@ -140,6 +141,13 @@ pub fn unlink(args: &UnlinkArgs, stop: Shutdown) -> Result<UnlinkReport, Recompu
             .map_err(RecomputeError::Refused)?;
         tracing::info!(device = %device_id, person = %person_id, "unlink recorded");
     }
+    runtime
+        .block_on(Unlinks::announce(
+            &args.speed.kafka,
+            &args.speed.topics.events,
+            &unlink,
+        ))
+        .map_err(RecomputeError::Refused)?;
     let summary = super::run::run(&refold, stop);
     let written = summary.and_then(|summary| {
         still_stopped(&refold, &bound)?;
