@@ -15,7 +15,7 @@ use common::*;
 use object_store::local::LocalFileSystem;
 use pulse_archive::layout::{self, FileRange};
 use pulse_core::Event;
-use serde_json::Value;
+use serde_json::{json, Value};
 
 /// Archives what the topic holds now with the real `pulse-archiver` (`--stop-at-end`, in a
 /// group of its own, small units: several per partition), into `dir`; each partition's
@@ -357,6 +357,66 @@ async fn merged_people_come_out_of_a_recompute_as_the_live_layer_has_them() {
         "behind the alias"
     );
     assert_eq!(pointers.len(), stream.linked.len());
+
+    // The live layer goes on against v2: a merged device's events forwarded, a new device
+    // browsing, then merged at a login. A rollback catches v1 up through them: the people are
+    // merged there as in v2.
+    let mut live = f.spawn_speed(&live_args);
+    let extra: Vec<pulse_core::Event> = [
+        json!({"anonymous_id": "device-0-0", "event": "page_view"}),
+        json!({"anonymous_id": "device-0-0", "event": "product_view", "product_id": "p1"}),
+        json!({"anonymous_id": "device-0-9", "event": "product_view", "product_id": "p2"}),
+        json!({"anonymous_id": "device-0-9", "user_id": "user-0", "event": "identify"}),
+        json!({"anonymous_id": "device-0-9", "event": "add_to_cart", "cart_amount": "19.90"}),
+    ]
+    .into_iter()
+    .enumerate()
+    .map(|(i, mut v)| {
+        v["partner_id"] = json!("shop-a");
+        v["message_id"] = json!(format!("after-promote-{i}"));
+        common::identities::event(v)
+    })
+    .collect();
+    let mut linked = stream.linked.clone();
+    linked.insert("shop-a:device-0-9".into(), "shop-a:user-0".into());
+    let mut phases = stream.phases.clone();
+    phases.push(extra.clone());
+    let after = common::identities::Stream {
+        phases,
+        retries: Vec::new(),
+        linked,
+    };
+    let truth = truth_of(&after);
+    produce(&f.topic, &extra).await;
+    let deadline = std::time::Instant::now() + PATIENCE * 2;
+    let problems = loop {
+        let (people, _) = split(&f.documents().await);
+        let problems = diff(&people, &truth);
+        if problems.is_empty() || std::time::Instant::now() > deadline {
+            break problems;
+        }
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    };
+    assert!(problems.is_empty(), "live on v2: {}", problems.join("\n"));
+    terminate(&mut live);
+    let back = succeeded(&recompute(
+        &f,
+        "rollback",
+        &v2,
+        &["--archive-url", &archive],
+    ));
+    assert_eq!(back["to"], v1.as_str(), "{back}");
+    let (people, pointers) = split(&f.documents().await);
+    assert_eq!(
+        diff(&people, &truth),
+        Vec::<String>::new(),
+        "after the rollback"
+    );
+    assert_eq!(
+        pointers.len(),
+        after.linked.len(),
+        "the new device merged in v1 too"
+    );
 }
 
 /// Searches the alias until `querying` turns false: for each answer, the index it came from

@@ -9,8 +9,7 @@
 //! - an event of a merged anonymous id that carries no user id is passed on whole
 //!   ([`Forward`]); one that carries a user id takes the id back (it is a person's);
 //! - a [`Merge`] or a [`Forward`] read on the person's partition is applied once per source
-//!   position, under the person's own watermark, as an event would be.
-//!
+//!   position, under the person's own watermark, as an event would be;
 //! - a device an operator unlinked (`crate::unlinks`) never merges again, into anyone; its
 //!   merges and forwarded events are not applied to a person, and no person asks for it.
 //!
