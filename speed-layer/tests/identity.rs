@@ -98,15 +98,7 @@ async fn merges_are_exact_across_partitions_through_sigkills_and_a_rebalance() {
     let mut b = b.expect("second replica");
     eprintln!("people and merged devices stored at the kills: {partial:?}");
 
-    let deadline = Instant::now() + PATIENCE * 4;
-    let (people, pointers, problems) = loop {
-        let (people, pointers) = split(&f.documents().await);
-        let problems = diff(&people, &truth);
-        if problems.is_empty() || Instant::now() > deadline {
-            break (people, pointers, problems);
-        }
-        tokio::time::sleep(Duration::from_millis(500)).await;
-    };
+    let (people, pointers, problems) = people_once_equal(&f, &truth, PATIENCE * 4).await;
     terminate(&mut b);
     assert!(
         problems.is_empty(),
@@ -568,15 +560,7 @@ fn unlinks_topic(f: &Fixture) -> String {
 /// People and unmerged devices equal `truth` (waiting for the live layer), and the pointers
 /// are `linked` less `unlinked`.
 async fn people_are(f: &Fixture, truth: &HashMap<String, Truth>, stream: &Stream, unlinked: &str) {
-    let deadline = Instant::now() + PATIENCE * 2;
-    let (people, pointers, problems) = loop {
-        let (people, pointers) = split(&f.documents().await);
-        let problems = diff(&people, truth);
-        if problems.is_empty() || Instant::now() > deadline {
-            break (people, pointers, problems);
-        }
-        tokio::time::sleep(Duration::from_millis(300)).await;
-    };
+    let (people, pointers, problems) = people_once_equal(f, truth, PATIENCE * 2).await;
     assert!(problems.is_empty(), "{}", problems.join("\n"));
     let mut want: Vec<(&String, &String)> = stream
         .linked

@@ -267,7 +267,7 @@ async fn live_kafka_only_and_archive_then_kafka_give_identical_profiles_and_prom
 /// pointers and identity state included, is the live one, and the promote switches to it.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn merged_people_come_out_of_a_recompute_as_the_live_layer_has_them() {
-    use common::identities::{identity_stream, split, truth_of};
+    use common::identities::{identity_stream, people_once_equal, split, truth_of};
     let f = Fixture::new("recompute-identity", 6).await;
     let stream = identity_stream(120, 0x005e_ed1d);
     let truth = truth_of(&stream);
@@ -283,15 +283,7 @@ async fn merged_people_come_out_of_a_recompute_as_the_live_layer_has_them() {
     produce(&f.topic, &stream.retries).await;
     archive_topic(&f, &dir).await;
     produce(&f.topic, &stream.phases[3]).await;
-    let deadline = std::time::Instant::now() + PATIENCE * 4;
-    let problems = loop {
-        let (people, _) = split(&f.documents().await);
-        let problems = diff(&people, &truth);
-        if problems.is_empty() || std::time::Instant::now() > deadline {
-            break problems;
-        }
-        tokio::time::sleep(Duration::from_millis(500)).await;
-    };
+    let (_, _, problems) = people_once_equal(&f, &truth, PATIENCE * 4).await;
     assert!(problems.is_empty(), "live: {}", problems.join("\n"));
     terminate(&mut live);
     let store = LocalFileSystem::new_with_prefix(&dir).unwrap();
@@ -388,15 +380,7 @@ async fn merged_people_come_out_of_a_recompute_as_the_live_layer_has_them() {
     };
     let truth = truth_of(&after);
     produce(&f.topic, &extra).await;
-    let deadline = std::time::Instant::now() + PATIENCE * 2;
-    let problems = loop {
-        let (people, _) = split(&f.documents().await);
-        let problems = diff(&people, &truth);
-        if problems.is_empty() || std::time::Instant::now() > deadline {
-            break problems;
-        }
-        tokio::time::sleep(Duration::from_millis(300)).await;
-    };
+    let (_, _, problems) = people_once_equal(&f, &truth, PATIENCE * 2).await;
     assert!(problems.is_empty(), "live on v2: {}", problems.join("\n"));
     terminate(&mut live);
     let back = succeeded(&recompute(

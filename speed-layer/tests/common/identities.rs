@@ -196,3 +196,21 @@ pub fn split(docs: &HashMap<String, Value>) -> (HashMap<String, Value>, HashMap<
     }
     (people, pointers)
 }
+
+/// What the alias holds once its people equal `truth`, or after `patience` (the live layer
+/// folds on meanwhile): people, pointers, and the differences left (empty when equal).
+pub async fn people_once_equal(
+    f: &super::Fixture,
+    truth: &HashMap<String, Truth>,
+    patience: std::time::Duration,
+) -> (HashMap<String, Value>, HashMap<String, String>, Vec<String>) {
+    let deadline = std::time::Instant::now() + patience;
+    loop {
+        let (people, pointers) = split(&f.documents().await);
+        let problems = super::diff(&people, truth);
+        if problems.is_empty() || std::time::Instant::now() > deadline {
+            return (people, pointers, problems);
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+    }
+}
