@@ -5,9 +5,9 @@
 //!
 //! The rules decided here, each small and pure so they are unit-tested without Kafka:
 //!
-//! - a person asks once for each anonymous id it meets ([`Identity::ask`]): never for a junk
-//!   id, never beyond [`IdentityPolicy::max_aliases`], never again for one it has, asked for
-//!   or was refused;
+//! - a person asks for each anonymous id it meets until it is answered ([`Identity::ask`]):
+//!   never for a junk id, never beyond [`IdentityPolicy::max_aliases`] (an id asked for
+//!   counts once), never again for one it has or was refused;
 //! - the anonymous side decides ([`answer_link`]): an id already merged into another person
 //!   stays with that person (a shared tablet, a kiosk: the first link stands), and a profile
 //!   that has events of its own user id is a person, never merged into another;
@@ -87,7 +87,12 @@ pub struct Refused {
 pub enum Ask {
     /// Ask the anonymous id's partition for it.
     Link,
-    /// Already merged, asked for, or refused: nothing to do.
+    /// Asked for already and not answered yet: ask again (the id stays counted once). An
+    /// answer on its way makes the repeat a no-op on the device's side; an ask whose link was
+    /// never written (a profile recomputed over history from before identity unification)
+    /// is made good by it instead of waiting for ever.
+    Again,
+    /// Already merged, or refused: nothing to do.
     Known,
     /// Never linked (a junk id on either side, or the person's own id).
     Ignored,
@@ -123,10 +128,11 @@ impl Identity {
             return Ask::Link;
         };
         let known = this.aliases.iter().any(|a| a == anonymous_id)
-            || this.pending.iter().any(|a| a == anonymous_id)
             || this.refused.iter().any(|r| r.anonymous_id == anonymous_id);
         if known {
             Ask::Known
+        } else if this.pending.iter().any(|a| a == anonymous_id) {
+            Ask::Again
         } else if this.aliases.len() + this.pending.len() >= policy.max_aliases {
             Ask::Full
         } else {
@@ -205,7 +211,7 @@ mod tests {
     }
 
     #[test]
-    fn a_person_asks_once_per_id_and_never_for_junk_or_beyond_the_cap() {
+    fn a_person_asks_until_answered_and_never_for_junk_or_beyond_the_cap() {
         let p = policy(2);
         assert_eq!(Identity::ask(None, "u", "a1", &p), Ask::Link);
         for junk in ["", "null", "undefined", "GUEST", "u"] {
@@ -222,12 +228,15 @@ mod tests {
         assert_eq!(Identity::ask(None, "u", "a1", &policy(0)), Ask::Ignored);
         let mut id = Identity::default();
         id.pending.push("a1".into());
-        assert_eq!(Identity::ask(Some(&id), "u", "a1", &p), Ask::Known);
+        assert_eq!(Identity::ask(Some(&id), "u", "a1", &p), Ask::Again);
         assert_eq!(Identity::ask(Some(&id), "u", "a2", &p), Ask::Link);
         id.merged("a1");
+        assert_eq!(Identity::ask(Some(&id), "u", "a1", &p), Ask::Known);
         id.pending.push("a2".into());
         assert_eq!(id.aliases, vec!["a1"]);
         assert_eq!(Identity::ask(Some(&id), "u", "a3", &p), Ask::Full);
+        // A pending id is asked again, not refused, when the person is full.
+        assert_eq!(Identity::ask(Some(&id), "u", "a2", &p), Ask::Again);
         // A refusal frees the slot and is remembered, so the id is not asked for again.
         id.refuse("a2", refusal::OTHER_PERSON);
         assert_eq!(Identity::ask(Some(&id), "u", "a2", &p), Ask::Known);

@@ -2,7 +2,7 @@
 //! `pulse_core::identity`'s, the profile's rules `crate::identity`'s):
 //!
 //! - an event of a person that carries an anonymous id asks that id's partition for it
-//!   ([`Link`]), once;
+//!   ([`Link`]), until the answer arrives;
 //! - a [`Link`] read on the anonymous id's partition turns its profile into a pointer to the
 //!   person and sends the state it had to the person's partition ([`Merge`]), or says no
 //!   ([`Refusal`]);
@@ -223,7 +223,7 @@ impl<S: DocumentStore, W: Writes<S>> Unifier<'_, S, W> {
                     metrics::counter!(m::IDENTITY_REFUSED, "reason" => "alias_limit").increment(1);
                     None
                 }
-                Ask::Link
+                Ask::Link | Ask::Again
                     if self
                         .policy
                         .unlinks
@@ -235,11 +235,13 @@ impl<S: DocumentStore, W: Writes<S>> Unifier<'_, S, W> {
                     metrics::counter!(m::IDENTITY_REFUSED, "reason" => "unlinked").increment(1);
                     None
                 }
-                Ask::Link => {
-                    profile
-                        .identity_mut()
-                        .pending
-                        .push(anonymous_id.to_string());
+                Ask::Link | Ask::Again => {
+                    if ask == Ask::Link {
+                        profile
+                            .identity_mut()
+                            .pending
+                            .push(anonymous_id.to_string());
+                    }
                     metrics::counter!(m::IDENTITY_LINKS_ASKED).increment(1);
                     Some(IdentityRecord::Link(Link {
                         partner_id: profile.partner_id.clone(),

@@ -539,3 +539,170 @@ fn a_store_known_empty_is_asked_only_for_the_profiles_written_to_it() {
         "the reloaded profile adds to its stored cart"
     );
 }
+
+// ------------------------------------------------------------------ identity rules
+
+mod identity_rules {
+    use std::sync::Arc;
+    use std::time::Instant;
+
+    use pulse_core::identity::{Forward, IdentityRecord, Link, Merge, Position, Unlink};
+
+    use super::*;
+    use crate::engine::identity::{Read, Replay, Unifier, Writes};
+    use crate::identity::{refusal, IdentityPolicy};
+
+    /// The records the rules send, recorded; folds as a replay does.
+    #[derive(Default)]
+    struct Sent(Vec<IdentityRecord>);
+
+    impl Writes<MemoryStore> for &mut Sent {
+        fn send(&mut self, record: &IdentityRecord) {
+            self.0.push(record.clone());
+        }
+
+        fn fold(
+            &mut self,
+            state: &mut ProfileState<MemoryStore>,
+            event: &Event,
+            id: String,
+            read: Read,
+        ) -> Option<String> {
+            Writes::<MemoryStore>::fold(&mut Replay, state, event, id, read)
+        }
+    }
+
+    fn at(offset: i64) -> Read {
+        Read {
+            partition: 0,
+            offset,
+            clock: Instant::now(),
+            now_ms: 0,
+        }
+    }
+
+    fn event(json: &str) -> Event {
+        parse_event(json, &ParseContext::now()).expect("a valid event")
+    }
+
+    fn both(n: usize) -> Event {
+        event(&format!(
+            r#"{{"event":"page_view","partner_id":"p1","user_id":"u1","anonymous_id":"a1","message_id":"m{n}"}}"#
+        ))
+    }
+
+    fn links(sent: &Sent) -> usize {
+        sent.0
+            .iter()
+            .filter(|r| matches!(r, IdentityRecord::Link(_)))
+            .count()
+    }
+
+    fn merge() -> IdentityRecord {
+        IdentityRecord::Merge(Merge {
+            partner_id: "p1".into(),
+            anonymous_id: "a1".into(),
+            user_id: "u1".into(),
+            linked_at: chrono::Utc::now(),
+            source: Position {
+                partition: 1,
+                offset: 7,
+            },
+            profile: None,
+        })
+    }
+
+    #[test]
+    fn a_person_asks_again_until_answered_and_the_id_counts_once() {
+        let (store, mut sent) = (MemoryStore::default(), Sent::default());
+        let mut state = state(&store);
+        let policy = IdentityPolicy::default();
+        let mut rules = Unifier {
+            state: &mut state,
+            policy: &policy,
+            writes: &mut sent,
+        };
+        rules.event(both(0), "p1:u1".into(), at(0));
+        // No answer yet (say the link was never written: history recomputed from before
+        // identity unification): the next event with both ids asks again.
+        rules.event(both(1), "p1:u1".into(), at(1));
+        rules.record(merge(), "p1:u1".into(), at(2));
+        rules.event(both(2), "p1:u1".into(), at(3));
+        let identity = state.cache.get("p1:u1").and_then(|p| p.identity.clone());
+        let identity = identity.expect("identity state");
+        assert_eq!(links(&sent), 2, "asked twice, then answered: {:?}", sent.0);
+        assert!(identity.pending.is_empty());
+        assert_eq!(identity.aliases, ["a1"]);
+    }
+
+    #[test]
+    fn an_unlinked_device_is_not_asked_for_merged_or_forwarded() {
+        let (store, mut sent) = (MemoryStore::default(), Sent::default());
+        let mut state = state(&store);
+        let mut unlinks = crate::unlinks::Unlinks::default();
+        unlinks.insert(Unlink {
+            partner_id: "p1".into(),
+            anonymous_id: "a1".into(),
+            user_id: "u1".into(),
+            unlinked_at: chrono::Utc::now(),
+        });
+        let policy = IdentityPolicy {
+            unlinks: Arc::new(unlinks),
+            ..IdentityPolicy::default()
+        };
+        let mut rules = Unifier {
+            state: &mut state,
+            policy: &policy,
+            writes: &mut sent,
+        };
+        let device_event = event(
+            r#"{"event":"page_view","partner_id":"p1","anonymous_id":"a1","message_id":"d0"}"#,
+        );
+        rules.event(device_event.clone(), "p1:a1".into(), at(0));
+        // The person does not ask.
+        rules.event(both(0), "p1:u1".into(), at(1));
+        // A link already on its way is refused by the device, which stays a profile.
+        let link = IdentityRecord::Link(Link {
+            partner_id: "p1".into(),
+            anonymous_id: "a1".into(),
+            user_id: "u1".into(),
+            linked_at: chrono::Utc::now(),
+            message_id: "m0".into(),
+            origin: Position {
+                partition: 0,
+                offset: 1,
+            },
+        });
+        rules.record(link, "p1:a1".into(), at(2));
+        assert_eq!(links(&sent), 0);
+        assert!(
+            matches!(sent.0.last(), Some(IdentityRecord::Refusal(r)) if r.reason == refusal::UNLINKED),
+            "{:?}",
+            sent.0
+        );
+        // A merge or a forward already on its way is not applied to the person.
+        let mut rules = Unifier {
+            state: &mut state,
+            policy: &policy,
+            writes: &mut sent,
+        };
+        rules.record(merge(), "p1:u1".into(), at(3));
+        let forward = IdentityRecord::Forward(Forward {
+            partner_id: "p1".into(),
+            user_id: "u1".into(),
+            source: Position {
+                partition: 1,
+                offset: 8,
+            },
+            event: Box::new(device_event),
+        });
+        rules.record(forward, "p1:u1".into(), at(4));
+        let device = state.cache.get("p1:a1").expect("the device's profile");
+        assert_eq!((device.merged_into(), device.event_count), (None, 1));
+        let person = state.cache.get("p1:u1").expect("the person");
+        assert_eq!(person.event_count, 1, "only its own event");
+        let identity = person.identity.clone().expect("identity state");
+        assert!(identity.aliases.is_empty() && identity.pending.is_empty());
+        assert_eq!(identity.refused[0].reason, refusal::UNLINKED);
+    }
+}
