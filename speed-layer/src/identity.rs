@@ -5,9 +5,10 @@
 //!
 //! The rules decided here, each small and pure so they are unit-tested without Kafka:
 //!
-//! - a person asks for each anonymous id it meets until it is answered ([`Identity::ask`]):
-//!   never for a junk id, never beyond [`IdentityPolicy::max_aliases`] (an id asked for
-//!   counts once), never again for one it has or was refused;
+//! - a person asks once for each anonymous id it meets ([`Identity::ask`]), and once more
+//!   for one still unanswered when a process loads it: never for a junk id, never beyond
+//!   [`IdentityPolicy::max_aliases`] (an id asked for counts once), never again for one it
+//!   has or was refused;
 //! - the anonymous side decides ([`answer_link`]): an id already merged into another person
 //!   stays with that person (a shared tablet, a kiosk: the first link stands), and a profile
 //!   that has events of its own user id is a person, never merged into another;
@@ -68,6 +69,10 @@ pub struct Identity {
     /// Anonymous ids asked for and not answered yet.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub pending: Vec<String>,
+    /// Those of `pending` this process asked for since it loaded the profile (not stored): a
+    /// pending id is asked again once by each process that loads it (see [`Ask::Again`]).
+    #[serde(skip)]
+    pub asked_since_load: Vec<String>,
     /// Anonymous ids that were not linked, and why (the newest [`REFUSALS_KEPT`]).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub refused: Vec<Refused>,
@@ -87,10 +92,12 @@ pub struct Refused {
 pub enum Ask {
     /// Ask the anonymous id's partition for it.
     Link,
-    /// Asked for already and not answered yet: ask again (the id stays counted once). An
-    /// answer on its way makes the repeat a no-op on the device's side; an ask whose link was
-    /// never written (a profile recomputed over history from before identity unification)
-    /// is made good by it instead of waiting for ever.
+    /// Asked for already, not answered yet, and not by this process since it loaded the
+    /// profile: ask again, once (the id stays counted once against the cap). An answer on its
+    /// way makes the repeat a no-op on the device's side; an ask whose link was never written
+    /// (a profile recomputed over history from before identity unification, then promoted)
+    /// is made good by it instead of waiting for ever. Once per load, so a backlog (answers
+    /// far behind) does not turn every event with both ids into another link.
     Again,
     /// Already merged, or refused: nothing to do.
     Known,
@@ -132,7 +139,10 @@ impl Identity {
         if known {
             Ask::Known
         } else if this.pending.iter().any(|a| a == anonymous_id) {
-            Ask::Again
+            match this.asked_since_load.iter().any(|a| a == anonymous_id) {
+                true => Ask::Known,
+                false => Ask::Again,
+            }
         } else if this.aliases.len() + this.pending.len() >= policy.max_aliases {
             Ask::Full
         } else {
@@ -153,9 +163,21 @@ impl Identity {
         *done = (*done).max(offset);
     }
 
+    /// `anonymous_id` asked for by this process: pending, and not asked again until the
+    /// profile is loaded by another process (or again).
+    pub fn asked(&mut self, anonymous_id: &str) {
+        if !self.pending.iter().any(|a| a == anonymous_id) {
+            self.pending.push(anonymous_id.to_string());
+        }
+        if !self.asked_since_load.iter().any(|a| a == anonymous_id) {
+            self.asked_since_load.push(anonymous_id.to_string());
+        }
+    }
+
     /// `anonymous_id` merged.
     pub fn merged(&mut self, anonymous_id: &str) {
         self.pending.retain(|a| a != anonymous_id);
+        self.asked_since_load.retain(|a| a != anonymous_id);
         if !self.aliases.iter().any(|a| a == anonymous_id) {
             self.aliases.push(anonymous_id.to_string());
         }
@@ -164,6 +186,7 @@ impl Identity {
     /// `anonymous_id` refused, for `reason`.
     pub fn refuse(&mut self, anonymous_id: &str, reason: &str) {
         self.pending.retain(|a| a != anonymous_id);
+        self.asked_since_load.retain(|a| a != anonymous_id);
         self.refused.retain(|r| r.anonymous_id != anonymous_id);
         self.refused.push(Refused {
             anonymous_id: anonymous_id.to_string(),
@@ -227,8 +250,12 @@ mod tests {
         }
         assert_eq!(Identity::ask(None, "u", "a1", &policy(0)), Ask::Ignored);
         let mut id = Identity::default();
+        // Pending as loaded (asked by another process): asked again, once.
         id.pending.push("a1".into());
         assert_eq!(Identity::ask(Some(&id), "u", "a1", &p), Ask::Again);
+        id.asked("a1");
+        assert_eq!(id.pending, ["a1"]);
+        assert_eq!(Identity::ask(Some(&id), "u", "a1", &p), Ask::Known);
         assert_eq!(Identity::ask(Some(&id), "u", "a2", &p), Ask::Link);
         id.merged("a1");
         assert_eq!(Identity::ask(Some(&id), "u", "a1", &p), Ask::Known);
@@ -237,6 +264,9 @@ mod tests {
         assert_eq!(Identity::ask(Some(&id), "u", "a3", &p), Ask::Full);
         // A pending id is asked again, not refused, when the person is full.
         assert_eq!(Identity::ask(Some(&id), "u", "a2", &p), Ask::Again);
+        // What is stored does not carry what this process asked.
+        let stored: Identity = serde_json::from_value(serde_json::to_value(&id).unwrap()).unwrap();
+        assert!(stored.asked_since_load.is_empty() && stored.pending == id.pending);
         // A refusal frees the slot and is remembered, so the id is not asked for again.
         id.refuse("a2", refusal::OTHER_PERSON);
         assert_eq!(Identity::ask(Some(&id), "u", "a2", &p), Ask::Known);

@@ -2,7 +2,7 @@
 //! `pulse_core::identity`'s, the profile's rules `crate::identity`'s):
 //!
 //! - an event of a person that carries an anonymous id asks that id's partition for it
-//!   ([`Link`]), until the answer arrives;
+//!   ([`Link`]), once (and once more by a process that loads it still unanswered);
 //! - a [`Link`] read on the anonymous id's partition turns its profile into a pointer to the
 //!   person and sends the state it had to the person's partition ([`Merge`]), or says no
 //!   ([`Refusal`]);
@@ -236,12 +236,7 @@ impl<S: DocumentStore, W: Writes<S>> Unifier<'_, S, W> {
                     None
                 }
                 Ask::Link | Ask::Again => {
-                    if ask == Ask::Link {
-                        profile
-                            .identity_mut()
-                            .pending
-                            .push(anonymous_id.to_string());
-                    }
+                    profile.identity_mut().asked(anonymous_id);
                     metrics::counter!(m::IDENTITY_LINKS_ASKED).increment(1);
                     Some(IdentityRecord::Link(Link {
                         partner_id: profile.partner_id.clone(),
