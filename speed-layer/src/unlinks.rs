@@ -11,7 +11,7 @@ use pulse_core::event::partition_key;
 use pulse_core::identity::{IdentityRecord, Unlink};
 use pulse_core::kafka::{ensure_topics, KafkaArgs, TopicSpec};
 use rdkafka::consumer::{BaseConsumer, Consumer};
-use rdkafka::error::KafkaError;
+use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 use rdkafka::message::{Header, OwnedHeaders};
 use rdkafka::producer::{FutureProducer, FutureRecord};
 
@@ -55,12 +55,16 @@ impl Unlinks {
     pub fn load(kafka: &KafkaArgs, topic: &str) -> Result<Self, KafkaError> {
         let consumer: BaseConsumer = kafka.client_config().create()?;
         let metadata = consumer.fetch_metadata(Some(topic), Duration::from_secs(30))?;
-        let partitions = metadata
-            .topics()
-            .iter()
-            .find(|t| t.name() == topic && t.error().is_none())
-            .map(|t| t.partitions().len() as i32)
-            .unwrap_or(0);
+        // Only a topic that does not exist (no unlink was ever made) reads as none: any other
+        // answer (no access, say) must not start a process without the unlinks.
+        let partitions = match metadata.topics().iter().find(|t| t.name() == topic) {
+            None => 0,
+            Some(t) => match t.error().map(RDKafkaErrorCode::from) {
+                None => t.partitions().len() as i32,
+                Some(RDKafkaErrorCode::UnknownTopicOrPartition) => 0,
+                Some(code) => return Err(KafkaError::MetadataFetch(code)),
+            },
+        };
         let mut out = Self::default();
         for partition in 0..partitions {
             let config = kafka.consumer_config("pulse-unlinks-restore");

@@ -665,4 +665,19 @@ async fn an_unlinked_device_is_split_from_its_person_exactly_and_never_linked_ag
         Vec::<String>::new(),
         "a recompute after the unlink"
     );
+
+    // Once retention dropped the start of a partition, Kafka alone cannot refold it: the
+    // other device's unlink is refused before anything is recorded.
+    let partition = |id: &str| pulse_core::partitioner::partition_of(id.as_bytes(), 4);
+    expire_records(&f.topic, partition("shop-a:device-0-1"), 1).await;
+    expire_records(&f.topic, partition(person), 1).await;
+    let out = unlink(&f, "shop-a", "device-0-1");
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("no longer holds partition"), "{err}");
+    let docs = f.documents().await;
+    assert!(
+        docs["shop-a:device-0-1"]["merged_into"].is_string(),
+        "still merged"
+    );
 }

@@ -449,24 +449,6 @@ struct Answer {
     fresh_users: u64,
 }
 
-/// Drops the records of `partition` below `before`, as retention would.
-async fn expire_records(topic: &str, partition: i32, before: i64) {
-    use rdkafka::admin::{AdminClient, AdminOptions};
-    use rdkafka::client::DefaultClientContext;
-    let admin: AdminClient<DefaultClientContext> =
-        pulse_core::kafka::KafkaArgs::with_brokers(brokers())
-            .client_config()
-            .create()
-            .expect("admin client");
-    let mut tpl = rdkafka::TopicPartitionList::new();
-    tpl.add_partition_offset(topic, partition, rdkafka::Offset::Offset(before))
-        .unwrap();
-    admin
-        .delete_records(&tpl, &AdminOptions::new())
-        .await
-        .expect("delete records");
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn history_that_kafka_dropped_and_the_archive_lacks_is_refused_with_the_partition_named() {
     let f = Fixture::new("recompute-gap", 2).await;

@@ -137,9 +137,13 @@ pub async fn load_day(
         jobs: Vec::new(),
     };
     if uris.is_empty() {
-        // Nothing archived for the day: leave whatever the partition holds rather than
-        // truncating it on the strength of an empty listing.
+        // No events archived for the day: leave whatever the partition holds rather than
+        // truncating it on the strength of an empty listing (merges written that day still
+        // load: a device's merge is about its person's events on any day).
         tracing::warn!(%date, "no committed archive files for this day; partition left as is");
+        if !identity_uris.is_empty() {
+            load_identities(wh, &identity_uris, date, files_per_job, &mut report).await?;
+        }
         return Ok(report);
     }
     let staging = staging_table(&wh.table, date);

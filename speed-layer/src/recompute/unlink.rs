@@ -80,8 +80,26 @@ impl Summary {
     }
 }
 
-/// Splits `args.anonymous_id` from its person (see the module documentation).
+/// Splits `args.anonymous_id` from its person (see the module documentation). One unlink at
+/// a time per alias (a lease): two refolding one person at once would each write it without
+/// the other's device.
 pub fn unlink(args: &UnlinkArgs, stop: Shutdown) -> Result<UnlinkReport, RecomputeError> {
+    let lease = format!("{}-unlinks", args.speed.es.alias);
+    let lease_args = RecomputeArgs {
+        speed: args.speed.clone(),
+        index: lease.clone(),
+        source: args.source,
+        archive: args.archive.clone(),
+        max_events_per_sec: 0,
+        failpoint_kill_at: None,
+        scope: None,
+    };
+    super::lease::with_lease(&lease_args, &lease, "unlink", &stop, || {
+        unlink_leased(args, stop.clone())
+    })
+}
+
+fn unlink_leased(args: &UnlinkArgs, stop: Shutdown) -> Result<UnlinkReport, RecomputeError> {
     let (partner, device) = (&args.partner, &args.anonymous_id);
     pulse_core::validate::check_person_id("anonymous_id", partner, device)
         .map_err(|e| RecomputeError::Refused(e.to_string()))?;
@@ -129,6 +147,7 @@ pub fn unlink(args: &UnlinkArgs, stop: Shutdown) -> Result<UnlinkReport, Recompu
         }),
     };
     let bound = live_stopped(&refold)?;
+    preflight(&refold, &runtime)?;
     let unlink = Unlink {
         partner_id: partner.clone(),
         anonymous_id: device.clone(),
@@ -176,6 +195,34 @@ pub fn unlink(args: &UnlinkArgs, stop: Shutdown) -> Result<UnlinkReport, Recompu
         tracing::warn!(error = %e, "deleting the refold's group failed");
     }
     written
+}
+
+/// Refuses before anything is recorded when the refold could not read the two profiles'
+/// whole history: a retention gap the archive does not cover, or, from Kafka alone, a
+/// partition Kafka no longer holds from its start (the refold would write profiles missing
+/// what retention dropped over the complete live ones).
+fn preflight(
+    refold: &RecomputeArgs,
+    runtime: &tokio::runtime::Runtime,
+) -> Result<(), RecomputeError> {
+    let archive = super::plan::open_archive(refold)?;
+    let mut plan = runtime.block_on(super::plan::make(refold, archive.as_deref(), true))?;
+    if let Some(scope) = &refold.scope {
+        plan.partitions
+            .retain(|p| scope.partitions.contains(&p.partition));
+    }
+    plan.check()?;
+    if refold.source == Source::Kafka {
+        if let Some(p) = plan.partitions.iter().find(|p| p.low > 0) {
+            return Err(RecomputeError::Refused(format!(
+                "Kafka no longer holds partition {} from its start (its first offset is {}): \
+                 a refold from Kafka alone would lose that history; unlink from the archive \
+                 (--source archive)",
+                p.partition, p.low
+            )));
+        }
+    }
+    Ok(())
 }
 
 /// Puts `doc` in place of the live document `id` (deletes it when `None`), with `version`:

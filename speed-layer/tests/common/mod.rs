@@ -494,3 +494,21 @@ pub fn differences(a: &HashMap<String, Value>, b: &HashMap<String, Value>) -> Ve
     out.sort();
     out
 }
+
+/// Drops the records of `partition` below `before`, as retention would.
+pub async fn expire_records(topic: &str, partition: i32, before: i64) {
+    use rdkafka::admin::{AdminClient, AdminOptions};
+    use rdkafka::client::DefaultClientContext;
+    let admin: AdminClient<DefaultClientContext> =
+        pulse_core::kafka::KafkaArgs::with_brokers(brokers())
+            .client_config()
+            .create()
+            .expect("admin client");
+    let mut tpl = rdkafka::TopicPartitionList::new();
+    tpl.add_partition_offset(topic, partition, rdkafka::Offset::Offset(before))
+        .unwrap();
+    admin
+        .delete_records(&tpl, &AdminOptions::new())
+        .await
+        .expect("delete records");
+}

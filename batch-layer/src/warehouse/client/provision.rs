@@ -19,6 +19,9 @@ struct Wanted<'a> {
     description: &'static str,
     /// Add the columns an older table lacks (the events table grows with the event).
     add_columns: bool,
+    /// Partitions expire after `--partition-expiration-days` (events), or never
+    /// (identities: a merge stays true for every later day's events).
+    expires: bool,
 }
 
 impl Warehouse {
@@ -32,6 +35,7 @@ impl Warehouse {
             schema: table_schema(),
             description: "Pulse clickstream events, loaded daily from the Parquet archive",
             add_columns: true,
+            expires: true,
         })
         .await?;
         self.ensure_partitioned(Wanted {
@@ -40,6 +44,7 @@ impl Warehouse {
             description: "Anonymous devices merged into people by the speed layer, loaded daily \
                           from the Parquet archive (one row per device and day)",
             add_columns: false,
+            expires: false,
         })
         .await
     }
@@ -77,10 +82,9 @@ impl Warehouse {
     /// One day-partitioned table, created when missing or checked and brought to the
     /// configured expiration.
     async fn ensure_partitioned(&self, wanted: Wanted<'_>) -> Result<(), WarehouseError> {
+        let expiration_days = self.partition_expiration_days.filter(|_| wanted.expires);
         let partitioning = TimePartitioning {
-            expiration_ms: self
-                .partition_expiration_days
-                .map(|d| (u64::from(d) * DAY_MS).to_string()),
+            expiration_ms: expiration_days.map(|d| (u64::from(d) * DAY_MS).to_string()),
             field: Some(PARTITION_COLUMN.to_string()),
             require_partition_filter: None,
             r#type: "DAY".to_string(),
@@ -101,8 +105,7 @@ impl Warehouse {
                         ),
                     });
                 }
-                if self.partition_expiration_days.is_some()
-                    && current.expiration_ms != partitioning.expiration_ms
+                if expiration_days.is_some() && current.expiration_ms != partitioning.expiration_ms
                 {
                     // Only the partitioning: sending the whole table back could drop column
                     // settings the client library does not model.
