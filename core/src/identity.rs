@@ -261,9 +261,12 @@ impl IdentityRecord {
         Ok(())
     }
 
-    /// The headers every identity record carries.
-    pub fn headers() -> [(&'static str, &'static str); 1] {
-        [(HEADER, VERSION)]
+    /// The headers every identity record carries, as a Kafka record takes them.
+    pub fn headers() -> rdkafka::message::OwnedHeaders {
+        rdkafka::message::OwnedHeaders::new().insert(rdkafka::message::Header {
+            key: HEADER,
+            value: Some(VERSION),
+        })
     }
 }
 

@@ -12,7 +12,6 @@ use pulse_core::identity::{IdentityRecord, Unlink};
 use pulse_core::kafka::{ensure_topics, KafkaArgs, TopicSpec};
 use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
-use rdkafka::message::{Header, OwnedHeaders};
 use rdkafka::producer::{FutureProducer, FutureRecord};
 
 /// The unlinked devices, by device profile id (`partner:anonymous_id`).
@@ -113,15 +112,7 @@ impl Unlinks {
     /// leave the device out). Written by every run of an unlink: a copy is harmless.
     pub async fn announce(kafka: &KafkaArgs, events: &str, unlink: &Unlink) -> Result<(), String> {
         let record = IdentityRecord::Unlink(unlink.clone());
-        let headers =
-            IdentityRecord::headers()
-                .into_iter()
-                .fold(OwnedHeaders::new(), |h, (key, value)| {
-                    h.insert(Header {
-                        key,
-                        value: Some(value),
-                    })
-                });
+        let headers = IdentityRecord::headers();
         let (key, payload) = (record.key(), record.to_json());
         let record = FutureRecord::to(events)
             .key(&key)

@@ -107,17 +107,12 @@ pub async fn produce_to_partition(topic: &str, partition: i32, key: &str, payloa
 /// Identity records as the speed layer writes them (keyed by the profile each changes, with
 /// the `pulse.identity` header), in order.
 pub async fn produce_identities(topic: &str, records: &[pulse_core::identity::IdentityRecord]) {
-    use pulse_core::identity::{HEADER, VERSION};
-    use rdkafka::message::{Header, OwnedHeaders};
     let producer: FutureProducer = KafkaArgs::with_brokers(brokers())
         .producer_config()
         .create()
         .expect("producer");
     for r in records {
-        let headers = OwnedHeaders::new().insert(Header {
-            key: HEADER,
-            value: Some(VERSION),
-        });
+        let headers = pulse_core::identity::IdentityRecord::headers();
         let (key, payload) = (r.key(), r.to_json());
         producer
             .send(

@@ -6,7 +6,7 @@ use pulse_core::identity::IdentityRecord;
 use pulse_service::consumer::Commit;
 use pulse_service::outbox::{Outbox, Source};
 use rdkafka::error::KafkaError;
-use rdkafka::message::{Header, Message, OwnedHeaders, OwnedMessage};
+use rdkafka::message::{Message, OwnedHeaders, OwnedMessage};
 use std::time::Duration;
 
 use super::state::Effects;
@@ -62,15 +62,7 @@ impl SpeedOutbox {
             tracing::error!("an identity record without an identity producer (a bug); not sent");
             return;
         };
-        let headers =
-            IdentityRecord::headers()
-                .into_iter()
-                .fold(OwnedHeaders::new(), |h, (key, value)| {
-                    h.insert(Header {
-                        key,
-                        value: Some(value),
-                    })
-                });
+        let headers = IdentityRecord::headers();
         let payload = record.to_json();
         ordered.send(
             &self.events_topic,
