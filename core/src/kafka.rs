@@ -126,6 +126,10 @@ pub struct TopicArgs {
     /// see `pulse_core::identity::Unlink`).
     #[arg(long = "unlinks-topic", env = "PULSE_UNLINKS_TOPIC", default_value = "identity.unlinks")]
     pub unlinks: String,
+    /// Erased people's ids (compacted; see `pulse_core::erasure`): read whole and then
+    /// followed by ingest and every consumer.
+    #[arg(long = "erasures-topic", env = "PULSE_ERASURES_TOPIC", default_value = "erasures")]
+    pub erasures: String,
 }
 
 impl Default for TopicArgs {
@@ -136,6 +140,7 @@ impl Default for TopicArgs {
             triggers: "triggers".into(),
             profiles_dlq: "profiles.dlq".into(),
             unlinks: "identity.unlinks".into(),
+            erasures: "erasures".into(),
         }
     }
 }

@@ -6,6 +6,7 @@
 //! ([`Event::partition_key`]), the Arrow schema the archive is written with ([`schema`]), and
 //! how clients for Kafka are configured ([`kafka`]). No I/O loops live here.
 
+pub mod erasure;
 pub mod error;
 pub mod event;
 pub mod identity;

@@ -7,6 +7,8 @@ use std::time::Duration;
 use pulse_core::kafka::KafkaArgs;
 use pulse_core::Limits;
 
+use crate::suppress::ErasedResponse;
+
 #[derive(Debug, Clone, clap::Parser)]
 #[command(name = "pulse-ingest", about = "Pulse HTTP ingest: events in, Kafka out", version)]
 pub struct IngestConfig {
@@ -49,6 +51,17 @@ pub struct IngestConfig {
           value_parser = clap::value_parser!(u32).range(0..=i64::from(pulse_core::limits::MAX_FUTURE_SECS_CEILING)))]
     pub max_future_secs: u32,
 
+    /// The compacted topic of erased people's ids, followed while ingest runs (see
+    /// `pulse_core::erasure`).
+    #[arg(long = "erasures-topic", env = "PULSE_ERASURES_TOPIC", default_value = "erasures")]
+    pub erasures_topic: String,
+
+    /// What a request carrying an erased person's events gets: `drop` answers as if they were
+    /// accepted and writes the others (as Segment does), `forbid` refuses it with 403 listing
+    /// them and writes nothing of it.
+    #[arg(long, env = "PULSE_ERASED_RESPONSE", value_enum, default_value_t = ErasedResponse::Drop)]
+    pub erased_response: ErasedResponse,
+
     /// Seconds a client is told to wait (Retry-After) when Kafka is unavailable.
     #[arg(long, env = "PULSE_RETRY_AFTER_SECS", default_value_t = 5)]
     pub retry_after_secs: u64,
@@ -71,6 +84,8 @@ impl IngestConfig {
             max_event_bytes: Limits::default().max_event_bytes,
             max_batch_events: Limits::default().max_batch_events,
             max_future_secs: Limits::default().max_future_secs,
+            erasures_topic: "erasures".into(),
+            erased_response: ErasedResponse::Drop,
             retry_after_secs: 5,
             shutdown_timeout_secs: 30,
         }

@@ -10,6 +10,7 @@ pub mod config;
 pub mod metrics;
 pub mod publish;
 pub mod server;
+pub mod suppress;
 
 pub use config::IngestConfig;
 pub use server::{serve, IngestError};

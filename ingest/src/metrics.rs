@@ -5,6 +5,8 @@ use metrics_exporter_prometheus::PrometheusHandle;
 pub const REQUESTS: &str = "pulse_ingest_requests_total";
 pub const EVENTS_ACCEPTED: &str = "pulse_ingest_events_accepted_total";
 pub const EVENTS_REJECTED: &str = "pulse_ingest_events_rejected_total";
+/// Events of erased people left out (answered as accepted, or refused with 403).
+pub const EVENTS_SUPPRESSED: &str = "pulse_ingest_events_suppressed_total";
 pub const PRODUCE_LATENCY: &str = "pulse_ingest_produce_latency_seconds";
 pub const REQUEST_EVENTS: &str = "pulse_ingest_request_events";
 

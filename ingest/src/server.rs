@@ -4,10 +4,12 @@
 //! - 200: every event of the request is in Kafka (acks=all).
 //! - 400: the body or an event is malformed; nothing of the request was written. The message
 //!   names the field and, in a batch, the index of the event.
-//! - 401: missing or unknown write key. 403: an event of another partner than the key's.
+//! - 401: missing or unknown write key. 403: an event of another partner than the key's, or
+//!   (with `--erased-response forbid`) of an erased person.
 //! - 413: body or batch too large. 415: unsupported Content-Encoding.
 //! - 503 + Retry-After: Kafka did not acknowledge some events; the response lists them. Retry
-//!   with the same `message_id`s: downstream deduplicates on them.
+//!   with the same `message_id`s: downstream deduplicates on them. Also while the erasures
+//!   are not read yet (just after start): nothing is written that might be an erased person's.
 
 use std::future::Future;
 use std::sync::Arc;
@@ -32,6 +34,8 @@ use crate::body::{self, BodyError};
 use crate::config::IngestConfig;
 use crate::metrics::{self as m, prometheus};
 use crate::publish::{EventPublisher, PublishError};
+use crate::suppress::{self, ErasedResponse, Split};
+use pulse_service::erasures::ErasureFeed;
 use pulse_service::keys::{AuthFailure, KeysError, WriteKeys};
 
 /// Errors that stop the service from starting or serving.
@@ -53,6 +57,8 @@ pub struct AppState {
     max_body_bytes: usize,
     retry_after_secs: u64,
     prometheus: PrometheusHandle,
+    erasures: ErasureFeed,
+    erased_response: ErasedResponse,
 }
 
 impl AppState {
@@ -64,6 +70,11 @@ impl AppState {
             max_body_bytes: config.max_body_bytes,
             retry_after_secs: config.retry_after_secs,
             prometheus: prometheus(),
+            erasures: ErasureFeed::follow(
+                config.kafka.consumer_config("pulse-ingest-erasures"),
+                &config.erasures_topic,
+            ),
+            erased_response: config.erased_response,
         })
     }
 }
@@ -339,7 +350,9 @@ async fn accept(
     check_origin(state, headers, partner)?;
     let events = validate(parsed, partner)?;
     metrics::histogram!(m::REQUEST_EVENTS).record(events.len() as f64);
-    let results = state.publisher.publish(&events).await;
+    let split = suppress(state, events)?;
+    let events = &split.kept;
+    let results = state.publisher.publish(events).await;
 
     let mut failed = Vec::new();
     let mut rejected_by_kafka = false;
@@ -347,7 +360,7 @@ async fn accept(
         if let Err(e) = result {
             rejected_by_kafka |= matches!(e, PublishError::Rejected(_));
             failed.push(ItemError {
-                index,
+                index: split.index_of(index),
                 field: None,
                 message_id: Some(event.message_id.clone()),
                 message: e.to_string(),
@@ -356,6 +369,8 @@ async fn accept(
     }
     let accepted = events.len() - failed.len();
     metrics::counter!(m::EVENTS_ACCEPTED).increment(accepted as u64);
+    // Answered as accepted (Segment's silent suppression); counted apart.
+    let accepted = accepted + split.left_out.len();
     if !failed.is_empty() {
         metrics::counter!(m::EVENTS_REJECTED, "reason" => "kafka").increment(failed.len() as u64);
         tracing::warn!(failed = failed.len(), accepted, first = %failed[0].message, "kafka did not acknowledge events");
@@ -366,6 +381,7 @@ async fn accept(
         };
         let unacknowledged: Vec<String> =
             failed.iter().filter_map(|f| f.message_id.clone()).collect();
+        let failed_count = failed.len();
         let listed = if failed.len() > MAX_ITEM_ERRORS {
             format!("; errors lists the first {MAX_ITEM_ERRORS}, unacknowledged_message_ids all of them")
         } else {
@@ -376,8 +392,8 @@ async fn accept(
             status,
             message: format!(
                 "{} of {} events were not acknowledged by Kafka; retry them with the same message_id{listed}",
-                events.len() - accepted,
-                events.len()
+                failed_count,
+                events.len() + split.left_out.len()
             ),
             items: failed,
             accepted: Some(accepted),
@@ -391,7 +407,7 @@ async fn accept(
         }
         Format::Native => Json(json!({
             "accepted": accepted,
-            "message_ids": events.iter().map(|e| e.message_id.as_str()).collect::<Vec<_>>(),
+            "message_ids": split.message_ids(),
         }))
         .into_response(),
     };
@@ -494,7 +510,57 @@ fn validate(
     })
 }
 
+/// The request's events without those of erased people, or its refusal: 503 while the
+/// erasures are not read yet, 403 under `--erased-response forbid`.
+fn suppress(state: &AppState, events: Vec<Event>) -> Result<Split, Rejection> {
+    if !state.erasures.is_loaded() {
+        return Err(reject_events(
+            "erasures",
+            StatusCode::SERVICE_UNAVAILABLE,
+            "starting: the erasures are not read yet; retry".into(),
+        ));
+    }
+    let split = suppress::split(&state.erasures.read(), events);
+    if split.left_out.is_empty() {
+        return Ok(split);
+    }
+    metrics::counter!(m::EVENTS_SUPPRESSED).increment(split.left_out.len() as u64);
+    if state.erased_response == ErasedResponse::Drop {
+        return Ok(split);
+    }
+    let total = split.kept.len() + split.left_out.len();
+    let mut items: Vec<ItemError> = split
+        .left_out
+        .into_iter()
+        .map(|(index, message_id)| ItemError {
+            index,
+            field: None,
+            message_id: Some(message_id),
+            message: "the person of this event was erased at the partner's request".into(),
+        })
+        .collect();
+    let message = format!(
+        "{} of {total} events are of an erased person; nothing was written",
+        items.len()
+    );
+    items.truncate(MAX_ITEM_ERRORS);
+    Err(Rejection {
+        status: StatusCode::FORBIDDEN,
+        message,
+        items,
+        accepted: None,
+        unacknowledged: Vec::new(),
+    })
+}
+
 async fn readyz(State(state): State<Arc<AppState>>) -> Response {
+    if !state.erasures.is_loaded() {
+        return (
+            StatusCode::SERVICE_UNAVAILABLE,
+            Json(json!({"status": "not ready", "error": "the erasures are not read yet"})),
+        )
+            .into_response();
+    }
     let publisher = state.publisher.clone();
     let check =
         tokio::task::spawn_blocking(move || publisher.check_topic(Duration::from_secs(2))).await;

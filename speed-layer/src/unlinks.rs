@@ -9,9 +9,9 @@ use std::time::Duration;
 
 use pulse_core::event::partition_key;
 use pulse_core::identity::{IdentityRecord, Unlink};
-use pulse_core::kafka::{ensure_topics, KafkaArgs, TopicSpec};
-use rdkafka::consumer::{BaseConsumer, Consumer};
-use rdkafka::error::{KafkaError, RDKafkaErrorCode};
+use pulse_core::kafka::KafkaArgs;
+use rdkafka::consumer::BaseConsumer;
+use rdkafka::error::KafkaError;
 use rdkafka::producer::{FutureProducer, FutureRecord};
 
 /// The unlinked devices, by device profile id (`partner:anonymous_id`).
@@ -53,17 +53,7 @@ impl Unlinks {
     /// refusing to start would stop every partner's profiles for one bad record.
     pub fn load(kafka: &KafkaArgs, topic: &str) -> Result<Self, KafkaError> {
         let consumer: BaseConsumer = kafka.client_config().create()?;
-        let metadata = consumer.fetch_metadata(Some(topic), Duration::from_secs(30))?;
-        // Only a topic that does not exist (no unlink was ever made) reads as none: any other
-        // answer (no access, say) must not start a process without the unlinks.
-        let partitions = match metadata.topics().iter().find(|t| t.name() == topic) {
-            None => 0,
-            Some(t) => match t.error().map(RDKafkaErrorCode::from) {
-                None => t.partitions().len() as i32,
-                Some(RDKafkaErrorCode::UnknownTopicOrPartition) => 0,
-                Some(code) => return Err(KafkaError::MetadataFetch(code)),
-            },
-        };
+        let partitions = pulse_service::consumer::compacted::partitions_if_any(&consumer, topic)?;
         let mut out = Self::default();
         for partition in 0..partitions {
             let config = kafka.consumer_config("pulse-unlinks-restore");
@@ -95,16 +85,8 @@ impl Unlinks {
     /// Writes `unlink` to `topic` (created compacted when missing) and waits for Kafka's
     /// acknowledgement.
     pub async fn record(kafka: &KafkaArgs, topic: &str, unlink: &Unlink) -> Result<(), String> {
-        let spec = TopicSpec::compacted(topic, 1, 1);
-        ensure_topics(kafka, &[spec], Duration::from_secs(30))
-            .await
-            .map_err(|e| format!("creating {topic}: {e}"))?;
         let payload = serde_json::to_vec(unlink).unwrap_or_default();
-        send(
-            kafka,
-            FutureRecord::to(topic).key(&unlink.key()).payload(&payload),
-        )
-        .await
+        pulse_service::consumer::compacted::record(kafka, topic, &[(unlink.key(), payload)]).await
     }
 
     /// Writes `unlink` into the events topic too, as an identity record keyed by the device,

@@ -204,5 +204,7 @@ pub fn ingest_config(topic: &str) -> IngestConfig {
     let mut c = IngestConfig::for_brokers(&brokers());
     c.topic = topic.to_string();
     c.write_keys = vec!["key-a=partner-a".into(), "key-b=partner-b".into()];
+    // Each test's own erasures (none unless it writes some), not the stack's shared topic.
+    c.erasures_topic = format!("{topic}.erasures");
     c
 }

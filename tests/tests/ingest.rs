@@ -760,3 +760,110 @@ async fn a_stop_while_clients_post_drains_and_every_accepted_event_is_in_kafka()
         &missing[..missing.len().min(5)]
     );
 }
+
+fn erasure(partner: &str, id: &str) -> pulse_core::erasure::Erasure {
+    pulse_core::erasure::Erasure {
+        partner_id: partner.into(),
+        id: id.into(),
+        kind: pulse_core::erasure::IdKind::User,
+        request_id: "test".into(),
+        requested_at: chrono::Utc::now(),
+    }
+}
+
+async fn erase(topic: &str, erasures: &[pulse_core::erasure::Erasure]) {
+    let kafka = pulse_core::kafka::KafkaArgs::with_brokers(brokers());
+    pulse_service::erasures::record(&kafka, topic, erasures)
+        .await
+        .expect("record erasures");
+}
+
+#[tokio::test]
+async fn an_erased_persons_events_are_dropped_or_refused_and_nothing_else_is() {
+    let topic = create_topic("it-erased", 4).await;
+    let config = ingest_config(&topic);
+    // Erased before ingest starts: read whole at start.
+    erase(&config.erasures_topic, &[erasure("partner-a", "gone")]).await;
+    let ingest = RunningIngest::start(config.clone()).await;
+    let mut forbid = config.clone();
+    forbid.erased_response = pulse_ingest::suppress::ErasedResponse::Forbid;
+    let strict = RunningIngest::start(forbid).await;
+    for url in [&ingest.url, &strict.url] {
+        // 503 until the erasures are read: nothing is written that might be an erased one's.
+        let ready = async {
+            while client()
+                .get(format!("{url}/readyz"))
+                .send()
+                .await
+                .map(|r| r.status())
+                .ok()
+                != Some(StatusCode::OK)
+            {
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        };
+        tokio::time::timeout(Duration::from_secs(30), ready)
+            .await
+            .expect("ingest ready");
+    }
+
+    let mut batch = json!([event("kept-1", 1), event("gone", 2), event("kept-2", 3)]);
+    batch[1]["anonymous_id"] = json!("device-of-gone");
+    let (status, body) = post(&ingest.url, "/v1/events", Some("key-a"), batch.to_string()).await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    assert_eq!(body["accepted"], json!(3), "dropped silently: {body}");
+    assert_eq!(
+        body["message_ids"],
+        json!(["m-kept-1-1", "m-gone-2", "m-kept-2-3"])
+    );
+    // Another partner's person with the same user id is not theirs to erase.
+    let mut other = event("gone", 4);
+    other["partner_id"] = json!("partner-b");
+    let (status, body) = post(&ingest.url, "/v1/events", Some("key-b"), other.to_string()).await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    // Segment's API is suppressed alike.
+    let segment = json!({"userId": "gone", "event": "Product Viewed", "messageId": "seg-gone"});
+    let (status, _) = post(&ingest.url, "/v1/track", Some("key-a"), segment.to_string()).await;
+    assert_eq!(status, StatusCode::OK);
+
+    // --erased-response forbid: the whole request is refused, the erased event named.
+    let (status, body) = post(&strict.url, "/v1/events", Some("key-a"), batch.to_string()).await;
+    assert_eq!(status, StatusCode::FORBIDDEN, "{body}");
+    assert_eq!(body["errors"][0]["index"], json!(1), "{body}");
+    assert_eq!(body["errors"][0]["message_id"], json!("m-gone-2"));
+
+    // Erased while ingest runs: followed, within a poll or so.
+    erase(&config.erasures_topic, &[erasure("partner-a", "kept-2")]).await;
+    let late = event("kept-2", 5);
+    let mut refused = false;
+    for _ in 0..100 {
+        let (status, _) = post(&strict.url, "/v1/events", Some("key-a"), late.to_string()).await;
+        if status == StatusCode::FORBIDDEN {
+            refused = true;
+            break;
+        }
+        assert_eq!(status, StatusCode::OK);
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(refused, "an erasure recorded while ingest runs reaches it");
+
+    let records = read_topic(&topic, 3, Duration::from_secs(2));
+    let users: Vec<(String, String)> = records
+        .iter()
+        .map(|r| {
+            let v = r.json();
+            (
+                v["partner_id"].as_str().unwrap().to_string(),
+                v["user_id"].as_str().unwrap().to_string(),
+            )
+        })
+        .collect();
+    assert!(
+        !users.contains(&("partner-a".into(), "gone".into())),
+        "nothing of the erased person reached Kafka: {users:?}"
+    );
+    assert!(users.contains(&("partner-a".into(), "kept-1".into())));
+    assert!(users.contains(&("partner-b".into(), "gone".into())));
+    ingest.stop().await.unwrap();
+    strict.stop().await.unwrap();
+}

@@ -4,7 +4,7 @@
 use std::time::{Duration, Instant};
 
 use rdkafka::consumer::{BaseConsumer, Consumer};
-use rdkafka::error::KafkaError;
+use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 use rdkafka::{ClientConfig, Message, Offset, TopicPartitionList};
 
 /// A record of a compacted topic: its key, and its payload (`None` for a tombstone).
@@ -52,4 +52,49 @@ pub fn read_to_end(
             return Err(KafkaError::NoMessageReceived);
         }
     }
+}
+
+/// How many partitions `topic` has; 0 when it does not exist (a compacted topic of decisions
+/// none was ever made of: no unlink, no erasure). Any other metadata error is an error: a
+/// process must not start without state it cannot read (for want of access, say).
+pub fn partitions_if_any(consumer: &BaseConsumer, topic: &str) -> Result<i32, KafkaError> {
+    let metadata = consumer.fetch_metadata(Some(topic), Duration::from_secs(30))?;
+    match metadata.topics().iter().find(|t| t.name() == topic) {
+        None => Ok(0),
+        Some(t) => match t.error().map(RDKafkaErrorCode::from) {
+            None => Ok(t.partitions().len() as i32),
+            Some(RDKafkaErrorCode::UnknownTopicOrPartition) => Ok(0),
+            Some(code) => Err(KafkaError::MetadataFetch(code)),
+        },
+    }
+}
+
+/// Writes `records` (key, payload) to the compacted `topic`, created with one partition when
+/// missing (`pulse-admin topics ensure` creates it replicated), and waits for Kafka's
+/// acknowledgement of every one: a decision (an unlink, an erasure) counts once it is there.
+pub async fn record(
+    kafka: &pulse_core::kafka::KafkaArgs,
+    topic: &str,
+    records: &[(String, Vec<u8>)],
+) -> Result<(), String> {
+    use pulse_core::kafka::{ensure_topics, TopicSpec};
+    use rdkafka::producer::{FutureProducer, FutureRecord};
+    let spec = TopicSpec::compacted(topic, 1, 1);
+    ensure_topics(kafka, &[spec], Duration::from_secs(30))
+        .await
+        .map_err(|e| format!("creating {topic}: {e}"))?;
+    let producer: FutureProducer = kafka
+        .producer_config()
+        .create()
+        .map_err(|e| e.to_string())?;
+    let sends = records.iter().map(|(key, payload)| {
+        producer.send(
+            FutureRecord::to(topic).key(key).payload(payload),
+            Duration::from_secs(30),
+        )
+    });
+    for sent in futures::future::join_all(sends).await {
+        sent.map_err(|(e, _)| format!("writing to {topic}: {e}"))?;
+    }
+    Ok(())
 }
