@@ -18,6 +18,7 @@ use pulse_core::kafka::{KafkaArgs, TopicArgs};
 use pulse_core::partitioner::Placement;
 use pulse_core::Event;
 use pulse_service::consumer::{self, Commit, EndOfPartitions, PartitionOwner, Positions};
+use pulse_service::erasures::ErasureFeed;
 use pulse_service::outbox::{Outbox, OutboxError, Source};
 use pulse_service::{Condition, Readiness, RetryPolicy, Shutdown};
 use rdkafka::consumer::Consumer;
@@ -79,6 +80,8 @@ pub mod metric {
     /// Identity records of the speed layer archived (beside the events, under `identities/`).
     pub const IDENTITY_RECORDS: &str = "pulse_archiver_identity_records_total";
     pub const STORE_FAILURES: &str = "pulse_archiver_store_failures_total";
+    /// Events and identity records of erased people left out of the archive.
+    pub const ERASED: &str = "pulse_archiver_erased_total";
     pub const BUFFERED_BYTES: &str = "pulse_archiver_buffered_bytes";
 }
 
@@ -93,6 +96,8 @@ pub enum ArchiverError {
     Outbox(#[from] pulse_service::outbox::OutboxError),
     #[error("runtime: {0}")]
     Io(#[from] std::io::Error),
+    #[error("{0}")]
+    Erasures(#[from] pulse_service::erasures::FeedError),
     /// A unit that cannot be archived. The process stops before any marker is written past
     /// the unit's range, so the restart reads the range again: nothing is skipped.
     #[error("partition {partition}, offsets {first}..={last}: building the Parquet file failed: {message}")]
@@ -181,6 +186,10 @@ struct State {
     /// Partitions of the events topic: each record's key must hash to the partition it was
     /// read from (see `pulse_core::partitioner`).
     partitions: i32,
+    /// Erased people (`pulse_core::erasure`), followed while the archiver runs: their records
+    /// are not buffered, and a unit is filtered again as it is written, so one buffered
+    /// before an erasure reaches no file.
+    erasures: ErasureFeed,
     /// See `--max-block-secs`.
     max_block: Duration,
     /// When the blocking budget of this turn (`max_block` from its start) runs out: shared by
@@ -251,6 +260,11 @@ pub fn run(
     let store = open_store(&config.store).map_err(|e| ArchiverError::Store(e.to_string()))?;
     let partitions =
         consumer::partition_count(&config.kafka.client_config(), &config.topics.events, &stop)?;
+    let erasures = ErasureFeed::follow(
+        config.kafka.consumer_config("pulse-archiver-erasures"),
+        &config.topics.erasures,
+    );
+    erasures.wait_loaded(Duration::from_secs(60))?;
     let state = Arc::new(Mutex::new(State {
         dlq_topic: config.topics.dlq.clone(),
         store,
@@ -271,6 +285,7 @@ pub fn run(
         rewinds: HashMap::new(),
         dead_lettered: HashMap::new(),
         partitions,
+        erasures,
         max_block: Duration::from_secs_f64(config.max_block_secs.max(0.1)),
         turn_deadline: Instant::now(),
         rows: 0,
@@ -472,7 +487,15 @@ impl State {
         };
         // The speed layer's identity records share the topic so that they are ordered with
         // the events; they are archived beside them, not as rows of `events`.
+        let erasures = self.erasures.read();
         match TopicRecord::decode(msg.headers(), msg.key(), msg.payload(), at) {
+            // An erased person's: its offset is in the unit's range, its row in no file.
+            Ok(TopicRecord::Event(event)) if erasures.erases(&event) => {
+                metrics::counter!(metric::ERASED).increment(1);
+            }
+            Ok(TopicRecord::Identity(record)) if erasures.erases_identity(&record) => {
+                metrics::counter!(metric::ERASED).increment(1);
+            }
             Ok(TopicRecord::Event(event)) => {
                 unit.bytes += payload.len();
                 self.buffered += payload.len();
@@ -595,8 +618,20 @@ impl State {
             first: unit.first,
             last: unit.last,
         };
+        // Erasures recorded since the unit's records were buffered: left out now.
+        let (mut events, mut identity_rows) = (unit.events, unit.identities);
+        {
+            let erasures = self.erasures.read();
+            if !erasures.is_empty() {
+                let before = events.len() + identity_rows.len();
+                events.retain(|(_, e)| !erasures.erases(e));
+                identity_rows.retain(|r| !erasures.erases_identity(&r.record));
+                let dropped = before - events.len() - identity_rows.len();
+                metrics::counter!(metric::ERASED).increment(dropped as u64);
+            }
+        }
         let mut by_date: BTreeMap<NaiveDate, Vec<(i64, Event)>> = BTreeMap::new();
-        for (offset, e) in unit.events {
+        for (offset, e) in events {
             by_date
                 .entry(e.timestamp.date_naive())
                 .or_default()
@@ -614,9 +649,9 @@ impl State {
                 }
             }
         }
-        let identity_rows = unit.identities.len();
+        let identity_count = identity_rows.len();
         let mut identities: BTreeMap<NaiveDate, Vec<ArchivedIdentity>> = BTreeMap::new();
-        for row in unit.identities {
+        for row in identity_rows {
             identities
                 .entry(row.written_at.date_naive())
                 .or_default()
@@ -703,7 +738,7 @@ impl State {
             *offsets = offsets.split_off(&(range.last + 1));
         }
         metrics::counter!(metric::UNITS).increment(1);
-        metrics::counter!(metric::IDENTITY_RECORDS).increment(identity_rows as u64);
+        metrics::counter!(metric::IDENTITY_RECORDS).increment(identity_count as u64);
         metrics::gauge!(metric::BUFFERED_BYTES).set(self.buffered as f64);
         tracing::debug!(
             partition = p,

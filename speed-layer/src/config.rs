@@ -103,6 +103,18 @@ impl SpeedConfig {
         })
     }
 
+    /// The erasures, read to the end and then followed (see `pulse_service::erasures`).
+    pub fn erasure_feed(
+        &self,
+    ) -> Result<pulse_service::erasures::ErasureFeed, pulse_service::erasures::FeedError> {
+        let feed = pulse_service::erasures::ErasureFeed::follow(
+            self.kafka.consumer_config("pulse-speed-erasures"),
+            &self.topics.erasures,
+        );
+        feed.wait_loaded(std::time::Duration::from_secs(60))?;
+        Ok(feed)
+    }
+
     /// The journal of records that made this consumer panic (see [`crate::poison`]).
     pub fn poison_journal(&self) -> crate::poison::PoisonJournal {
         crate::poison::PoisonJournal::new(&self.state_dir, &self.topics.events, &self.group)

@@ -4,6 +4,10 @@
 pub const EVENTS_FOLDED: &str = "pulse_speed_events_folded_total";
 pub const EVENTS_SKIPPED: &str = "pulse_speed_events_skipped_total";
 pub const EVENTS_DUPLICATE: &str = "pulse_speed_events_duplicate_total";
+/// Events and identity records of erased people passed over (`pulse_core::erasure`).
+pub const RECORDS_ERASED: &str = "pulse_speed_records_erased_total";
+/// Documents of erased people the live layer deleted from its index.
+pub const PROFILES_ERASED: &str = "pulse_speed_profiles_erased_total";
 pub const EVENTS_DEAD_LETTERED: &str = "pulse_speed_events_dead_lettered_total";
 pub const TRIGGERS_FIRED: &str = "pulse_speed_triggers_fired_total";
 pub const PROFILES_IN_MEMORY: &str = "pulse_speed_profiles_in_memory";

@@ -20,7 +20,6 @@ use arrow_schema::{DataType, Field, Schema, TimeUnit};
 use chrono::{DateTime, Utc};
 use parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder;
 use parquet::arrow::ArrowWriter;
-use parquet::file::properties::WriterProperties;
 use pulse_core::identity::IdentityRecord;
 
 use crate::parquet_file::{Codec, ParquetError};
@@ -133,10 +132,7 @@ pub fn write(rows: &[ArchivedIdentity], codec: Codec) -> Result<Vec<u8>, Parquet
         Arc::new(json.finish()),
     ];
     let batch = RecordBatch::try_new(Arc::new(identity_schema()), columns)?;
-    let props = WriterProperties::builder()
-        .set_compression(codec.compression())
-        .set_created_by("pulse-archiver".into())
-        .build();
+    let props = crate::parquet_file::writer_properties(codec.compression());
     let mut out = Vec::with_capacity(n * 256);
     let mut writer = ArrowWriter::try_new(&mut out, batch.schema(), Some(props))?;
     writer.write(&batch)?;

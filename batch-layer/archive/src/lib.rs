@@ -6,8 +6,10 @@
 //!   back;
 //! - [`reader`]: an archive file back to events, for recompute;
 //! - [`identity_file`]: the speed layer's identity records of a unit, beside its events;
+//! - [`erase`]: a file rewritten without erased people's rows;
 //! - [`store`]: opening the object store (local directory, `s3://`, `gs://`).
 
+pub mod erase;
 pub mod identity_file;
 pub mod layout;
 pub mod parquet_file;

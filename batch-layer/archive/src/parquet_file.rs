@@ -163,14 +163,19 @@ fn scaled(d: Decimal) -> Option<i128> {
     (d.scale() == AMOUNT_SCALE as u32).then(|| d.mantissa())
 }
 
+/// How every archive file is written (the archiver's, and an erasure's rewrite of one).
+pub fn writer_properties(compression: Compression) -> WriterProperties {
+    WriterProperties::builder()
+        .set_compression(compression)
+        .set_max_row_group_row_count(Some(128 * 1024))
+        .set_created_by("pulse-archiver".into())
+        .build()
+}
+
 /// The events of `partition` (with their offsets) as a Parquet file in memory.
 pub fn write(partition: i32, rows: &[(i64, Event)], codec: Codec) -> Result<Vec<u8>, ParquetError> {
     let batch = record_batch(partition, rows)?;
-    let props = WriterProperties::builder()
-        .set_compression(codec.compression())
-        .set_max_row_group_row_count(Some(128 * 1024))
-        .set_created_by("pulse-archiver".into())
-        .build();
+    let props = writer_properties(codec.compression());
     let mut out = Vec::with_capacity(rows.len() * 64);
     let mut writer = ArrowWriter::try_new(&mut out, batch.schema(), Some(props))?;
     writer.write(&batch)?;

@@ -110,6 +110,19 @@ impl ProfileCache {
         out
     }
 
+    /// Drops the profile `id`, dirty or not (an erased person's); whether it was held.
+    pub fn remove(&mut self, id: &str) -> bool {
+        match self.entries.remove(id) {
+            Some(entry) => {
+                if entry.dirty {
+                    self.dirty -= 1;
+                }
+                true
+            }
+            None => false,
+        }
+    }
+
     /// A profile whose write failed: dirty again, so the next flush writes it.
     pub fn redirty(&mut self, id: &str) {
         if let Some(entry) = self.entries.get_mut(id) {

@@ -24,6 +24,7 @@
 
 use std::time::Instant;
 
+use pulse_core::erasure::Erasures;
 use pulse_core::identity::{Forward, IdentityRecord, Link, Merge, Position, Refusal};
 use pulse_core::Event;
 
@@ -83,6 +84,9 @@ pub(crate) trait Writes<S: DocumentStore> {
 pub(crate) struct Unifier<'a, S: DocumentStore, W: Writes<S>> {
     pub state: &'a mut ProfileState<S>,
     pub policy: &'a IdentityPolicy,
+    /// Erased people (`pulse_core::erasure`): their records are passed over, and no person
+    /// asks for an erased device.
+    pub erasures: &'a Erasures,
     pub writes: W,
 }
 
@@ -111,6 +115,10 @@ impl<S: DocumentStore, W: Writes<S>> Unifier<'_, S, W> {
     /// An event read for the profile `id`: passed on when `id` was merged into a person,
     /// folded otherwise. The dead-letter reason of an event that cannot be folded.
     pub fn event(&mut self, event: Event, id: String, read: Read) -> Option<String> {
+        if self.erasures.erases(&event) {
+            metrics::counter!(m::RECORDS_ERASED).increment(1);
+            return None;
+        }
         self.writes.handling(&event);
         if let Some(person) = self.forwarding(&id, read) {
             if event.user_id.is_none() && !self.unlinked(&event.partner_id, &event.anonymous_id) {
@@ -197,7 +205,12 @@ impl<S: DocumentStore, W: Writes<S>> Unifier<'_, S, W> {
             pulse_core::validate::check_person_id("previousId", &event.partner_id, id).is_ok()
         });
         let candidates = [event.anonymous_id.as_deref(), previous];
+        let erasures = self.erasures;
         for anonymous_id in candidates.into_iter().flatten() {
+            if erasures.contains(&event.partner_id, anonymous_id) {
+                // An erased device: nothing may link to it (its link would be passed over).
+                continue;
+            }
             let Some(profile) = self.state.cache.get_mut(id) else {
                 return;
             };
@@ -260,6 +273,10 @@ impl<S: DocumentStore, W: Writes<S>> Unifier<'_, S, W> {
     /// An identity record read for the profile `id` (its key). The dead-letter reason of one
     /// that cannot be applied.
     pub fn record(&mut self, record: IdentityRecord, id: String, read: Read) -> Option<String> {
+        if self.erasures.erases_identity(&record) {
+            metrics::counter!(m::RECORDS_ERASED).increment(1);
+            return None;
+        }
         match record {
             IdentityRecord::Link(link) => {
                 self.link(link, id, read);

@@ -18,6 +18,7 @@
 //! [`FlushPolicy`]: crate::config::FlushPolicy
 
 mod cache;
+mod erasures;
 mod flush;
 pub(crate) mod identity;
 pub(crate) mod outbox;
@@ -32,6 +33,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use pulse_service::consumer::{self, Commit, EndOfPartitions, GroupConsumer};
+use pulse_service::erasures::ErasureFeed;
 use pulse_service::outbox::Outbox;
 use pulse_service::{Readiness, Shutdown};
 use rdkafka::consumer::Consumer;
@@ -58,6 +60,8 @@ pub enum EngineError {
     /// The triggers/dead-letter producer failed for good (see `pulse_service::outbox`).
     #[error("{0}")]
     Outbox(#[from] pulse_service::outbox::OutboxError),
+    #[error("{0}")]
+    Erasures(#[from] pulse_service::erasures::FeedError),
 }
 
 /// Everything the loop and the rebalance callback share.
@@ -75,6 +79,12 @@ pub(crate) struct Engine {
     /// read from (see `pulse_core::partitioner`).
     partitions: i32,
     failpoints: Failpoints,
+    /// Erased people, followed while the layer runs (see `erasures.rs`).
+    erasures: ErasureFeed,
+    /// How far in the erasures' log this replica has acted.
+    erased_cursor: usize,
+    /// Erased profiles whose documents wait for a moment without a flush in flight.
+    to_erase: Vec<String>,
 }
 
 /// Test-only fault injection, by message id.
@@ -121,6 +131,8 @@ pub fn run(
     let rule_count = rules.rules.len();
     let partitions =
         consumer::partition_count(&config.kafka.client_config(), &config.topics.events, &stop)?;
+    let erasures = config.erasure_feed()?;
+    let erased_cursor = erasures.read().cursor();
     let engine = Arc::new(Mutex::new(Engine {
         state: ProfileState::new(store, runtime, settings, &ready, stop.clone()),
         outbox: SpeedOutbox::new(outbox, &config.topics, &config.es.alias)
@@ -135,6 +147,9 @@ pub fn run(
             fatal_producer: config.failpoint_fatal_producer_message_id.clone(),
             kill: config.failpoint_kill_message_ids.iter().cloned().collect(),
         },
+        erasures,
+        erased_cursor,
+        to_erase: Vec::new(),
     }));
     let mut consumer_config = config.kafka.consumer_config(&config.group);
     consumer_config.set("max.poll.interval.ms", "600000");
@@ -166,6 +181,7 @@ pub fn run(
             engine.process(&batch);
         }
         engine.finish_flush(&commit, false);
+        engine.apply_erasures();
         engine.apply_rewinds(&consumer);
         if engine.state.flush_due() {
             engine.start_flush(&commit);

@@ -6,6 +6,7 @@ use std::collections::HashSet;
 use std::time::Instant;
 
 use chrono::Utc;
+use pulse_core::erasure::Erasures;
 use pulse_core::identity::{IdentityRecord, TopicRecord};
 use pulse_core::partitioner::Placement;
 use pulse_core::Event;
@@ -143,6 +144,8 @@ impl Engine {
         }
         let now_ms = Utc::now().timestamp_millis();
         let before = self.state.counts;
+        let feed = self.erasures.clone();
+        let erasures = feed.read();
         for (msg, result) in parsed {
             let partition = msg.partition();
             if self.state.is_rewinding(partition) {
@@ -156,8 +159,12 @@ impl Engine {
                 now_ms,
             };
             let refused = match result {
-                Ok((TopicRecord::Event(event), id)) => self.unifier().event(event, id, read),
-                Ok((TopicRecord::Identity(record), id)) => self.unifier().record(record, id, read),
+                Ok((TopicRecord::Event(event), id)) => {
+                    self.unifier(&erasures).event(event, id, read)
+                }
+                Ok((TopicRecord::Identity(record), id)) => {
+                    self.unifier(&erasures).record(record, id, read)
+                }
                 Err(reason) => Some(reason),
             };
             if let Some(reason) = refused {
@@ -175,10 +182,11 @@ impl Engine {
     }
 
     /// The identity rules over this replica's profiles, writing as the live layer does.
-    fn unifier(&mut self) -> Unifier<'_, ProfileStore, Live<'_>> {
+    fn unifier<'a>(&'a mut self, erasures: &'a Erasures) -> Unifier<'a, ProfileStore, Live<'a>> {
         Unifier {
             state: &mut self.state,
             policy: &self.identity,
+            erasures,
             writes: Live {
                 outbox: &self.outbox,
                 rules: &self.rules,

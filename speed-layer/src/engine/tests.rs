@@ -8,6 +8,7 @@ use std::future::Future;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use pulse_core::erasure::Erasures;
 use pulse_core::{parse_event, Event, ParseContext};
 use pulse_service::consumer::Commit;
 use pulse_service::{Readiness, Shutdown};
@@ -620,6 +621,7 @@ mod identity_rules {
         let mut rules = Unifier {
             state: &mut state,
             policy: &policy,
+            erasures: &Erasures::default(),
             writes: &mut sent,
         };
         rules.event(both(0), "p1:u1".into(), at(0));
@@ -641,6 +643,7 @@ mod identity_rules {
         let mut rules = Unifier {
             state: &mut state,
             policy: &policy,
+            erasures: &Erasures::default(),
             writes: &mut sent,
         };
         rules.event(both(2), "p1:u1".into(), at(2));
@@ -672,6 +675,7 @@ mod identity_rules {
         let mut rules = Unifier {
             state: &mut state,
             policy: &policy,
+            erasures: &Erasures::default(),
             writes: &mut sent,
         };
         let device_event = event(
@@ -703,6 +707,7 @@ mod identity_rules {
         let mut rules = Unifier {
             state: &mut state,
             policy: &policy,
+            erasures: &Erasures::default(),
             writes: &mut sent,
         };
         rules.record(merge(), "p1:u1".into(), at(3));

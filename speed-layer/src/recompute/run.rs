@@ -213,6 +213,10 @@ pub(super) fn run_leased(
         panic_at: args.speed.failpoint_panic_message_id.clone(),
         identity: args.speed.identity_policy()?,
         scope: args.scope.as_ref().map(|s| s.ids.clone()),
+        erasures: args
+            .speed
+            .erasure_feed()
+            .map_err(crate::engine::EngineError::from)?,
     };
     if !folder.poison.is_empty() {
         tracing::warn!(
@@ -318,6 +322,9 @@ struct Folder {
     identity: crate::identity::IdentityPolicy,
     /// The only profiles folded, when the run has a [`super::Scope`].
     scope: Option<std::collections::HashSet<String>>,
+    /// Erased people, followed during the run: their records are passed over (a person
+    /// erased while the run goes has profiles in it from before; promote deletes them).
+    erasures: pulse_service::erasures::ErasureFeed,
 }
 
 impl Folder {
@@ -540,6 +547,8 @@ impl Folder {
             return false;
         }
         let now_ms = chrono::Utc::now().timestamp_millis();
+        let feed = self.erasures.clone();
+        let erasures = feed.read();
         for ((p, offset, record), id) in chunk.into_iter().zip(ids) {
             if self.kill_at == Some((p, offset)) {
                 crate::poison::kill_self(&format!("partition {p} offset {offset}"));
@@ -564,6 +573,7 @@ impl Folder {
                 let mut unifier = Unifier {
                     state: &mut self.state,
                     policy: &self.identity,
+                    erasures: &erasures,
                     writes: Replay,
                 };
                 let _ = match record {
