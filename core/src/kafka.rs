@@ -348,6 +348,28 @@ async fn max_message_bytes(
     name: &str,
     timeout: Duration,
 ) -> Result<Option<usize>, TopicError> {
+    Ok(configs_of(admin, name, timeout)
+        .await?
+        .get("max.message.bytes")
+        .and_then(|v| v.parse().ok()))
+}
+
+/// The configuration of an existing topic as the broker reports it, defaults included
+/// (`retention.ms`, `cleanup.policy`, …).
+pub async fn topic_configs(
+    kafka: &KafkaArgs,
+    name: &str,
+    timeout: Duration,
+) -> Result<std::collections::BTreeMap<String, String>, TopicError> {
+    let admin: AdminClient<DefaultClientContext> = kafka.client_config().create()?;
+    configs_of(&admin, name, timeout).await
+}
+
+async fn configs_of(
+    admin: &AdminClient<DefaultClientContext>,
+    name: &str,
+    timeout: Duration,
+) -> Result<std::collections::BTreeMap<String, String>, TopicError> {
     let options = AdminOptions::new().request_timeout(Some(timeout));
     let described = admin
         .describe_configs(&[ResourceSpecifier::Topic(name)], &options)
@@ -355,8 +377,9 @@ async fn max_message_bytes(
     Ok(described
         .into_iter()
         .flatten()
-        .find_map(|resource| resource.get("max.message.bytes")?.value.clone())
-        .and_then(|v| v.parse().ok()))
+        .flat_map(|resource| resource.entries)
+        .filter_map(|entry| Some((entry.name, entry.value?)))
+        .collect())
 }
 
 /// Creating a topic returns before its partitions have leaders, and until they do every

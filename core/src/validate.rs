@@ -27,13 +27,7 @@ pub const MAX_USER_ID: usize = 256;
 /// type's form, the amount range and the nesting depth. Field-level messages, as at ingest.
 pub fn check_canonical(event: &Event) -> Result<(), EventError> {
     required_text("message_id", &event.message_id, MAX_MESSAGE_ID)?;
-    required_text("partner_id", &event.partner_id, MAX_PARTNER_ID)?;
-    if event.partner_id.contains(':') {
-        return Err(EventError::field(
-            "partner_id",
-            "must not contain ':' (it separates partner and user in the Kafka key)",
-        ));
-    }
+    check_partner_id(&event.partner_id)?;
     if !is_event_type(&event.event) {
         return Err(EventError::field(
             "event",
@@ -153,6 +147,18 @@ pub fn is_event_type(name: &str) -> bool {
         && name
             .bytes()
             .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_')
+}
+
+/// A partner id: present, at most [`MAX_PARTNER_ID`] characters, without ':'.
+pub fn check_partner_id(partner_id: &str) -> Result<(), EventError> {
+    required_text("partner_id", partner_id, MAX_PARTNER_ID)?;
+    if partner_id.contains(':') {
+        return Err(EventError::field(
+            "partner_id",
+            "must not contain ':' (it separates partner and user in the Kafka key)",
+        ));
+    }
+    Ok(())
 }
 
 /// A user or anonymous id of `partner_id`'s: present, at most [`MAX_USER_ID`] characters, and

@@ -14,6 +14,7 @@ pub mod api;
 pub mod config;
 pub mod dedupe;
 pub mod engine;
+pub mod erase;
 pub mod identity;
 pub mod metrics;
 pub mod models;

@@ -36,6 +36,8 @@ pub const IDENTITY_RECLAIMED: &str = "pulse_speed_identity_reclaimed_total";
 pub const NOTIFY_DELIVERED: &str = "pulse_notifier_delivered_total";
 pub const NOTIFY_DUPLICATE: &str = "pulse_notifier_duplicates_total";
 pub const NOTIFY_RATE_LIMITED: &str = "pulse_notifier_rate_limited_total";
+/// Triggers of people erased since they fired, not delivered.
+pub const NOTIFY_ERASED: &str = "pulse_notifier_erased_total";
 pub const NOTIFY_EXPIRED: &str = "pulse_notifier_expired_total";
 pub const NOTIFY_RETRIES: &str = "pulse_notifier_retries_total";
 pub const NOTIFY_DEAD_LETTERED: &str = "pulse_notifier_dead_lettered_total";

@@ -97,7 +97,7 @@ pub fn count(bytes: Bytes, kind: FileKind, erasures: &Erasures) -> Result<Filter
 }
 
 /// What erasing from the archive did (or, in a dry run, would do).
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize)]
 pub struct Rewritten {
     pub files_scanned: u64,
     pub files_rewritten: u64,

@@ -276,16 +276,7 @@ async fn count_rows(wh: &Warehouse, table: &str, date: NaiveDate) -> Result<u64,
         day_filter(date)
     );
     let batches = wh.query(&sql).await?;
-    let n = batches
-        .first()
-        .filter(|b| b.num_rows() > 0)
-        .and_then(|b| {
-            b.column(0)
-                .as_any()
-                .downcast_ref::<arrow::array::StringArray>()
-                .map(|a| a.value(0).to_string())
-        })
-        .and_then(|t| t.parse::<u64>().ok());
+    let n = super::client::results::count_of(&batches);
     n.ok_or_else(|| WarehouseError::Api {
         what: format!("row count of partition {date}"),
         message: "the query returned no number".into(),

@@ -5,9 +5,11 @@
 //! - [`auth`]: Google credentials (ADC, service-account key, none for an emulator).
 //! - [`client`]: [`Warehouse`]: dataset and table provisioning, jobs, queries.
 //! - [`load`]: loading one day of committed archive files into its partition.
+//! - [`erase`]: deleting erased people's rows (`pulse-admin users erase`).
 
 pub mod auth;
 pub mod client;
+pub mod erase;
 pub mod load;
 pub mod schema;
 

@@ -63,6 +63,8 @@ pub enum LedgerError {
     NoTriggersTopic(String),
     #[error("stopped before the state was written")]
     Stopped,
+    #[error("{0}")]
+    Erasures(String),
     /// A producer failed for good (see `pulse_service::outbox::is_fatal`); the process stops,
     /// and the restart handles every uncommitted trigger again.
     #[error("the Kafka producer failed for good ({0}); a restart handles every uncommitted trigger again")]
@@ -160,6 +162,12 @@ impl PushLedger {
         }
         tracing::info!(partition, records = count, "push state restored");
         self.restored.insert(partition);
+    }
+
+    /// Forgets the pushes of `user` (an erased person's; the state topic's tombstone is
+    /// written by the erasure, [`erase_users`]).
+    pub fn forget_user(&mut self, user: &str) {
+        self.users.remove(user);
     }
 
     /// `partitions` went to another notifier: what it pushes from now on is not seen here, so
@@ -279,6 +287,39 @@ fn read_partition(
             (user, pushes)
         })
         .collect())
+}
+
+/// Writes a tombstone into the state `topic` for each user key (`{partner_id}:{user}`, as
+/// triggers are keyed) and waits for Kafka's acknowledgement, so that compaction drops the
+/// erased people's pushes. A tombstone goes to the partition of its key by murmur2, the one
+/// the user's triggers, and so their state records, are on (the state topic has the triggers
+/// topic's partition count). Nothing to do when the topic does not exist. How many written.
+pub async fn erase_users(
+    kafka: &KafkaArgs,
+    topic: &str,
+    users: &[String],
+) -> Result<usize, String> {
+    let consumer: BaseConsumer = kafka.client_config().create().map_err(|e| e.to_string())?;
+    let partitions = pulse_service::consumer::compacted::partitions_if_any(&consumer, topic)
+        .map_err(|e| format!("reading {topic}: {e}"))?;
+    if partitions == 0 || users.is_empty() {
+        return Ok(0);
+    }
+    let producer: FutureProducer = kafka
+        .producer_config()
+        .create()
+        .map_err(|e| e.to_string())?;
+    let sends = users.iter().map(|user| {
+        let partition = pulse_core::partitioner::partition_of(user.as_bytes(), partitions);
+        let tombstone = FutureRecord::<str, [u8]>::to(topic)
+            .partition(partition)
+            .key(user.as_str());
+        producer.send(tombstone, Duration::from_secs(30))
+    });
+    for sent in futures::future::join_all(sends).await {
+        sent.map_err(|(e, _)| format!("writing to {topic}: {e}"))?;
+    }
+    Ok(users.len())
 }
 
 #[cfg(test)]

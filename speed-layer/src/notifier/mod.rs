@@ -35,6 +35,8 @@ use ledger::{LedgerError, PushLedger};
 pub use routes::{RoutesError, WebhookRoutes};
 pub use webhook::push_body;
 
+use pulse_service::erasures::ErasureFeed;
+
 #[derive(Debug, Clone, clap::Args)]
 pub struct NotifierConfig {
     #[command(flatten)]
@@ -56,6 +58,10 @@ pub struct NotifierConfig {
         default_value = "triggers.state"
     )]
     pub state_topic: String,
+    /// Erased people's ids (see `pulse_core::erasure`): their triggers are not delivered, and
+    /// their push state is forgotten.
+    #[arg(long = "erasures-topic", env = "PULSE_ERASURES_TOPIC", default_value = "erasures")]
+    pub erasures_topic: String,
     #[arg(long, env = "PULSE_NOTIFIER_GROUP", default_value = "notifier")]
     pub group: String,
     /// Each partner's push webhook (FCM-style JSON body): a JSON file
@@ -107,11 +113,14 @@ pub enum Outcome {
     Duplicate,
     RateLimited,
     Expired,
+    /// Of a person erased since the trigger fired: not delivered.
+    Erased,
     DeadLettered(String),
 }
 
 pub struct Notifier {
     config: NotifierConfig,
+    erasures: ErasureFeed,
     routes: WebhookRoutes,
     http: reqwest::Client,
     producer: FutureProducer,
@@ -158,6 +167,10 @@ impl Notifier {
                 .build()
                 .unwrap_or_default(),
             producer: config.kafka.producer_config().create()?,
+            erasures: ErasureFeed::follow(
+                config.kafka.consumer_config("pulse-notifier-erasures"),
+                &config.erasures_topic,
+            ),
             config,
         })
     }
@@ -180,6 +193,11 @@ impl Notifier {
             kafka.clone(),
         )
         .await?;
+        let feed = self.erasures.clone();
+        let loaded = tokio::task::spawn_blocking(move || feed.wait_loaded(Duration::from_secs(60)))
+            .await
+            .map_err(|_| LedgerError::Stopped)?;
+        loaded.map_err(|e| LedgerError::Erasures(e.to_string()))?;
         let revoked = Arc::new(Mutex::new(Revoked::default()));
         let context = GroupContext::new(revoked.clone(), &config.topic);
         let consumer: StreamConsumer<GroupContext<Revoked>> = config
@@ -282,6 +300,16 @@ impl Notifier {
         shutdown: &Shutdown,
     ) -> Option<Outcome> {
         let user = trigger.key();
+        if self
+            .erasures
+            .read()
+            .contains(&trigger.partner_id, &trigger.user_id)
+        {
+            // The person's state goes too: `pulse-admin users erase` writes its tombstone.
+            ledger.forget_user(&user);
+            metrics::counter!(m::NOTIFY_ERASED).increment(1);
+            return Some(Outcome::Erased);
+        }
         if ledger.delivered(&user, &trigger.idempotency_key) {
             metrics::counter!(m::NOTIFY_DUPLICATE).increment(1);
             return Some(Outcome::Duplicate);
@@ -434,6 +462,7 @@ mod tests {
             topic: "triggers".into(),
             dlq_topic: "triggers.dlq".into(),
             state_topic: "triggers.state".into(),
+            erasures_topic: "erasures".into(),
             group: "notifier".into(),
             webhooks_file: None,
             webhook_url: Some("http://localhost:1/push".into()),

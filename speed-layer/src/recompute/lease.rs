@@ -178,7 +178,7 @@ pub fn with_lease<T>(
         let stop = stop.clone();
         move || stop.stop()
     };
-    lease.keep_renewed(&runtime, on_lost);
+    lease.keep_renewed(runtime.handle(), on_lost);
     let outcome = work();
     let lost = lease.lost();
     runtime.block_on(lease.release());
@@ -231,7 +231,7 @@ impl Lease {
     /// took it over meanwhile, `lost` turns true and `on_lost` is called (the run stops).
     pub fn keep_renewed(
         &mut self,
-        runtime: &tokio::runtime::Runtime,
+        runtime: &tokio::runtime::Handle,
         on_lost: impl Fn() + Send + 'static,
     ) {
         let (store, index, id) = (self.store.clone(), self.index.clone(), self.id.clone());

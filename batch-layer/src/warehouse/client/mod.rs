@@ -20,7 +20,7 @@ use super::WarehouseArgs;
 
 mod jobs;
 mod provision;
-mod results;
+pub(crate) mod results;
 
 const DAY_MS: u64 = 24 * 3600 * 1000;
 

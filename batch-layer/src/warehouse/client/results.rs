@@ -24,6 +24,20 @@ impl Warehouse {
                 }}),
             )
             .await?;
+        self.results(&job_id).await
+    }
+
+    /// The one number a finished `SELECT COUNT(*)` job answered.
+    pub async fn single_count(&self, job_id: &str) -> Result<u64, WarehouseError> {
+        let batches = self.results(job_id).await?;
+        count_of(&batches).ok_or_else(|| WarehouseError::Api {
+            what: format!("the count of {job_id}"),
+            message: "the query returned no number".into(),
+        })
+    }
+
+    /// The rows of a finished query job, every page.
+    pub async fn results(&self, job_id: &str) -> Result<Vec<RecordBatch>, WarehouseError> {
         let mut batches = Vec::new();
         let mut page_token = None;
         loop {
@@ -35,7 +49,7 @@ impl Warehouse {
             let page = self
                 .client
                 .job()
-                .get_query_results(&self.project, &job_id, params)
+                .get_query_results(&self.project, job_id, params)
                 .await
                 .map_err(|e| api_error(format!("results of {job_id}"), e))?;
             let names: Vec<String> = page
@@ -77,6 +91,20 @@ impl Warehouse {
             }
         }
     }
+}
+
+/// The first cell of `batches` as a number: a `COUNT(*)`'s answer.
+pub fn count_of(batches: &[RecordBatch]) -> Option<u64> {
+    batches
+        .first()
+        .filter(|b| b.num_rows() > 0)
+        .and_then(|b| {
+            b.column(0)
+                .as_any()
+                .downcast_ref::<StringArray>()
+                .map(|a| a.value(0).to_string())
+        })
+        .and_then(|t| t.parse::<u64>().ok())
 }
 
 /// A REST cell as text: scalars as they come, repeated fields as a JSON array of their values.

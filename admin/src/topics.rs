@@ -1,43 +1,17 @@
-//! `pulse-admin`: provisioning commands for operators.
+//! `pulse-admin topics`: provisioning and inspecting Pulse's Kafka topics.
 
+use std::collections::BTreeMap;
 use std::time::Duration;
 
-use clap::{Parser, Subcommand};
-use pulse_core::kafka::{ensure_topics, KafkaArgs, TopicArgs, TopicOutcome, TopicSpec};
+use pulse_core::kafka::{
+    ensure_topics, topic_configs, KafkaArgs, TopicArgs, TopicOutcome, TopicSpec,
+};
 use pulse_service::outbox::DEAD_LETTER_MAX_BYTES;
 use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::{Message, Offset, TopicPartitionList};
 
-#[derive(Parser)]
-#[command(name = "pulse-admin", about = "Provision Pulse's Kafka topics", version)]
-struct Cli {
-    #[command(subcommand)]
-    command: Command,
-}
-
-#[derive(Subcommand)]
-enum Command {
-    /// Kafka topics.
-    Topics {
-        #[command(subcommand)]
-        command: TopicsCommand,
-    },
-}
-
-#[derive(Subcommand)]
-enum TopicsCommand {
-    /// Create `events`, `events.dlq`, `triggers`, `triggers.dlq`, `triggers.state`,
-    /// `profiles.dlq` and `identity.unlinks` if missing (the dead-letter topics take records up to 8 MiB); check
-    /// existing ones. Idempotent.
-    Ensure(EnsureArgs),
-    /// Records per partition (high minus low watermark) of a topic.
-    Describe(InspectArgs),
-    /// Print the newest records of a topic (from its fullest partition).
-    Peek(PeekArgs),
-}
-
 #[derive(clap::Args)]
-struct InspectArgs {
+pub struct InspectArgs {
     #[command(flatten)]
     kafka: KafkaArgs,
     /// Topic to inspect.
@@ -46,7 +20,7 @@ struct InspectArgs {
 }
 
 #[derive(clap::Args)]
-struct PeekArgs {
+pub struct PeekArgs {
     #[command(flatten)]
     inspect: InspectArgs,
     /// How many records.
@@ -55,7 +29,7 @@ struct PeekArgs {
 }
 
 #[derive(clap::Args)]
-struct EnsureArgs {
+pub struct EnsureArgs {
     #[command(flatten)]
     kafka: KafkaArgs,
     #[command(flatten)]
@@ -73,19 +47,6 @@ struct EnsureArgs {
     /// Seconds to wait for the broker.
     #[arg(long, default_value_t = 30)]
     timeout_secs: u64,
-}
-
-#[tokio::main]
-async fn main() -> anyhow::Result<()> {
-    pulse_core::telemetry::init_tracing();
-    let Cli {
-        command: Command::Topics { command },
-    } = Cli::parse();
-    match command {
-        TopicsCommand::Ensure(args) => ensure(args).await,
-        TopicsCommand::Describe(args) => describe(&args),
-        TopicsCommand::Peek(args) => peek(&args),
-    }
 }
 
 /// Low and high watermark of every partition, in partition order.
@@ -127,8 +88,9 @@ fn fetch_watermarks(
     }
 }
 
-fn describe(args: &InspectArgs) -> anyhow::Result<()> {
+pub async fn describe(args: &InspectArgs) -> anyhow::Result<()> {
     let marks = watermarks(args)?;
+    let configs = topic_configs(&args.kafka, &args.topic, Duration::from_secs(10)).await?;
     let counts: Vec<i64> = marks.iter().map(|(_, low, high)| high - low).collect();
     let total: i64 = counts.iter().sum();
     println!(
@@ -149,10 +111,11 @@ fn describe(args: &InspectArgs) -> anyhow::Result<()> {
             total as f64 / counts.len().max(1) as f64
         );
     }
+    println!("  {}", retention_line(&configs));
     Ok(())
 }
 
-fn peek(args: &PeekArgs) -> anyhow::Result<()> {
+pub fn peek(args: &PeekArgs) -> anyhow::Result<()> {
     let marks = watermarks(&args.inspect)?;
     let Some(&(partition, low, high)) = marks.iter().max_by_key(|(_, low, high)| high - low) else {
         anyhow::bail!("topic has no partitions");
@@ -190,7 +153,7 @@ fn peek(args: &PeekArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
-async fn ensure(args: EnsureArgs) -> anyhow::Result<()> {
+pub async fn ensure(args: EnsureArgs) -> anyhow::Result<()> {
     let (aux, replication) = (args.aux_partitions, args.replication);
     let dead_letters = |name: &str| {
         TopicSpec::new(name, aux, replication).with_max_message_bytes(DEAD_LETTER_MAX_BYTES)
@@ -205,6 +168,8 @@ async fn ensure(args: EnsureArgs) -> anyhow::Result<()> {
         dead_letters(&args.topics.profiles_dlq),
         // Devices unlinked from their person: a handful of records, read whole at start.
         TopicSpec::compacted(&args.topics.unlinks, 1, replication),
+        // Erased people's ids: read whole, then followed, by every service; kept for good.
+        TopicSpec::compacted(&args.topics.erasures, 1, replication),
     ];
     let outcomes =
         ensure_topics(&args.kafka, &specs, Duration::from_secs(args.timeout_secs)).await?;
@@ -231,4 +196,82 @@ async fn ensure(args: EnsureArgs) -> anyhow::Result<()> {
         }
     }
     Ok(())
+}
+
+/// "kept 7 days (cleanup.policy delete)", from a topic's configuration.
+fn retention_line(configs: &BTreeMap<String, String>) -> String {
+    let policy = configs
+        .get("cleanup.policy")
+        .map_or("delete", String::as_str);
+    let retention = configs
+        .get("retention.ms")
+        .and_then(|v| v.parse::<i64>().ok())
+        .map_or("broker default".to_string(), human_ms);
+    match policy.contains("compact") {
+        true => format!(
+            "compacted: the newest record per key is kept for good (cleanup.policy {policy})"
+        ),
+        false => format!("records kept {retention} (retention.ms; cleanup.policy {policy})"),
+    }
+}
+
+fn human_ms(ms: i64) -> String {
+    match ms {
+        -1 => "for good".into(),
+        ms if ms % 86_400_000 == 0 => format!("{} days", ms / 86_400_000),
+        ms if ms % 3_600_000 == 0 => format!("{} hours", ms / 3_600_000),
+        ms => format!("{} s", ms / 1000),
+    }
+}
+
+/// Each topic of Pulse: what personal data it holds, and how long Kafka keeps it. Records
+/// cannot be deleted one by one from Kafka: they go with retention (or, compacted, with a
+/// tombstone of their key), so this is how long an erased person's records stay in Kafka,
+/// passed over by every reader meanwhile.
+pub async fn retention(args: &RetentionArgs) -> anyhow::Result<()> {
+    let t = &args.topics;
+    let topics = [
+        (
+            t.events.clone(),
+            "every event: ids, pages, products, amounts",
+        ),
+        (t.dlq.clone(), "events no consumer could use, whole"),
+        (t.triggers.clone(), "fired triggers: user id and the event"),
+        (
+            format!("{}.dlq", t.triggers),
+            "triggers not delivered, whole",
+        ),
+        (
+            format!("{}.state", t.triggers),
+            "pushes per user (keyed by user id)",
+        ),
+        (
+            t.profiles_dlq.clone(),
+            "profile documents Elasticsearch refused, whole",
+        ),
+        (
+            t.unlinks.clone(),
+            "unlinked devices: user and anonymous ids",
+        ),
+        (
+            t.erasures.clone(),
+            "erased ids: kept for good, so that they stay suppressed",
+        ),
+    ];
+    for (name, holds) in topics {
+        let line = match topic_configs(&args.kafka, &name, Duration::from_secs(10)).await {
+            Ok(configs) if !configs.is_empty() => retention_line(&configs),
+            Ok(_) | Err(_) => "does not exist".to_string(),
+        };
+        println!("{name:<24} {holds}\n{:<24} {line}", "");
+    }
+    Ok(())
+}
+
+#[derive(clap::Args)]
+pub struct RetentionArgs {
+    #[command(flatten)]
+    pub kafka: KafkaArgs,
+    #[command(flatten)]
+    pub topics: TopicArgs,
 }

@@ -1,0 +1,182 @@
+//! The profiles side of an erasure (`pulse-admin users erase`, see `pulse_core::erasure`):
+//! who the person is across every profiles index of the alias, and deleting their documents
+//! from each.
+//!
+//! An erased id may be a device merged into a person (its document is a pointer): the person
+//! is erased, and with them every device merged into them (each is the same human). The
+//! person's devices are what any index says: the `aliases` of the person's documents and the
+//! pointers to the person.
+
+use std::collections::{BTreeMap, BTreeSet};
+
+use elasticsearch::params::Conflicts;
+use elasticsearch::{DeleteByQueryParts, SearchParts};
+use pulse_core::erasure::IdKind;
+use pulse_core::event::{partition_key, person_of};
+use serde_json::{json, Value};
+
+use crate::recompute::indices;
+use crate::store::{check, ProfileStore, StoreError};
+
+/// Most ids in one `terms` query (Elasticsearch takes up to 65,536).
+const TERMS_PER_QUERY: usize = 10_000;
+
+/// Most documents a resolution reads per index: a person has at most a few hundred devices
+/// (`--max-aliases`).
+const MAX_DOCS: usize = 10_000;
+
+/// One person to erase: their own id and every device merged into them.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Person {
+    pub partner_id: String,
+    /// The person's own id (a user id, or the anonymous id of a device never merged).
+    pub id: String,
+    /// Every id to erase, the person's own included, with its kind.
+    pub ids: BTreeMap<String, IdKind>,
+}
+
+/// Every profiles index of `store`'s alias: the one it points to and every `<alias>-*`
+/// (indices kept for rollback, a recompute's, an unlink's scratch index), sorted.
+pub async fn profile_indices(store: &ProfileStore) -> Result<Vec<String>, StoreError> {
+    let alias = store.alias().to_string();
+    let mut out = BTreeSet::new();
+    if let Some(live) = indices::alias_target(store, &alias).await? {
+        out.insert(live);
+    }
+    let pattern = format!("{alias}-*");
+    let matching = indices::aliases_of(store, &pattern).await?;
+    out.extend(
+        matching
+            .as_object()
+            .into_iter()
+            .flatten()
+            .map(|(k, _)| k.clone()),
+    );
+    Ok(out.into_iter().collect())
+}
+
+/// The person `id` (of `kind`) of `partner` is, and all their devices, as `indices` know
+/// them. An id no index knows is a person of its own with no device.
+pub async fn resolve(
+    store: &ProfileStore,
+    indices: &[String],
+    partner: &str,
+    id: &str,
+    kind: IdKind,
+) -> Result<Person, StoreError> {
+    let mut person = id.to_string();
+    // A device merged into a person: the person is the one to erase.
+    for doc in documents(store, indices, partner, &[id.to_string()]).await? {
+        if doc["profile_id"].as_str() == Some(&partition_key(partner, id)) {
+            if let Some(p) = doc["merged_into"].as_str() {
+                person = p.to_string();
+            }
+        }
+    }
+    let own_kind = match (person == id, kind) {
+        (true, kind) => kind,
+        (false, _) => IdKind::User,
+    };
+    let mut ids = BTreeMap::from([(person.clone(), own_kind)]);
+    if person != id {
+        ids.insert(id.to_string(), IdKind::Alias);
+    }
+    for doc in documents(store, indices, partner, &[person.clone()]).await? {
+        let aliases = doc["aliases"].as_array().into_iter().flatten();
+        for alias in aliases.filter_map(Value::as_str) {
+            ids.entry(alias.to_string()).or_insert(IdKind::Alias);
+        }
+        if doc["merged_into"].as_str() == Some(&person) {
+            if let Some(pid) = doc["profile_id"].as_str() {
+                ids.entry(person_of(pid).to_string())
+                    .or_insert(IdKind::Alias);
+            }
+        }
+    }
+    Ok(Person {
+        partner_id: partner.to_string(),
+        id: person,
+        ids,
+    })
+}
+
+/// The query for the documents of `ids` of `partner` and the pointers to them.
+fn query(partner: &str, ids: &[String]) -> Value {
+    let profile_ids: Vec<String> = ids.iter().map(|id| partition_key(partner, id)).collect();
+    json!({"bool": {"should": [
+        {"terms": {"profile_id": profile_ids}},
+        {"bool": {"filter": [
+            {"term": {"partner_id": partner}},
+            {"terms": {"merged_into": ids}},
+        ]}},
+    ], "minimum_should_match": 1}})
+}
+
+/// The documents (profile id, pointer, aliases) of `ids` and of the pointers to them.
+async fn documents(
+    store: &ProfileStore,
+    indices: &[String],
+    partner: &str,
+    ids: &[String],
+) -> Result<Vec<Value>, StoreError> {
+    if indices.is_empty() {
+        return Ok(Vec::new());
+    }
+    let targets: Vec<&str> = indices.iter().map(String::as_str).collect();
+    let resp = store
+        .client()
+        .search(SearchParts::Index(&targets))
+        .ignore_unavailable(true)
+        .body(json!({
+            "size": MAX_DOCS,
+            "_source": ["profile_id", "merged_into", "aliases"],
+            "query": query(partner, ids),
+        }))
+        .send()
+        .await?;
+    let body = check(resp).await?;
+    Ok(body["hits"]["hits"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .map(|h| h["_source"].clone())
+        .collect())
+}
+
+/// Deletes from `index` the documents of `ids` of `partner` and every pointer to them, and
+/// makes the deletion visible to search; with `dry_run`, only counts them. How many.
+pub async fn delete_profiles(
+    store: &ProfileStore,
+    index: &str,
+    partner: &str,
+    ids: &[String],
+    dry_run: bool,
+) -> Result<u64, StoreError> {
+    let mut total = 0;
+    for chunk in ids.chunks(TERMS_PER_QUERY) {
+        let body = json!({"query": query(partner, chunk)});
+        let answer = if dry_run {
+            let resp = store
+                .client()
+                .count(elasticsearch::CountParts::Index(&[index]))
+                .ignore_unavailable(true)
+                .body(body)
+                .send()
+                .await?;
+            check(resp).await?["count"].as_u64()
+        } else {
+            let resp = store
+                .client()
+                .delete_by_query(DeleteByQueryParts::Index(&[index]))
+                .conflicts(Conflicts::Proceed)
+                .refresh(true)
+                .ignore_unavailable(true)
+                .body(body)
+                .send()
+                .await?;
+            check(resp).await?["deleted"].as_u64()
+        };
+        total += answer.unwrap_or_default();
+    }
+    Ok(total)
+}
