@@ -6,7 +6,6 @@
 mod common;
 
 use std::collections::{BTreeMap, HashMap, HashSet};
-use std::process::Command;
 use std::time::Duration;
 
 use arrow::array::{Array, AsArray};
@@ -121,26 +120,13 @@ async fn archive_holds_every_event_once_field_for_field() {
     assert!(days.len() >= 3, "{days:?}");
 
     // An independent reader (DuckDB, from PyPI via `deploy/local/stack tools`) sees the same.
-    let python = std::env::var("PULSE_PYTHON").unwrap_or_else(|_| {
-        let home = std::env::var("HOME").unwrap_or_default();
-        format!("{home}/.cache/pulse/venv/bin/python")
-    });
     let script = format!(
         "import duckdb; r = duckdb.sql(\"select count(*), count(distinct message_id), \
          cast(sum(cart_amount) as varchar), count(distinct user_id) \
          from read_parquet('{}/events/*/*.parquet')\").fetchone(); print('|'.join(str(x) for x in r))",
         f.dir.display()
     );
-    let out = Command::new(&python)
-        .args(["-c", &script])
-        .output()
-        .expect("run python");
-    assert!(
-        out.status.success(),
-        "DuckDB check failed (run deploy/local/stack tools): {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let got = String::from_utf8_lossy(&out.stdout).trim().to_string();
+    let got = pulse_tests::process::python_output(&script);
     let sum: Decimal = events.iter().filter_map(|e| e.cart_amount).sum();
     let users: HashSet<&str> = events.iter().filter_map(|e| e.user_id.as_deref()).collect();
     let fields: Vec<&str> = got.split('|').collect();

@@ -171,7 +171,30 @@ pub struct RunningIngest {
 }
 
 impl RunningIngest {
+    /// Serves `config` and returns once the erasures are read (ingest answers 503 before):
+    /// what a load balancer waits for by `/readyz`.
     pub async fn start(config: IngestConfig) -> Self {
+        let ingest = Self::start_unready(config).await;
+        let deadline = Instant::now() + Duration::from_secs(60);
+        loop {
+            let ready = reqwest::get(format!("{}/readyz", ingest.url)).await;
+            let body = match ready {
+                Ok(resp) => resp.text().await.unwrap_or_default(),
+                Err(_) => String::new(),
+            };
+            if !body.contains("erasures are not read") && !body.is_empty() {
+                return ingest;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "ingest did not read its erasures topic within 60 s: {body}"
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    /// Serves `config` and returns at once, whether or not it can read its erasures.
+    pub async fn start_unready(config: IngestConfig) -> Self {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
             .await
             .expect("bind");

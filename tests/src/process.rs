@@ -7,6 +7,25 @@ use std::time::{Duration, Instant};
 
 use crate::PATIENCE;
 
+/// What the stack's Python (with DuckDB, from PyPI via `deploy/local/stack tools`) prints
+/// for `script`: the independent reader the tests check Parquet files with.
+pub fn python_output(script: &str) -> String {
+    let python = std::env::var("PULSE_PYTHON").unwrap_or_else(|_| {
+        let home = std::env::var("HOME").unwrap_or_default();
+        format!("{home}/.cache/pulse/venv/bin/python")
+    });
+    let out = std::process::Command::new(&python)
+        .args(["-c", script])
+        .output()
+        .unwrap_or_else(|e| panic!("running {python}: {e}"));
+    assert!(
+        out.status.success(),
+        "{python} failed (run deploy/local/stack tools): {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).trim().to_string()
+}
+
 /// `name` from the environment (as `deploy/local/stack env` exports it), else `default`.
 pub fn env_or(name: &str, default: &str) -> String {
     std::env::var(name).unwrap_or_else(|_| default.to_string())

@@ -454,12 +454,54 @@ async fn numeric_ids_beyond_two_to_the_53_keep_every_digit() {
 
 #[tokio::test]
 async fn unreachable_broker_gives_503_never_2xx() {
-    // Nothing listens on port 1: every write stays unacknowledged until the message timeout.
+    // Nothing listens on port 1: not even the erasures can be read, so every request is
+    // refused as retryable, and the process is alive but not ready.
     let mut config = ingest_config("events");
     config.kafka = pulse_core::kafka::KafkaArgs {
         brokers: "127.0.0.1:1".into(),
         options: vec![("message.timeout.ms".into(), "3000".into())],
     };
+    config.retry_after_secs = 7;
+    let ingest = RunningIngest::start_unready(config).await;
+    let resp = client()
+        .post(format!("{}/v1/events", ingest.url))
+        .basic_auth("key-a", Some(""))
+        .body(json!([{"event": "page_view", "partner_id": "partner-a", "user_id": "u", "message_id": "m"}]).to_string())
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), StatusCode::SERVICE_UNAVAILABLE);
+    assert_eq!(resp.headers()["retry-after"], "7");
+    let body: Value = resp.json().await.unwrap();
+    assert!(
+        body["error"].as_str().unwrap().contains("erasures"),
+        "{body}"
+    );
+
+    let ready = client()
+        .get(format!("{}/readyz", ingest.url))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(ready.status(), StatusCode::SERVICE_UNAVAILABLE);
+    let healthy = client()
+        .get(format!("{}/healthz", ingest.url))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(healthy.status(), StatusCode::OK, "alive, just not ready");
+    ingest.stop().await.unwrap();
+}
+
+#[tokio::test]
+async fn unacknowledged_writes_give_503_and_name_every_event() {
+    // The broker answers but the topic does not exist (and is not created on use): every
+    // write stays unacknowledged until it times out.
+    let mut config = ingest_config(&unique("it-missing"));
+    config.kafka.options = vec![
+        ("message.timeout.ms".into(), "3000".into()),
+        ("topic.metadata.propagation.max.ms".into(), "1000".into()),
+    ];
     config.retry_after_secs = 7;
     let ingest = RunningIngest::start(config).await;
 
@@ -500,19 +542,6 @@ async fn unreachable_broker_gives_503_never_2xx() {
         message.contains("120 of 120") && message.contains("unacknowledged_message_ids"),
         "{message}"
     );
-
-    let ready = client()
-        .get(format!("{}/readyz", ingest.url))
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(ready.status(), StatusCode::SERVICE_UNAVAILABLE);
-    let healthy = client()
-        .get(format!("{}/healthz", ingest.url))
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(healthy.status(), StatusCode::OK, "alive, just not ready");
     ingest.stop().await.unwrap();
 }
 

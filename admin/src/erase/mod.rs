@@ -145,7 +145,19 @@ pub async fn erase(args: &EraseArgs) -> anyhow::Result<Report> {
         .await
         .context("listing the profiles indices")?;
     let known = recorded_erasures(&args.kafka, &args.topics.erasures).await?;
-    let mut people = resolve_all(&profiles, &indices, &asked, &known, archive.as_ref()).await?;
+    let asker = Asker {
+        operator: args.operator.clone().unwrap_or_else(default_operator),
+        reference: args.reference.clone(),
+    };
+    let mut people = resolve_all(
+        &profiles,
+        &indices,
+        &asked,
+        &known,
+        archive.as_ref(),
+        &asker,
+    )
+    .await?;
     let mut report = Report {
         dry_run: args.dry_run,
         requests: people
@@ -385,6 +397,7 @@ async fn resolve_all(
     asked: &[Request],
     known: &HashMap<String, Erasure>,
     archive: &dyn ObjectStore,
+    asker: &Asker,
 ) -> anyhow::Result<Vec<Erasing>> {
     let mut out: Vec<Erasing> = Vec::new();
     for r in asked {
@@ -416,7 +429,8 @@ async fn resolve_all(
             None => AuditRecord {
                 request_id: request_id.clone(),
                 partner_id: person.partner_id.clone(),
-                operator: operator(),
+                operator: asker.operator.clone(),
+                reference: asker.reference.clone(),
                 requested_at: Utc::now(),
                 ..AuditRecord::default()
             },
@@ -445,10 +459,15 @@ fn kind_name(kind: IdKind) -> &'static str {
     }
 }
 
-fn operator() -> String {
-    std::env::var("PULSE_OPERATOR")
-        .or_else(|_| std::env::var("USER"))
-        .unwrap_or_else(|_| "unknown".into())
+/// Who asked for a run, as the audit log names them.
+struct Asker {
+    operator: String,
+    reference: Option<String>,
+}
+
+/// `--operator` unset (and no `PULSE_OPERATOR`, which clap reads): the login name.
+fn default_operator() -> String {
+    std::env::var("USER").unwrap_or_else(|_| "unknown".into())
 }
 
 /// Every erasure recorded so far, by key.
