@@ -145,6 +145,13 @@ impl Erasures {
         self.len
     }
 
+    /// Each partner with erasures, and its erased ids (unordered).
+    pub fn by_partner(&self) -> impl Iterator<Item = (&str, Vec<&str>)> {
+        self.by_partner
+            .iter()
+            .map(|(partner, ids)| (partner.as_str(), ids.iter().map(String::as_str).collect()))
+    }
+
     pub fn is_empty(&self) -> bool {
         self.len == 0
     }

@@ -12,7 +12,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use elasticsearch::http::request::JsonBody;
 use elasticsearch::params::Refresh;
 use elasticsearch::{BulkParts, SearchParts};
-use pulse_core::erasure::IdKind;
+use pulse_core::erasure::{Erasures, IdKind};
 use pulse_core::event::{partition_key, person_of};
 use serde_json::{json, Value};
 
@@ -142,6 +142,24 @@ async fn documents(
         .flatten()
         .map(|h| h["_source"].clone())
         .collect())
+}
+
+/// Deletes from `index` the documents of every erased id and the pointers to them: what an
+/// index must not hold when it becomes the alias's. A recompute (and the catch-up of a
+/// rollback) passes over erased people's records, but what it folded before an erasure
+/// was recorded is in its index; `pulse-admin users erase` deletes it only if it ran after
+/// that index existed. How many documents were deleted.
+pub async fn cleanse(
+    store: &ProfileStore,
+    index: &str,
+    erasures: &Erasures,
+) -> Result<u64, StoreError> {
+    let mut total = 0;
+    for (partner, ids) in erasures.by_partner() {
+        let ids: Vec<String> = ids.into_iter().map(str::to_string).collect();
+        total += delete_profiles(store, index, partner, &ids, false).await?;
+    }
+    Ok(total)
 }
 
 /// Deletes from `index` the documents of `ids` of `partner` and every pointer to them, and

@@ -24,6 +24,9 @@ pub struct Switch {
     pub to: String,
     /// The catch-up run that brought `to` to the live layer's commit.
     pub caught_up: RunSummary,
+    /// Documents of erased people deleted from `to` before the alias moved: folded before
+    /// their erasure was recorded.
+    pub erased_deleted: u64,
 }
 
 /// Refuses while the live group has members: their commit is not final yet. The live
@@ -156,6 +159,16 @@ fn switch(
         "promoted_at": chrono::Utc::now().to_rfc3339(),
     }});
     runtime.block_on(indices::set_meta(&live, &args.index, meta))?;
+    // Read whole now, after the catch-up: every erasure recorded before the alias moves.
+    let erasures = args
+        .speed
+        .erasure_feed()
+        .map_err(crate::engine::EngineError::from)?;
+    let erased = erasures.read().clone();
+    let erased_deleted = runtime.block_on(crate::erase::cleanse(&live, &args.index, &erased))?;
+    if erased_deleted > 0 {
+        tracing::info!(index = %args.index, erased_deleted, "erased people's profiles deleted before the switch");
+    }
     // Every document searchable before the alias shows the index: the catch-up set the
     // refresh interval back, but the refresh itself comes only with the next tick, and a
     // query in between would find the index empty.
@@ -168,5 +181,6 @@ fn switch(
         from,
         to: args.index.clone(),
         caught_up,
+        erased_deleted,
     })
 }

@@ -30,6 +30,7 @@ pub use pulse_tests::process::{
 };
 #[allow(unused_imports)] // each test file uses its own subset
 pub use pulse_tests::set_topic_config;
+#[allow(unused_imports)] // each test file uses its own subset
 pub use pulse_tests::{brokers, create_topic, es_url, read_topic, unique, PATIENCE};
 
 /// A rule that fires on every cart.
@@ -52,6 +53,8 @@ pub struct Fixture {
     pub group: String,
     pub alias: String,
     pub store: ProfileStore,
+    /// This fixture's own erasures topic (created by the first erasure a test records).
+    pub erasures: String,
 }
 
 impl Fixture {
@@ -67,6 +70,7 @@ impl Fixture {
             .await
             .expect("es setup (is the stack up?)");
         Self {
+            erasures: format!("{topic}.erasures"),
             topic,
             partitions,
             dlq,
@@ -110,6 +114,7 @@ impl Fixture {
                 &self.triggers,
             ])
             .args(["--state-dir", &self.state_dir()])
+            .args(["--erasures-topic", &self.erasures])
             .args(extra)
             .env("RUST_LOG", "info,librdkafka=warn")
             .envs(env.iter().copied())
@@ -148,6 +153,7 @@ impl Fixture {
                 &self.triggers_dlq,
             ])
             .args(["--state-topic", &format!("{}.state", self.triggers)])
+            .args(["--erasures-topic", &self.erasures])
             .args(["--group", group])
             // A test that routes per partner passes its own `--webhooks-file` instead.
             .args(match extra.contains(&"--webhooks-file") {
@@ -425,6 +431,7 @@ pub fn recompute_command(f: &Fixture, command: &str, index: &str, extra: &[&str]
         .args(["--kafka-brokers", &brokers(), "--es-url", &es_url()])
         .args(["--events-topic", &f.topic, "--dlq-topic", &f.dlq])
         .args(["--triggers-topic", &f.triggers])
+        .args(["--erasures-topic", &f.erasures])
         .args(["--profiles-alias", &f.alias, "--group", &f.group])
         .args(["--flush-interval-secs", "0.5"])
         .args(extra)
