@@ -210,10 +210,25 @@ impl World {
         }
     }
 
+    /// Loads `days` as `pulse-batch load` does: following this world's erasures.
     async fn load_days(&self, days: &BTreeSet<NaiveDate>) {
         let wh = Warehouse::connect(&self.warehouse_args()).await.unwrap();
         wh.ensure_table().await.unwrap();
         let store = self.store();
+        let kafka = KafkaArgs {
+            brokers: brokers(),
+            options: vec![],
+        };
+        let feed = pulse_service::erasures::ErasureFeed::follow(
+            kafka.consumer_config("erase-test"),
+            &self.erasures,
+        );
+        let waiting = feed.clone();
+        tokio::task::spawn_blocking(move || waiting.wait_loaded(Duration::from_secs(60)))
+            .await
+            .unwrap()
+            .unwrap();
+        let erased = feed.read().clone();
         for day in days {
             pulse_batch::warehouse::load::load_day(
                 &wh,
@@ -221,14 +236,32 @@ impl World {
                 &self.source_uri,
                 *day,
                 10_000,
+                &erased,
             )
             .await
             .unwrap();
         }
     }
 
-    /// `pulse-admin users erase` (or `erasures`) with this world's flags.
+    /// `pulse-admin users erase` (or `erasures`) with this world's flags: its output.
     fn admin(&self, command: &str, extra: &[&str]) -> Value {
+        let out = self
+            .admin_command(command, extra)
+            .output()
+            .expect("run pulse-admin");
+        let stdout = String::from_utf8_lossy(&out.stdout).to_string();
+        assert!(
+            out.status.success(),
+            "pulse-admin users {command} failed: {stdout}\n{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        if command == "erasures" {
+            return Value::String(stdout);
+        }
+        serde_json::from_str(&stdout).unwrap_or_else(|e| panic!("{e}: {stdout}"))
+    }
+
+    fn admin_command(&self, command: &str, extra: &[&str]) -> Command {
         let wh = self.warehouse_args();
         let mut cmd = Command::new(env!("CARGO_BIN_EXE_pulse-admin"));
         cmd.args(["users", command, "--archive-url"])
@@ -249,17 +282,8 @@ impl World {
                 ])
                 .args(["--operator", "dpo@test", "--reference", "TICKET-7"]);
         }
-        let out = cmd.args(extra).output().expect("run pulse-admin");
-        let stdout = String::from_utf8_lossy(&out.stdout).to_string();
-        assert!(
-            out.status.success(),
-            "pulse-admin users {command} failed: {stdout}\n{}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        if command == "erasures" {
-            return Value::String(stdout);
-        }
-        serde_json::from_str(&stdout).unwrap_or_else(|e| panic!("{e}: {stdout}"))
+        cmd.args(extra);
+        cmd
     }
 }
 
@@ -320,6 +344,16 @@ fn erased_row((p, u, a, _): &(String, String, String, String)) -> bool {
         Some(t).filter(|t| !t.is_empty())
     }
     erased(p, some(u), some(a))
+}
+
+/// The days of the committed event files.
+async fn archived_days(store: &dyn ObjectStore) -> BTreeSet<NaiveDate> {
+    layout::committed_files(store, None)
+        .await
+        .unwrap()
+        .iter()
+        .map(|f| f.dt)
+        .collect()
 }
 
 /// Every row of every committed event file, by file.
@@ -531,12 +565,7 @@ async fn a_person_is_erased_from_every_store_and_nobody_else_loses_anything() {
         "{written:?}"
     );
     let store = world.store();
-    let days: BTreeSet<NaiveDate> = layout::committed_files(store.as_ref(), None)
-        .await
-        .unwrap()
-        .iter()
-        .map(|f| f.dt)
-        .collect();
+    let days = archived_days(store.as_ref()).await;
     assert!(days.len() >= 3, "{days:?}");
     world.load_days(&days).await;
     push_state(&world, &person_id).await;
@@ -652,6 +681,12 @@ async fn a_person_is_erased_from_every_store_and_nobody_else_loses_anything() {
         .cloned()
         .collect();
     assert_eq!(warehouse_after, kept);
+    world.load_days(&days).await;
+    assert_eq!(
+        warehouse_rows(&world).await,
+        kept,
+        "the days loaded again: the same rows"
+    );
     let states = push_states(&world);
     assert_eq!(
         states.get(&person_id),
@@ -740,4 +775,111 @@ async fn a_person_is_erased_from_every_store_and_nobody_else_loses_anything() {
         "{again}"
     );
     assert_eq!(archive_rows(store.as_ref()).await, rows_later);
+}
+
+/// An erasure killed (no cleanup, as under SIGKILL) half-way through the archive rewrite
+/// leaves every file whole (old or new, each readable, every marker as it was), and running
+/// the command again finishes it: nothing of the person anywhere, everybody else's rows
+/// untouched, the audit record complete after two runs.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_erasure_killed_during_the_archive_rewrite_is_finished_by_a_rerun() {
+    let world = World::new().await;
+    let mut events = generate(400, 25, 30, 3);
+    events.extend(the_person(&[0, 1, 2]));
+    produce(&world.topic, &events).await;
+    world.archive().await;
+    let store = world.store();
+    let days = archived_days(store.as_ref()).await;
+    world.load_days(&days).await;
+    // No profiles index knows the phone: erased by user id, the person's own rows go.
+    let persons =
+        |r: &Archived| r.event.partner_id == PARTNER && r.event.user_id.as_deref() == Some(PERSON);
+    let before = archive_rows(store.as_ref()).await;
+    let files_with_person = before
+        .values()
+        .filter(|rows| rows.iter().any(persons))
+        .count();
+    assert!(
+        files_with_person >= 3,
+        "one file a day at least: {files_with_person}"
+    );
+    // What the markers say: each committed file's name, day and offset range (not its size).
+    let committed = async || -> Vec<(String, NaiveDate, layout::FileRange)> {
+        layout::committed_files(store.as_ref(), None)
+            .await
+            .unwrap()
+            .into_iter()
+            .map(|f| (f.path.to_string(), f.dt, f.range))
+            .collect()
+    };
+    let markers_before = committed().await;
+
+    let out = world
+        .admin_command("erase", &["--partner", PARTNER, "--user", PERSON])
+        .env("PULSE_FAILPOINT_ERASE_KILL_AFTER_FILES", "1")
+        .output()
+        .unwrap();
+    assert!(!out.status.success(), "killed half-way");
+
+    // Half-way: one file rewritten, the others as they were; every file whole.
+    let half = archive_rows(store.as_ref()).await;
+    assert_eq!(
+        committed().await,
+        markers_before,
+        "the same committed files, same ranges"
+    );
+    let still = half
+        .values()
+        .filter(|rows| rows.iter().any(persons))
+        .count();
+    assert_eq!(
+        still,
+        files_with_person - 1,
+        "one file done, the rest untouched"
+    );
+    let others = |rows: &BTreeMap<String, Vec<Archived>>| -> BTreeMap<String, Vec<String>> {
+        rows.iter()
+            .map(|(f, rows)| {
+                let kept = rows
+                    .iter()
+                    .filter(|r| !persons(r))
+                    .map(|r| format!("{r:?}"))
+                    .collect();
+                (f.clone(), kept)
+            })
+            .collect()
+    };
+    assert_eq!(others(&half), others(&before), "nobody else's rows changed");
+    let log = world.admin("erasures", &["--json"]);
+    let record: Value = serde_json::from_str(log.as_str().unwrap().trim()).unwrap();
+    assert!(record["steps"].get("archive").is_none(), "{record}");
+    assert!(record["completed_at"].is_null());
+
+    // The rerun finishes it.
+    let report = world.admin("erase", &["--partner", PARTNER, "--user", PERSON]);
+    assert_eq!(
+        report["requests"][0]["request_id"], record["request_id"],
+        "the same request"
+    );
+    assert_eq!(
+        report["archive"]["files_rewritten"].as_u64(),
+        Some(still as u64)
+    );
+    let after = archive_rows(store.as_ref()).await;
+    assert_eq!(after.values().flatten().filter(|r| persons(r)).count(), 0);
+    assert_eq!(
+        others(&after),
+        others(&before),
+        "nobody else's rows changed"
+    );
+    let in_warehouse = warehouse_rows(&world)
+        .await
+        .into_iter()
+        .filter(|(p, u, _, _)| p == PARTNER && u == PERSON)
+        .count();
+    assert_eq!(in_warehouse, 0);
+    let log = world.admin("erasures", &["--json"]);
+    let record: Value = serde_json::from_str(log.as_str().unwrap().trim()).unwrap();
+    assert!(record["completed_at"].is_string(), "{record}");
+    assert_eq!(record["runs"].as_array().map(Vec::len), Some(2), "{record}");
 }

@@ -44,14 +44,18 @@ struct Setup {
     archive: Fixture,
     source_uri: String,
     dataset: String,
+    /// The setup's own erasures topic, which its loads follow.
+    erasures: String,
 }
 
 impl Setup {
     async fn new(name: &str) -> Self {
         let bucket = unique("pulse-test");
         let dir = gcs_root().join(&bucket).join("archive");
+        let archive = Fixture::in_dir(name, 4, dir).await;
         Self {
-            archive: Fixture::in_dir(name, 4, dir).await,
+            erasures: format!("{}.erasures", archive.topic),
+            archive,
             source_uri: format!("gs://{bucket}/archive"),
             dataset: format!("t_{}", uuid::Uuid::new_v4().simple()),
         }
@@ -90,6 +94,7 @@ impl Setup {
             .args(["--source-uri", &self.source_uri])
             .args(["--bq-api-url", &api_url(), "--bq-project", &project()])
             .args(["--bq-dataset", &self.dataset, "--bq-auth", "none"])
+            .args(["--erasures-topic", &self.erasures])
             .args(extra)
             .env("RUST_LOG", "warn");
         cmd
@@ -294,6 +299,68 @@ async fn loading_a_day_replaces_its_partition_and_reruns_are_idempotent() {
     assert_eq!(
         s.query("SELECT COUNT(*) FROM events").await,
         vec![vec![Some(events.len().to_string())]]
+    );
+}
+
+/// A person erased (the suppression recorded) before `pulse-admin users erase` got to the
+/// archive: the load leaves their rows out, and nobody else's, not even the same user id at
+/// another partner.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_load_leaves_out_erased_people_whose_files_are_not_rewritten_yet() {
+    let s = Setup::new("bq-erased").await;
+    let events = generate(3_000, 44, 100, 2);
+    s.archive_events(&events).await;
+    let mut count: BTreeMap<&str, usize> = BTreeMap::new();
+    for e in events.iter().filter(|e| e.partner_id == "shop-a") {
+        *count.entry(e.person_id()).or_default() += 1;
+    }
+    let (person, _) = count
+        .iter()
+        .max_by_key(|(_, n)| **n)
+        .expect("shop-a events");
+    let person = person.to_string();
+    let erasure = pulse_core::erasure::Erasure {
+        partner_id: "shop-a".into(),
+        id: person.clone(),
+        kind: pulse_core::erasure::IdKind::User,
+        request_id: "req-1".into(),
+        requested_at: chrono::Utc::now(),
+    };
+    let kafka = pulse_core::kafka::KafkaArgs {
+        brokers: pulse_tests::brokers(),
+        options: vec![],
+    };
+    pulse_service::erasures::record(&kafka, &s.erasures, &[erasure])
+        .await
+        .expect("record the erasure");
+
+    let reports = s.load(&["--since", "2"]).unwrap();
+    let left_out: u64 = reports.iter().map(|r| r["erased"].as_u64().unwrap()).sum();
+    assert_eq!(left_out as usize, count[person.as_str()], "{reports:?}");
+    let kept: Vec<Event> = events
+        .iter()
+        .filter(|e| !(e.partner_id == "shop-a" && e.person_id() == person))
+        .cloned()
+        .collect();
+    assert!(kept.len() < events.len());
+    for d in days_of(&events) {
+        assert_eq!(s.query(&count_sql(d)).await, vec![truth(&kept, d)], "{d}");
+    }
+    let of = |partner: &str| {
+        format!(
+            "SELECT COUNT(*) FROM events WHERE partner_id = '{partner}' \
+             AND COALESCE(user_id, anonymous_id) = '{person}'"
+        )
+    };
+    assert_eq!(s.query(&of("shop-a")).await, vec![vec![Some("0".into())]]);
+    let namesake = events
+        .iter()
+        .filter(|e| e.partner_id == "shop-b" && e.person_id() == person)
+        .count();
+    assert_eq!(
+        s.query(&of("shop-b")).await,
+        vec![vec![Some(namesake.to_string())]],
+        "the same id at another partner is another person"
     );
 }
 

@@ -19,6 +19,7 @@
 //! other's rows).
 
 pub mod audit;
+mod journal;
 pub mod requests;
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
@@ -75,6 +76,10 @@ pub struct EraseArgs {
     /// seen it (they follow the topic within about a second) before stored data is deleted.
     #[arg(long, env = "PULSE_ERASE_SETTLE_SECS", default_value_t = 10.0)]
     pub settle_secs: f64,
+    /// Test hook: the process aborts (no cleanup, as under SIGKILL) once this many archive
+    /// files were rewritten, so a test can see that a rerun finishes the erasure.
+    #[arg(long, env = "PULSE_FAILPOINT_ERASE_KILL_AFTER_FILES", hide = true)]
+    pub failpoint_kill_after_files: Option<u64>,
     #[command(flatten)]
     pub kafka: KafkaArgs,
     #[command(flatten)]
@@ -296,15 +301,17 @@ async fn run_steps(
         .collect();
     let bar = indicatif::ProgressBar::new_spinner();
     bar.set_message("rewriting the archive");
-    let rewritten = pulse_archive::erase::rewrite(archive.as_ref(), &erasures, &scope, dry, |r| {
-        bar.set_message(format!(
-            "archive: {} files scanned, {} rewritten, {} rows removed",
-            r.files_scanned, r.files_rewritten, r.rows_removed
-        ));
-        bar.tick();
-    })
-    .await
-    .context("rewriting the archive")?;
+    let mut journal = journal::Journal {
+        people,
+        archive: archive.as_ref(),
+        dry_run: dry,
+        bar: bar.clone(),
+        kill_after: args.failpoint_kill_after_files,
+    };
+    let rewritten =
+        pulse_archive::erase::rewrite(archive.as_ref(), &erasures, &scope, dry, &mut journal)
+            .await
+            .context("rewriting the archive")?;
     bar.finish_and_clear();
     report.archive = rewritten.clone();
     for e in people.iter_mut() {

@@ -117,11 +117,27 @@ pub enum RewriteError {
     /// the person's rows).
     #[error("{path}: {error}")]
     File { path: String, error: ParquetError },
+    /// The caller's journal could not record what it must keep before a file is replaced.
+    #[error("recording before a rewrite: {0}")]
+    Journal(String),
+}
+
+/// What the caller of [`rewrite`] is told as it goes.
+pub trait RewriteJournal {
+    /// Called before an event file of `day` is replaced without the erased's rows: what the
+    /// caller needs to finish after a crash (the warehouse days to delete from, which the
+    /// rewritten file no longer shows) is saved here, before the old file is gone.
+    fn before_replace(
+        &mut self,
+        day: NaiveDate,
+    ) -> impl std::future::Future<Output = Result<(), String>> + Send;
+    /// The totals after each file.
+    fn progress(&mut self, so_far: &Rewritten);
 }
 
 /// Rewrites every committed file (events and identities) of `partitions` that holds rows of
-/// `erasures`, without them; with `dry_run`, only counts. `progress` sees the totals after
-/// each file. Only committed files are touched: a file beyond its partition's marker belongs
+/// `erasures`, without them; with `dry_run`, only counts. `journal` is told of each event
+/// file's day before the file is replaced, and sees the totals after each file. Only committed files are touched: a file beyond its partition's marker belongs
 /// to the archiver (which deletes it before it writes the range again, filtering erased rows
 /// itself).
 pub async fn rewrite(
@@ -129,7 +145,7 @@ pub async fn rewrite(
     erasures: &Erasures,
     partitions: &BTreeSet<i32>,
     dry_run: bool,
-    mut progress: impl FnMut(&Rewritten),
+    journal: &mut impl RewriteJournal,
 ) -> Result<Rewritten, RewriteError> {
     let mut files: Vec<(ArchiveFile, FileKind)> = Vec::new();
     let in_scope = |f: &ArchiveFile| partitions.contains(&f.range.partition);
@@ -165,10 +181,16 @@ pub async fn rewrite(
             }
         }
         if let Some(new) = new {
+            if kind == FileKind::Events {
+                journal
+                    .before_replace(file.dt)
+                    .await
+                    .map_err(RewriteError::Journal)?;
+            }
             out.bytes_written += new.len() as u64;
             store.put(&file.path, PutPayload::from(new)).await?;
         }
-        progress(&out);
+        journal.progress(&out);
     }
     Ok(out)
 }

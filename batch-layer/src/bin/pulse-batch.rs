@@ -8,6 +8,11 @@ use pulse_batch::sql::{self, OutputFormat};
 use pulse_batch::store::{open_store, StoreArgs};
 use pulse_batch::warehouse::load::{last_days, load_day, source_prefix, MAX_URIS_PER_JOB};
 use pulse_batch::warehouse::{Warehouse, WarehouseArgs};
+use pulse_core::kafka::KafkaArgs;
+use pulse_service::erasures::ErasureFeed;
+
+/// How long a load waits to have read the erasures topic before it refuses to load.
+const ERASURES_PATIENCE: std::time::Duration = std::time::Duration::from_secs(60);
 
 #[derive(Parser)]
 #[command(
@@ -64,6 +69,13 @@ enum Command {
         #[arg(long, env = "PULSE_BQ_MAX_FILES_PER_JOB", default_value_t = MAX_URIS_PER_JOB as u64, hide = true,
               value_parser = clap::value_parser!(u64).range(1..=MAX_URIS_PER_JOB as u64))]
         max_files_per_job: u64,
+        /// Where Kafka is: the load reads the erasures topic, and leaves erased people's rows
+        /// out of what it loads.
+        #[command(flatten)]
+        kafka: KafkaArgs,
+        /// The compacted topic of erased people (see `pulse-admin users erase`).
+        #[arg(long = "erasures-topic", env = "PULSE_ERASURES_TOPIC", default_value = "erasures")]
+        erasures_topic: String,
         #[command(flatten)]
         store: StoreArgs,
         #[command(flatten)]
@@ -122,9 +134,17 @@ async fn main() -> anyhow::Result<()> {
             source_uri,
             json,
             max_files_per_job,
+            kafka,
+            erasures_topic,
             store,
             warehouse,
         } => {
+            let feed = ErasureFeed::follow(
+                kafka.consumer_config("pulse-batch-erasures"),
+                &erasures_topic,
+            );
+            let waiting = feed.clone();
+            tokio::task::spawn_blocking(move || waiting.wait_loaded(ERASURES_PATIENCE)).await??;
             let prefix = source_prefix(source_uri.as_deref(), &store.url)?;
             let days = match (date, since) {
                 (Some(d), _) => vec![d],
@@ -135,12 +155,15 @@ async fn main() -> anyhow::Result<()> {
             let wh = Warehouse::connect(&warehouse).await?;
             wh.ensure_table().await?;
             for day in days {
+                // As of this day's load: an erasure recorded meanwhile counts.
+                let erased = feed.read().clone();
                 let report = load_day(
                     &wh,
                     archive.as_ref(),
                     &prefix,
                     day,
                     max_files_per_job as usize,
+                    &erased,
                 )
                 .await?;
                 if json {

@@ -42,28 +42,27 @@ pub async fn erase(
                 "`{PARTITION_COLUMN}` = DATE '{day}' AND partner_id = @partner \
                  AND COALESCE(user_id, anonymous_id) IN UNNEST(@ids)"
             );
-            let n = run(wh, &events, &filter, &params, dry_run).await?;
+            let n = delete_where(wh, &events, &filter, &params, dry_run).await?;
             *out.events.entry(*day).or_default() += n;
         }
         let filter =
             "partner_id = @partner AND (user_id IN UNNEST(@ids) OR anonymous_id IN UNNEST(@ids))";
-        out.identities += run(wh, &identities, filter, &params, dry_run).await?;
+        out.identities += delete_where(wh, &identities, filter, &params, dry_run).await?;
     }
     Ok(out)
 }
 
 /// `@partner` and `@ids`.
 fn parameters(partner: &str, ids: &BTreeSet<String>) -> Value {
-    let values: Vec<Value> = ids.iter().map(|id| json!({"value": id})).collect();
     json!([
         {"name": "partner", "parameterType": {"type": "STRING"}, "parameterValue": {"value": partner}},
-        {"name": "ids", "parameterType": {"type": "ARRAY", "arrayType": {"type": "STRING"}},
-         "parameterValue": {"arrayValues": values}},
+        super::string_array_parameter("ids", ids.iter().map(String::as_str)),
     ])
 }
 
-/// Deletes (or counts) the rows of `table` that `filter` selects; how many.
-async fn run(
+/// Deletes (or counts) the rows of `table` that `filter` selects, with the named query
+/// parameters `params`; how many.
+pub(crate) async fn delete_where(
     wh: &Warehouse,
     table: &str,
     filter: &str,

@@ -16,9 +16,17 @@
 //! The day's identity files (the speed layer's merges, by the day they were written) replace
 //! partition D of the `identities` table the same way: staged, then one transaction that
 //! keeps each device once ([`crate::identities`]).
+//!
+//! Erased people's rows (`pulse_core::erasure`) are deleted from both staging tables before the
+//! replace, their ids passed as one query parameter (in a statement of its own: parameters
+//! and multi-statement scripts do not mix everywhere): an archive file is rewritten without
+//! them only when `pulse-admin users erase` gets to it, and a load that read a file before
+//! the rewrite must not put them back after the erasure's `DELETE`.
 
 use chrono::NaiveDate;
 use object_store::ObjectStore;
+use pulse_core::erasure::Erasures;
+use pulse_core::event::partition_key;
 use serde_json::{json, Value};
 
 use super::client::{Warehouse, WarehouseError};
@@ -55,6 +63,9 @@ pub struct LoadReport {
     /// The day's identity files, and the devices partition D of `identities` holds now.
     pub identity_files: usize,
     pub identities: u64,
+    /// Rows of erased people left out (events and identities): in files the erasure has not
+    /// rewritten yet.
+    pub erased: u64,
     pub jobs: Vec<String>,
 }
 
@@ -115,7 +126,9 @@ pub async fn load_day(
     source_prefix: &str,
     date: NaiveDate,
     files_per_job: usize,
+    erased: &Erasures,
 ) -> Result<LoadReport, LoadError> {
+    let erased = ErasedFilter::of(erased);
     let uris: Vec<String> = layout::committed_files(store, Some(date))
         .await?
         .into_iter()
@@ -134,6 +147,7 @@ pub async fn load_day(
         duplicates: 0,
         identity_files: identity_uris.len(),
         identities: 0,
+        erased: 0,
         jobs: Vec::new(),
     };
     if uris.is_empty() {
@@ -141,22 +155,30 @@ pub async fn load_day(
         // truncating it on the strength of an empty listing (merges written that day still
         // load: a device's merge is about its person's events on any day).
         tracing::warn!(%date, "no committed archive files for this day; partition left as is");
-        if !identity_uris.is_empty() {
-            load_identities(wh, &identity_uris, date, files_per_job, &mut report).await?;
+        if identity_uris.is_empty() {
+            return Ok(report);
         }
-        return Ok(report);
+    } else {
+        let staging = staging_table(&wh.table, date);
+        let chunks: Vec<&[String]> = uris
+            .chunks(files_per_job.clamp(1, MAX_URIS_PER_JOB))
+            .collect();
+        let written = write_partition(wh, &chunks, &staging, date, &erased, &mut report).await;
+        // Also after a failure: a staging table left behind costs storage and confuses.
+        if let Err(e) = wh.drop_table(&staging).await {
+            tracing::warn!(error = %e, table = %staging, "dropping the staging table failed");
+        }
+        written?;
     }
-    let staging = staging_table(&wh.table, date);
-    let chunks: Vec<&[String]> = uris
-        .chunks(files_per_job.clamp(1, MAX_URIS_PER_JOB))
-        .collect();
-    let written = write_partition(wh, &chunks, &staging, date, &mut report).await;
-    // Also after a failure: a staging table left behind costs storage and confuses.
-    if let Err(e) = wh.drop_table(&staging).await {
-        tracing::warn!(error = %e, table = %staging, "dropping the staging table failed");
-    }
-    written?;
-    load_identities(wh, &identity_uris, date, files_per_job, &mut report).await?;
+    load_identities(
+        wh,
+        &identity_uris,
+        date,
+        files_per_job,
+        &erased,
+        &mut report,
+    )
+    .await?;
     tracing::info!(%date, files = report.files, archived_rows = report.archived_rows,
         rows = report.rows, duplicates = report.duplicates, identities = report.identities,
         "day loaded");
@@ -170,10 +192,11 @@ async fn load_identities(
     uris: &[String],
     date: NaiveDate,
     files_per_job: usize,
+    erased: &ErasedFilter,
     report: &mut LoadReport,
 ) -> Result<(), WarehouseError> {
     let staging = staging_table(&wh.identities, date);
-    let written = replace_identities(wh, uris, &staging, date, files_per_job, report).await;
+    let written = replace_identities(wh, uris, &staging, date, files_per_job, erased, report).await;
     if !uris.is_empty() {
         if let Err(e) = wh.drop_table(&staging).await {
             tracing::warn!(error = %e, table = %staging, "dropping the staging table failed");
@@ -188,6 +211,7 @@ async fn replace_identities(
     staging: &str,
     date: NaiveDate,
     files_per_job: usize,
+    erased: &ErasedFilter,
     report: &mut LoadReport,
 ) -> Result<(), WarehouseError> {
     let table = qualified(wh, &wh.identities);
@@ -203,6 +227,13 @@ async fn replace_identities(
         }
         let select = crate::identities::merges_of(&qualified(wh, staging), Some(date));
         let columns = crate::identities::columns();
+        report.erased += erased
+            .purge(
+                wh,
+                &qualified(wh, staging),
+                &["`user_id`", "`anonymous_id`"],
+            )
+            .await?;
         insert = format!("INSERT INTO {table} ({columns}) {select}; ");
     }
     let day = day_filter(date);
@@ -221,6 +252,7 @@ async fn write_partition(
     chunks: &[&[String]],
     staging: &str,
     date: NaiveDate,
+    erased: &ErasedFilter,
     report: &mut LoadReport,
 ) -> Result<(), WarehouseError> {
     for (i, chunk) in chunks.iter().enumerate() {
@@ -234,6 +266,13 @@ async fn write_partition(
             .unwrap_or(0);
         report.jobs.push(job_id);
     }
+    report.erased += erased
+        .purge(
+            wh,
+            &qualified(wh, staging),
+            &["COALESCE(`user_id`, `anonymous_id`)"],
+        )
+        .await?;
     let configuration = json!({"query": {
         "query": replace_script(wh, staging, date),
         "useLegacySql": false,
@@ -266,6 +305,43 @@ fn replace_script(wh: &Warehouse, staging: &str, date: NaiveDate) -> String {
          INSERT INTO {table} ({columns}) {select}; \
          COMMIT TRANSACTION;"
     )
+}
+
+/// The erased people a load leaves out: their profile ids (`{partner}:{id}`), the query
+/// parameter `@erased` of one `DELETE` per staging table.
+struct ErasedFilter {
+    profile_ids: Vec<String>,
+}
+
+impl ErasedFilter {
+    fn of(erasures: &Erasures) -> Self {
+        let mut profile_ids: Vec<String> = erasures
+            .by_partner()
+            .flat_map(|(partner, ids)| ids.into_iter().map(move |id| partition_key(partner, id)))
+            .collect();
+        profile_ids.sort();
+        Self { profile_ids }
+    }
+
+    /// Deletes from the staging table `staging` the rows whose person (any of the SQL
+    /// expressions `ids`) is erased; how many. Nothing to do when nobody is.
+    async fn purge(
+        &self,
+        wh: &Warehouse,
+        staging: &str,
+        ids: &[&str],
+    ) -> Result<u64, WarehouseError> {
+        if self.profile_ids.is_empty() {
+            return Ok(0);
+        }
+        let filter: Vec<String> = ids
+            .iter()
+            .map(|id| format!("CONCAT(`partner_id`, ':', {id}) IN UNNEST(@erased)"))
+            .collect();
+        let erased = self.profile_ids.iter().map(String::as_str);
+        let params = json!([super::string_array_parameter("erased", erased)]);
+        super::erase::delete_where(wh, staging, &filter.join(" OR "), &params, false).await
+    }
 }
 
 /// Rows partition D of `table` holds.

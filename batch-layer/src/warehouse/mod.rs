@@ -19,6 +19,23 @@ pub use auth::AuthMode;
 pub use client::{Warehouse, WarehouseError};
 pub use load::LoadReport;
 
+/// A named query parameter (BigQuery's REST form) holding an array of strings: how a list of
+/// ids reaches SQL without ever being SQL text.
+pub(crate) fn string_array_parameter<'a>(
+    name: &str,
+    values: impl IntoIterator<Item = &'a str>,
+) -> serde_json::Value {
+    let values: Vec<serde_json::Value> = values
+        .into_iter()
+        .map(|v| serde_json::json!({"value": v}))
+        .collect();
+    serde_json::json!({
+        "name": name,
+        "parameterType": {"type": "ARRAY", "arrayType": {"type": "STRING"}},
+        "parameterValue": {"arrayValues": values},
+    })
+}
+
 /// Where the warehouse is and how to reach it. Every flag has a `PULSE_BQ_…` twin;
 /// `deploy/local/stack env` points them at the local emulator.
 #[derive(Debug, Clone, clap::Args)]
