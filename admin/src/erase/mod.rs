@@ -308,10 +308,9 @@ async fn run_steps(
         bar: bar.clone(),
         kill_after: args.failpoint_kill_after_files,
     };
-    let rewritten =
-        pulse_archive::erase::rewrite(archive.as_ref(), &erasures, &scope, dry, &mut journal)
-            .await
-            .context("rewriting the archive")?;
+    let rewritten = pulse_archive::erase::rewrite(&archive, &erasures, &scope, dry, &mut journal)
+        .await
+        .context("rewriting the archive")?;
     bar.finish_and_clear();
     report.archive = rewritten.clone();
     for e in people.iter_mut() {

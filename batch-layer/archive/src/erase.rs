@@ -22,6 +22,7 @@ use parquet::arrow::ArrowWriter;
 use parquet::basic::Compression;
 use pulse_core::erasure::Erasures;
 
+use crate::bloom::{self, Probe};
 use crate::layout::{self, ArchiveFile};
 use crate::parquet_file::{writer_properties, ParquetError};
 
@@ -99,6 +100,12 @@ pub fn count(bytes: Bytes, kind: FileKind, erasures: &Erasures) -> Result<Filter
 /// What erasing from the archive did (or, in a dry run, would do).
 #[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize)]
 pub struct Rewritten {
+    /// Files of the erased people's partitions whose bloom filters ruled them out: only
+    /// their footers and filters were read ([`crate::bloom`]).
+    pub files_passed_over: u64,
+    /// The bytes those probes read (footers and filters).
+    pub probe_bytes_read: u64,
+    /// Files read whole (their filters did not rule the people out, or they have none).
     pub files_scanned: u64,
     pub files_rewritten: u64,
     pub rows_removed: u64,
@@ -136,12 +143,13 @@ pub trait RewriteJournal {
 }
 
 /// Rewrites every committed file (events and identities) of `partitions` that holds rows of
-/// `erasures`, without them; with `dry_run`, only counts. `journal` is told of each event
-/// file's day before the file is replaced, and sees the totals after each file. Only committed files are touched: a file beyond its partition's marker belongs
-/// to the archiver (which deletes it before it writes the range again, filtering erased rows
-/// itself).
+/// `erasures`, without them; with `dry_run`, only counts. Each file is probed first, and read
+/// only when its bloom filters do not rule every erased id out. `journal` is told of each
+/// event file's day before the file is replaced, and sees the totals after each file. Only
+/// committed files are touched: a file beyond its partition's marker belongs to the archiver
+/// (which deletes it before it writes the range again, filtering erased rows itself).
 pub async fn rewrite(
-    store: &dyn ObjectStore,
+    store: &Arc<dyn ObjectStore>,
     erasures: &Erasures,
     partitions: &BTreeSet<i32>,
     dry_run: bool,
@@ -149,25 +157,35 @@ pub async fn rewrite(
 ) -> Result<Rewritten, RewriteError> {
     let mut files: Vec<(ArchiveFile, FileKind)> = Vec::new();
     let in_scope = |f: &ArchiveFile| partitions.contains(&f.range.partition);
-    for f in layout::committed_files(store, None).await? {
+    for f in layout::committed_files(store.as_ref(), None).await? {
         if in_scope(&f) {
             files.push((f, FileKind::Events));
         }
     }
-    for f in layout::committed_identity_files(store, None).await? {
+    for f in layout::committed_identity_files(store.as_ref(), None).await? {
         if in_scope(&f) {
             files.push((f, FileKind::Identities));
         }
     }
+    let ids: Vec<&str> = erasures.by_partner().flat_map(|(_, ids)| ids).collect();
     let mut out = Rewritten::default();
     for (file, kind) in files {
-        let bytes = store.get(&file.path).await?.bytes().await?;
-        out.files_scanned += 1;
-        out.bytes_read += bytes.len() as u64;
         let failed = |error| RewriteError::File {
             path: file.path.to_string(),
             error,
         };
+        let probed = bloom::probe(store.clone(), &file, &ids)
+            .await
+            .map_err(failed)?;
+        if let Probe::Clear { bytes_read } = probed {
+            out.files_passed_over += 1;
+            out.probe_bytes_read += bytes_read;
+            journal.progress(&out);
+            continue;
+        }
+        let bytes = store.get(&file.path).await?.bytes().await?;
+        out.files_scanned += 1;
+        out.bytes_read += bytes.len() as u64;
         let (filtered, new) = if dry_run {
             (count(bytes, kind, erasures).map_err(failed)?, None)
         } else {

@@ -6,9 +6,11 @@
 //!   back;
 //! - [`reader`]: an archive file back to events, for recompute;
 //! - [`identity_file`]: the speed layer's identity records of a unit, beside its events;
-//! - [`erase`]: a file rewritten without erased people's rows;
+//! - [`erase`]: a file rewritten without erased people's rows; [`bloom`]: the id columns'
+//!   bloom filters that find the files holding them;
 //! - [`store`]: opening the object store (local directory, `s3://`, `gs://`).
 
+pub mod bloom;
 pub mod erase;
 pub mod identity_file;
 pub mod layout;

@@ -165,11 +165,11 @@ fn scaled(d: Decimal) -> Option<i128> {
 
 /// How every archive file is written (the archiver's, and an erasure's rewrite of one).
 pub fn writer_properties(compression: Compression) -> WriterProperties {
-    WriterProperties::builder()
+    let builder = WriterProperties::builder()
         .set_compression(compression)
         .set_max_row_group_row_count(Some(128 * 1024))
-        .set_created_by("pulse-archiver".into())
-        .build()
+        .set_created_by("pulse-archiver".into());
+    crate::bloom::with_id_filters(builder).build()
 }
 
 /// The events of `partition` (with their offsets) as a Parquet file in memory.
