@@ -37,7 +37,6 @@ use pulse_batch::warehouse::{Warehouse, WarehouseArgs};
 use pulse_core::erasure::{Erasure, Erasures, IdKind};
 use pulse_core::event::partition_key;
 use pulse_core::kafka::{KafkaArgs, TopicArgs};
-use pulse_core::partitioner::partition_of;
 use pulse_service::consumer::compacted;
 use pulse_service::Shutdown;
 use pulse_speed::erase::{delete_profiles, profile_indices, resolve, Person};
@@ -295,10 +294,6 @@ async fn run_steps(
         }
     }
     let partitions = events_partitions(args).await?;
-    let scope: BTreeSet<i32> = users
-        .iter()
-        .map(|key| partition_of(key.as_bytes(), partitions))
-        .collect();
     let bar = indicatif::ProgressBar::new_spinner();
     bar.set_message("rewriting the archive");
     let mut journal = journal::Journal {
@@ -308,9 +303,10 @@ async fn run_steps(
         bar: bar.clone(),
         kill_after: args.failpoint_kill_after_files,
     };
-    let rewritten = pulse_archive::erase::rewrite(&archive, &erasures, &scope, dry, &mut journal)
-        .await
-        .context("rewriting the archive")?;
+    let rewritten =
+        pulse_archive::erase::rewrite(&archive, &erasures, partitions, dry, &mut journal)
+            .await
+            .context("rewriting the archive")?;
     bar.finish_and_clear();
     report.archive = rewritten.clone();
     for e in people.iter_mut() {

@@ -8,7 +8,7 @@
 //! stores make atomic (a local file is written aside and renamed; an S3 or GCS object is
 //! replaced whole): a reader, or a crash, sees the old file or the new one, never half.
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
 
 use arrow::array::{Array, BooleanArray, StringArray};
@@ -21,6 +21,8 @@ use parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder;
 use parquet::arrow::ArrowWriter;
 use parquet::basic::Compression;
 use pulse_core::erasure::Erasures;
+use pulse_core::event::partition_key;
+use pulse_core::partitioner::partition_of;
 
 use crate::bloom::{self, Probe};
 use crate::layout::{self, ArchiveFile};
@@ -142,21 +144,34 @@ pub trait RewriteJournal {
     fn progress(&mut self, so_far: &Rewritten);
 }
 
-/// Rewrites every committed file (events and identities) of `partitions` that holds rows of
-/// `erasures`, without them; with `dry_run`, only counts. Each file is probed first, and read
-/// only when its bloom filters do not rule every erased id out. `journal` is told of each
+/// Rewrites every committed file (events and identities) of the erased ids' partitions (of
+/// `partition_count`, as the events topic keys them) that holds rows of `erasures`, without
+/// them; with `dry_run`, only counts. Each file is probed first, and read only when its bloom
+/// filters do not rule the ids out: an events file for the ids of its own partition (a row is
+/// keyed by its person id, the id it is matched by), an identity file for every id (a record
+/// sits in its device's partition and may name a person of another). `journal` is told of each
 /// event file's day before the file is replaced, and sees the totals after each file. Only
 /// committed files are touched: a file beyond its partition's marker belongs to the archiver
 /// (which deletes it before it writes the range again, filtering erased rows itself).
 pub async fn rewrite(
     store: &Arc<dyn ObjectStore>,
     erasures: &Erasures,
-    partitions: &BTreeSet<i32>,
+    partition_count: i32,
     dry_run: bool,
     journal: &mut impl RewriteJournal,
 ) -> Result<Rewritten, RewriteError> {
+    let mut by_partition: BTreeMap<i32, Vec<&str>> = BTreeMap::new();
+    let mut every_id: Vec<&str> = Vec::new();
+    for (partner, ids) in erasures.by_partner() {
+        for id in ids {
+            let key = partition_key(partner, id);
+            let partition = partition_of(key.as_bytes(), partition_count);
+            by_partition.entry(partition).or_default().push(id);
+            every_id.push(id);
+        }
+    }
     let mut files: Vec<(ArchiveFile, FileKind)> = Vec::new();
-    let in_scope = |f: &ArchiveFile| partitions.contains(&f.range.partition);
+    let in_scope = |f: &ArchiveFile| by_partition.contains_key(&f.range.partition);
     for f in layout::committed_files(store.as_ref(), None).await? {
         if in_scope(&f) {
             files.push((f, FileKind::Events));
@@ -167,14 +182,17 @@ pub async fn rewrite(
             files.push((f, FileKind::Identities));
         }
     }
-    let ids: Vec<&str> = erasures.by_partner().flat_map(|(_, ids)| ids).collect();
     let mut out = Rewritten::default();
     for (file, kind) in files {
         let failed = |error| RewriteError::File {
             path: file.path.to_string(),
             error,
         };
-        let probed = bloom::probe(store.clone(), &file, &ids)
+        let ids = match kind {
+            FileKind::Events => &by_partition[&file.range.partition],
+            FileKind::Identities => &every_id,
+        };
+        let probed = bloom::probe(store.clone(), &file, ids)
             .await
             .map_err(failed)?;
         if let Probe::Clear { bytes_read } = probed {
