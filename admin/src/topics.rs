@@ -6,6 +6,7 @@ use std::time::Duration;
 use pulse_core::kafka::{
     ensure_topics, topic_configs, KafkaArgs, TopicArgs, TopicOutcome, TopicSpec,
 };
+use pulse_service::erasures::ErasureFeed;
 use pulse_service::outbox::DEAD_LETTER_MAX_BYTES;
 use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::{Message, Offset, TopicPartitionList};
@@ -26,6 +27,12 @@ pub struct PeekArgs {
     /// How many records.
     #[arg(long, default_value_t = 1)]
     count: i64,
+    /// The partition to read (default: the fullest).
+    #[arg(long)]
+    partition: Option<i32>,
+    /// The erased people's ids, whose records are not shown.
+    #[arg(long = "erasures-topic", env = "PULSE_ERASURES_TOPIC", default_value = "erasures")]
+    erasures_topic: String,
 }
 
 #[derive(clap::Args)]
@@ -115,10 +122,22 @@ pub async fn describe(args: &InspectArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// Prints the newest records of one partition. A record keyed by an erased person's profile
+/// id (every topic of Pulse keys a person's records by it) is named but not shown: it stays
+/// in Kafka until retention, and an operator's look is a reader too.
 pub fn peek(args: &PeekArgs) -> anyhow::Result<()> {
+    let erasures = ErasureFeed::follow(
+        args.inspect.kafka.consumer_config("pulse-admin-erasures"),
+        &args.erasures_topic,
+    );
+    erasures.wait_loaded(Duration::from_secs(60))?;
     let marks = watermarks(&args.inspect)?;
-    let Some(&(partition, low, high)) = marks.iter().max_by_key(|(_, low, high)| high - low) else {
-        anyhow::bail!("topic has no partitions");
+    let chosen = match args.partition {
+        Some(p) => marks.iter().find(|(partition, _, _)| *partition == p),
+        None => marks.iter().max_by_key(|(_, low, high)| high - low),
+    };
+    let Some(&(partition, low, high)) = chosen else {
+        anyhow::bail!("topic {} has no such partition", args.inspect.topic);
     };
     anyhow::ensure!(high > low, "topic {} is empty", args.inspect.topic);
     let start = (high - args.count.max(1)).max(low);
@@ -136,6 +155,14 @@ pub fn peek(args: &PeekArgs) -> anyhow::Result<()> {
             Some(Ok(m)) => {
                 seen += 1;
                 let key = m.key().map(String::from_utf8_lossy).unwrap_or_default();
+                if erasures.read().contains_profile(&key) {
+                    println!(
+                        "partition {} offset {} key (erased)\nan erased person's record: not shown (it goes with the topic's retention)",
+                        m.partition(),
+                        m.offset()
+                    );
+                    continue;
+                }
                 let payload = m.payload().unwrap_or_default();
                 let pretty = serde_json::from_slice::<serde_json::Value>(payload)
                     .and_then(|v| serde_json::to_string_pretty(&v))

@@ -695,6 +695,36 @@ async fn a_person_is_erased_from_every_store_and_nobody_else_loses_anything() {
     );
     assert!(states.get("shop-b:erase-me").is_some_and(Option::is_some));
 
+    // Their records still in Kafka are named, not shown, by an operator's peek.
+    let partition = pulse_core::partitioner::partition_of(person_id.as_bytes(), 4);
+    let out = Command::new(env!("CARGO_BIN_EXE_pulse-admin"))
+        .args(["topics", "peek", &world.topic, "--count", "10000"])
+        .args(["--partition", &partition.to_string()])
+        .args([
+            "--kafka-brokers",
+            &brokers(),
+            "--erasures-topic",
+            &world.erasures,
+        ])
+        .output()
+        .unwrap();
+    let peeked = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(peeked.contains("key (erased)"), "{peeked}");
+    // The person's own message ids (the same id at shop-b may share the partition).
+    assert!(
+        !peeked.contains("\"buy-") && !peeked.contains("\"login-"),
+        "{peeked}"
+    );
+    assert!(
+        peeked.contains("message_id"),
+        "other people's records are shown"
+    );
+
     // Events of the person sent after the erasure reach no store.
     let later = the_person(&[0]);
     produce(&world.topic, &later).await;

@@ -38,7 +38,8 @@ enum TopicsCommand {
     Ensure(EnsureArgs),
     /// Records per partition (high minus low watermark) of a topic, and its retention.
     Describe(InspectArgs),
-    /// Print the newest records of a topic (from its fullest partition).
+    /// Print the newest records of a topic (from its fullest partition, or --partition); an
+    /// erased person's records are named, not shown.
     Peek(PeekArgs),
     /// Every topic of Pulse: the personal data it holds and how long Kafka keeps it.
     Retention(RetentionArgs),
