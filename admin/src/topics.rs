@@ -126,11 +126,10 @@ pub async fn describe(args: &InspectArgs) -> anyhow::Result<()> {
 /// id (every topic of Pulse keys a person's records by it) is named but not shown: it stays
 /// in Kafka until retention, and an operator's look is a reader too.
 pub fn peek(args: &PeekArgs) -> anyhow::Result<()> {
-    let erasures = ErasureFeed::follow(
+    let erasures = ErasureFeed::follow_loaded(
         args.inspect.kafka.consumer_config("pulse-admin-erasures"),
         &args.erasures_topic,
-    );
-    erasures.wait_loaded(Duration::from_secs(60))?;
+    )?;
     let marks = watermarks(&args.inspect)?;
     let chosen = match args.partition {
         Some(p) => marks.iter().find(|(partition, _, _)| *partition == p),

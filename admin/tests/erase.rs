@@ -223,11 +223,7 @@ impl World {
             kafka.consumer_config("erase-test"),
             &self.erasures,
         );
-        let waiting = feed.clone();
-        tokio::task::spawn_blocking(move || waiting.wait_loaded(Duration::from_secs(60)))
-            .await
-            .unwrap()
-            .unwrap();
+        feed.loaded(Duration::from_secs(60)).await.unwrap();
         let erased = feed.read().clone();
         for day in days {
             pulse_batch::warehouse::load::load_day(

@@ -260,11 +260,10 @@ pub fn run(
     let store = open_store(&config.store).map_err(|e| ArchiverError::Store(e.to_string()))?;
     let partitions =
         consumer::partition_count(&config.kafka.client_config(), &config.topics.events, &stop)?;
-    let erasures = ErasureFeed::follow(
+    let erasures = ErasureFeed::follow_loaded(
         config.kafka.consumer_config("pulse-archiver-erasures"),
         &config.topics.erasures,
-    );
-    erasures.wait_loaded(Duration::from_secs(60))?;
+    )?;
     let state = Arc::new(Mutex::new(State {
         dlq_topic: config.topics.dlq.clone(),
         store,

@@ -107,12 +107,10 @@ impl SpeedConfig {
     pub fn erasure_feed(
         &self,
     ) -> Result<pulse_service::erasures::ErasureFeed, pulse_service::erasures::FeedError> {
-        let feed = pulse_service::erasures::ErasureFeed::follow(
+        pulse_service::erasures::ErasureFeed::follow_loaded(
             self.kafka.consumer_config("pulse-speed-erasures"),
             &self.topics.erasures,
-        );
-        feed.wait_loaded(std::time::Duration::from_secs(60))?;
-        Ok(feed)
+        )
     }
 
     /// The journal of records that made this consumer panic (see [`crate::poison`]).

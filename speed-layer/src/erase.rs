@@ -177,51 +177,74 @@ pub async fn delete_profiles(
 ) -> Result<u64, StoreError> {
     let mut total = 0;
     for chunk in ids.chunks(TERMS_PER_QUERY) {
-        let resp = store
-            .client()
-            .search(SearchParts::Index(&[index]))
-            .ignore_unavailable(true)
-            .body(json!({"size": MAX_DOCS, "_source": false, "query": query(partner, chunk)}))
-            .send()
-            .await?;
-        let body = check(resp).await?;
-        let found: Vec<&str> = body["hits"]["hits"]
-            .as_array()
-            .into_iter()
-            .flatten()
-            .filter_map(|h| h["_id"].as_str())
-            .collect();
-        if dry_run || found.is_empty() {
-            total += found.len() as u64;
-            continue;
-        }
-        let lines: Vec<JsonBody<Value>> = found
-            .iter()
-            .map(|id| json!({"delete": {"_id": id}}).into())
-            .collect();
-        let resp = store
-            .client()
-            .bulk(BulkParts::Index(index))
-            .refresh(Refresh::True)
-            .body(lines)
-            .send()
-            .await?;
-        let body = check(resp).await?;
-        for item in body["items"].as_array().into_iter().flatten() {
-            match item["delete"]["status"].as_u64() {
-                Some(200) => total += 1,
-                Some(404) => {}
-                _ => {
-                    return Err(StoreError::Status {
-                        status: item["delete"]["status"].as_u64().unwrap_or(500) as u16,
-                        body: format!(
-                            "deleting an erased profile from {index}: {}",
-                            item["delete"]["error"]
-                        ),
-                    })
-                }
+        // A page at a time: a page found and deleted, the next search finds the rest.
+        loop {
+            let found = matching(store, index, partner, chunk).await?;
+            if dry_run || found.is_empty() {
+                total += found.len() as u64;
+                break;
+            }
+            total += delete_ids(store, index, &found).await?;
+            if found.len() < MAX_DOCS {
+                break;
             }
         }
     }
     Ok(total)
+}
+
+/// The ids of the documents of `ids` of `partner` and the pointers to them, one page.
+async fn matching(
+    store: &ProfileStore,
+    index: &str,
+    partner: &str,
+    ids: &[String],
+) -> Result<Vec<String>, StoreError> {
+    let resp = store
+        .client()
+        .search(SearchParts::Index(&[index]))
+        .ignore_unavailable(true)
+        .body(json!({"size": MAX_DOCS, "_source": false, "query": query(partner, ids)}))
+        .send()
+        .await?;
+    let body = check(resp).await?;
+    Ok(body["hits"]["hits"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(|h| h["_id"].as_str().map(str::to_string))
+        .collect())
+}
+
+/// Deletes `ids` from `index` in one `_bulk`, visible to search on return; how many existed.
+async fn delete_ids(store: &ProfileStore, index: &str, ids: &[String]) -> Result<u64, StoreError> {
+    let lines: Vec<JsonBody<Value>> = ids
+        .iter()
+        .map(|id| json!({"delete": {"_id": id}}).into())
+        .collect();
+    let resp = store
+        .client()
+        .bulk(BulkParts::Index(index))
+        .refresh(Refresh::True)
+        .body(lines)
+        .send()
+        .await?;
+    let body = check(resp).await?;
+    let mut deleted = 0;
+    for item in body["items"].as_array().into_iter().flatten() {
+        match item["delete"]["status"].as_u64() {
+            Some(200) => deleted += 1,
+            Some(404) => {}
+            status => {
+                return Err(StoreError::Status {
+                    status: status.unwrap_or(500) as u16,
+                    body: format!(
+                        "deleting an erased profile from {index}: {}",
+                        item["delete"]["error"]
+                    ),
+                })
+            }
+        }
+    }
+    Ok(deleted)
 }

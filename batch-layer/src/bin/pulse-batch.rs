@@ -9,10 +9,7 @@ use pulse_batch::store::{open_store, StoreArgs};
 use pulse_batch::warehouse::load::{last_days, load_day, source_prefix, MAX_URIS_PER_JOB};
 use pulse_batch::warehouse::{Warehouse, WarehouseArgs};
 use pulse_core::kafka::KafkaArgs;
-use pulse_service::erasures::ErasureFeed;
-
-/// How long a load waits to have read the erasures topic before it refuses to load.
-const ERASURES_PATIENCE: std::time::Duration = std::time::Duration::from_secs(60);
+use pulse_service::erasures::{ErasureFeed, LOAD_PATIENCE};
 
 #[derive(Parser)]
 #[command(
@@ -143,8 +140,7 @@ async fn main() -> anyhow::Result<()> {
                 kafka.consumer_config("pulse-batch-erasures"),
                 &erasures_topic,
             );
-            let waiting = feed.clone();
-            tokio::task::spawn_blocking(move || waiting.wait_loaded(ERASURES_PATIENCE)).await??;
+            feed.loaded(LOAD_PATIENCE).await?;
             let prefix = source_prefix(source_uri.as_deref(), &store.url)?;
             let days = match (date, since) {
                 (Some(d), _) => vec![d],

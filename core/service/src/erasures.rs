@@ -22,6 +22,13 @@ use crate::consumer::compacted::partitions_if_any;
 /// Metric: the ids a process knows to be erased.
 pub const ERASED_IDS: &str = "pulse_erased_ids";
 
+/// How long a process waits to have read the erasures topic before it gives up starting: it
+/// must not take anything it cannot check.
+pub const LOAD_PATIENCE: Duration = Duration::from_secs(60);
+
+/// How often a waiter looks whether the topic was read.
+const LOAD_POLL: Duration = Duration::from_millis(20);
+
 /// How often a missing erasures topic is looked for again.
 const TOPIC_RECHECK: Duration = Duration::from_secs(2);
 
@@ -86,19 +93,42 @@ impl ErasureFeed {
         self.inner.loaded.load(std::sync::atomic::Ordering::Acquire)
     }
 
+    /// [`ErasureFeed::follow`], then blocks until the topic was read to its end (for at most
+    /// [`LOAD_PATIENCE`]): what a process does before it takes anything.
+    pub fn follow_loaded(config: ClientConfig, topic: &str) -> Result<Self, FeedError> {
+        let feed = Self::follow(config, topic);
+        feed.wait_loaded(LOAD_PATIENCE)?;
+        Ok(feed)
+    }
+
     /// Blocks until the topic was read to its end, for at most `patience`.
     pub fn wait_loaded(&self, patience: Duration) -> Result<(), FeedError> {
         let deadline = Instant::now() + patience;
         while !self.is_loaded() {
-            if Instant::now() >= deadline {
-                return Err(FeedError::NotLoaded {
-                    topic: self.inner.topic.clone(),
-                    secs: patience.as_secs(),
-                });
-            }
-            std::thread::sleep(Duration::from_millis(20));
+            self.check_deadline(deadline, patience)?;
+            std::thread::sleep(LOAD_POLL);
         }
         Ok(())
+    }
+
+    /// [`ErasureFeed::wait_loaded`] for async code: waits without holding a runtime thread.
+    pub async fn loaded(&self, patience: Duration) -> Result<(), FeedError> {
+        let deadline = Instant::now() + patience;
+        while !self.is_loaded() {
+            self.check_deadline(deadline, patience)?;
+            tokio::time::sleep(LOAD_POLL).await;
+        }
+        Ok(())
+    }
+
+    fn check_deadline(&self, deadline: Instant, patience: Duration) -> Result<(), FeedError> {
+        match Instant::now() >= deadline {
+            true => Err(FeedError::NotLoaded {
+                topic: self.inner.topic.clone(),
+                secs: patience.as_secs(),
+            }),
+            false => Ok(()),
+        }
     }
 
     /// The erasures known now. Hold the guard briefly: the feed's thread waits for it.

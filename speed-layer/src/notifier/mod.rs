@@ -193,11 +193,10 @@ impl Notifier {
             kafka.clone(),
         )
         .await?;
-        let feed = self.erasures.clone();
-        let loaded = tokio::task::spawn_blocking(move || feed.wait_loaded(Duration::from_secs(60)))
+        self.erasures
+            .loaded(pulse_service::erasures::LOAD_PATIENCE)
             .await
-            .map_err(|_| LedgerError::Stopped)?;
-        loaded.map_err(|e| LedgerError::Erasures(e.to_string()))?;
+            .map_err(|e| LedgerError::Erasures(e.to_string()))?;
         let revoked = Arc::new(Mutex::new(Revoked::default()));
         let context = GroupContext::new(revoked.clone(), &config.topic);
         let consumer: StreamConsumer<GroupContext<Revoked>> = config
