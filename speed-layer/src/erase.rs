@@ -124,24 +124,32 @@ async fn documents(
         return Ok(Vec::new());
     }
     let targets: Vec<&str> = indices.iter().map(String::as_str).collect();
+    let source = json!(["profile_id", "merged_into", "aliases"]);
+    let hits = page(store, &targets, partner, ids, source).await?;
+    Ok(hits.into_iter().map(|mut h| h["_source"].take()).collect())
+}
+
+/// One page of hits (at most `MAX_DOCS`) of the documents of `ids` of `partner` and the
+/// pointers to them in `indices`, with `source` (`_source` filtering) of each.
+async fn page(
+    store: &ProfileStore,
+    indices: &[&str],
+    partner: &str,
+    ids: &[String],
+    source: Value,
+) -> Result<Vec<Value>, StoreError> {
     let resp = store
         .client()
-        .search(SearchParts::Index(&targets))
+        .search(SearchParts::Index(indices))
         .ignore_unavailable(true)
-        .body(json!({
-            "size": MAX_DOCS,
-            "_source": ["profile_id", "merged_into", "aliases"],
-            "query": query(partner, ids),
-        }))
+        .body(json!({"size": MAX_DOCS, "_source": source, "query": query(partner, ids)}))
         .send()
         .await?;
-    let body = check(resp).await?;
-    Ok(body["hits"]["hits"]
-        .as_array()
-        .into_iter()
-        .flatten()
-        .map(|h| h["_source"].clone())
-        .collect())
+    let mut body = check(resp).await?;
+    Ok(match body["hits"]["hits"].take() {
+        Value::Array(hits) => hits,
+        _ => Vec::new(),
+    })
 }
 
 /// Deletes from `index` the documents of every erased id and the pointers to them: what an
@@ -200,18 +208,9 @@ async fn matching(
     partner: &str,
     ids: &[String],
 ) -> Result<Vec<String>, StoreError> {
-    let resp = store
-        .client()
-        .search(SearchParts::Index(&[index]))
-        .ignore_unavailable(true)
-        .body(json!({"size": MAX_DOCS, "_source": false, "query": query(partner, ids)}))
-        .send()
-        .await?;
-    let body = check(resp).await?;
-    Ok(body["hits"]["hits"]
-        .as_array()
-        .into_iter()
-        .flatten()
+    let hits = page(store, &[index], partner, ids, json!(false)).await?;
+    Ok(hits
+        .iter()
         .filter_map(|h| h["_id"].as_str().map(str::to_string))
         .collect())
 }
