@@ -4,15 +4,18 @@
 //! size or age), its events are written as one Parquet file per event date, named after the
 //! range, then the unit's progress marker, then the Kafka offset is committed (for lag
 //! monitoring only). On start, and whenever a partition is assigned, its progress is read from
-//! the markers: records at or below it are skipped, and files beyond it (left by a crash between
-//! files and marker) are deleted before the range is written again. So after a SIGKILL at any
-//! point there are no duplicate rows and no gaps. See [`crate::layout`].
+//! its markers: records at or below it are skipped, and files beyond it (left by a crash between
+//! files and marker, found from the unit's pending note) are deleted before the range is
+//! written again. So after a SIGKILL at any point there are no duplicate rows and no gaps, and
+//! starting a partition reads a handful of objects however old the archive is. See
+//! [`crate::layout`] and [`pulse_archive::progress`].
 
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use chrono::NaiveDate;
+use object_store::path::Path;
 use object_store::{ObjectStore, ObjectStoreExt, PutPayload};
 use pulse_core::kafka::{KafkaArgs, TopicArgs};
 use pulse_core::partitioner::Placement;
@@ -30,6 +33,7 @@ use crate::identity_file::{self, ArchivedIdentity};
 use crate::layout::{self, FileRange};
 use crate::parquet_file::{self, Codec};
 use crate::store::{open_store, StoreArgs};
+use pulse_archive::progress::{self, Coverage};
 use pulse_core::identity::TopicRecord;
 
 #[derive(Debug, Clone, clap::Args)]
@@ -83,6 +87,9 @@ pub mod metric {
     /// Events and identity records of erased people left out of the archive.
     pub const ERASED: &str = "pulse_archiver_erased_total";
     pub const BUFFERED_BYTES: &str = "pulse_archiver_buffered_bytes";
+    /// Objects listed or read to start partitions (their markers and pending notes): flat
+    /// however old the archive is, except once per partition archived in the old format.
+    pub const PROGRESS_OBJECTS_READ: &str = "pulse_archiver_progress_objects_read_total";
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -138,6 +145,19 @@ const STORE_RETRY: RetryPolicy =
 /// Records read in one batch: one lock of the state per batch, not per record.
 const ARCHIVER_BATCH: usize = 1_000;
 
+/// A started partition: how far the archive got, and the objects that the next marker makes
+/// obsolete (the marker before it, old-format markers, the notes of committed units).
+struct Started {
+    coverage: Coverage,
+    obsolete: Vec<Path>,
+}
+
+impl Started {
+    fn last(&self) -> Option<i64> {
+        self.coverage.last()
+    }
+}
+
 /// One partition's open unit.
 struct Unit {
     first: i64,
@@ -167,8 +187,8 @@ struct State {
     /// A unit that could not be archived while rolling outside the loop (at a revocation):
     /// the loop stops with it.
     failure: Option<ArchiverError>,
-    /// Partition → last archived offset (from the markers); absent: not initialised yet.
-    progress: HashMap<i32, Option<i64>>,
+    /// Partition → how far the archive got (from its markers); absent: not initialised yet.
+    progress: HashMap<i32, Started>,
     units: HashMap<i32, Unit>,
     buffered: usize,
     /// Partitions whose roll or initialisation was given up at a stop: nothing more of them
@@ -421,6 +441,18 @@ fn build_parquet(
     parquet_file::write(range.partition, events, codec).map_err(|e| failed(e.to_string()))
 }
 
+/// A progress failure as an object-store error, for the store's retry: a marker or note this
+/// archiver cannot parse is retried (and reported by /readyz) rather than passed over.
+fn progress_failed(e: progress::ProgressError) -> object_store::Error {
+    match e {
+        progress::ProgressError::Store(e) => e,
+        other => object_store::Error::Generic {
+            store: "archive progress",
+            source: Box::new(other),
+        },
+    }
+}
+
 /// A roll given up because the process stops is not an error: the range is read again by the
 /// restart. That is safe because the partition is then abandoned for the rest of the run (see
 /// `State::abandoned`): no later record of it is taken and no later unit of it written, so no
@@ -445,7 +477,7 @@ impl State {
             return;
         }
         let done = match self.progress.get(&p) {
-            Some(done) => *done,
+            Some(started) => started.last(),
             None => match self.init_partition(p) {
                 Ok(done) => done,
                 Err(Interrupted::Stopped) => {
@@ -542,32 +574,51 @@ impl State {
         }
     }
 
-    /// Reads the partition's progress from the markers and deletes files beyond it, unless
-    /// the process stops or the turn's blocking budget runs out first.
+    /// Reads the partition's progress from its markers and deletes the files of units that
+    /// never got their marker (and superseded markers and notes), unless the process stops or
+    /// the turn's blocking budget runs out first.
     fn init_partition(&mut self, p: i32) -> Result<Option<i64>, Interrupted> {
         let store = self.store.clone();
         let deadline = self.turn_deadline;
         let read = self.retry("read progress", deadline, || {
             let store = store.clone();
             async move {
-                let progress = layout::progress(store.as_ref()).await?.get(&p).copied();
-                let mut files = layout::all_files(store.as_ref(), None).await?;
-                files.extend(layout::all_identity_files(store.as_ref(), None).await?);
-                for file in files {
-                    let range = file.range;
-                    if range.partition == p && progress.is_none_or(|d| range.last > d) {
-                        tracing::warn!(path = %file.path, "deleting file of an unfinished unit");
-                        store.delete(&file.path).await?;
-                    }
+                let found = progress::read(store.as_ref(), p)
+                    .await
+                    .map_err(progress_failed)?;
+                for path in &found.orphans {
+                    tracing::warn!(%path, "deleting file of an unfinished unit");
                 }
-                Ok(progress)
+                progress::tidy(store.as_ref(), &found)
+                    .await
+                    .map_err(progress_failed)?;
+                Ok(found)
             }
         });
         // Stopped during an outage: the partition stays uninitialised and nothing of it is
         // buffered; the restart reads it.
-        let done = read?;
-        tracing::info!(partition = p, archived_up_to = ?done, "partition initialised from the object store");
-        self.progress.insert(p, done);
+        let found = read?;
+        metrics::counter!(metric::PROGRESS_OBJECTS_READ).increment(found.objects_read);
+        tracing::info!(
+            partition = p,
+            archived_up_to = ?found.last(),
+            objects_read = found.objects_read,
+            listed_archive = found.legacy,
+            orphans_deleted = found.orphans.len(),
+            "partition initialised from the object store"
+        );
+        // The highest marker is superseded by the next one; old-format markers all are (the
+        // next marker carries the coverage they make up).
+        let obsolete = match found.legacy {
+            true => found.markers.values().cloned().collect(),
+            false => found.markers.values().last().cloned().into_iter().collect(),
+        };
+        let started = Started {
+            coverage: found.coverage,
+            obsolete,
+        };
+        let done = started.last();
+        self.progress.insert(p, started);
         Ok(done)
     }
 
@@ -702,6 +753,19 @@ impl State {
             false => Ok(()),
         };
         let store = self.store.clone();
+        // The note names the files before the first is written: if the marker never comes,
+        // the partition's next start finds and deletes them without listing the archive.
+        let note = (!files.is_empty()).then(|| progress::note_path(range));
+        if let Some(note) = &note {
+            let paths: Vec<Path> = files.iter().map(|(path, _, _)| path.clone()).collect();
+            let body = PutPayload::from(progress::note_body(&paths));
+            owned().map_err(gave_up)?;
+            self.retry("write pending note", deadline, || {
+                let (store, note, body) = (store.clone(), note.clone(), body.clone());
+                async move { store.put(&note, body).await.map(|_| ()) }
+            })
+            .map_err(gave_up)?;
+        }
         for (path, bytes, rows) in files {
             let len = bytes.len() as u64;
             let payload = PutPayload::from(bytes);
@@ -720,19 +784,40 @@ impl State {
         }
         self.json_bytes += unit.bytes as u64;
         metrics::counter!(metric::JSON_BYTES).increment(unit.bytes as u64);
-        let marker = layout::marker_path(p, range.last);
-        owned().map_err(gave_up)?;
-        self.retry("write marker", deadline, || {
-            let (store, marker) = (store.clone(), marker.clone());
-            async move {
-                store
-                    .put(&marker, PutPayload::from_static(b""))
-                    .await
-                    .map(|_| ())
-            }
-        })
-        .map_err(gave_up)?;
-        self.progress.insert(p, Some(range.last));
+        // The marker carries the partition's whole coverage, so the ones before it can go.
+        let (mut coverage, mut obsolete) = match self.progress.remove(&p) {
+            Some(s) => (s.coverage, s.obsolete),
+            None => Default::default(),
+        };
+        let before = coverage.clone();
+        coverage.add(range.first, range.last);
+        let marker = progress::marker_path(p, range.last);
+        let body = PutPayload::from(progress::marker_body(&coverage));
+        let written = owned().and_then(|()| {
+            self.retry("write marker", deadline, || {
+                let (store, marker, body) = (store.clone(), marker.clone(), body.clone());
+                async move { store.put(&marker, body).await.map(|_| ()) }
+            })
+        });
+        if let Err(why) = written {
+            self.progress.insert(
+                p,
+                Started {
+                    coverage: before,
+                    obsolete,
+                },
+            );
+            return Err(gave_up(why));
+        }
+        obsolete.extend(note);
+        let obsolete = self.delete_obsolete(obsolete, deadline);
+        self.progress.insert(
+            p,
+            Started {
+                coverage,
+                obsolete: obsolete.into_iter().chain([marker]).collect(),
+            },
+        );
         if let Some(offsets) = self.dead_lettered.get_mut(&p) {
             *offsets = offsets.split_off(&(range.last + 1));
         }
@@ -749,6 +834,28 @@ impl State {
             tracing::debug!(error = %e, "commit failed (progress is in the object store)");
         }
         Ok(())
+    }
+
+    /// Deletes objects a marker made obsolete, in one try within the turn's budget: they are
+    /// harmless where they are (the highest marker wins; a covered note is stale), so what
+    /// could not be deleted is returned and tried again after the next unit.
+    fn delete_obsolete(&self, paths: Vec<Path>, deadline: Instant) -> Vec<Path> {
+        if paths.is_empty() {
+            return paths;
+        }
+        let store = self.store.clone();
+        let attempt = progress::delete_all(store.as_ref(), paths.clone());
+        let done = self
+            .runtime
+            .block_on(async { tokio::time::timeout_at(deadline.into(), attempt).await });
+        match done {
+            Ok(Ok(())) => Vec::new(),
+            Ok(Err(e)) => {
+                tracing::debug!(error = %e, "deleting superseded progress objects failed; later");
+                paths
+            }
+            Err(_) => paths,
+        }
     }
 
     /// Runs an object-store operation until it succeeds (the archive may lag, it must not

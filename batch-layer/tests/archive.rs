@@ -13,7 +13,8 @@ use arrow::datatypes::{Date32Type, Decimal128Type, TimestampMicrosecondType};
 use arrow::record_batch::RecordBatch;
 use common::{run_report, Fixture};
 use object_store::ObjectStoreExt;
-use pulse_batch::layout;
+use pulse_archive::progress;
+use pulse_batch::layout::{self, FileRange};
 use pulse_core::Event;
 use pulse_tests::data::{generate, produce, produce_raw};
 use pulse_tests::process::{free_port, poll_until, terminate, terminate_in_time};
@@ -803,4 +804,217 @@ async fn operations_endpoint_reports_progress_and_store_outages() {
     // leaving the unarchived range to the next run, instead of waiting for the store.
     let status = terminate_in_time(&mut archiver).await;
     assert!(status.success(), "{status}");
+}
+
+/// `(partition, objects_read)` of every "partition initialised" line in a JSON log.
+fn partition_starts(log: &str) -> Vec<(i64, u64)> {
+    log.lines()
+        .filter_map(|l| serde_json::from_str::<Value>(l).ok())
+        .filter(|v| v["fields"]["message"] == "partition initialised from the object store")
+        .map(|v| {
+            let f = &v["fields"];
+            (
+                f["partition"].as_i64().unwrap(),
+                f["objects_read"].as_u64().unwrap(),
+            )
+        })
+        .collect()
+}
+
+/// Runs the archiver to the end in a fresh group with JSON logs; returns the log.
+fn run_logged(f: &Fixture, args: &[&str]) -> String {
+    let group = unique("archiver-logged");
+    let mut all = vec!["--stop-at-end"];
+    all.extend_from_slice(args);
+    let status = f
+        .command(&group, &all)
+        .env("PULSE_LOG_FORMAT", "json")
+        .status()
+        .unwrap();
+    assert!(status.success(), "archiver exited with {status}");
+    std::fs::read_to_string(Fixture::log_path(&group)).unwrap()
+}
+
+/// Every object under `prefix` of the fixture's archive directory.
+fn objects_under(f: &Fixture, prefix: &str) -> Vec<String> {
+    let root = f.dir.join(prefix);
+    let mut out = Vec::new();
+    let mut dirs = vec![root];
+    while let Some(dir) = dirs.pop() {
+        let Ok(entries) = std::fs::read_dir(&dir) else {
+            continue;
+        };
+        for e in entries.flatten() {
+            let path = e.path();
+            match path.is_dir() {
+                true => dirs.push(path),
+                false => out.push(path.strip_prefix(&f.dir).unwrap().display().to_string()),
+            }
+        }
+    }
+    out.sort();
+    out
+}
+
+/// Starting a partition reads its own markers and pending notes, however large the archive:
+/// 30,000 files planted beside a real archive change nothing of what a start reads. A unit
+/// whose marker never came (its note and one file planted, as a crash leaves them) is found
+/// from its note and deleted, a superseded marker is deleted, every event is archived once,
+/// and each partition ends with one marker.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn starting_a_partition_reads_only_its_own_progress_however_large_the_archive() {
+    let f = Fixture::new("planted", 4).await;
+    let events = generate(8_000, 53, 400, 2);
+    let args = ["--roll-secs", "0.2", "--roll-bytes", "50000"];
+    produce(&f.topic, &events[..4_000]).await;
+    let first = run_logged(&f, &args);
+    assert_eq!(partition_starts(&first).len(), 4, "{first}");
+
+    // A large archive: 30,000 files of partitions this topic does not have, over 300 days
+    // (committed by no marker of theirs, so no reader counts them).
+    for i in 0..30_000u32 {
+        let (day, p) = (i % 300, 10 + i % 90);
+        let dt =
+            chrono::NaiveDate::from_ymd_opt(2025, 1, 1).unwrap() + chrono::Days::new(day.into());
+        let dir = f.dir.join(format!("events/dt={dt}"));
+        std::fs::create_dir_all(&dir).unwrap();
+        let name = format!("part-{p:03}-{:020}-{:020}.parquet", i * 10, i * 10 + 9);
+        std::fs::write(dir.join(name), b"planted").unwrap();
+    }
+    let store = f.store();
+    let before = progress::read(store.as_ref(), 0).await.unwrap();
+    let last0 = before.last().unwrap();
+    assert!(!before.legacy && before.markers.len() == 1, "{before:?}");
+    // Partition 0: a unit beyond the marker, its note and one file in the store, no marker.
+    let unfinished = FileRange {
+        partition: 0,
+        first: last0 + 1,
+        last: last0 + 40,
+    };
+    let orphan = layout::data_path(
+        chrono::NaiveDate::from_ymd_opt(2026, 1, 1).unwrap(),
+        unfinished,
+    );
+    store
+        .put(&orphan, b"half a unit".to_vec().into())
+        .await
+        .unwrap();
+    let note = progress::note_path(unfinished);
+    store
+        .put(&note, progress::note_body(std::slice::from_ref(&orphan)).into())
+        .await
+        .unwrap();
+    // Partition 1: a second, lower marker (a crash between a marker and the deletion of the
+    // one before it).
+    let p1 = progress::read(store.as_ref(), 1).await.unwrap();
+    let low = progress::marker_path(1, p1.last().unwrap() - 1);
+    store
+        .put(&low, b"{\"archived\":[]}".to_vec().into())
+        .await
+        .unwrap();
+
+    produce(&f.topic, &events[4_000..]).await;
+    let second = run_logged(&f, &args);
+    let starts = partition_starts(&second);
+    assert_eq!(starts.len(), 4, "{second}");
+    for (p, read) in &starts {
+        // One marker and its body; partition 0 also its note and the note's body; partition
+        // 1 its second marker.
+        let most = match p {
+            0 => 4,
+            1 => 3,
+            _ => 2,
+        };
+        assert!(
+            *read <= most,
+            "partition {p} read {read} objects to start: {starts:?}"
+        );
+    }
+    assert!(
+        second.contains("deleting file of an unfinished unit"),
+        "{second}"
+    );
+    assert!(store.head(&orphan).await.is_err(), "the orphan is deleted");
+    assert_eq!(
+        objects_under(&f, "_pending"),
+        Vec::<String>::new(),
+        "no note left"
+    );
+    let markers = objects_under(&f, "_progress");
+    assert_eq!(markers.len(), 4, "one marker per partition: {markers:?}");
+    let planted = layout::all_files(
+        store.as_ref(),
+        Some(chrono::NaiveDate::from_ymd_opt(2025, 3, 1).unwrap()),
+    )
+    .await
+    .unwrap();
+    assert_eq!(planted.len(), 100, "the planted files are left alone");
+
+    let (rows, total) = rows_by_id(&f.rows().await);
+    assert_eq!(total, events.len(), "no duplicates");
+    assert_eq!(rows.len(), events.len(), "no gaps");
+}
+
+/// An archive written in the old format (an empty marker per unit, no notes) is read the old
+/// way once per partition: its orphan found by listing, its markers replaced by one that
+/// carries the coverage they made up, and every event still there once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_archive_in_the_old_format_is_taken_over_with_its_orphans_and_markers() {
+    let f = Fixture::new("old-format", 2).await;
+    let events = generate(4_000, 54, 300, 2);
+    let args = ["--roll-secs", "0.2", "--roll-bytes", "30000"];
+    produce(&f.topic, &events[..2_000]).await;
+    run_logged(&f, &args);
+    // Rewrite the progress the old way: an empty marker at the end of every unit.
+    let store = f.store();
+    let files = layout::committed_files(store.as_ref(), None).await.unwrap();
+    std::fs::remove_dir_all(f.dir.join("_progress")).unwrap();
+    let mut units = 0;
+    let mut ends: HashSet<(i32, i64)> = HashSet::new();
+    for file in &files {
+        if ends.insert((file.range.partition, file.range.last)) {
+            let marker = progress::marker_path(file.range.partition, file.range.last);
+            store.put(&marker, Vec::<u8>::new().into()).await.unwrap();
+            units += 1;
+        }
+    }
+    assert!(units > 4, "several units per partition: {units}");
+    // And a crash of the old archiver: a file beyond partition 1's last marker, no note.
+    let last1 = ends
+        .iter()
+        .filter(|(p, _)| *p == 1)
+        .map(|(_, l)| *l)
+        .max()
+        .unwrap();
+    let orphan = layout::data_path(
+        chrono::NaiveDate::from_ymd_opt(2026, 1, 1).unwrap(),
+        FileRange {
+            partition: 1,
+            first: last1 + 1,
+            last: last1 + 30,
+        },
+    );
+    store
+        .put(&orphan, b"half a unit".to_vec().into())
+        .await
+        .unwrap();
+    let old = progress::read(store.as_ref(), 1).await.unwrap();
+    assert!(old.legacy, "{old:?}");
+    assert_eq!(old.orphans, vec![orphan.clone()]);
+
+    produce(&f.topic, &events[2_000..]).await;
+    let log = run_logged(&f, &args);
+    assert!(log.contains("deleting file of an unfinished unit"), "{log}");
+    assert!(store.head(&orphan).await.is_err(), "the orphan is deleted");
+    let markers = objects_under(&f, "_progress");
+    assert_eq!(markers.len(), 2, "one marker per partition: {markers:?}");
+    for p in 0..2 {
+        let now = progress::read(store.as_ref(), p).await.unwrap();
+        assert!(!now.legacy, "{now:?}");
+        assert_eq!(now.coverage.stretches().len(), 1, "{now:?}");
+        assert_eq!(now.coverage.stretches()[0].0, 0, "{now:?}");
+    }
+    let (rows, total) = rows_by_id(&f.rows().await);
+    assert_eq!(total, events.len(), "no duplicates");
+    assert_eq!(rows.len(), events.len(), "no gaps");
 }

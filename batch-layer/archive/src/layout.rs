@@ -10,8 +10,11 @@
 //! event date found in that range, all named after the range, and then the progress marker.
 //! The speed layer's identity records of the range (see `identity_file`) go beside them, under
 //! `identities/`, by the day they were written, named the same way. A unit is committed once
-//! its marker exists: the object store, not Kafka, says how far the archive got. A crash between the files and the marker leaves files beyond the marker
-//! (orphans); readers ignore them and the archiver deletes them before it re-reads the range.
+//! its marker exists: the object store, not Kafka, says how far the archive got. A file beyond
+//! its partition's highest marker (a crash between the files and the marker) is not committed:
+//! readers ignore it, and the archiver deletes it before it reads the range again. How the
+//! markers stay few, and how the archiver finds those files without listing the archive, is
+//! [`crate::progress`].
 
 use std::collections::{BTreeSet, HashMap};
 
@@ -23,6 +26,8 @@ use object_store::ObjectStore;
 pub const DATA_PREFIX: &str = "events";
 pub const IDENTITY_PREFIX: &str = "identities";
 pub const PROGRESS_PREFIX: &str = "_progress";
+/// Notes of units being written (see [`crate::progress`]); no reader lists them.
+pub const PENDING_PREFIX: &str = "_pending";
 
 /// A data file's partition and offset range, parsed from its name.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
@@ -48,10 +53,14 @@ fn path_under(prefix: &str, dt: NaiveDate, range: FileRange) -> Path {
     ))
 }
 
-pub fn marker_path(partition: i32, last: i64) -> Path {
-    Path::from(format!(
-        "{PROGRESS_PREFIX}/partition={partition:03}/{last:020}"
-    ))
+/// (partition, last offset) of a marker path, or None for anything else.
+pub fn parse_marker(path: &Path) -> Option<(i32, i64)> {
+    let rest = path
+        .as_ref()
+        .strip_prefix(PROGRESS_PREFIX)?
+        .strip_prefix("/partition=")?;
+    let (p, last) = rest.split_once('/')?;
+    Some((p.parse().ok()?, last.parse().ok()?))
 }
 
 /// (dt, range) of a data file path, or None for anything else.
@@ -83,25 +92,14 @@ pub async fn progress(store: &dyn ObjectStore) -> object_store::Result<HashMap<i
         .collect())
 }
 
-/// Partition → the last offset of every archived unit, from the markers. A unit ends at its
-/// marker and starts right after the one before; a unit of dead-lettered records only has a
-/// marker and no file.
+/// Partition → the last offset of every marker: the highest is how far the partition got
+/// (see [`crate::progress`] for what the others are).
 pub async fn markers(store: &dyn ObjectStore) -> object_store::Result<HashMap<i32, BTreeSet<i64>>> {
     let mut out: HashMap<i32, BTreeSet<i64>> = HashMap::new();
     let prefix = Path::from(PROGRESS_PREFIX);
     let mut list = store.list(Some(&prefix));
     while let Some(meta) = list.try_next().await? {
-        let text = meta.location.as_ref();
-        let Some(rest) = text
-            .strip_prefix(PROGRESS_PREFIX)
-            .and_then(|r| r.strip_prefix("/partition="))
-        else {
-            continue;
-        };
-        let Some((p, last)) = rest.split_once('/') else {
-            continue;
-        };
-        if let (Ok(p), Ok(last)) = (p.parse::<i32>(), last.parse::<i64>()) {
+        if let Some((p, last)) = parse_marker(&meta.location) {
             out.entry(p).or_default().insert(last);
         }
     }
@@ -226,8 +224,9 @@ mod tests {
             "an identity file is no data file"
         );
         assert_eq!(
-            marker_path(7, 1899).as_ref(),
-            "_progress/partition=007/00000000000000001899"
+            parse_marker(&Path::from("_progress/partition=007/00000000000000001899")),
+            Some((7, 1899))
         );
+        assert_eq!(parse_marker(&i), None);
     }
 }

@@ -2,6 +2,8 @@
 //! (the batch layer's SQL and loads, and the speed layer's recompute):
 //!
 //! - [`layout`]: where files and progress markers live, and which files count;
+//! - [`progress`]: each partition's progress in a bounded number of objects, and the files
+//!   of units a crash left unfinished;
 //! - [`parquet_file`]: events (with their Kafka partition and offset) to a Parquet file and
 //!   back;
 //! - [`reader`]: an archive file back to events, for recompute;
@@ -15,5 +17,6 @@ pub mod erase;
 pub mod identity_file;
 pub mod layout;
 pub mod parquet_file;
+pub mod progress;
 pub mod reader;
 pub mod store;

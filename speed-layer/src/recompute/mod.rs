@@ -149,6 +149,12 @@ impl From<object_store::Error> for RecomputeError {
     }
 }
 
+impl From<pulse_archive::progress::ProgressError> for RecomputeError {
+    fn from(e: pulse_archive::progress::ProgressError) -> Self {
+        RecomputeError::Archive(e.to_string())
+    }
+}
+
 impl From<pulse_archive::store::OpenError> for RecomputeError {
     fn from(e: pulse_archive::store::OpenError) -> Self {
         RecomputeError::Archive(e.to_string())

@@ -4,12 +4,13 @@
 //! does not cover is a gap: the plan names it and `run` refuses, since folding on would
 //! silently drop that history.
 
-use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::collections::{BTreeMap, HashMap};
 use std::fmt::Write as _;
 use std::sync::Arc;
 
 use object_store::ObjectStore;
 use pulse_archive::layout::{self, ArchiveFile, FileRange};
+use pulse_archive::progress::{self, Coverage};
 
 use super::kafka::{self, Retained};
 use super::{RecomputeArgs, RecomputeError, Source};
@@ -224,10 +225,10 @@ pub async fn make(
         false => kafka::committed(kafka_args, &args.group(), topic, &partitions)?,
     };
     let live = kafka::committed(kafka_args, &args.speed.group, topic, &partitions)?;
-    let (mut units, mut markers): (BTreeMap<i32, Vec<Unit>>, HashMap<i32, BTreeSet<i64>>) =
+    let (mut units, mut coverage): (BTreeMap<i32, Vec<Unit>>, HashMap<i32, Coverage>) =
         Default::default();
     if let (Source::Archive, Some(store)) = (args.source, archive) {
-        markers = layout::markers(store).await?;
+        coverage = progress::coverage_all(store).await?;
         let mut by_range: BTreeMap<FileRange, Unit> = BTreeMap::new();
         let unit = |range| Unit {
             range,
@@ -265,7 +266,7 @@ pub async fn make(
         };
         let resume = resume.get(&p).copied().unwrap_or(start);
         let candidates = units.remove(&p).unwrap_or_default();
-        let (todo, archive_next) = usable_units(candidates, markers.get(&p), resume, bound);
+        let (todo, archive_next) = usable_units(candidates, coverage.get(&p), resume, bound);
         out.push(PartitionPlan {
             partition: p,
             resume,
@@ -285,41 +286,35 @@ pub async fn make(
 /// offsets the archive does not account for, and the offset after what they cover.
 ///
 /// Between two units, or before the first, offsets without a file are accounted for only by
-/// markers: a stretch that starts right after a marker (or at offset 0) and ends at one holds
-/// units of dead-lettered records only. Any other stretch is a hole in the archive (an archiver
-/// that started late, files deleted): the archive is used up to it and Kafka from there, and
-/// if Kafka no longer holds it the plan reports a gap. (Every file of a unit deleted under
-/// its marker looks like a dead-letter-only unit; markers do not count rows.)
+/// the partition's coverage (see `pulse_archive::progress`): inside a stretch they held units
+/// of dead-lettered records only. Offsets outside every stretch are a hole in the archive (an
+/// archiver that started late): the archive is used up to it and Kafka from there, and if
+/// Kafka no longer holds it the plan reports a gap. (Every file of a unit deleted under its
+/// marker looks like a dead-letter-only unit; markers do not count rows.)
 fn usable_units(
     candidates: Vec<Unit>,
-    markers: Option<&BTreeSet<i64>>,
+    coverage: Option<&Coverage>,
     resume: i64,
     bound: i64,
 ) -> (Vec<Unit>, i64) {
-    let no_markers = BTreeSet::new();
-    let markers = markers.unwrap_or(&no_markers);
-    let accounted = |from: i64, to: i64| {
-        from > to || (markers.contains(&to) && (from == 0 || markers.contains(&(from - 1))))
-    };
+    let none = Coverage::default();
+    let coverage = coverage.unwrap_or(&none);
     let mut next = resume;
     let mut todo = Vec::new();
     for unit in candidates
         .into_iter()
         .filter(|u| u.range.last >= resume && u.range.first < bound)
     {
-        if !accounted(next, unit.range.first - 1) {
-            // A hole: the archive is used up to here, even where later markers exist.
+        if !coverage.covers(next, unit.range.first - 1) {
+            // A hole: the archive is used up to here, even where later stretches exist.
             return (todo, next);
         }
         next = next.max(unit.range.last + 1);
         todo.push(unit);
     }
-    // Every file is used: markers after the last one are dead-letter-only units.
-    if let Some(last) = markers
-        .last()
-        .filter(|m| **m >= next && accounted(next, **m))
-    {
-        next = last + 1;
+    // Every file is used: the rest of the stretch holds dead-letter-only units.
+    if let Some(end) = coverage.end_of_stretch(next) {
+        next = end + 1;
     }
     (todo, next)
 }
@@ -340,13 +335,20 @@ mod tests {
         }
     }
 
+    /// The coverage of old-format markers and the unit starts their files name.
+    fn covering(markers: &[i64], starts: &[(i64, i64)]) -> Coverage {
+        let markers = markers.iter().copied().collect();
+        let starts = starts.iter().copied().collect();
+        Coverage::from_markers(&markers, &starts)
+    }
+
     fn firsts(units: &[Unit]) -> Vec<i64> {
         units.iter().map(|u| u.range.first).collect()
     }
 
     #[test]
     fn contiguous_units_are_used_to_the_last_marker() {
-        let markers: BTreeSet<i64> = [99, 199, 299].into();
+        let markers = covering(&[99, 199, 299], &[(99, 0), (199, 100)]);
         let (todo, next) = usable_units(vec![unit(0, 99), unit(100, 199)], Some(&markers), 0, 1000);
         // 200..=299 held dead letters only: covered, Kafka starts after it.
         assert_eq!((firsts(&todo), next), (vec![0, 100], 300));
@@ -354,21 +356,21 @@ mod tests {
 
     #[test]
     fn a_hole_no_marker_accounts_for_ends_the_archive_there() {
-        let markers: BTreeSet<i64> = [99, 299].into();
+        let markers = covering(&[99, 299], &[(99, 0), (299, 250)]);
         let (todo, next) = usable_units(vec![unit(0, 99), unit(250, 299)], Some(&markers), 0, 1000);
         assert_eq!((firsts(&todo), next), (vec![0], 100));
     }
 
     #[test]
     fn an_archive_that_starts_late_is_not_used_from_the_start() {
-        let markers: BTreeSet<i64> = [599].into();
+        let markers = covering(&[599], &[(599, 500)]);
         let (todo, next) = usable_units(vec![unit(500, 599)], Some(&markers), 0, 1000);
         assert_eq!((firsts(&todo), next), (vec![], 0));
     }
 
     #[test]
     fn a_resumed_run_takes_the_unit_it_stopped_in_and_stops_at_the_bound() {
-        let markers: BTreeSet<i64> = [99, 199, 299].into();
+        let markers = covering(&[99, 199, 299], &[(99, 0), (199, 100), (299, 200)]);
         let units = vec![unit(0, 99), unit(100, 199), unit(200, 299)];
         let (todo, next) = usable_units(units, Some(&markers), 150, 220);
         assert_eq!(firsts(&todo), vec![100, 200]);
