@@ -27,11 +27,17 @@ pub fn columns() -> String {
         .join(", ")
 }
 
-/// Columns that break ties after `received_at`, so every engine keeps the same row: ingest
-/// stamps one receive time per request, and a client could send two different events with
-/// one id in it. (A producer retry writes the same record twice: identical rows bar their
-/// offsets, and the first offset is kept.) NULLs sort first everywhere, as BigQuery does by default.
-const TIE_BREAKERS: &[&str] = &[
+/// The dedupe key: one row per day, partner and message id.
+pub const KEY: [&str; 3] = ["date", "partner_id", "message_id"];
+
+/// The order in which copies of a key rank, all ascending with NULLs first (as BigQuery sorts
+/// by default): the first received wins. The columns after `received_at` break ties, so every
+/// engine keeps the same row: ingest stamps one receive time per request, and a client could
+/// send two different events with one id in it. (A producer retry writes the same record
+/// twice: identical rows bar their offsets, and the first offset is kept.) Last comes the
+/// record's position, unique, so the kept row never depends on the engine.
+pub const ORDER: [&str; 10] = [
+    "received_at",
     "timestamp",
     "event",
     "product_id",
@@ -39,7 +45,6 @@ const TIE_BREAKERS: &[&str] = &[
     "session_id",
     "current_url",
     "search_query",
-    // Last: the record's position, unique, so the kept row never depends on the engine.
     "kafka_partition",
     "kafka_offset",
 ];
@@ -49,16 +54,19 @@ const TIE_BREAKERS: &[&str] = &[
 pub fn first_of_each_message(source: &str, filter: Option<&str>) -> String {
     let columns = columns();
     let filter = filter.map(|f| format!(" WHERE {f}")).unwrap_or_default();
-    let order: Vec<String> = std::iter::once("received_at")
-        .chain(TIE_BREAKERS.iter().copied())
-        .map(|c| format!("`{c}` ASC NULLS FIRST"))
+    let quoted = |c: &&str| format!("`{c}`");
+    let key: Vec<String> = KEY.iter().map(quoted).collect();
+    let order: Vec<String> = ORDER
+        .iter()
+        .map(|c| format!("{} ASC NULLS FIRST", quoted(c)))
         .collect();
     format!(
         "SELECT {columns} FROM (\
          SELECT *, ROW_NUMBER() OVER (\
-         PARTITION BY `date`, `partner_id`, `message_id` \
+         PARTITION BY {} \
          ORDER BY {}) AS pulse_copy \
          FROM {source}{filter}) AS ranked WHERE pulse_copy = 1",
+        key.join(", "),
         order.join(", ")
     )
 }

@@ -14,6 +14,7 @@
 
 pub mod archiver;
 pub mod dedupe;
+pub mod deduped_events;
 pub mod identities;
 pub mod sql;
 pub mod warehouse;

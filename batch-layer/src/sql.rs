@@ -1,8 +1,8 @@
 //! BI SQL on the embedded engine (DataFusion) over the archive's committed Parquet files.
 //!
 //! The table is `events`, with the columns of `pulse_core::schema::event_schema` (the same as
-//! the BigQuery table): a view that shows each `(partner_id, message_id)` of a day once
-//! ([`crate::dedupe`]), as the BigQuery load does. `events_raw` is the archive as written,
+//! the BigQuery table): each `(partner_id, message_id)` of a day once ([`crate::dedupe`]'s
+//! rule, as the BigQuery load applies it; computed by [`DedupedEvents`]). `events_raw` is the archive as written,
 //! client retries included. `identities` is the devices the speed layer merged into people
 //! ([`crate::identities`], over `identities_raw`, the archive's identity files), as the
 //! BigQuery table of that name holds them. Reports in `warehouse-sql/reports/` take parameters as `{{name}}`,
@@ -18,10 +18,11 @@ use datafusion::datasource::listing::{
 };
 use datafusion::datasource::MemTable;
 use datafusion::execution::object_store::ObjectStoreUrl;
-use datafusion::prelude::SessionContext;
+use datafusion::prelude::{SessionConfig, SessionContext};
 use object_store::ObjectStore;
 use pulse_core::schema::event_schema;
 
+use crate::deduped_events::DedupedEvents;
 use crate::layout;
 
 /// Scheme under which the archive store is registered with DataFusion.
@@ -59,19 +60,34 @@ pub fn substitute(sql: &str, params: &BTreeMap<String, String>) -> Result<String
 /// The raw archive's table name in a session.
 pub const RAW_TABLE: &str = "events_raw";
 
+/// The deduplicated events' table name in a session ([`DedupedEvents`]).
+pub const EVENTS_TABLE: &str = "events";
+
 /// The raw identity files' table name in a session.
 pub const RAW_IDENTITIES_TABLE: &str = "identities_raw";
+
+/// The engine's settings: `DATAFUSION_*` variables tune it (e.g.
+/// `DATAFUSION_EXECUTION_TARGET_PARTITIONS`). Statistics are off unless set there: with them,
+/// files of one day make DataFusion take `date` as sorted, and the aggregate that finds copies
+/// runs in its partially sorted mode, four times slower (0.96 s against 0.23 s for 1 M rows).
+fn config() -> Result<SessionConfig, SqlError> {
+    let mut config = SessionConfig::from_env()?;
+    if std::env::var_os("DATAFUSION_EXECUTION_COLLECT_STATISTICS").is_none() {
+        config.options_mut().execution.collect_statistics = false;
+    }
+    Ok(config)
+}
 
 /// A session with `events_raw` registered over the committed files of the archive and
 /// `events`, the deduplicated view over it; `identities_raw` and `identities` likewise.
 pub async fn session(store: Arc<dyn ObjectStore>) -> Result<SessionContext, SqlError> {
-    let ctx = SessionContext::new();
+    let ctx = SessionContext::new_with_config(config()?);
     let base = ObjectStoreUrl::parse(STORE_URL)?;
     ctx.register_object_store(base.as_ref(), store.clone());
     let files = layout::committed_files(store.as_ref(), None).await?;
     register_raw(&ctx, RAW_TABLE, &files, event_schema()).await?;
-    let view = crate::dedupe::first_of_each_message(RAW_TABLE, None);
-    ctx.sql(&format!("CREATE VIEW events AS {view}")).await?;
+    let raw = ctx.table_provider(RAW_TABLE).await?;
+    ctx.register_table(EVENTS_TABLE, Arc::new(DedupedEvents::new(raw)))?;
     let files = layout::committed_identity_files(store.as_ref(), None).await?;
     let schema = crate::identity_file::identity_schema();
     register_raw(&ctx, RAW_IDENTITIES_TABLE, &files, schema).await?;

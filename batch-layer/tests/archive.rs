@@ -901,7 +901,10 @@ async fn starting_a_partition_reads_only_its_own_progress_however_large_the_arch
         .unwrap();
     let note = progress::note_path(unfinished);
     store
-        .put(&note, progress::note_body(std::slice::from_ref(&orphan)).into())
+        .put(
+            &note,
+            progress::note_body(std::slice::from_ref(&orphan)).into(),
+        )
         .await
         .unwrap();
     // Partition 1: a second, lower marker (a crash between a marker and the deletion of the

@@ -33,6 +33,10 @@ struct Args {
     /// `ClickstreamConfig::login_share`).
     #[arg(long, default_value_t = 0.0)]
     login_share: f64,
+    /// Share of events sent a second time after all the others, as a client's retry would
+    /// be (same message id and payload): what the warehouse's dedupe has to find.
+    #[arg(long, default_value_t = 0.0)]
+    retry_share: f64,
 }
 
 struct Acks {
@@ -64,13 +68,19 @@ fn main() -> anyhow::Result<()> {
         login_share: a.login_share,
     });
     let ctx = ParseContext::now();
-    let records: Vec<(String, Vec<u8>)> = stream
+    let mut records: Vec<(String, Vec<u8>)> = stream
         .take(a.events as usize)
         .map(|g| {
             let e = parse_event(&g.event.to_string(), &ctx).expect("generated events are valid");
             (e.partition_key(), e.to_canonical_json())
         })
         .collect();
+    // Every n-th event again, at the end: deterministic, spread over partners and users.
+    if a.retry_share > 0.0 {
+        let every = (1.0 / a.retry_share).round().max(1.0) as usize;
+        let copies: Vec<_> = records.iter().step_by(every).cloned().collect();
+        records.extend(copies);
+    }
     let json_bytes: usize = records.iter().map(|(_, p)| p.len()).sum();
 
     let acks = Arc::new(Acks {
