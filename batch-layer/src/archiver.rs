@@ -19,7 +19,6 @@ use object_store::path::Path;
 use object_store::{ObjectStore, ObjectStoreExt, PutPayload};
 use pulse_core::kafka::{KafkaArgs, TopicArgs};
 use pulse_core::partitioner::Placement;
-use pulse_core::Event;
 use pulse_service::consumer::{self, Commit, EndOfPartitions, PartitionOwner, Positions};
 use pulse_service::erasures::ErasureFeed;
 use pulse_service::outbox::{Outbox, OutboxError, Source};
@@ -31,8 +30,10 @@ use tokio::runtime::Runtime;
 
 use crate::identity_file::{self, ArchivedIdentity};
 use crate::layout::{self, FileRange};
-use crate::parquet_file::{self, Codec};
+use crate::parquet_file::{self, Codec, ParquetError, RowsBuilder};
 use crate::store::{open_store, StoreArgs};
+use arrow::record_batch::RecordBatch;
+use pulse_archive::erase::{self, FileKind};
 use pulse_archive::progress::{self, Coverage};
 use pulse_core::identity::TopicRecord;
 
@@ -142,6 +143,9 @@ enum Interrupted {
 const STORE_RETRY: RetryPolicy =
     RetryPolicy::forever(Duration::from_millis(100), Duration::from_secs(6));
 
+/// Rows a unit's file has room for when it is started (it grows beyond).
+const ROWS_PER_FILE_HINT: usize = 1_024;
+
 /// Records read in one batch: one lock of the state per batch, not per record.
 const ARCHIVER_BATCH: usize = 1_000;
 
@@ -162,8 +166,8 @@ impl Started {
 struct Unit {
     first: i64,
     last: i64,
-    /// The unit's events with their offsets, in offset order.
-    events: Vec<(i64, Event)>,
+    /// The unit's events by event date, as the columns of their file, in offset order.
+    events: BTreeMap<NaiveDate, RowsBuilder>,
     /// The speed layer's identity records of the range, in offset order (archived apart).
     identities: Vec<ArchivedIdentity>,
     bytes: usize,
@@ -416,13 +420,16 @@ pub fn run(
     Ok(summary)
 }
 
-/// The unit's Parquet bytes. `PULSE_FAILPOINT_PARQUET_OFFSET=<offset>` (tests only) makes the
-/// build of a unit that holds that offset fail, as a bug in the writer would.
+/// The Parquet bytes of one file of a unit and its row count, its rows passed through
+/// `filter` first (erasures); `None` when no row is left. `PULSE_FAILPOINT_PARQUET_OFFSET=<offset>`
+/// (tests only) makes the build of a unit that holds that offset fail, as a bug in the writer
+/// would.
 fn build_parquet(
-    events: &[(i64, Event)],
+    rows: &mut RowsBuilder,
     codec: Codec,
     range: FileRange,
-) -> Result<Vec<u8>, ArchiverError> {
+    filter: impl FnOnce(RecordBatch) -> Result<RecordBatch, ParquetError>,
+) -> Result<Option<(Vec<u8>, usize)>, ArchiverError> {
     static FAIL_AT: std::sync::OnceLock<Option<i64>> = std::sync::OnceLock::new();
     let fail_at = *FAIL_AT.get_or_init(|| {
         std::env::var("PULSE_FAILPOINT_PARQUET_OFFSET")
@@ -438,7 +445,15 @@ fn build_parquet(
     if fail_at.is_some_and(|o| (range.first..=range.last).contains(&o)) {
         return Err(failed("failpoint PULSE_FAILPOINT_PARQUET_OFFSET".into()));
     }
-    parquet_file::write(range.partition, events, codec).map_err(|e| failed(e.to_string()))
+    let batch = rows
+        .finish()
+        .and_then(filter)
+        .map_err(|e| failed(e.to_string()))?;
+    if batch.num_rows() == 0 {
+        return Ok(None);
+    }
+    let bytes = parquet_file::write_batch(&batch, codec).map_err(|e| failed(e.to_string()))?;
+    Ok(Some((bytes, batch.num_rows())))
 }
 
 /// A progress failure as an object-store error, for the store's retry: a marker or note this
@@ -506,7 +521,7 @@ impl State {
         let unit = self.units.entry(p).or_insert_with(|| Unit {
             first: msg.offset(),
             last: msg.offset(),
-            events: Vec::new(),
+            events: BTreeMap::new(),
             identities: Vec::new(),
             bytes: 0,
             opened: Instant::now(),
@@ -530,7 +545,10 @@ impl State {
             Ok(TopicRecord::Event(event)) => {
                 unit.bytes += payload.len();
                 self.buffered += payload.len();
-                unit.events.push((msg.offset(), event));
+                unit.events
+                    .entry(event.timestamp.date_naive())
+                    .or_insert_with(|| RowsBuilder::new(p, ROWS_PER_FILE_HINT))
+                    .push(msg.offset(), &event);
             }
             Ok(TopicRecord::Identity(record)) => {
                 unit.bytes += payload.len();
@@ -669,28 +687,22 @@ impl State {
             last: unit.last,
         };
         // Erasures recorded since the unit's records were buffered: left out now.
-        let (mut events, mut identity_rows) = (unit.events, unit.identities);
-        {
-            let erasures = self.erasures.read();
-            if !erasures.is_empty() {
-                let before = events.len() + identity_rows.len();
-                events.retain(|(_, e)| !erasures.erases(e));
-                identity_rows.retain(|r| !erasures.erases_identity(&r.record));
-                let dropped = before - events.len() - identity_rows.len();
-                metrics::counter!(metric::ERASED).increment(dropped as u64);
-            }
-        }
-        let mut by_date: BTreeMap<NaiveDate, Vec<(i64, Event)>> = BTreeMap::new();
-        for (offset, e) in events {
-            by_date
-                .entry(e.timestamp.date_naive())
-                .or_default()
-                .push((offset, e));
-        }
-        let mut files = Vec::with_capacity(by_date.len());
-        for (dt, events) in &by_date {
-            match build_parquet(events, self.codec, range) {
-                Ok(bytes) => files.push((layout::data_path(*dt, range), bytes, events.len())),
+        let (events, mut identity_rows) = (unit.events, unit.identities);
+        let erasures = self.erasures.read();
+        let mut dropped = 0;
+        let mut files = Vec::with_capacity(events.len());
+        for (dt, mut rows) in events {
+            let built = build_parquet(&mut rows, self.codec, range, |batch| {
+                if erasures.is_empty() {
+                    return Ok(batch);
+                }
+                let (batch, removed) = erase::filter_batch(batch, FileKind::Events, &erasures)?;
+                dropped += removed;
+                Ok(batch)
+            });
+            match built {
+                Ok(Some((bytes, rows))) => files.push((layout::data_path(dt, range), bytes, rows)),
+                Ok(None) => {}
                 Err(e) => {
                     // The unit's events are gone from memory and a later marker would cover
                     // its range: stop before writing one, so the restart archives it.
@@ -699,6 +711,13 @@ impl State {
                 }
             }
         }
+        if !erasures.is_empty() {
+            let before = identity_rows.len();
+            identity_rows.retain(|r| !erasures.erases_identity(&r.record));
+            dropped += before - identity_rows.len();
+        }
+        drop(erasures);
+        metrics::counter!(metric::ERASED).increment(dropped as u64);
         let identity_count = identity_rows.len();
         let mut identities: BTreeMap<NaiveDate, Vec<ArchivedIdentity>> = BTreeMap::new();
         for row in identity_rows {

@@ -231,6 +231,20 @@ pub async fn rewrite(
     Ok(out)
 }
 
+/// `batch` (of `kind`) without the rows `erasures` names, and how many those were.
+pub fn filter_batch(
+    batch: RecordBatch,
+    kind: FileKind,
+    erasures: &Erasures,
+) -> Result<(RecordBatch, usize), ParquetError> {
+    let keep = keep_mask(&batch, kind, erasures)?;
+    let removed = keep.false_count();
+    if removed == 0 {
+        return Ok((batch, 0));
+    }
+    Ok((filter_record_batch(&batch, &keep)?, removed))
+}
+
 /// True for each row of `batch` that is nobody erased's.
 fn keep_mask(
     batch: &RecordBatch,

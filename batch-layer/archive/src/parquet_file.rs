@@ -61,36 +61,96 @@ pub struct Archived {
 
 /// The events of `partition`, each with its offset, as one Arrow record batch.
 pub fn record_batch(partition: i32, rows: &[(i64, Event)]) -> Result<RecordBatch, ParquetError> {
-    let n = rows.len();
-    let text = || StringBuilder::with_capacity(n, n * 16);
-    let (mut message_id, mut event, mut partner_id, mut user_id, mut anonymous_id) =
-        (text(), text(), text(), text(), text());
-    let mut timestamp = TimestampMicrosecondBuilder::with_capacity(n).with_timezone("UTC");
-    let mut received_at = TimestampMicrosecondBuilder::with_capacity(n).with_timezone("UTC");
-    let mut date = Date32Builder::with_capacity(n);
-    let mut strings: Vec<StringBuilder> = (0..9).map(|_| text()).collect();
-    let mut category = ListBuilder::new(StringBuilder::new());
-    let (mut search_query, mut product_id) = (text(), text());
-    let mut cart_amount = Decimal128Builder::with_capacity(n)
-        .with_precision_and_scale(AMOUNT_PRECISION, AMOUNT_SCALE)?;
-    let mut gender = text();
-    let mut init_session = BooleanBuilder::with_capacity(n);
-    let (mut properties, mut context) = (text(), text());
-    let mut kafka_partition = Int64Builder::with_capacity(n);
-    let mut kafka_offset = Int64Builder::with_capacity(n);
-
+    let mut builder = RowsBuilder::new(partition, rows.len());
     for (offset, e) in rows {
-        kafka_partition.append_value(partition as i64);
-        kafka_offset.append_value(*offset);
-        message_id.append_value(&e.message_id);
-        event.append_value(&e.event);
-        partner_id.append_value(&e.partner_id);
-        user_id.append_option(e.user_id.as_deref());
-        anonymous_id.append_option(e.anonymous_id.as_deref());
-        timestamp.append_value(e.timestamp.timestamp_micros());
-        received_at.append_value(e.received_at.timestamp_micros());
-        date.append_value((e.timestamp.date_naive() - EPOCH).num_days() as i32);
-        for (b, v) in strings.iter_mut().zip([
+        builder.push(*offset, e);
+    }
+    builder.finish()
+}
+
+/// One file's rows as they come, column by column: the archiver appends each event as it
+/// reads it and drops the event, so a unit waiting to roll holds its columns (about the
+/// bytes of its values) rather than an `Event` per row (a struct and a dozen allocations).
+pub struct RowsBuilder {
+    partition: i64,
+    rows: usize,
+    message_id: StringBuilder,
+    event: StringBuilder,
+    partner_id: StringBuilder,
+    user_id: StringBuilder,
+    anonymous_id: StringBuilder,
+    timestamp: TimestampMicrosecondBuilder,
+    received_at: TimestampMicrosecondBuilder,
+    date: Date32Builder,
+    /// `session_id` … `page_type`, in schema order.
+    strings: [StringBuilder; 9],
+    category: ListBuilder<StringBuilder>,
+    search_query: StringBuilder,
+    product_id: StringBuilder,
+    cart_amount: Decimal128Builder,
+    gender: StringBuilder,
+    init_session: BooleanBuilder,
+    properties: StringBuilder,
+    context: StringBuilder,
+    kafka_partition: Int64Builder,
+    kafka_offset: Int64Builder,
+}
+
+impl RowsBuilder {
+    /// Rows of `partition`, room for `capacity` of them to start with.
+    pub fn new(partition: i32, capacity: usize) -> Self {
+        let n = capacity;
+        let text = || StringBuilder::with_capacity(n, n * 16);
+        let time = || TimestampMicrosecondBuilder::with_capacity(n).with_timezone("UTC");
+        Self {
+            partition: partition.into(),
+            rows: 0,
+            message_id: text(),
+            event: text(),
+            partner_id: text(),
+            user_id: text(),
+            anonymous_id: text(),
+            timestamp: time(),
+            received_at: time(),
+            date: Date32Builder::with_capacity(n),
+            strings: std::array::from_fn(|_| text()),
+            category: ListBuilder::new(StringBuilder::new()),
+            search_query: text(),
+            product_id: text(),
+            cart_amount: Decimal128Builder::with_capacity(n),
+            gender: text(),
+            init_session: BooleanBuilder::with_capacity(n),
+            properties: text(),
+            context: text(),
+            kafka_partition: Int64Builder::with_capacity(n),
+            kafka_offset: Int64Builder::with_capacity(n),
+        }
+    }
+
+    pub fn len(&self) -> usize {
+        self.rows
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.rows == 0
+    }
+
+    /// Appends the event read at `offset`.
+    pub fn push(&mut self, offset: i64, e: &Event) {
+        self.rows += 1;
+        self.kafka_partition.append_value(self.partition);
+        self.kafka_offset.append_value(offset);
+        self.message_id.append_value(&e.message_id);
+        self.event.append_value(&e.event);
+        self.partner_id.append_value(&e.partner_id);
+        self.user_id.append_option(e.user_id.as_deref());
+        self.anonymous_id.append_option(e.anonymous_id.as_deref());
+        self.timestamp.append_value(e.timestamp.timestamp_micros());
+        self.received_at
+            .append_value(e.received_at.timestamp_micros());
+        self.date
+            .append_value((e.timestamp.date_naive() - EPOCH).num_days() as i32);
+        for (b, v) in self.strings.iter_mut().zip([
             &e.session_id,
             &e.partner_name,
             &e.country,
@@ -104,55 +164,65 @@ pub fn record_batch(partition: i32, rows: &[(i64, Event)]) -> Result<RecordBatch
             b.append_option(v.as_deref());
         }
         if e.category.is_empty() {
-            category.append_null();
+            self.category.append_null();
         } else {
             for c in &e.category {
-                category.values().append_value(c);
+                self.category.values().append_value(c);
             }
-            category.append(true);
+            self.category.append(true);
         }
-        search_query.append_option(e.search_query.as_deref());
-        product_id.append_option(e.product_id.as_deref());
-        cart_amount.append_option(e.cart_amount.and_then(scaled));
-        gender.append_option(e.gender.as_deref());
-        init_session.append_option(e.init_session);
-        properties.append_option(
-            e.properties
-                .as_ref()
-                .map(|p| serde_json::Value::Object(p.clone()).to_string()),
-        );
-        context.append_option(
-            e.context
-                .as_ref()
-                .map(|c| serde_json::Value::Object(c.clone()).to_string()),
-        );
+        self.search_query.append_option(e.search_query.as_deref());
+        self.product_id.append_option(e.product_id.as_deref());
+        self.cart_amount
+            .append_option(e.cart_amount.and_then(scaled));
+        self.gender.append_option(e.gender.as_deref());
+        self.init_session.append_option(e.init_session);
+        let object = |m: &Option<serde_json::Map<String, serde_json::Value>>| {
+            m.as_ref()
+                .map(|m| serde_json::to_string(m).unwrap_or_else(|_| "{}".to_string()))
+        };
+        self.properties.append_option(object(&e.properties));
+        self.context.append_option(object(&e.context));
     }
-    // Column order is the schema's: the nine optional strings sit between `date` and
-    // `category`.
-    let mut columns: Vec<ArrayRef> = vec![
-        Arc::new(message_id.finish()),
-        Arc::new(event.finish()),
-        Arc::new(partner_id.finish()),
-        Arc::new(user_id.finish()),
-        Arc::new(anonymous_id.finish()),
-        Arc::new(timestamp.finish()),
-        Arc::new(received_at.finish()),
-        Arc::new(date.finish()),
-    ];
-    columns.extend(strings.iter_mut().map(|b| Arc::new(b.finish()) as ArrayRef));
-    columns.extend([
-        Arc::new(category.finish()) as ArrayRef,
-        Arc::new(search_query.finish()),
-        Arc::new(product_id.finish()),
-        Arc::new(cart_amount.finish()),
-        Arc::new(gender.finish()),
-        Arc::new(init_session.finish()),
-        Arc::new(properties.finish()),
-        Arc::new(context.finish()),
-        Arc::new(kafka_partition.finish()),
-        Arc::new(kafka_offset.finish()),
-    ]);
-    Ok(RecordBatch::try_new(Arc::new(event_schema()), columns)?)
+
+    /// The rows so far as a record batch in the archive's schema; the builder is empty after.
+    pub fn finish(&mut self) -> Result<RecordBatch, ParquetError> {
+        self.rows = 0;
+        let amounts = self
+            .cart_amount
+            .finish()
+            .with_precision_and_scale(AMOUNT_PRECISION, AMOUNT_SCALE)?;
+        // Column order is the schema's: the nine optional strings sit between `date` and
+        // `category`.
+        let mut columns: Vec<ArrayRef> = vec![
+            Arc::new(self.message_id.finish()),
+            Arc::new(self.event.finish()),
+            Arc::new(self.partner_id.finish()),
+            Arc::new(self.user_id.finish()),
+            Arc::new(self.anonymous_id.finish()),
+            Arc::new(self.timestamp.finish()),
+            Arc::new(self.received_at.finish()),
+            Arc::new(self.date.finish()),
+        ];
+        columns.extend(
+            self.strings
+                .iter_mut()
+                .map(|b| Arc::new(b.finish()) as ArrayRef),
+        );
+        columns.extend([
+            Arc::new(self.category.finish()) as ArrayRef,
+            Arc::new(self.search_query.finish()),
+            Arc::new(self.product_id.finish()),
+            Arc::new(amounts),
+            Arc::new(self.gender.finish()),
+            Arc::new(self.init_session.finish()),
+            Arc::new(self.properties.finish()),
+            Arc::new(self.context.finish()),
+            Arc::new(self.kafka_partition.finish()),
+            Arc::new(self.kafka_offset.finish()),
+        ]);
+        Ok(RecordBatch::try_new(Arc::new(event_schema()), columns)?)
+    }
 }
 
 /// The amount as an i128 at the schema's scale, or None when it does not fit (logged by the
@@ -174,11 +244,15 @@ pub fn writer_properties(compression: Compression) -> WriterProperties {
 
 /// The events of `partition` (with their offsets) as a Parquet file in memory.
 pub fn write(partition: i32, rows: &[(i64, Event)], codec: Codec) -> Result<Vec<u8>, ParquetError> {
-    let batch = record_batch(partition, rows)?;
+    write_batch(&record_batch(partition, rows)?, codec)
+}
+
+/// A batch in the archive's schema as a Parquet file in memory.
+pub fn write_batch(batch: &RecordBatch, codec: Codec) -> Result<Vec<u8>, ParquetError> {
     let props = writer_properties(codec.compression());
-    let mut out = Vec::with_capacity(rows.len() * 64);
+    let mut out = Vec::with_capacity(batch.num_rows() * 64);
     let mut writer = ArrowWriter::try_new(&mut out, batch.schema(), Some(props))?;
-    writer.write(&batch)?;
+    writer.write(batch)?;
     writer.close()?;
     Ok(out)
 }
