@@ -36,6 +36,11 @@ pub fn push_body(t: &TriggerMessage) -> serde_json::Value {
         "event_timestamp": t.event_timestamp.to_string(),
         "fired_at": t.fired_at.to_string(),
     });
+    // When ingest received the event (epoch ms): what a partner (and bench/triggers) measures
+    // a push's delay from.
+    if t.received_at > 0 {
+        data["received_at"] = json!(t.received_at.to_string());
+    }
     if let Some(a) = &t.cart_amount {
         data["cart_amount"] = json!(a);
     }
