@@ -147,6 +147,20 @@ impl PushLedger {
             .map_err(|_| rdkafka::error::KafkaError::Canceled)?
     }
 
+    /// [`PushLedger::read`] of each of `partitions`, all at once.
+    #[allow(clippy::type_complexity)]
+    pub async fn read_all(
+        &self,
+        partitions: &[i32],
+    ) -> Result<Vec<(i32, Vec<(String, Option<UserPushes>)>)>, rdkafka::error::KafkaError> {
+        futures::future::try_join_all(
+            partitions
+                .iter()
+                .map(|&p| async move { Ok((p, self.read(p).await?)) }),
+        )
+        .await
+    }
+
     /// Takes the state [`PushLedger::read`] returned for `partition` as this notifier's.
     /// Users whose last push is past the horizon are left out: they matter no more.
     pub fn restored(&mut self, partition: i32, records: Vec<(String, Option<UserPushes>)>) {
