@@ -5,6 +5,7 @@
 //! the profile, stores it in the Elasticsearch document (so it survives eviction and restarts),
 //! and writes the model's answer next to it. Models see events in per-user order, exactly once.
 
+mod gender_counts;
 mod last_gender;
 mod top_gender;
 pub mod windowed_gender;
@@ -16,6 +17,7 @@ use pulse_core::Event;
 use serde::de::DeserializeOwned;
 use serde::Serialize;
 
+pub use gender_counts::{GenderCounts, MAX_GENDERS};
 pub use last_gender::LastGender;
 pub use top_gender::TopGender;
 pub use windowed_gender::WindowedTopGender;
@@ -163,27 +165,6 @@ pub fn select(names: &[String]) -> Result<Vec<ModelKind>, String> {
         .collect()
 }
 
-/// Distinct genders a model counts: `gender` is the client's free text, and state must stay
-/// bounded whatever a partner sends (a device's state travels whole in a merge record).
-/// Further values are not counted.
-pub const MAX_GENDERS: usize = 32;
-
-/// Adds `n` visits of `gender` to `counts`, unless it is a new gender beyond [`MAX_GENDERS`].
-pub(crate) fn count_gender(
-    counts: &mut std::collections::BTreeMap<String, u64>,
-    gender: &str,
-    n: u64,
-) {
-    let full = counts.len() >= MAX_GENDERS;
-    match counts.get_mut(gender) {
-        Some(total) => *total = total.saturating_add(n),
-        None if !full => {
-            counts.insert(gender.to_string(), n);
-        }
-        None => {}
-    }
-}
-
 /// The gender an event shows, if it is a page visit that carries one. Declared genders
 /// (`identify`) are not page visits and do not count.
 pub(crate) fn visit_gender(event: &Event) -> Option<&str> {
@@ -192,20 +173,4 @@ pub(crate) fn visit_gender(event: &Event) -> Option<&str> {
         | "wishlist" => event.gender.as_deref().filter(|g| !g.is_empty()),
         _ => None,
     }
-}
-
-/// The key with the highest count; ties go to the alphabetically first, so answers are
-/// deterministic.
-pub(crate) fn top<'a>(counts: impl Iterator<Item = (&'a String, u64)>) -> Option<String> {
-    let mut best: Option<(&String, u64)> = None;
-    for (k, n) in counts {
-        if n == 0 {
-            continue;
-        }
-        best = match best {
-            Some((bk, bn)) if bn > n || (bn == n && bk <= k) => Some((bk, bn)),
-            _ => Some((k, n)),
-        };
-    }
-    best.map(|(k, _)| k.clone())
 }

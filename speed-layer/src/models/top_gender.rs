@@ -1,34 +1,30 @@
 //! MODEL2: the gender with the most page visits so far.
 
-use std::collections::BTreeMap;
-
 use chrono::{DateTime, Utc};
 use pulse_core::Event;
 use serde::{Deserialize, Serialize};
 
-use super::{count_gender, top, visit_gender, ProfileModel};
+use super::{visit_gender, GenderCounts, ProfileModel};
 
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
 pub struct TopGender {
-    counts: BTreeMap<String, u64>,
+    counts: GenderCounts,
 }
 
 impl ProfileModel for TopGender {
     fn fold(&mut self, event: &Event) {
         if let Some(g) = visit_gender(event) {
-            count_gender(&mut self.counts, g, 1);
+            self.counts.add(g, 1);
         }
     }
 
     fn answer(&self, _now: DateTime<Utc>) -> Option<String> {
-        top(self.counts.iter().map(|(k, n)| (k, *n)))
+        self.counts.top()
     }
 
     /// Visits of both profiles, added per gender.
     fn merge(&mut self, other: Self, _other_is_newer: bool) {
-        for (g, n) in other.counts {
-            count_gender(&mut self.counts, &g, n);
-        }
+        self.counts.add_all(&other.counts);
     }
 }
 
@@ -53,14 +49,14 @@ mod tests {
         }
         assert_eq!(m.counts.len(), MAX_GENDERS);
         let mut other = TopGender::default();
-        other.counts.insert("extra".into(), 9);
-        other.counts.insert("g0".into(), 1);
+        other.counts.add("extra", 9);
+        other.counts.add("g0", 1);
         ProfileModel::merge(&mut m, other, false);
         assert_eq!(
             m.counts.len(),
             MAX_GENDERS,
             "a merge adds no gender beyond the cap"
         );
-        assert_eq!(m.counts["g0"], 2);
+        assert_eq!(m.counts.iter().find(|(g, _)| *g == "g0"), Some(("g0", 2)));
     }
 }

@@ -1,17 +1,20 @@
 //! MODEL3: the gender with the most page visits over the last N days (default 7).
 //!
-//! State is one bucket of counts per day, never a list of events, so it stays small however
-//! active the user is. Buckets older than the window are dropped as new days arrive, and the
+//! State is one bucket of counts per day ([`GenderCounts`]), never a list of events, so it
+//! stays small however active the user is. Buckets older than the window are dropped as new days arrive, and the
 //! answer ignores them even when the user has been quiet (`now` moves the window).
 
 use std::collections::BTreeMap;
+
+use serde::ser::SerializeMap;
+use serde::{Deserializer, Serializer};
 use std::sync::atomic::{AtomicU32, Ordering};
 
 use chrono::{DateTime, Utc};
 use pulse_core::Event;
 use serde::{Deserialize, Serialize};
 
-use super::{count_gender, top, visit_gender, ProfileModel};
+use super::{visit_gender, GenderCounts, ProfileModel};
 
 /// Window length in days; set once at start-up from configuration.
 static WINDOW_DAYS: AtomicU32 = AtomicU32::new(7);
@@ -31,7 +34,42 @@ fn day_of(t: DateTime<Utc>) -> i64 {
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
 pub struct WindowedTopGender {
     /// Day number (days since 1970-01-01, UTC) → gender → visits that day.
-    days: BTreeMap<i64, BTreeMap<String, u64>>,
+    days: DayBuckets,
+}
+
+/// The day buckets, oldest first: at most the window's days, so a short sorted list rather
+/// than a map node. Stored as the JSON object `{"<day>": {gender: visits}}` the map was.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+struct DayBuckets(Vec<(i64, GenderCounts)>);
+
+impl DayBuckets {
+    fn bucket(&mut self, day: i64) -> &mut GenderCounts {
+        let i = match self.0.binary_search_by_key(&day, |(d, _)| *d) {
+            Ok(i) => i,
+            Err(i) => {
+                self.0.insert(i, (day, GenderCounts::default()));
+                i
+            }
+        };
+        &mut self.0[i].1
+    }
+}
+
+impl Serialize for DayBuckets {
+    fn serialize<S: Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        let mut map = serializer.serialize_map(Some(self.0.len()))?;
+        for (day, counts) in &self.0 {
+            map.serialize_entry(day, counts)?;
+        }
+        map.end()
+    }
+}
+
+impl<'de> Deserialize<'de> for DayBuckets {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        let stored = BTreeMap::<i64, GenderCounts>::deserialize(deserializer)?;
+        Ok(Self(stored.into_iter().collect()))
+    }
 }
 
 impl WindowedTopGender {
@@ -47,17 +85,14 @@ impl ProfileModel for WindowedTopGender {
             return;
         };
         let day = day_of(event.timestamp);
-        count_gender(self.days.entry(day).or_default(), g, 1);
+        self.days.bucket(day).add(g, 1);
         self.expire();
     }
 
     /// Both profiles' day buckets added day by day, then expired by the newest day either saw.
     fn merge(&mut self, other: Self, _other_is_newer: bool) {
-        for (day, counts) in other.days {
-            let mine = self.days.entry(day).or_default();
-            for (g, n) in counts {
-                count_gender(mine, &g, n);
-            }
+        for (day, counts) in &other.days.0 {
+            self.days.bucket(*day).add_all(counts);
         }
         self.expire();
     }
@@ -65,14 +100,27 @@ impl ProfileModel for WindowedTopGender {
     fn answer(&self, now: DateTime<Utc>) -> Option<String> {
         let today = day_of(now);
         let start = Self::window_start(today);
-        let mut totals: BTreeMap<&String, u64> = BTreeMap::new();
-        for (_, counts) in self.days.range(start..=today) {
-            for (g, n) in counts {
+        // Not capped like a day's bucket: the days together may name more genders.
+        let mut totals: BTreeMap<&str, u64> = BTreeMap::new();
+        for (_, counts) in self
+            .days
+            .0
+            .iter()
+            .filter(|(d, _)| (start..=today).contains(d))
+        {
+            for (g, n) in counts.iter() {
                 let total = totals.entry(g).or_default();
-                *total = total.saturating_add(*n);
+                *total = total.saturating_add(n);
             }
         }
-        top(totals.into_iter())
+        // Sorted by gender: a later gender wins only with strictly more visits.
+        let mut best: Option<(&str, u64)> = None;
+        for (g, n) in totals {
+            if n > 0 && best.is_none_or(|(_, b)| n > b) {
+                best = Some((g, n));
+            }
+        }
+        best.map(|(g, _)| g.to_string())
     }
 }
 
@@ -80,12 +128,11 @@ impl WindowedTopGender {
     /// Drops the buckets before the window that ends on the newest day seen: state never
     /// outgrows the window.
     fn expire(&mut self) {
-        let oldest = self.days.keys().next().copied();
-        let newest = self.days.keys().next_back().copied();
-        if let (Some(oldest), Some(newest)) = (oldest, newest) {
-            let start = Self::window_start(newest);
-            if oldest < start {
-                self.days.retain(|d, _| *d >= start);
+        let days = &mut self.days.0;
+        if let (Some((oldest, _)), Some((newest, _))) = (days.first(), days.last()) {
+            let start = Self::window_start(*newest);
+            if *oldest < start {
+                days.retain(|(d, _)| *d >= start);
             }
         }
     }
@@ -121,7 +168,7 @@ mod tests {
         assert_eq!(m.answer(at(20)), None);
         // A new day's visit drops the buckets that fell out of the window.
         m.fold(&visit("male", 12));
-        assert_eq!(m.days.len(), 2, "{:?}", m.days);
+        assert_eq!(m.days.0.len(), 2, "{:?}", m.days);
     }
 
     #[test]
@@ -135,13 +182,27 @@ mod tests {
         }
         device.fold(&visit("female", 1));
         ProfileModel::merge(&mut person, device, true);
-        assert_eq!(person.days[&day_of(visit("x", 12).timestamp)].len(), 2);
-        assert!(
-            !person.days.contains_key(&day_of(visit("x", 1).timestamp)),
-            "expired"
-        );
+        let day = |d: i64| {
+            person
+                .days
+                .0
+                .iter()
+                .find(|(x, _)| *x == d)
+                .map(|(_, c)| c.len())
+        };
+        assert_eq!(day(day_of(visit("x", 12).timestamp)), Some(2));
+        assert_eq!(day(day_of(visit("x", 1).timestamp)), None, "expired");
         let at = Utc.with_ymd_and_hms(2026, 11, 12, 18, 0, 0).unwrap();
         // male 2 (days 10, 12) against female 2 (day 12): the tie goes to "female".
         assert_eq!(person.answer(at).as_deref(), Some("female"));
+    }
+
+    #[test]
+    fn stored_as_the_map_of_days_it_was() {
+        let stored =
+            serde_json::json!({"days": {"20400": {"female": 3, "male": 1}, "20401": {"male": 2}}});
+        let m: WindowedTopGender = serde_json::from_value(stored.clone()).unwrap();
+        assert_eq!(m.days.0.len(), 2);
+        assert_eq!(serde_json::to_value(&m).unwrap(), stored);
     }
 }
