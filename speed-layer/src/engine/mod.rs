@@ -162,6 +162,7 @@ pub fn run(
     let mut batch: Vec<OwnedMessage> = Vec::with_capacity(config.max_batch);
     let mut ends = EndOfPartitions::default();
     let started_at = Instant::now();
+    let rss_at_start_kb = status_kb("VmRSS:");
     while !stop.is_stopped() {
         // The first poll waits for data; then take what is already there, briefly, so one
         // mget serves many records without holding back a trigger noticeably.
@@ -207,6 +208,8 @@ pub fn run(
         }
     }
     tracing::info!("stopping: final flush and commit");
+    // Before the final flush serialises every dirty document: what the profiles held cost.
+    let rss_before_final_flush_kb = status_kb("VmRSS:");
     let mut engine = consumer::lock(&engine);
     let partitions = engine.state.positions.read();
     // Eight tries: the waits between them add up to at most 12.7 s (100 ms doubling, jittered
@@ -226,7 +229,9 @@ pub fn run(
         flushes: counts.flushes,
         docs_written: counts.docs_written,
         profiles_in_memory: engine.state.cache.len(),
-        peak_rss_kb: peak_rss_kb(),
+        peak_rss_kb: status_kb("VmHWM:"),
+        rss_at_start_kb,
+        rss_before_final_flush_kb,
     };
     let fatal = engine.outbox.fatal_error();
     drop(engine);
@@ -251,12 +256,17 @@ pub struct RunSummary {
     pub docs_written: u64,
     pub profiles_in_memory: usize,
     pub peak_rss_kb: Option<u64>,
+    /// Resident memory when consuming started, and right before the final flush: their
+    /// difference over `profiles_in_memory` is the memory a profile held costs.
+    pub rss_at_start_kb: Option<u64>,
+    pub rss_before_final_flush_kb: Option<u64>,
 }
 
-/// Peak resident memory of this process (Linux), for the memory-per-profile figure.
-fn peak_rss_kb() -> Option<u64> {
+/// A kB figure of this process's `/proc/self/status` (Linux): `VmHWM:` (peak resident
+/// memory), `VmRSS:` (resident now); for the memory-per-profile figures.
+fn status_kb(field: &str) -> Option<u64> {
     let status = std::fs::read_to_string("/proc/self/status").ok()?;
-    let line = status.lines().find(|l| l.starts_with("VmHWM:"))?;
+    let line = status.lines().find(|l| l.starts_with(field))?;
     line.split_whitespace().nth(1)?.parse().ok()
 }
 
