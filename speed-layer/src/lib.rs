@@ -12,6 +12,7 @@
 
 pub mod api;
 pub mod config;
+pub mod counts;
 pub mod dedupe;
 pub mod engine;
 pub mod erase;

@@ -8,6 +8,7 @@ use rust_decimal::Decimal;
 use serde::{Deserialize, Serialize};
 use serde_json::{json, Map, Value};
 
+use crate::counts::NamedCounts;
 use crate::dedupe::{DedupePolicy, MessageDigest, RecentMessages};
 use crate::identity::Identity;
 use crate::models::{ModelKind, ModelState};
@@ -62,7 +63,7 @@ pub struct Profile {
     /// The open cart: add_to_cart adds, remove_from_cart subtracts, purchase empties it.
     pub cart_amount: Decimal,
     pub event_count: u64,
-    pub event_counts: BTreeMap<String, u64>,
+    pub event_counts: NamedCounts,
     pub watermark: Option<Watermark>,
     /// Message ids folded recently: a client retry of one of them is not folded again.
     pub recent: RecentMessages,
@@ -126,7 +127,7 @@ impl Profile {
             purchase_count: 0,
             cart_amount: Decimal::ZERO,
             event_count: 0,
-            event_counts: BTreeMap::new(),
+            event_counts: NamedCounts::default(),
             watermark: None,
             recent: RecentMessages::default(),
             models: models.iter().map(|k| (k.name, k.fresh())).collect(),
@@ -212,21 +213,16 @@ impl Profile {
             self.last_visit = self.last_visit.max(other.last_visit);
         }
         self.event_count = self.event_count.saturating_add(other.event_count);
-        for (kind, n) in &other.event_counts {
-            let counted = if self.event_counts.contains_key(kind)
+        for (kind, n) in other.event_counts.iter() {
+            let counted = if self.event_counts.contains(kind)
                 || is_standard(kind)
                 || (kind != OTHER_EVENTS && self.own_types() < MAX_EVENT_TYPES)
             {
-                kind.as_str()
+                kind
             } else {
                 OTHER_EVENTS
             };
-            match self.event_counts.get_mut(counted) {
-                Some(total) => *total = total.saturating_add(*n),
-                None => {
-                    self.event_counts.insert(counted.to_string(), *n);
-                }
-            }
+            self.event_counts.add(counted, n);
         }
         let take = |slot: &mut Option<String>, theirs: &Option<String>| {
             if theirs.is_some() && (other_is_newer || slot.is_none()) {
@@ -297,7 +293,7 @@ impl Profile {
             // A profile that folds events of a user id is a person, never merged into another.
             self.anonymous = false;
         }
-        let counted = if self.event_counts.contains_key(&event.event)
+        let counted = if self.event_counts.contains(&event.event)
             || is_standard(&event.event)
             || self.own_types() < MAX_EVENT_TYPES
         {
@@ -305,12 +301,7 @@ impl Profile {
         } else {
             OTHER_EVENTS
         };
-        match self.event_counts.get_mut(counted) {
-            Some(n) => *n = n.saturating_add(1),
-            None => {
-                self.event_counts.insert(counted.to_string(), 1);
-            }
-        }
+        self.event_counts.add(counted, 1);
         let latest = |slot: &mut Option<String>, v: &Option<String>| {
             if v.is_some() {
                 slot.clone_from(v);
@@ -370,7 +361,7 @@ impl Profile {
     /// How many of the partner's own types (not standard, not [`OTHER_EVENTS`]) are counted.
     fn own_types(&self) -> usize {
         self.event_counts
-            .keys()
+            .names()
             .filter(|k| *k != OTHER_EVENTS && !is_standard(k))
             .count()
     }
@@ -404,7 +395,7 @@ impl Profile {
             "cart_amount": self.cart_amount.normalize().to_string(),
             "event_count": self.event_count,
             "event_counts": self.event_counts,
-            "event_types": self.event_counts.keys().filter(|k| *k != OTHER_EVENTS).collect::<Vec<_>>(),
+            "event_types": self.event_counts.names().filter(|k| *k != OTHER_EVENTS).collect::<Vec<_>>(),
             "watermark": self.watermark,
             "dedupe": self.recent.to_json(),
             "updated_at": now.timestamp_millis(),
@@ -651,12 +642,12 @@ mod tests {
             assert_eq!(p.fold(&e, at(0, i as i64), &d), Fold::Applied);
         }
         assert_eq!(p.event_counts.len(), MAX_EVENT_TYPES + 1);
-        assert_eq!(p.event_counts[OTHER_EVENTS], 50);
+        assert_eq!(p.event_counts.get(OTHER_EVENTS), Some(50));
         assert_eq!(p.event_count, (MAX_EVENT_TYPES + 50) as u64);
         // Past the cap, a standard type is still counted and listed by name.
         let buy = ev(r#"{"event":"purchase","partner_id":"p","user_id":"u","message_id":"b1"}"#);
         assert_eq!(p.fold(&buy, at(0, 10_000), &d), Fold::Applied);
-        assert_eq!(p.event_counts["purchase"], 1);
+        assert_eq!(p.event_counts.get("purchase"), Some(1));
         let doc = p.to_document(&kinds, chrono::Utc::now());
         let types = doc["event_types"].as_array().unwrap();
         assert!(types.contains(&json!("purchase")));
@@ -700,8 +691,8 @@ mod tests {
         assert!(!person.anonymous);
         person.merge(&device, &d).unwrap();
         assert_eq!(person.event_count, 4);
-        assert_eq!(person.event_counts["add_to_cart"], 2);
-        assert_eq!(person.event_counts["product_view"], 1);
+        assert_eq!(person.event_counts.get("add_to_cart"), Some(2));
+        assert_eq!(person.event_counts.get("product_view"), Some(1));
         assert_eq!(person.total_purchases.to_string(), "5.05");
         assert_eq!(person.cart_amount.to_string(), "21.00", "both open carts");
         assert_eq!(person.purchase_count, 1);

@@ -5,7 +5,6 @@
 //! the profile, stores it in the Elasticsearch document (so it survives eviction and restarts),
 //! and writes the model's answer next to it. Models see events in per-user order, exactly once.
 
-mod gender_counts;
 mod last_gender;
 mod top_gender;
 pub mod windowed_gender;
@@ -17,7 +16,8 @@ use pulse_core::Event;
 use serde::de::DeserializeOwned;
 use serde::Serialize;
 
-pub use gender_counts::{GenderCounts, MAX_GENDERS};
+use crate::counts::NamedCounts;
+
 pub use last_gender::LastGender;
 pub use top_gender::TopGender;
 pub use windowed_gender::WindowedTopGender;
@@ -163,6 +163,25 @@ pub fn select(names: &[String]) -> Result<Vec<ModelKind>, String> {
                 })
         })
         .collect()
+}
+
+/// Distinct genders a model counts: `gender` is the client's free text, and state must stay
+/// bounded whatever a partner sends (a device's state travels whole in a merge record).
+/// Further values are not counted.
+pub const MAX_GENDERS: usize = 32;
+
+/// Adds `n` visits of `gender` to `counts`, unless it is a new gender beyond [`MAX_GENDERS`].
+pub(crate) fn count_gender(counts: &mut NamedCounts, gender: &str, n: u64) {
+    if counts.contains(gender) || counts.len() < MAX_GENDERS {
+        counts.add(gender, n);
+    }
+}
+
+/// Every count of `other` added to `counts`, within [`MAX_GENDERS`].
+pub(crate) fn count_genders(counts: &mut NamedCounts, other: &NamedCounts) {
+    for (g, n) in other.iter() {
+        count_gender(counts, g, n);
+    }
 }
 
 /// The gender an event shows, if it is a page visit that carries one. Declared genders

@@ -4,17 +4,18 @@ use chrono::{DateTime, Utc};
 use pulse_core::Event;
 use serde::{Deserialize, Serialize};
 
-use super::{visit_gender, GenderCounts, ProfileModel};
+use super::{count_gender, count_genders, visit_gender, ProfileModel};
+use crate::counts::NamedCounts;
 
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
 pub struct TopGender {
-    counts: GenderCounts,
+    counts: NamedCounts,
 }
 
 impl ProfileModel for TopGender {
     fn fold(&mut self, event: &Event) {
         if let Some(g) = visit_gender(event) {
-            self.counts.add(g, 1);
+            count_gender(&mut self.counts, g, 1);
         }
     }
 
@@ -24,7 +25,7 @@ impl ProfileModel for TopGender {
 
     /// Visits of both profiles, added per gender.
     fn merge(&mut self, other: Self, _other_is_newer: bool) {
-        self.counts.add_all(&other.counts);
+        count_genders(&mut self.counts, &other.counts);
     }
 }
 
@@ -49,8 +50,8 @@ mod tests {
         }
         assert_eq!(m.counts.len(), MAX_GENDERS);
         let mut other = TopGender::default();
-        other.counts.add("extra", 9);
-        other.counts.add("g0", 1);
+        count_gender(&mut other.counts, "extra", 9);
+        count_gender(&mut other.counts, "g0", 1);
         ProfileModel::merge(&mut m, other, false);
         assert_eq!(
             m.counts.len(),

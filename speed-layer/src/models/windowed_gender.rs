@@ -1,6 +1,6 @@
 //! MODEL3: the gender with the most page visits over the last N days (default 7).
 //!
-//! State is one bucket of counts per day ([`GenderCounts`]), never a list of events, so it
+//! State is one bucket of counts per day ([`NamedCounts`]), never a list of events, so it
 //! stays small however active the user is. Buckets older than the window are dropped as new days arrive, and the
 //! answer ignores them even when the user has been quiet (`now` moves the window).
 
@@ -14,7 +14,8 @@ use chrono::{DateTime, Utc};
 use pulse_core::Event;
 use serde::{Deserialize, Serialize};
 
-use super::{visit_gender, GenderCounts, ProfileModel};
+use super::{count_gender, count_genders, visit_gender, ProfileModel};
+use crate::counts::NamedCounts;
 
 /// Window length in days; set once at start-up from configuration.
 static WINDOW_DAYS: AtomicU32 = AtomicU32::new(7);
@@ -40,14 +41,14 @@ pub struct WindowedTopGender {
 /// The day buckets, oldest first: at most the window's days, so a short sorted list rather
 /// than a map node. Stored as the JSON object `{"<day>": {gender: visits}}` the map was.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
-struct DayBuckets(Vec<(i64, GenderCounts)>);
+struct DayBuckets(Vec<(i64, NamedCounts)>);
 
 impl DayBuckets {
-    fn bucket(&mut self, day: i64) -> &mut GenderCounts {
+    fn bucket(&mut self, day: i64) -> &mut NamedCounts {
         let i = match self.0.binary_search_by_key(&day, |(d, _)| *d) {
             Ok(i) => i,
             Err(i) => {
-                self.0.insert(i, (day, GenderCounts::default()));
+                self.0.insert(i, (day, NamedCounts::default()));
                 i
             }
         };
@@ -67,7 +68,7 @@ impl Serialize for DayBuckets {
 
 impl<'de> Deserialize<'de> for DayBuckets {
     fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
-        let stored = BTreeMap::<i64, GenderCounts>::deserialize(deserializer)?;
+        let stored = BTreeMap::<i64, NamedCounts>::deserialize(deserializer)?;
         Ok(Self(stored.into_iter().collect()))
     }
 }
@@ -85,14 +86,14 @@ impl ProfileModel for WindowedTopGender {
             return;
         };
         let day = day_of(event.timestamp);
-        self.days.bucket(day).add(g, 1);
+        count_gender(self.days.bucket(day), g, 1);
         self.expire();
     }
 
     /// Both profiles' day buckets added day by day, then expired by the newest day either saw.
     fn merge(&mut self, other: Self, _other_is_newer: bool) {
         for (day, counts) in &other.days.0 {
-            self.days.bucket(*day).add_all(counts);
+            count_genders(self.days.bucket(*day), counts);
         }
         self.expire();
     }

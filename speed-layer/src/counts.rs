@@ -1,8 +1,8 @@
-//! Visits per gender, held compactly: the models keep one of these per profile (and MODEL3 one
-//! per day of its window), so across millions of profiles their size is the speed layer's
-//! memory. A short list sorted by gender, the names shared between profiles, instead of a
-//! `BTreeMap<String, u64>` (a node of eleven slots and a string per gender, for the two or
-//! three genders a profile has). Stored as the JSON object the map was.
+//! Counts by name, held compactly: every profile keeps its event counts by type, and the
+//! gender models their visits by gender (MODEL3 one per day of its window), so across millions
+//! of profiles their size is the speed layer's memory. A short list sorted by name, the names
+//! shared between profiles, instead of a `BTreeMap<String, u64>` (a node of eleven slots and a
+//! string per name, for the few names a profile has). Stored as the JSON object the map was.
 
 use std::collections::{BTreeMap, HashSet};
 use std::sync::{Arc, Mutex, OnceLock};
@@ -10,13 +10,8 @@ use std::sync::{Arc, Mutex, OnceLock};
 use serde::ser::SerializeMap;
 use serde::{Deserialize, Deserializer, Serialize, Serializer};
 
-/// Distinct genders a count holds: `gender` is the client's free text, and state must stay
-/// bounded whatever a partner sends (a device's state travels whole in a merge record).
-/// Further values are not counted.
-pub const MAX_GENDERS: usize = 32;
-
-/// Distinct gender names shared between profiles; beyond it, names are kept per profile (a
-/// partner sending a new gender per user cannot grow this table without bound).
+/// Distinct names shared between profiles; beyond it, names are kept per profile (a partner
+/// sending a new event type or gender per user cannot grow this table without bound).
 const MAX_SHARED_NAMES: usize = 4_096;
 
 /// The shared copy of `name`.
@@ -36,25 +31,33 @@ fn shared(name: &str) -> Arc<str> {
     new
 }
 
-/// Visits per gender, sorted by gender.
+/// Counts by name, sorted by name. What may be counted (how many names) is the caller's rule.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
-pub struct GenderCounts(Vec<(Arc<str>, u64)>);
+pub struct NamedCounts(Vec<(Arc<str>, u64)>);
 
-impl GenderCounts {
-    /// Adds `n` visits of `gender`, unless it is a new gender beyond [`MAX_GENDERS`].
-    pub fn add(&mut self, gender: &str, n: u64) {
-        match self.0.binary_search_by(|(g, _)| g.as_ref().cmp(gender)) {
+impl NamedCounts {
+    fn find(&self, name: &str) -> Result<usize, usize> {
+        self.0.binary_search_by(|(g, _)| g.as_ref().cmp(name))
+    }
+
+    /// Adds `n` to `name`'s count (saturating), starting it if it is new.
+    pub fn add(&mut self, name: &str, n: u64) {
+        match self.find(name) {
             Ok(i) => self.0[i].1 = self.0[i].1.saturating_add(n),
-            Err(_) if self.0.len() >= MAX_GENDERS => {}
-            Err(i) => self.0.insert(i, (shared(gender), n)),
+            Err(i) => self.0.insert(i, (shared(name), n)),
         }
     }
 
-    /// Every count of `other` added.
-    pub fn add_all(&mut self, other: &GenderCounts) {
-        for (g, n) in other.iter() {
-            self.add(g, n);
-        }
+    pub fn contains(&self, name: &str) -> bool {
+        self.find(name).is_ok()
+    }
+
+    pub fn get(&self, name: &str) -> Option<u64> {
+        self.find(name).ok().map(|i| self.0[i].1)
+    }
+
+    pub fn names(&self) -> impl Iterator<Item = &str> {
+        self.0.iter().map(|(g, _)| g.as_ref())
     }
 
     pub fn iter(&self) -> impl Iterator<Item = (&str, u64)> {
@@ -69,7 +72,7 @@ impl GenderCounts {
         self.0.is_empty()
     }
 
-    /// The gender with the most visits; ties go to the alphabetically first, so answers are
+    /// The name with the highest count; ties go to the alphabetically first, so answers are
     /// deterministic.
     pub fn top(&self) -> Option<String> {
         let mut best: Option<(&str, u64)> = None;
@@ -86,7 +89,7 @@ impl GenderCounts {
     }
 }
 
-impl Serialize for GenderCounts {
+impl Serialize for NamedCounts {
     fn serialize<S: Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
         let mut map = serializer.serialize_map(Some(self.0.len()))?;
         for (g, n) in self.iter() {
@@ -96,7 +99,7 @@ impl Serialize for GenderCounts {
     }
 }
 
-impl<'de> Deserialize<'de> for GenderCounts {
+impl<'de> Deserialize<'de> for NamedCounts {
     fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
         let stored = BTreeMap::<String, u64>::deserialize(deserializer)?;
         let mut out = Self::default();
@@ -112,8 +115,8 @@ mod tests {
     use super::*;
 
     #[test]
-    fn counts_stay_sorted_bounded_and_shared() {
-        let mut c = GenderCounts::default();
+    fn counts_stay_sorted_and_shared() {
+        let mut c = NamedCounts::default();
         c.add("male", 2);
         c.add("female", 3);
         c.add("male", 1);
@@ -123,23 +126,20 @@ mod tests {
             Some("female"),
             "a tie goes to the first name"
         );
-        for i in 0..100 {
-            c.add(&format!("g{i}"), 1);
-        }
-        assert_eq!(c.len(), MAX_GENDERS);
-        let mut d = GenderCounts::default();
+        assert_eq!((c.get("male"), c.get("x")), (Some(3), None));
+        let mut d = NamedCounts::default();
         d.add("female", 1);
         assert!(Arc::ptr_eq(&c.0[0].0, &d.0[0].0), "one copy of a name");
     }
 
     #[test]
     fn stored_as_the_map_it_was() {
-        let mut c = GenderCounts::default();
+        let mut c = NamedCounts::default();
         c.add("male", 2);
         c.add("female", 5);
         let json = serde_json::to_value(&c).unwrap();
         assert_eq!(json, serde_json::json!({"female": 5, "male": 2}));
-        let back: GenderCounts = serde_json::from_value(json).unwrap();
+        let back: NamedCounts = serde_json::from_value(json).unwrap();
         assert_eq!(back, c);
     }
 }
