@@ -11,8 +11,8 @@ use std::collections::HashMap;
 use std::sync::atomic::{AtomicI64, Ordering};
 
 use clap::Parser;
+use pulse_bench::StreamArgs;
 use pulse_core::{parse_event, ParseContext};
-use pulse_loadgen::{partners_from_keys_file, Clickstream, ClickstreamConfig};
 use pulse_speed::dedupe::DedupePolicy;
 use pulse_speed::models;
 use pulse_speed::profile::{Profile, Watermark};
@@ -45,24 +45,13 @@ static ALLOCATOR: Counting = Counting;
 struct Args {
     #[arg(long, default_value_t = 2_000_000)]
     events: u64,
-    #[arg(long, default_value = "deploy/local/write-keys.json")]
-    keys_file: std::path::PathBuf,
-    #[arg(long, default_value_t = 100_000)]
-    users: u64,
-    #[arg(long, default_value_t = 42)]
-    seed: u64,
+    #[command(flatten)]
+    stream: StreamArgs,
 }
 
 fn main() -> anyhow::Result<()> {
     let a = Args::parse();
-    let stream = Clickstream::new(ClickstreamConfig {
-        partners: partners_from_keys_file(&a.keys_file)?,
-        users: a.users,
-        zipf_exponent: 1.1,
-        concurrent_sessions: 256,
-        seed: a.seed,
-        login_share: 0.0,
-    });
+    let stream = a.stream.stream()?;
     let kinds = models::registry();
     let policy = DedupePolicy::default();
     let ctx = ParseContext::now();

@@ -8,9 +8,9 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use clap::Parser;
+use pulse_bench::StreamArgs;
 use pulse_core::kafka::KafkaArgs;
 use pulse_core::{parse_event, ParseContext};
-use pulse_loadgen::{partners_from_keys_file, Clickstream, ClickstreamConfig};
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 use rdkafka::producer::{BaseRecord, DeliveryResult, Producer, ProducerContext, ThreadedProducer};
 use rdkafka::ClientContext;
@@ -23,16 +23,8 @@ struct Args {
     topic: String,
     #[arg(long, default_value_t = 1_000_000)]
     events: u64,
-    #[arg(long, default_value = "deploy/local/write-keys.json")]
-    keys_file: std::path::PathBuf,
-    #[arg(long, default_value_t = 100_000)]
-    users: u64,
-    #[arg(long, default_value_t = 42)]
-    seed: u64,
-    /// Share of users who log in on a device they also browse with anonymously (see
-    /// `ClickstreamConfig::login_share`).
-    #[arg(long, default_value_t = 0.0)]
-    login_share: f64,
+    #[command(flatten)]
+    stream: StreamArgs,
     /// Share of events sent a second time after all the others, as a client's retry would
     /// be (same message id and payload): what the warehouse's dedupe has to find.
     #[arg(long, default_value_t = 0.0)]
@@ -59,14 +51,7 @@ impl ProducerContext for Counting {
 
 fn main() -> anyhow::Result<()> {
     let a = Args::parse();
-    let stream = Clickstream::new(ClickstreamConfig {
-        partners: partners_from_keys_file(&a.keys_file)?,
-        users: a.users,
-        zipf_exponent: 1.1,
-        concurrent_sessions: 256,
-        seed: a.seed,
-        login_share: a.login_share,
-    });
+    let stream = a.stream.stream()?;
     let ctx = ParseContext::now();
     let mut records: Vec<(String, Vec<u8>)> = stream
         .take(a.events as usize)
