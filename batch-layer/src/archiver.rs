@@ -149,10 +149,13 @@ const ROWS_PER_FILE_HINT: usize = 1_024;
 /// Records read in one batch: one lock of the state per batch, not per record.
 const ARCHIVER_BATCH: usize = 1_000;
 
-/// A started partition: how far the archive got, and the objects that the next marker makes
-/// obsolete (the marker before it, old-format markers, the notes of committed units).
+/// A started partition: how far the archive got, its highest marker, and the objects that
+/// the next marker makes obsolete (the marker before the highest, old-format markers, notes
+/// of committed units). The highest marker becomes obsolete one marker later: readers
+/// listing meanwhile find one of the two (see `pulse_archive::progress`).
 struct Started {
     coverage: Coverage,
+    newest: Option<Path>,
     obsolete: Vec<Path>,
 }
 
@@ -625,14 +628,21 @@ impl State {
             orphans_deleted = found.orphans.len(),
             "partition initialised from the object store"
         );
-        // The highest marker is superseded by the next one; old-format markers all are (the
-        // next marker carries the coverage they make up).
+        // The next marker makes every marker but the highest obsolete (old-format markers
+        // too: it carries the coverage they make up); the highest, one marker later.
+        let mut markers: Vec<Path> = found.markers.values().cloned().collect();
+        let newest = markers.pop();
         let obsolete = match found.legacy {
-            true => found.markers.values().cloned().collect(),
-            false => found.markers.values().last().cloned().into_iter().collect(),
+            true => markers,
+            false => markers
+                .into_iter()
+                .rev()
+                .take(progress::MARKERS_KEPT - 1)
+                .collect(),
         };
         let started = Started {
             coverage: found.coverage,
+            newest,
             obsolete,
         };
         let done = started.last();
@@ -804,8 +814,8 @@ impl State {
         self.json_bytes += unit.bytes as u64;
         metrics::counter!(metric::JSON_BYTES).increment(unit.bytes as u64);
         // The marker carries the partition's whole coverage, so the ones before it can go.
-        let (mut coverage, mut obsolete) = match self.progress.remove(&p) {
-            Some(s) => (s.coverage, s.obsolete),
+        let (mut coverage, newest, mut obsolete) = match self.progress.remove(&p) {
+            Some(s) => (s.coverage, s.newest, s.obsolete),
             None => Default::default(),
         };
         let before = coverage.clone();
@@ -823,6 +833,7 @@ impl State {
                 p,
                 Started {
                     coverage: before,
+                    newest,
                     obsolete,
                 },
             );
@@ -834,7 +845,8 @@ impl State {
             p,
             Started {
                 coverage,
-                obsolete: obsolete.into_iter().chain([marker]).collect(),
+                newest: Some(marker),
+                obsolete: obsolete.into_iter().chain(newest).collect(),
             },
         );
         if let Some(offsets) = self.dead_lettered.get_mut(&p) {

@@ -10,8 +10,12 @@
 //! which offsets of the partition the archive accounts for (in files, or as dead letters),
 //! as stretches ([`Coverage`]): a new stretch starts where the archiver began after a stretch
 //! of offsets it never read (Kafka's retention had dropped them). The highest marker is the
-//! truth, and it carries everything the ones before said, so the archiver deletes those
-//! once it is written; a crash in between leaves two, and the higher one wins.
+//! truth, and it carries everything the ones before said, so the archiver deletes the older
+//! ones; a crash in between leaves more, and the highest wins. It keeps the one before the
+//! highest until the next marker: a reader's listing that runs while a marker is written and
+//! an older one deleted (a listing is no snapshot: a directory read in hash order, pages of
+//! an object listing) then still finds one of the two, never none; and a reader whose
+//! marker is deleted between its listing and its read lists again.
 //!
 //! Before the first file of a unit the archiver writes a pending note naming the unit's
 //! files. Files of a unit whose marker never came (a crash, a roll given up) are found from
@@ -170,8 +174,9 @@ impl PartitionProgress {
         self.coverage.last()
     }
 
-    /// Markers below the highest, which carries what they said; only when that one is in this
-    /// format (the old markers are the coverage until a new marker is written).
+    /// Markers below the two highest (the highest carries what they said; the one before it
+    /// stays for readers listing meanwhile); only when the highest is in this format (the
+    /// old markers are the coverage until a new marker is written).
     pub fn superseded(&self) -> Vec<Path> {
         match self.legacy {
             true => Vec::new(),
@@ -179,16 +184,38 @@ impl PartitionProgress {
                 .markers
                 .iter()
                 .rev()
-                .skip(1)
+                .skip(MARKERS_KEPT)
                 .map(|(_, p)| p.clone())
                 .collect(),
         }
     }
 }
 
+/// Markers a partition keeps: the highest, and the one before it for readers listing while
+/// the next is written.
+pub const MARKERS_KEPT: usize = 2;
+
+/// How often a reader lists again when the marker it listed was deleted before it read it.
+const RELISTS: usize = 5;
+
 /// Reads partition `partition`'s progress: its markers and notes, and the files of its
 /// unfinished units; in the old format, the coverage and orphans from the archive's listing.
 pub async fn read(
+    store: &dyn ObjectStore,
+    partition: i32,
+) -> Result<PartitionProgress, ProgressError> {
+    let mut tries = 0;
+    loop {
+        match read_once(store, partition).await {
+            Err(ProgressError::Store(object_store::Error::NotFound { .. })) if tries < RELISTS => {
+                tries += 1;
+            }
+            other => return other,
+        }
+    }
+}
+
+async fn read_once(
     store: &dyn ObjectStore,
     partition: i32,
 ) -> Result<PartitionProgress, ProgressError> {
@@ -289,6 +316,20 @@ pub async fn delete_all(store: &dyn ObjectStore, paths: Vec<Path>) -> object_sto
 /// one listing of the markers, the highest marker of each partition read, and, if any
 /// partition is in the old format, one listing of the archive.
 pub async fn coverage_all(
+    store: &dyn ObjectStore,
+) -> Result<HashMap<i32, Coverage>, ProgressError> {
+    let mut tries = 0;
+    loop {
+        match coverage_all_once(store).await {
+            Err(ProgressError::Store(object_store::Error::NotFound { .. })) if tries < RELISTS => {
+                tries += 1;
+            }
+            other => return other,
+        }
+    }
+}
+
+async fn coverage_all_once(
     store: &dyn ObjectStore,
 ) -> Result<HashMap<i32, Coverage>, ProgressError> {
     let mut newest: BTreeMap<i32, (i64, Path)> = BTreeMap::new();
