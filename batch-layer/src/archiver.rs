@@ -698,11 +698,12 @@ impl State {
         };
         // Erasures recorded since the unit's records were buffered: left out now.
         let (events, mut identity_rows) = (unit.events, unit.identities);
-        let erasures = self.erasures.read();
         let mut dropped = 0;
         let mut files = Vec::with_capacity(events.len());
         for (dt, mut rows) in events {
+            // The feed's lock only while filtering: the encoding that follows needs none.
             let built = build_parquet(&mut rows, self.codec, range, |batch| {
+                let erasures = self.erasures.read();
                 if erasures.is_empty() {
                     return Ok(batch);
                 }
@@ -721,12 +722,12 @@ impl State {
                 }
             }
         }
-        if !erasures.is_empty() {
+        {
+            let erasures = self.erasures.read();
             let before = identity_rows.len();
             identity_rows.retain(|r| !erasures.erases_identity(&r.record));
             dropped += before - identity_rows.len();
         }
-        drop(erasures);
         metrics::counter!(metric::ERASED).increment(dropped as u64);
         let identity_count = identity_rows.len();
         let mut identities: BTreeMap<NaiveDate, Vec<ArchivedIdentity>> = BTreeMap::new();

@@ -72,21 +72,23 @@ impl NamedCounts {
         self.0.is_empty()
     }
 
-    /// The name with the highest count; ties go to the alphabetically first, so answers are
-    /// deterministic.
+    /// The name with the highest count (see [`top`]).
     pub fn top(&self) -> Option<String> {
-        let mut best: Option<(&str, u64)> = None;
-        for (g, n) in self.iter() {
-            if n == 0 {
-                continue;
-            }
-            // Sorted by gender: a later gender wins only with strictly more visits.
-            if best.is_none_or(|(_, b)| n > b) {
-                best = Some((g, n));
-            }
-        }
-        best.map(|(g, _)| g.to_string())
+        top(self.iter())
     }
+}
+
+/// The name with the highest count among `counts`, given sorted by name; ties go to the
+/// alphabetically first, so answers are deterministic. Zero counts never win.
+pub fn top<'a>(counts: impl Iterator<Item = (&'a str, u64)>) -> Option<String> {
+    let mut best: Option<(&str, u64)> = None;
+    for (name, n) in counts {
+        // Sorted by name: a later name wins only with strictly more.
+        if n > 0 && best.is_none_or(|(_, b)| n > b) {
+            best = Some((name, n));
+        }
+    }
+    best.map(|(name, _)| name.to_string())
 }
 
 impl Serialize for NamedCounts {

@@ -226,7 +226,7 @@ async fn read_once(
     let mut list = store.list(Some(&partition_dir(PROGRESS_PREFIX, partition)));
     while let Some(meta) = list.try_next().await? {
         out.objects_read += 1;
-        if let Some(last) = meta.location.filename().and_then(|f| f.parse().ok()) {
+        if let Some((_, last)) = layout::parse_marker(&meta.location) {
             out.markers.insert(last, meta.location);
         }
     }

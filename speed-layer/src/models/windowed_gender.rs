@@ -114,14 +114,7 @@ impl ProfileModel for WindowedTopGender {
                 *total = total.saturating_add(n);
             }
         }
-        // Sorted by gender: a later gender wins only with strictly more visits.
-        let mut best: Option<(&str, u64)> = None;
-        for (g, n) in totals {
-            if n > 0 && best.is_none_or(|(_, b)| n > b) {
-                best = Some((g, n));
-            }
-        }
-        best.map(|(g, _)| g.to_string())
+        crate::counts::top(totals.into_iter())
     }
 }
 
