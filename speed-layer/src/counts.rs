@@ -4,36 +4,16 @@
 //! shared between profiles, instead of a `BTreeMap<String, u64>` (a node of eleven slots and a
 //! string per name, for the few names a profile has). Stored as the JSON object the map was.
 
-use std::collections::{BTreeMap, HashSet};
-use std::sync::{Arc, Mutex, OnceLock};
+use std::collections::BTreeMap;
 
 use serde::ser::SerializeMap;
 use serde::{Deserialize, Deserializer, Serialize, Serializer};
 
-/// Distinct names shared between profiles; beyond it, names are kept per profile (a partner
-/// sending a new event type or gender per user cannot grow this table without bound).
-const MAX_SHARED_NAMES: usize = 4_096;
-
-/// The shared copy of `name`.
-fn shared(name: &str) -> Arc<str> {
-    static NAMES: OnceLock<Mutex<HashSet<Arc<str>>>> = OnceLock::new();
-    let names = NAMES.get_or_init(Default::default);
-    let mut names = names
-        .lock()
-        .unwrap_or_else(|poisoned| poisoned.into_inner());
-    if let Some(known) = names.get(name) {
-        return known.clone();
-    }
-    let new: Arc<str> = Arc::from(name);
-    if names.len() < MAX_SHARED_NAMES {
-        names.insert(new.clone());
-    }
-    new
-}
+use crate::interned::{intern, Shared};
 
 /// Counts by name, sorted by name. What may be counted (how many names) is the caller's rule.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
-pub struct NamedCounts(Vec<(Arc<str>, u64)>);
+pub struct NamedCounts(Vec<(Shared, u64)>);
 
 impl NamedCounts {
     fn find(&self, name: &str) -> Result<usize, usize> {
@@ -44,7 +24,11 @@ impl NamedCounts {
     pub fn add(&mut self, name: &str, n: u64) {
         match self.find(name) {
             Ok(i) => self.0[i].1 = self.0[i].1.saturating_add(n),
-            Err(i) => self.0.insert(i, (shared(name), n)),
+            Err(i) => {
+                // Exact growth: a profile has a few names, and a new one is rare.
+                self.0.reserve_exact(1);
+                self.0.insert(i, (intern(name), n));
+            }
         }
     }
 
@@ -131,7 +115,10 @@ mod tests {
         assert_eq!((c.get("male"), c.get("x")), (Some(3), None));
         let mut d = NamedCounts::default();
         d.add("female", 1);
-        assert!(Arc::ptr_eq(&c.0[0].0, &d.0[0].0), "one copy of a name");
+        assert!(
+            std::sync::Arc::ptr_eq(&c.0[0].0, &d.0[0].0),
+            "one copy of a name"
+        );
     }
 
     #[test]

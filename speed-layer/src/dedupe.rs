@@ -6,11 +6,15 @@
 //! can. One user's events share a key, hence a partition and a profile, so the profile is the
 //! natural place to remember which ids it has folded: no global set, nothing another partner
 //! can reach (the scope is the profile, i.e. partner and user). What is remembered is a
-//! 96-bit digest of each id (the start of its SHA-256), not the id: ids are up to 128
+//! 64-bit digest of each id (the start of its SHA-256), not the id: ids are up to 128
 //! characters of the client's choosing, and a public write key must not be able to grow a
-//! profile by 128 KiB; a digest is 16 bytes with its time, and two of a user's 1,000 ids
-//! colliding is a 10^-23 event, not a 1% one. The digests are stored with the document (not
-//! indexed), so they survive eviction, reload and crashes exactly like the rest of the profile.
+//! profile by 128 KiB. A digest is 12 bytes with its time, in memory and in the document:
+//! across ten million profiles the digests are most of the speed layer's memory. A new id
+//! mistaken for one of a user's 1,000 remembered ids has a chance of 1,000 in 2^64 (5·10^-17):
+//! one event in ten years of 300 million a day has a chance of 6·10^-5 of being taken for a
+//! retry. The digests are stored with the document (not indexed), so they survive eviction,
+//! reload and crashes exactly like the rest of the profile. Documents written with 96-bit
+//! digests (`"v": 1`) are read by their first 64 bits: the same digest.
 //!
 //! Bounded by a time window on `received_at` and a count cap ([`DedupePolicy`]): a retry that
 //! arrives later than the window after the newest event, or behind more than the cap of newer
@@ -41,55 +45,79 @@ impl Default for DedupePolicy {
     }
 }
 
-/// A message id as remembered: the first 96 bits of its SHA-256, stable across processes (it
+/// A message id as remembered: the first 64 bits of its SHA-256, stable across processes (it
 /// is stored). Computed once per event, for both the lookup and the insert.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct MessageDigest([u8; DIGEST_BYTES]);
+pub struct MessageDigest([u32; 2]);
 
-const DIGEST_BYTES: usize = 12;
-/// Bytes per entry in the stored form: the digest and the receive time in epoch seconds.
+const DIGEST_BYTES: usize = 8;
+/// Bytes per entry in the stored form (`"v": 2`): the digest and the receive time in epoch
+/// seconds, big-endian.
 const ENTRY_BYTES: usize = DIGEST_BYTES + 4;
+/// The same in `"v": 1` documents, whose digests were 96 bits.
+const V1_ENTRY_BYTES: usize = 16;
 
 impl MessageDigest {
     pub fn of(id: &str) -> Self {
         use sha2::{Digest, Sha256};
-        let full = Sha256::digest(id.as_bytes());
-        let mut first = [0u8; DIGEST_BYTES];
-        first.copy_from_slice(&full[..DIGEST_BYTES]);
-        Self(first)
+        Self::from_bytes(&Sha256::digest(id.as_bytes()))
+    }
+
+    /// The digest whose stored form starts `bytes` (at least [`DIGEST_BYTES`] long).
+    fn from_bytes(bytes: &[u8]) -> Self {
+        let word =
+            |i: usize| u32::from_be_bytes([bytes[i], bytes[i + 1], bytes[i + 2], bytes[i + 3]]);
+        Self([word(0), word(4)])
+    }
+
+    fn to_bytes(self) -> [u8; DIGEST_BYTES] {
+        let mut out = [0u8; DIGEST_BYTES];
+        out[..4].copy_from_slice(&self.0[0].to_be_bytes());
+        out[4..].copy_from_slice(&self.0[1].to_be_bytes());
+        out
     }
 }
 
+/// One remembered id: 12 bytes (the digest as two words keeps the alignment at 4).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Remembered {
+    digest: MessageDigest,
+    /// Receive time, epoch seconds (the window needs no finer grain).
+    at: u32,
+}
+
 /// The message ids a profile folded recently (as digests), oldest first, with their receive
-/// times in epoch seconds (the window needs no finer grain). Two parallel queues, so a lookup
-/// scans 12-byte digests only.
+/// times. Grown by an eighth at a time rather than doubled: it is most of a profile's memory.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct RecentMessages {
-    digests: VecDeque<MessageDigest>,
-    received: VecDeque<u32>,
+    entries: VecDeque<Remembered>,
     newest: u32,
 }
 
 impl RecentMessages {
     pub fn contains(&self, digest: MessageDigest) -> bool {
-        self.digests.contains(&digest)
+        self.entries.iter().any(|e| e.digest == digest)
     }
 
     /// Remembers a message received at `at_ms`, then forgets what fell out of the window or
     /// beyond the cap.
     pub fn insert(&mut self, digest: MessageDigest, at_ms: i64, policy: &DedupePolicy) {
         let at = u32::try_from(at_ms.div_euclid(1000)).unwrap_or(u32::MAX);
-        self.digests.push_back(digest);
-        self.received.push_back(at);
-        self.newest = self.newest.max(at);
         let window = u32::try_from(policy.window_secs).unwrap_or(u32::MAX);
+        self.newest = self.newest.max(at);
         let oldest_kept = self.newest.saturating_sub(window);
-        while self.digests.len() > policy.max_ids
-            || self.received.front().is_some_and(|t| *t < oldest_kept)
+        // Forget first, so a profile at its cap reuses the slot rather than growing.
+        while self.entries.len() >= policy.max_ids
+            || self.entries.front().is_some_and(|e| e.at < oldest_kept)
         {
-            self.digests.pop_front();
-            self.received.pop_front();
+            if self.entries.pop_front().is_none() {
+                return; // a cap of 0: nothing is remembered
+            }
         }
+        if self.entries.len() == self.entries.capacity() {
+            self.entries.reserve_exact((self.entries.len() / 8).max(2));
+        }
+        self.entries.push_back(Remembered { digest, at });
     }
 
     /// Adds the ids `other` remembers (a merged anonymous profile's), in receive-time order
@@ -97,75 +125,73 @@ impl RecentMessages {
     /// the cap: a retry of an event folded on either side before a merge is recognised after
     /// it.
     pub fn merge(&mut self, other: &RecentMessages, policy: &DedupePolicy) {
-        let mut entries: Vec<(u32, MessageDigest)> = self
-            .received
+        let mut entries: Vec<Remembered> = self
+            .entries
             .iter()
             .copied()
-            .zip(self.digests.iter().copied())
             .chain(
                 other
-                    .received
+                    .entries
                     .iter()
                     .copied()
-                    .zip(other.digests.iter().copied())
-                    .filter(|(_, d)| !self.digests.contains(d)),
+                    .filter(|e| !self.contains(e.digest)),
             )
             .collect();
         // Stable: at equal times this profile's ids stay before the merged ones.
-        entries.sort_by_key(|(at, _)| *at);
+        entries.sort_by_key(|e| e.at);
         *self = Self::default();
-        for (at, digest) in entries {
-            self.insert(digest, i64::from(at) * 1000, policy);
+        for e in entries {
+            self.insert(e.digest, i64::from(e.at) * 1000, policy);
         }
     }
 
     pub fn len(&self) -> usize {
-        self.digests.len()
+        self.entries.len()
     }
 
     pub fn is_empty(&self) -> bool {
-        self.digests.is_empty()
+        self.entries.is_empty()
     }
 
-    /// `{"v": 1, "entries": "<base64>"}`, 16 bytes per id (digest, then the receive time as
-    /// big-endian epoch seconds): one string, so a profile with 1,000 ids adds 21 KB to its
+    /// `{"v": 2, "entries": "<base64>"}`, 12 bytes per id (digest, then the receive time as
+    /// big-endian epoch seconds): one string, so a profile with 1,000 ids adds 16 KB to its
     /// document, not 2,000 JSON values for Elasticsearch to parse on every write. Stored, not
     /// indexed.
     pub fn to_json(&self) -> Value {
         use base64::Engine;
-        let mut bytes = Vec::with_capacity(self.digests.len() * ENTRY_BYTES);
-        for (d, t) in self.digests.iter().zip(&self.received) {
-            bytes.extend_from_slice(&d.0);
-            bytes.extend_from_slice(&t.to_be_bytes());
+        let mut bytes = Vec::with_capacity(self.entries.len() * ENTRY_BYTES);
+        for e in &self.entries {
+            bytes.extend_from_slice(&e.digest.to_bytes());
+            bytes.extend_from_slice(&e.at.to_be_bytes());
         }
         let entries = base64::engine::general_purpose::STANDARD_NO_PAD.encode(bytes);
-        json!({"v": 1, "entries": entries})
+        json!({"v": 2, "entries": entries})
     }
 
-    /// Restores what [`Self::to_json`] wrote; anything unreadable restores as empty (a profile
-    /// written before dedupe existed, or by an older layout).
+    /// Restores what [`Self::to_json`] wrote (or its `"v": 1` form); anything unreadable
+    /// restores as empty (a profile written before dedupe existed, or by an unknown layout).
     pub fn from_json(v: Option<&Value>) -> Self {
         use base64::Engine;
-        let Some(text) = v
-            .filter(|v| v.get("v").and_then(Value::as_u64) == Some(1))
-            .and_then(|v| v.get("entries"))
-            .and_then(Value::as_str)
-        else {
+        let entry_bytes = match v.and_then(|v| v.get("v")).and_then(Value::as_u64) {
+            Some(2) => ENTRY_BYTES,
+            Some(1) => V1_ENTRY_BYTES,
+            _ => return Self::default(),
+        };
+        let Some(text) = v.and_then(|v| v.get("entries")).and_then(Value::as_str) else {
             return Self::default();
         };
         let Ok(bytes) = base64::engine::general_purpose::STANDARD_NO_PAD.decode(text) else {
             return Self::default();
         };
         let mut out = Self::default();
-        for entry in bytes.chunks_exact(ENTRY_BYTES) {
-            let (digest, at) = entry.split_at(DIGEST_BYTES);
-            let mut d = [0u8; DIGEST_BYTES];
-            d.copy_from_slice(digest);
-            let mut t = [0u8; 4];
-            t.copy_from_slice(at);
-            let at = u32::from_be_bytes(t);
-            out.digests.push_back(MessageDigest(d));
-            out.received.push_back(at);
+        out.entries.reserve_exact(bytes.len() / entry_bytes);
+        for entry in bytes.chunks_exact(entry_bytes) {
+            let (digest, at) = entry.split_at(entry_bytes - 4);
+            let at = u32::from_be_bytes([at[0], at[1], at[2], at[3]]);
+            out.entries.push_back(Remembered {
+                digest: MessageDigest::from_bytes(digest),
+                at,
+            });
             out.newest = out.newest.max(at);
         }
         out
@@ -241,9 +267,10 @@ mod tests {
         let back = RecentMessages::from_json(Some(&r.to_json()));
         assert_eq!(back, r);
         assert!(RecentMessages::from_json(None).is_empty());
-        assert!(RecentMessages::from_json(Some(&json!({"v": 1, "entries": 3}))).is_empty());
+        assert!(RecentMessages::from_json(Some(&json!({"v": 2, "entries": 3}))).is_empty());
+        assert!(RecentMessages::from_json(Some(&json!({"v": 3, "entries": ""}))).is_empty());
         assert!(RecentMessages::from_json(Some(&json!({"v": 1, "entries": "!!"}))).is_empty());
-        // 16 bytes per id whatever the id's length: 1,000 ids stay near 21 KB of text.
+        // 12 bytes per id whatever the id's length: 1,000 ids stay near 16 KB of text.
         let mut long = RecentMessages::default();
         for i in 0..1_000 {
             long.insert(
@@ -253,6 +280,20 @@ mod tests {
             );
         }
         let text = long.to_json()["entries"].as_str().unwrap().len();
-        assert!((21_000..21_500).contains(&text), "{text}");
+        assert!((16_000..16_100).contains(&text), "{text}");
+    }
+
+    #[test]
+    fn reads_the_96_bit_digests_of_version_1_by_their_first_64_bits() {
+        use base64::Engine;
+        use sha2::{Digest, Sha256};
+        let full = Sha256::digest(b"m-1");
+        let mut v1 = full[..12].to_vec();
+        v1.extend_from_slice(&5u32.to_be_bytes());
+        let text = base64::engine::general_purpose::STANDARD_NO_PAD.encode(v1);
+        let back = RecentMessages::from_json(Some(&json!({"v": 1, "entries": text})));
+        assert_eq!(back.len(), 1);
+        assert!(back.contains(d("m-1")) && !back.contains(d("m-2")));
+        assert_eq!(back.newest, 5);
     }
 }

@@ -11,12 +11,14 @@
 //! - [`api`]: the stateless profile lookup API (`/api/v1/getGender/{cid}`).
 
 pub mod api;
+pub mod client_context;
 pub mod config;
 pub mod counts;
 pub mod dedupe;
 pub mod engine;
 pub mod erase;
 pub mod identity;
+pub mod interned;
 pub mod metrics;
 pub mod models;
 pub mod notifier;

@@ -1,6 +1,6 @@
 //! One user's live profile: folding events in, and the Elasticsearch document it is kept as.
 
-use std::collections::BTreeMap;
+use std::sync::Arc;
 
 use chrono::{DateTime, Utc};
 use pulse_core::Event;
@@ -8,10 +8,12 @@ use rust_decimal::Decimal;
 use serde::{Deserialize, Serialize};
 use serde_json::{json, Map, Value};
 
+use crate::client_context::ClientContext;
 use crate::counts::NamedCounts;
 use crate::dedupe::{DedupePolicy, MessageDigest, RecentMessages};
 use crate::identity::Identity;
-use crate::models::{ModelKind, ModelState};
+use crate::interned::{intern, Shared};
+use crate::models::{ModelKind, ModelStates};
 
 /// Distinct categories kept per profile, most recent first.
 pub const MAX_CATEGORIES: usize = 20;
@@ -39,24 +41,25 @@ pub struct Watermark {
 }
 
 /// The profile of `{partner_id}:{user}`.
+///
+/// Held by the million in the speed layer's memory, so held compactly: the id once (the
+/// partner and user are its two halves), values many profiles share (user agents, countries,
+/// categories…) as [`Shared`] pointers to one copy, the model states in a short list. The
+/// `profile-bytes` bench counts what one costs.
 #[derive(Debug, Clone)]
 pub struct Profile {
-    pub id: String,
-    pub partner_id: String,
-    pub user_id: String,
+    /// `{partner_id}:{user}`; partner ids never contain ':'.
+    id: Box<str>,
     pub anonymous: bool,
-    pub session_id: Option<String>,
-    pub partner_name: Option<String>,
-    pub country: Option<String>,
-    pub version: Option<String>,
-    pub language: Option<String>,
-    pub referrer: Option<String>,
-    pub user_agent: Option<String>,
+    /// Unique to a visit, so not shared.
+    pub session_id: Option<Box<str>>,
+    /// Partner name, country, version, language, referrer, user agent: shared.
+    pub client: Option<Arc<ClientContext>>,
     /// Epoch seconds of the newest event.
     pub last_visit: i64,
     /// Epoch seconds of the oldest event.
     pub first_seen: i64,
-    pub category: Vec<String>,
+    pub category: Vec<Shared>,
     /// Exact sum of purchase amounts.
     pub total_purchases: Decimal,
     pub purchase_count: u64,
@@ -68,7 +71,7 @@ pub struct Profile {
     /// Message ids folded recently: a client retry of one of them is not folded again.
     pub recent: RecentMessages,
     /// Model name → state, for the models enabled.
-    pub models: BTreeMap<&'static str, Box<dyn ModelState>>,
+    pub models: ModelStates,
     /// Links to other profiles of the same person (see [`crate::identity`]); boxed and absent
     /// for the many profiles that never took part in one.
     pub identity: Option<Box<Identity>>,
@@ -108,18 +111,18 @@ impl Profile {
     /// merge record is read before that event is read again: it never is, the event comes
     /// first in the partition, but the merge must not depend on it).
     pub fn empty(partner_id: &str, person: &str, models: &[ModelKind]) -> Self {
+        Self::with_id(
+            pulse_core::event::partition_key(partner_id, person).into(),
+            models,
+        )
+    }
+
+    fn with_id(id: Box<str>, models: &[ModelKind]) -> Self {
         Self {
-            id: pulse_core::event::partition_key(partner_id, person),
-            partner_id: partner_id.to_string(),
-            user_id: person.to_string(),
+            id,
             anonymous: false,
             session_id: None,
-            partner_name: None,
-            country: None,
-            version: None,
-            language: None,
-            referrer: None,
-            user_agent: None,
+            client: None,
             last_visit: 0,
             first_seen: 0,
             category: Vec::new(),
@@ -130,7 +133,7 @@ impl Profile {
             event_counts: NamedCounts::default(),
             watermark: None,
             recent: RecentMessages::default(),
-            models: models.iter().map(|k| (k.name, k.fresh())).collect(),
+            models: models.iter().map(|k| k.fresh()).collect(),
             identity: None,
         }
     }
@@ -155,6 +158,20 @@ impl Profile {
             ..Identity::default()
         }));
         stub
+    }
+
+    /// `{partner_id}:{user}`: the document's `_id` and the Kafka key of the user's events.
+    pub fn id(&self) -> &str {
+        &self.id
+    }
+
+    pub fn partner_id(&self) -> &str {
+        self.id.split_once(':').map_or("", |(partner, _)| partner)
+    }
+
+    /// The user (or anonymous) id.
+    pub fn user_id(&self) -> &str {
+        pulse_core::event::person_of(&self.id)
     }
 
     /// The person this profile was merged into, if it was.
@@ -224,18 +241,14 @@ impl Profile {
             };
             self.event_counts.add(counted, n);
         }
-        let take = |slot: &mut Option<String>, theirs: &Option<String>| {
-            if theirs.is_some() && (other_is_newer || slot.is_none()) {
+        fn take<T: Clone>(slot: &mut Option<T>, theirs: &Option<T>, newer: bool) {
+            if theirs.is_some() && (newer || slot.is_none()) {
                 slot.clone_from(theirs);
             }
-        };
-        take(&mut self.session_id, &other.session_id);
-        take(&mut self.partner_name, &other.partner_name);
-        take(&mut self.country, &other.country);
-        take(&mut self.version, &other.version);
-        take(&mut self.language, &other.language);
-        take(&mut self.referrer, &other.referrer);
-        take(&mut self.user_agent, &other.user_agent);
+        }
+        take(&mut self.session_id, &other.session_id, other_is_newer);
+        self.client =
+            ClientContext::merged(self.client.as_ref(), other.client.as_ref(), other_is_newer);
         let (first, second) = if other_is_newer {
             (&other.category, &self.category)
         } else {
@@ -250,9 +263,10 @@ impl Profile {
         category.truncate(MAX_CATEGORIES);
         self.category = category;
         self.recent.merge(&other.recent, dedupe);
-        for (name, model) in self.models.iter_mut() {
+        for model in self.models.iter_mut() {
+            let name = model.name();
             if let Some(theirs) = other.models.get(name) {
-                if let Err(e) = model.merge(theirs.as_ref(), other_is_newer) {
+                if let Err(e) = model.merge(theirs, other_is_newer) {
                     tracing::warn!(model = name, error = %e, "model state not merged");
                 }
             }
@@ -302,24 +316,28 @@ impl Profile {
             OTHER_EVENTS
         };
         self.event_counts.add(counted, 1);
-        let latest = |slot: &mut Option<String>, v: &Option<String>| {
-            if v.is_some() {
-                slot.clone_from(v);
+        if let Some(session) = &event.session_id {
+            if self.session_id.as_deref() != Some(session.as_str()) {
+                self.session_id = Some(session.as_str().into());
             }
-        };
-        latest(&mut self.session_id, &event.session_id);
-        latest(&mut self.partner_name, &event.partner_name);
-        latest(&mut self.country, &event.country);
-        latest(&mut self.version, &event.version);
-        latest(&mut self.language, &event.language);
-        latest(&mut self.referrer, &event.referrer);
-        latest(&mut self.user_agent, &event.user_agent);
-        for c in event.category.iter().rev() {
-            self.category.retain(|x| x != c);
-            self.category.insert(0, c.clone());
         }
-        self.category.truncate(MAX_CATEGORIES);
-        for model in self.models.values_mut() {
+        if let Some(client) = ClientContext::after(self.client.as_ref(), event) {
+            self.client = Some(client);
+        }
+        for c in event.category.iter().rev() {
+            // Most recent first: a known category moves to the front, a new one comes in
+            // shared and pushes the oldest out beyond the cap.
+            match self.category.iter().position(|x| **x == **c) {
+                Some(i) => self.category[..=i].rotate_right(1),
+                None => {
+                    if self.category.len() >= MAX_CATEGORIES {
+                        self.category.truncate(MAX_CATEGORIES - 1);
+                    }
+                    self.category.insert(0, intern(c));
+                }
+            }
+        }
+        for model in self.models.iter_mut() {
             model.fold(event);
         }
         Fold::Applied
@@ -371,9 +389,9 @@ impl Profile {
             // A pointer, not a person: no counts, sums or times, so a portal query that
             // forgets to leave merged devices out still sums and ranges over people only.
             return json!({
-                "profile_id": self.id,
-                "partner_id": self.partner_id,
-                "user_id": self.user_id,
+                "profile_id": self.id(),
+                "partner_id": self.partner_id(),
+                "user_id": self.user_id(),
                 "anonymous": self.anonymous,
                 "merged_into": person,
                 "identity": self.identity,
@@ -382,13 +400,13 @@ impl Profile {
             });
         }
         let mut doc = json!({
-            "profile_id": self.id,
-            "partner_id": self.partner_id,
-            "user_id": self.user_id,
+            "profile_id": self.id(),
+            "partner_id": self.partner_id(),
+            "user_id": self.user_id(),
             "anonymous": self.anonymous,
             "last_visit": self.last_visit,
             "first_seen": self.first_seen,
-            "category": self.category,
+            "category": self.category.iter().map(|c| &**c).collect::<Vec<_>>(),
             "total_purchases": self.total_purchases.normalize().to_string(),
             "total_purchases_minor": minor_units(self.total_purchases).unwrap_or(i64::MAX),
             "purchase_count": self.purchase_count,
@@ -401,18 +419,11 @@ impl Profile {
             "updated_at": now.timestamp_millis(),
         });
         let obj = doc.as_object_mut().expect("json! object");
-        for (k, v) in [
-            ("session_id", &self.session_id),
-            ("partner_name", &self.partner_name),
-            ("country", &self.country),
-            ("version", &self.version),
-            ("language", &self.language),
-            ("referrer", &self.referrer),
-            ("user_agent", &self.user_agent),
-        ] {
-            if let Some(v) = v {
-                obj.insert(k.into(), json!(v));
-            }
+        if let Some(session) = &self.session_id {
+            obj.insert("session_id".into(), json!(session));
+        }
+        for (k, v) in self.client.iter().flat_map(|c| c.fields()) {
+            obj.insert(k.into(), json!(v));
         }
         let mut states = Map::new();
         for kind in kinds {
@@ -443,6 +454,10 @@ impl Profile {
                 .transpose()
                 .map(Option::unwrap_or_default)
         };
+        let id: Box<str> = s("profile_id").ok_or("profile_id missing")?.into();
+        if !id.contains(':') {
+            return Err(format!("profile_id {id:?} is not {{partner_id}}:{{user}}"));
+        }
         let stored_models = doc.get("models").and_then(Value::as_object);
         let identity = match doc.get("identity") {
             Some(v) => {
@@ -458,12 +473,7 @@ impl Profile {
             None => None,
         };
         if identity.as_ref().is_some_and(|i| i.merged_into.is_some()) {
-            let mut stub = Self::empty(
-                &s("partner_id").ok_or("partner_id missing")?,
-                &s("user_id").ok_or("user_id missing")?,
-                &[],
-            );
-            stub.id = s("profile_id").ok_or("profile_id missing")?;
+            let mut stub = Self::with_id(id, &[]);
             stub.anonymous = true;
             stub.watermark = doc
                 .get("watermark")
@@ -472,30 +482,19 @@ impl Profile {
             return Ok(stub);
         }
         Ok(Self {
-            id: s("profile_id").ok_or("profile_id missing")?,
-            partner_id: s("partner_id").ok_or("partner_id missing")?,
-            user_id: s("user_id").ok_or("user_id missing")?,
+            id,
             anonymous: doc
                 .get("anonymous")
                 .and_then(Value::as_bool)
                 .unwrap_or(false),
-            session_id: s("session_id"),
-            partner_name: s("partner_name"),
-            country: s("country"),
-            version: s("version"),
-            language: s("language"),
-            referrer: s("referrer"),
-            user_agent: s("user_agent"),
+            session_id: s("session_id").map(Into::into),
+            client: ClientContext::stored(|f| doc.get(f).and_then(Value::as_str)),
             last_visit: n("last_visit"),
             first_seen: n("first_seen"),
             category: doc
                 .get("category")
                 .and_then(Value::as_array)
-                .map(|a| {
-                    a.iter()
-                        .filter_map(|v| v.as_str().map(str::to_string))
-                        .collect()
-                })
+                .map(|a| a.iter().filter_map(|v| v.as_str().map(intern)).collect())
                 .unwrap_or_default(),
             total_purchases: d("total_purchases")?,
             purchase_count: n("purchase_count") as u64,
@@ -513,7 +512,7 @@ impl Profile {
                 .iter()
                 .map(|k| {
                     let state = stored_models.and_then(|m| m.get(k.name)).cloned();
-                    (k.name, state.map_or_else(|| k.fresh(), |s| k.load(s)))
+                    state.map_or_else(|| k.fresh(), |s| k.load(s))
                 })
                 .collect(),
             identity,
@@ -567,7 +566,10 @@ mod tests {
         assert_eq!(p.purchase_count, 1);
         assert_eq!(p.cart_amount, Decimal::ZERO);
         assert_eq!(p.event_count, 2);
-        assert_eq!(p.category, vec!["a", "b"]);
+        assert_eq!(
+            p.category.iter().map(|c| &**c).collect::<Vec<_>>(),
+            ["a", "b"]
+        );
 
         let now = Utc::now();
         let doc = p.to_document(&kinds, now);
@@ -699,8 +701,14 @@ mod tests {
         assert_eq!(person.first_seen, a1.timestamp.timestamp());
         assert_eq!(person.last_visit, a2.timestamp.timestamp());
         // The device was seen last: its latest values and categories come first.
-        assert_eq!(person.country.as_deref(), Some("TR"));
-        assert_eq!(person.category, vec!["bags", "shoes", "hats"]);
+        assert_eq!(
+            person.client.as_ref().and_then(|c| c.get("country")),
+            Some("TR")
+        );
+        assert_eq!(
+            person.category.iter().map(|c| &**c).collect::<Vec<_>>(),
+            ["bags", "shoes", "hats"]
+        );
         assert!(person.recent.contains(MessageDigest::of("a2")));
         assert!(person.recent.contains(MessageDigest::of("u1")));
         let doc = person.to_document(&kinds, a2.timestamp);

@@ -6,22 +6,33 @@
 //! have moved on). Only a revocation or a re-read drops dirty profiles, together with the
 //! positions, so that those events are read again.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::HashSet;
 use std::time::{Duration, Instant};
+
+use hashbrown::HashTable;
 
 use crate::profile::{Fold, Profile};
 
+/// A profile with its bookkeeping, boxed: the table's slots stay one pointer wide, so its
+/// growth by doubling (a table is between half and seven eighths full) costs pointers, not
+/// whole profiles.
 struct Entry {
     profile: Profile,
     partition: i32,
+    /// Seconds since the cache's epoch (eviction needs no finer grain; half the bytes of an
+    /// `Instant`).
+    touched: u32,
     dirty: bool,
-    touched: Instant,
 }
 
 #[derive(Default)]
-pub(crate) struct ProfileCache {
-    /// Keys are user ids from the outside: ahash is fast and keyed per process.
-    entries: HashMap<String, Entry, ahash::RandomState>,
+pub struct ProfileCache {
+    /// Keyed by each profile's own id (held once, in the profile). Ids come from the
+    /// outside: ahash is fast and keyed per process.
+    entries: HashTable<Box<Entry>>,
+    hasher: ahash::RandomState,
+    /// What `touched` counts from: the first time the cache was told.
+    epoch: Option<Instant>,
     dirty: usize,
 }
 
@@ -30,59 +41,103 @@ impl ProfileCache {
         self.entries.len()
     }
 
+    pub fn is_empty(&self) -> bool {
+        self.entries.is_empty()
+    }
+
     /// How many profiles wait for a flush.
     pub fn dirty(&self) -> usize {
         self.dirty
     }
 
+    fn hash(&self, id: &str) -> u64 {
+        self.hasher.hash_one(id)
+    }
+
+    fn find(&self, id: &str) -> Option<&Entry> {
+        self.entries
+            .find(self.hash(id), |e| e.profile.id() == id)
+            .map(|e| &**e)
+    }
+
+    fn find_mut(&mut self, id: &str) -> Option<&mut Entry> {
+        let hash = self.hash(id);
+        self.entries
+            .find_mut(hash, |e| e.profile.id() == id)
+            .map(|e| &mut **e)
+    }
+
+    /// `now` in the cache's seconds.
+    fn seconds(&mut self, now: Instant) -> u32 {
+        let epoch = *self.epoch.get_or_insert(now);
+        u32::try_from(now.saturating_duration_since(epoch).as_secs()).unwrap_or(u32::MAX)
+    }
+
     pub fn contains(&self, id: &str) -> bool {
-        self.entries.contains_key(id)
+        self.find(id).is_some()
     }
 
     pub fn get(&self, id: &str) -> Option<&Profile> {
-        self.entries.get(id).map(|e| &e.profile)
+        self.find(id).map(|e| &e.profile)
     }
 
     /// The profile `id` to change outside a fold: the caller makes it dirty
     /// ([`Self::redirty`]) if it changed anything.
     pub fn get_mut(&mut self, id: &str) -> Option<&mut Profile> {
-        self.entries.get_mut(id).map(|e| &mut e.profile)
+        self.find_mut(id).map(|e| &mut e.profile)
     }
 
     /// A profile read from the store: clean, of the partition of its watermark.
-    pub fn insert_loaded(&mut self, id: String, profile: Profile, now: Instant) {
+    pub fn insert_loaded(&mut self, profile: Profile, now: Instant) {
         let partition = profile.watermark.map_or(-1, |w| w.partition);
-        let entry = Entry {
+        let touched = self.seconds(now);
+        let entry = Box::new(Entry {
             profile,
             partition,
             dirty: false,
-            touched: now,
-        };
-        if let Some(old) = self.entries.insert(id, entry) {
-            if old.dirty {
-                self.dirty -= 1;
-            }
-        }
+            touched,
+        });
+        // Replaces one held (a dirty one it replaces stops counting as dirty).
+        self.remove(entry.profile.id());
+        let hasher = &self.hasher;
+        let hash = hasher.hash_one(entry.profile.id());
+        self.entries
+            .insert_unique(hash, entry, |e| hasher.hash_one(e.profile.id()));
     }
 
-    /// Folds into the profile `id` (made by `create` when it is new) with `fold`; an applied
-    /// fold makes it dirty. The profile belongs to `partition` from now on: the one its
-    /// events come from.
+    /// Folds into the profile `id` (made by `create` when it is new, with that id) with
+    /// `fold`; an applied fold makes it dirty. The profile belongs to `partition` from now
+    /// on: the one its events come from.
     pub fn fold(
         &mut self,
-        id: String,
+        id: &str,
         partition: i32,
         now: Instant,
         create: impl FnOnce() -> Profile,
         fold: impl FnOnce(&mut Profile) -> Fold,
     ) -> Fold {
-        let entry = self.entries.entry(id).or_insert_with(|| Entry {
-            profile: create(),
-            partition,
-            dirty: false,
-            touched: now,
-        });
-        entry.touched = now;
+        let touched = self.seconds(now);
+        let hasher = &self.hasher;
+        let hash = hasher.hash_one(id);
+        let entry = match self.entries.entry(
+            hash,
+            |e| e.profile.id() == id,
+            |e| hasher.hash_one(e.profile.id()),
+        ) {
+            hashbrown::hash_table::Entry::Occupied(o) => o.into_mut(),
+            hashbrown::hash_table::Entry::Vacant(v) => {
+                let profile = create();
+                debug_assert_eq!(profile.id(), id, "a profile is kept under its own id");
+                v.insert(Box::new(Entry {
+                    profile,
+                    partition,
+                    dirty: false,
+                    touched,
+                }))
+                .into_mut()
+            }
+        };
+        entry.touched = touched;
         entry.partition = partition;
         let outcome = fold(&mut entry.profile);
         if outcome == Fold::Applied && !entry.dirty {
@@ -100,7 +155,7 @@ impl ProfileCache {
         mut write: impl FnMut(&Profile) -> T,
     ) -> Vec<(T, i32)> {
         let mut out = Vec::new();
-        for entry in self.entries.values_mut() {
+        for entry in self.entries.iter_mut() {
             if entry.dirty && partitions.contains(&entry.partition) {
                 entry.dirty = false;
                 out.push((write(&entry.profile), entry.partition));
@@ -112,20 +167,22 @@ impl ProfileCache {
 
     /// Drops the profile `id`, dirty or not (an erased person's); whether it was held.
     pub fn remove(&mut self, id: &str) -> bool {
-        match self.entries.remove(id) {
-            Some(entry) => {
-                if entry.dirty {
+        let hash = self.hash(id);
+        match self.entries.find_entry(hash, |e| e.profile.id() == id) {
+            Ok(found) => {
+                if found.get().dirty {
                     self.dirty -= 1;
                 }
+                found.remove();
                 true
             }
-            None => false,
+            Err(_) => false,
         }
     }
 
     /// A profile whose write failed: dirty again, so the next flush writes it.
     pub fn redirty(&mut self, id: &str) {
-        if let Some(entry) = self.entries.get_mut(id) {
+        if let Some(entry) = self.find_mut(id) {
             if !entry.dirty {
                 entry.dirty = true;
                 self.dirty += 1;
@@ -138,7 +195,7 @@ impl ProfileCache {
         let gone: HashSet<i32> = partitions.iter().copied().collect();
         let before = self.entries.len();
         let mut dirty_dropped = 0;
-        self.entries.retain(|_, e| {
+        self.entries.retain(|e| {
             let keep = !gone.contains(&e.partition);
             if !keep && e.dirty {
                 dirty_dropped += 1;
@@ -146,6 +203,10 @@ impl ProfileCache {
             keep
         });
         self.dirty -= dirty_dropped;
+        // A replica that lost partitions gives their memory back.
+        let hasher = &self.hasher;
+        self.entries
+            .shrink_to_fit(|e| hasher.hash_one(e.profile.id()));
         (before - self.entries.len(), dirty_dropped)
     }
 
@@ -153,20 +214,39 @@ impl ProfileCache {
     /// beyond `max`; returns how many went. Dirty profiles stay, even beyond `max`.
     pub fn evict(&mut self, idle: Duration, max: usize, now: Instant) -> usize {
         let before = self.entries.len();
+        let now = self.seconds(now);
+        let idle = u32::try_from(idle.as_secs()).unwrap_or(u32::MAX);
         self.entries
-            .retain(|_, e| e.dirty || now.saturating_duration_since(e.touched) < idle);
-        if self.entries.len() > max {
-            let mut clean: Vec<(Instant, String)> = self
+            .retain(|e| e.dirty || now.saturating_sub(e.touched) < idle);
+        let excess = self.entries.len().saturating_sub(max);
+        let mut clean: Vec<u32> = match excess {
+            0 => Vec::new(),
+            _ => self
                 .entries
                 .iter()
-                .filter(|(_, e)| !e.dirty)
-                .map(|(k, e)| (e.touched, k.clone()))
-                .collect();
-            clean.sort();
-            let excess = self.entries.len() - max;
-            for (_, k) in clean.into_iter().take(excess) {
-                self.entries.remove(&k);
-            }
+                .filter(|e| !e.dirty)
+                .map(|e| e.touched)
+                .collect(),
+        };
+        if excess > 0 && !clean.is_empty() {
+            // The `excess` least recently touched clean ones: all touched before the cutoff,
+            // then as many touched at it as are still wanted.
+            let nth = excess.min(clean.len()) - 1;
+            let cutoff = *clean.select_nth_unstable(nth).1;
+            let mut at_cutoff = nth + 1 - clean.iter().filter(|t| **t < cutoff).count();
+            self.entries.retain(|e| {
+                if e.dirty || e.touched > cutoff {
+                    return true;
+                }
+                if e.touched < cutoff {
+                    return false;
+                }
+                if at_cutoff > 0 {
+                    at_cutoff -= 1;
+                    return false;
+                }
+                true
+            });
         }
         before - self.entries.len()
     }
@@ -188,7 +268,7 @@ mod tests {
     fn fold(cache: &mut ProfileCache, user: &str, partition: i32, offset: i64, at: Instant) {
         let e = event(user);
         let outcome = cache.fold(
-            e.partition_key(),
+            &e.partition_key(),
             partition,
             at,
             || Profile::new(&e, &[]),
@@ -215,7 +295,7 @@ mod tests {
         assert_eq!(cache.evict(Duration::from_secs(1), 0, later), 0);
         assert_eq!(cache.len(), 3);
         // Once written (clean), the same profiles go.
-        let taken = cache.take_dirty(&HashSet::from([0, 1]), |p| p.id.clone());
+        let taken = cache.take_dirty(&HashSet::from([0, 1]), |p| p.id().to_string());
         assert_eq!(taken.len(), 3);
         assert_eq!(cache.dirty(), 0);
         assert_eq!(cache.evict(Duration::from_secs(1), 0, later), 3);

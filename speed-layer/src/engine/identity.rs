@@ -219,7 +219,7 @@ impl<S: DocumentStore, W: Writes<S>> Unifier<'_, S, W> {
             }
             let ask = Identity::ask(
                 profile.identity.as_deref(),
-                &profile.user_id,
+                profile.user_id(),
                 anonymous_id,
                 self.policy,
             );
@@ -240,7 +240,7 @@ impl<S: DocumentStore, W: Writes<S>> Unifier<'_, S, W> {
                     if self
                         .policy
                         .unlinks
-                        .contains(&profile.partner_id, anonymous_id) =>
+                        .contains(profile.partner_id(), anonymous_id) =>
                 {
                     profile
                         .identity_mut()
@@ -252,9 +252,9 @@ impl<S: DocumentStore, W: Writes<S>> Unifier<'_, S, W> {
                     profile.identity_mut().asked(anonymous_id);
                     metrics::counter!(m::IDENTITY_LINKS_ASKED).increment(1);
                     Some(IdentityRecord::Link(Link {
-                        partner_id: profile.partner_id.clone(),
+                        partner_id: profile.partner_id().to_string(),
                         anonymous_id: anonymous_id.to_string(),
-                        user_id: profile.user_id.clone(),
+                        user_id: profile.user_id().to_string(),
                         linked_at: event.timestamp,
                         message_id: event.message_id.clone(),
                         origin: read.position(),
@@ -418,7 +418,7 @@ impl<S: DocumentStore, W: Writes<S>> Unifier<'_, S, W> {
                     read.at(),
                 );
                 self.state.cache.fold(
-                    id,
+                    &id,
                     read.partition,
                     read.clock,
                     || stub.clone(),
@@ -502,7 +502,7 @@ impl<S: DocumentStore, W: Writes<S>> Unifier<'_, S, W> {
         let kinds = &self.state.settings.kinds;
         let mut reason = None;
         self.state.cache.fold(
-            id.to_string(),
+            id,
             read.partition,
             read.clock,
             || Profile::empty(partner_id, person, kinds),

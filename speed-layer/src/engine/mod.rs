@@ -18,6 +18,7 @@
 //! [`FlushPolicy`]: crate::config::FlushPolicy
 
 mod cache;
+pub use cache::ProfileCache;
 mod erasures;
 mod flush;
 pub(crate) mod identity;

@@ -47,7 +47,7 @@ impl<S: DocumentStore> ProfileState<S> {
             let now = Instant::now();
             for (id, doc) in docs {
                 match Profile::from_document(&doc, &self.settings.kinds) {
-                    Ok(profile) => self.cache.insert_loaded(id, profile, now),
+                    Ok(profile) => self.cache.insert_loaded(profile, now),
                     Err(e) => {
                         tracing::error!(id, error = %e, "stored profile unreadable; it will be rebuilt from new events only")
                     }
@@ -89,7 +89,7 @@ impl<S: DocumentStore> ProfileState<S> {
             false => pulse_core::event::person_of(&id).to_string(),
         };
         let outcome = self.cache.fold(
-            id,
+            &id,
             partition,
             touched,
             || match own {

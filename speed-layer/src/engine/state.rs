@@ -235,10 +235,10 @@ impl<S: DocumentStore> ProfileState<S> {
             .take_dirty(&wanted, |profile| {
                 // Before the write, so the set holds at least what the store may hold.
                 if let Some(written) = written.as_mut() {
-                    written.insert(&profile.id);
+                    written.insert(profile.id());
                 }
                 DocWrite {
-                    id: profile.id.clone(),
+                    id: profile.id().to_string(),
                     version: profile.watermark.map_or(0, |w| w.offset),
                     doc: serde_json::to_vec(&profile.to_document(kinds, now)).unwrap_or_default(),
                 }

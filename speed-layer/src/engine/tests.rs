@@ -637,9 +637,7 @@ mod identity_rules {
             .expect("the person")
             .to_document(&kinds, chrono::Utc::now());
         let loaded = crate::profile::Profile::from_document(&doc, &kinds).expect("readable");
-        state
-            .cache
-            .insert_loaded("p1:u1".into(), loaded, Instant::now());
+        state.cache.insert_loaded(loaded, Instant::now());
         let mut rules = Unifier {
             state: &mut state,
             policy: &policy,

@@ -5,21 +5,23 @@ use pulse_core::Event;
 use serde::{Deserialize, Serialize};
 
 use super::{visit_gender, ProfileModel};
+use crate::interned::{self, Shared};
 
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
 pub struct LastGender {
-    last: Option<String>,
+    #[serde(with = "interned::optional")]
+    last: Option<Shared>,
 }
 
 impl ProfileModel for LastGender {
+    const NAME: &'static str = "MODEL1";
+
     fn fold(&mut self, event: &Event) {
-        if let Some(g) = visit_gender(event) {
-            self.last = Some(g.to_string());
-        }
+        interned::set_latest(&mut self.last, visit_gender(event));
     }
 
     fn answer(&self, _now: DateTime<Utc>) -> Option<String> {
-        self.last.clone()
+        self.last.as_deref().map(str::to_string)
     }
 
     /// The last visit's gender of whichever profile was seen last, if it has one.

@@ -13,6 +13,8 @@ pub struct TopGender {
 }
 
 impl ProfileModel for TopGender {
+    const NAME: &'static str = "MODEL2";
+
     fn fold(&mut self, event: &Event) {
         if let Some(g) = visit_gender(event) {
             count_gender(&mut self.counts, g, 1);

@@ -48,6 +48,8 @@ impl DayBuckets {
         let i = match self.0.binary_search_by_key(&day, |(d, _)| *d) {
             Ok(i) => i,
             Err(i) => {
+                // Exact growth: at most the window's days, and every profile has them.
+                self.0.reserve_exact(1);
                 self.0.insert(i, (day, NamedCounts::default()));
                 i
             }
@@ -81,6 +83,8 @@ impl WindowedTopGender {
 }
 
 impl ProfileModel for WindowedTopGender {
+    const NAME: &'static str = "MODEL3";
+
     fn fold(&mut self, event: &Event) {
         let Some(g) = visit_gender(event) else {
             return;
