@@ -9,6 +9,12 @@
 //! written again. So after a SIGKILL at any point there are no duplicate rows and no gaps, and
 //! starting a partition reads a handful of objects however old the archive is. See
 //! [`crate::layout`] and [`pulse_archive::progress`].
+//!
+//! A rolled unit's files are built on a thread of their own ([`build`]) while records are
+//! read on; the consuming thread writes them and the marker once the build is done, and
+//! always before the partition's next unit, at a revocation and at a stop.
+
+mod build;
 
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::sync::{Arc, Mutex};
@@ -28,12 +34,12 @@ use rdkafka::message::{Message, OwnedMessage};
 use rdkafka::Offset;
 use tokio::runtime::Runtime;
 
-use crate::identity_file::{self, ArchivedIdentity};
-use crate::layout::{self, FileRange};
-use crate::parquet_file::{self, Codec, ParquetError, RowsBuilder};
+use build::Building;
+
+use crate::identity_file::ArchivedIdentity;
+use crate::layout::FileRange;
+use crate::parquet_file::{Codec, RowsBuilder};
 use crate::store::{open_store, StoreArgs};
-use arrow::record_batch::RecordBatch;
-use pulse_archive::erase::{self, FileKind};
 use pulse_archive::progress::{self, Coverage};
 use pulse_core::identity::TopicRecord;
 
@@ -197,9 +203,13 @@ struct State {
     /// Partition → how far the archive got (from its markers); absent: not initialised yet.
     progress: HashMap<i32, Started>,
     units: HashMap<i32, Unit>,
+    /// Rolled units whose files are being built, one per partition at most: written (files,
+    /// then marker) before anything else of their partition.
+    building: HashMap<i32, Building>,
     buffered: usize,
-    /// Partitions whose roll or initialisation was given up at a stop: nothing more of them
-    /// is buffered or written in this run (a later marker would pass the dropped range).
+    /// Partitions whose roll or initialisation was given up at a stop, or whose unit could
+    /// not be built: nothing more of them is buffered or written in this run (a later marker
+    /// would pass the dropped range).
     abandoned: HashSet<i32>,
     /// Partitions whose work was given up for now, and the offset their re-read starts at:
     /// their records are dropped until the loop has sought back there.
@@ -244,13 +254,16 @@ impl PartitionOwner for State {
             // Roll what we have so the next owner starts after it; if this fails the next
             // owner re-reads the range (files beyond the marker are cleaned up).
             if !lost {
-                if let Err(RollFailure::Fatal(e)) = self.roll(commit, p) {
+                if let Err(RollFailure::Fatal(e)) = self.roll_now(commit, p) {
                     self.failure.get_or_insert(e);
                 }
             }
             if let Some(unit) = self.units.remove(&p) {
                 self.buffered -= unit.bytes;
             }
+            // Lost, or not written: the next owner archives the range (a build still running
+            // ends unused).
+            self.building.remove(&p);
             self.progress.remove(&p);
             // The next owner reads the range again and dead-letters what it finds there.
             self.dead_lettered.remove(&p);
@@ -305,6 +318,7 @@ pub fn run(
         failure: None,
         progress: HashMap::new(),
         units: HashMap::new(),
+        building: HashMap::new(),
         buffered: 0,
         positions: Positions::default(),
         abandoned: HashSet::new(),
@@ -360,6 +374,16 @@ pub fn run(
                 s.roll(&commit, largest).or_else(stopping)?;
             }
         }
+        // Units whose build is over are written now; the others on a later turn.
+        let built: Vec<i32> = s
+            .building
+            .iter()
+            .filter(|(_, b)| b.is_done())
+            .map(|(p, _)| *p)
+            .collect();
+        for p in built {
+            s.settle(&commit, p).or_else(stopping)?;
+        }
         if last_scan.elapsed() >= Duration::from_millis(100) {
             last_scan = Instant::now();
             s.ready.beat();
@@ -386,14 +410,14 @@ pub fn run(
         }
     }
     let mut s = consumer::lock(&state);
-    let open: Vec<i32> = s.units.keys().copied().collect();
+    let open: BTreeSet<i32> = s.units.keys().chain(s.building.keys()).copied().collect();
     let commit = consumer::committer(&consumer);
     let mut given_up = Vec::new();
     for p in open {
         // No poll follows: each final roll has a budget of its own. At a stop during an
         // outage these are left unmarked and read again by the restart.
         s.start_turn();
-        match s.roll(&commit, p) {
+        match s.roll_now(&commit, p) {
             Err(RollFailure::GaveUp { first }) => given_up.push((p, first)),
             other => other.or_else(stopping)?,
         }
@@ -421,42 +445,6 @@ pub fn run(
         return Err(pulse_service::outbox::OutboxError::Fatal(reason).into());
     }
     Ok(summary)
-}
-
-/// The Parquet bytes of one file of a unit and its row count, its rows passed through
-/// `filter` first (erasures); `None` when no row is left. `PULSE_FAILPOINT_PARQUET_OFFSET=<offset>`
-/// (tests only) makes the build of a unit that holds that offset fail, as a bug in the writer
-/// would.
-fn build_parquet(
-    rows: &mut RowsBuilder,
-    codec: Codec,
-    range: FileRange,
-    filter: impl FnOnce(RecordBatch) -> Result<RecordBatch, ParquetError>,
-) -> Result<Option<(Vec<u8>, usize)>, ArchiverError> {
-    static FAIL_AT: std::sync::OnceLock<Option<i64>> = std::sync::OnceLock::new();
-    let fail_at = *FAIL_AT.get_or_init(|| {
-        std::env::var("PULSE_FAILPOINT_PARQUET_OFFSET")
-            .ok()
-            .and_then(|v| v.parse().ok())
-    });
-    let failed = |message: String| ArchiverError::Parquet {
-        partition: range.partition,
-        first: range.first,
-        last: range.last,
-        message,
-    };
-    if fail_at.is_some_and(|o| (range.first..=range.last).contains(&o)) {
-        return Err(failed("failpoint PULSE_FAILPOINT_PARQUET_OFFSET".into()));
-    }
-    let batch = rows
-        .finish()
-        .and_then(filter)
-        .map_err(|e| failed(e.to_string()))?;
-    if batch.num_rows() == 0 {
-        return Ok(None);
-    }
-    let bytes = parquet_file::write_batch(&batch, codec).map_err(|e| failed(e.to_string()))?;
-    Ok(Some((bytes, batch.num_rows())))
 }
 
 /// A progress failure as an object-store error, for the store's retry: a marker or note this
@@ -508,6 +496,9 @@ impl State {
                 }
             },
         };
+        // A unit being built will be archived (or, if it cannot be, read again from its
+        // first offset): what it holds counts as done.
+        let done = done.max(self.building.get(&p).map(|b| b.range.last));
         if done.is_some_and(|d| msg.offset() <= d) {
             return; // archived before a crash or a rebalance
         }
@@ -650,18 +641,60 @@ impl State {
         Ok(done)
     }
 
-    /// Writes the partition's unit (see [`State::write_unit`]), unless the partition was
-    /// abandoned; a roll given up at a stop abandons it.
+    /// Rolls the partition's unit: the unit before it, if still being built, is written
+    /// first (markers go in offset order), then this one's files start being built off the
+    /// consuming thread; [`State::settle`] writes them. Nothing is rolled of an abandoned
+    /// partition.
     fn roll(&mut self, commit: &dyn Commit, p: i32) -> Result<(), RollFailure> {
+        self.settle(commit, p)?;
+        let Some(unit) = self.units.remove(&p) else {
+            return Ok(());
+        };
+        self.buffered -= unit.bytes;
+        let range = FileRange {
+            partition: p,
+            first: unit.first,
+            last: unit.last,
+        };
+        // A thread that cannot start: stop before any marker passes the range, whose events
+        // are gone from memory (the restart archives it).
+        match Building::start(unit, range, self.codec, self.erasures.clone()) {
+            Ok(building) => {
+                self.building.insert(p, building);
+                Ok(())
+            }
+            Err(e) => {
+                self.abandoned.insert(p);
+                Err(RollFailure::Fatal(e))
+            }
+        }
+    }
+
+    /// [`State::roll`], then [`State::settle`]: the unit is in the store when this returns
+    /// `Ok` (a revocation, a stop).
+    fn roll_now(&mut self, commit: &dyn Commit, p: i32) -> Result<(), RollFailure> {
+        self.roll(commit, p)?;
+        self.settle(commit, p)
+    }
+
+    /// Writes the partition's unit being built, if any (see [`State::write_unit`]), unless
+    /// the partition was abandoned. A write given up at a stop abandons it, and so does one
+    /// that failed for good: no later unit of the partition may be written in this run (not
+    /// even by the revocation at the exit), or its marker would pass the failed range.
+    fn settle(&mut self, commit: &dyn Commit, p: i32) -> Result<(), RollFailure> {
         if self.abandoned.contains(&p) {
             if let Some(unit) = self.units.remove(&p) {
                 self.buffered -= unit.bytes;
             }
+            self.building.remove(&p);
             return Err(RollFailure::Stopped);
         }
-        let rolled = self.write_unit(commit, p);
+        let Some(building) = self.building.remove(&p) else {
+            return Ok(());
+        };
+        let rolled = self.write_unit(commit, building);
         match rolled {
-            Err(RollFailure::Stopped) => {
+            Err(RollFailure::Stopped | RollFailure::Fatal(_)) => {
                 self.abandoned.insert(p);
             }
             Err(RollFailure::GaveUp { first }) => {
@@ -684,74 +717,23 @@ impl State {
         rolled
     }
 
-    /// Writes the partition's unit: files per date, then the marker, then the commit. On any
-    /// failure no marker is written, so the range stays unarchived and is read again.
-    fn write_unit(&mut self, commit: &dyn Commit, p: i32) -> Result<(), RollFailure> {
-        let Some(unit) = self.units.remove(&p) else {
-            return Ok(());
-        };
-        self.buffered -= unit.bytes;
-        let range = FileRange {
-            partition: p,
-            first: unit.first,
-            last: unit.last,
-        };
-        // Erasures recorded since the unit's records were buffered: left out now.
-        let (events, mut identity_rows) = (unit.events, unit.identities);
-        let mut dropped = 0;
-        let mut files = Vec::with_capacity(events.len());
-        for (dt, mut rows) in events {
-            // The feed's lock only while filtering: the encoding that follows needs none.
-            let built = build_parquet(&mut rows, self.codec, range, |batch| {
-                let erasures = self.erasures.read();
-                if erasures.is_empty() {
-                    return Ok(batch);
-                }
-                let (batch, removed) = erase::filter_batch(batch, FileKind::Events, &erasures)?;
-                dropped += removed;
-                Ok(batch)
-            });
-            match built {
-                Ok(Some((bytes, rows))) => files.push((layout::data_path(dt, range), bytes, rows)),
-                Ok(None) => {}
-                Err(e) => {
-                    // The unit's events are gone from memory and a later marker would cover
-                    // its range: stop before writing one, so the restart archives it.
-                    tracing::error!(error = %e, partition = p, "building parquet failed; stopping before the range is passed");
-                    return Err(RollFailure::Fatal(e));
-                }
+    /// Writes a rolled unit once its build is over: files, then the marker, then the commit.
+    /// On any failure no marker is written, so the range stays unarchived and is read again.
+    fn write_unit(&mut self, commit: &dyn Commit, building: Building) -> Result<(), RollFailure> {
+        let (range, json_bytes) = (building.range, building.json_bytes);
+        let p = range.partition;
+        let built = match building.finish() {
+            Ok(built) => built,
+            Err(e) => {
+                // The unit's events are gone from memory and a later marker would cover its
+                // range: stop before writing one, so the restart archives it.
+                tracing::error!(error = %e, partition = p, "building the unit's files failed; stopping before the range is passed");
+                return Err(RollFailure::Fatal(e));
             }
-        }
-        {
-            let erasures = self.erasures.read();
-            let before = identity_rows.len();
-            identity_rows.retain(|r| !erasures.erases_identity(&r.record));
-            dropped += before - identity_rows.len();
-        }
-        metrics::counter!(metric::ERASED).increment(dropped as u64);
-        let identity_count = identity_rows.len();
-        let mut identities: BTreeMap<NaiveDate, Vec<ArchivedIdentity>> = BTreeMap::new();
-        for row in identity_rows {
-            identities
-                .entry(row.written_at.date_naive())
-                .or_default()
-                .push(row);
-        }
-        for (dt, rows) in &identities {
-            match identity_file::write(rows, self.codec) {
-                Ok(bytes) => files.push((layout::identity_path(*dt, range), bytes, 0)),
-                Err(e) => {
-                    let e = ArchiverError::Parquet {
-                        partition: p,
-                        first: range.first,
-                        last: range.last,
-                        message: e.to_string(),
-                    };
-                    tracing::error!(error = %e, partition = p, "building the identity file failed; stopping before the range is passed");
-                    return Err(RollFailure::Fatal(e));
-                }
-            }
-        }
+        };
+        let files = built.files;
+        metrics::counter!(metric::ERASED).increment(built.erased as u64);
+        let identity_count = built.identity_records;
         let deadline = self.turn_deadline;
         let gave_up = |why: Interrupted| match why {
             Interrupted::Stopped => RollFailure::Stopped,
@@ -812,8 +794,8 @@ impl State {
             metrics::counter!(metric::FILES).increment(1);
             metrics::counter!(metric::PARQUET_BYTES).increment(len);
         }
-        self.json_bytes += unit.bytes as u64;
-        metrics::counter!(metric::JSON_BYTES).increment(unit.bytes as u64);
+        self.json_bytes += json_bytes as u64;
+        metrics::counter!(metric::JSON_BYTES).increment(json_bytes as u64);
         // The marker carries the partition's whole coverage, so the ones before it can go.
         let (mut coverage, newest, mut obsolete) = match self.progress.remove(&p) {
             Some(s) => (s.coverage, s.newest, s.obsolete),

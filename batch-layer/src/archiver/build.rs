@@ -1,0 +1,171 @@
+//! A rolled unit's files built off the consuming thread.
+//!
+//! Building a unit's Parquet files (its columns finished, erased people's rows filtered out,
+//! then encoded and compressed) is most of what the archiver computes besides parsing records;
+//! done on the consuming thread it stopped the consumption for as long. A rolled unit is
+//! built on a thread of its own while the consuming thread goes on reading; its files are
+//! written, then its marker, by the consuming thread once the build is done (or before
+//! anything else of its partition is written: markers go in offset order). At most one unit
+//! per partition is being built, so the memory is bounded like the units'.
+
+use std::collections::BTreeMap;
+use std::thread::JoinHandle;
+
+use arrow::record_batch::RecordBatch;
+use chrono::NaiveDate;
+use object_store::path::Path;
+use pulse_archive::erase::{self, FileKind};
+use pulse_service::erasures::ErasureFeed;
+
+use super::{ArchiverError, Unit};
+use crate::identity_file::{self, ArchivedIdentity};
+use crate::layout::{self, FileRange};
+use crate::parquet_file::{self, Codec, ParquetError, RowsBuilder};
+
+/// A unit's files, ready to be written.
+pub(super) struct BuiltUnit {
+    /// Path, bytes and rows (0 for an identity file) of each file.
+    pub files: Vec<(Path, Vec<u8>, usize)>,
+    /// Events and identity records of people erased since they were buffered, left out.
+    pub erased: usize,
+    pub identity_records: usize,
+}
+
+/// A rolled unit whose files are being built.
+pub(super) struct Building {
+    pub range: FileRange,
+    /// The unit's JSON bytes, for the archiver's counters.
+    pub json_bytes: usize,
+    build: JoinHandle<Result<BuiltUnit, ArchiverError>>,
+}
+
+impl Building {
+    /// Starts building `unit`'s files as `range` on a thread of its own.
+    pub fn start(
+        unit: Unit,
+        range: FileRange,
+        codec: Codec,
+        erasures: ErasureFeed,
+    ) -> Result<Self, ArchiverError> {
+        let json_bytes = unit.bytes;
+        let (events, identities) = (unit.events, unit.identities);
+        let build = std::thread::Builder::new()
+            .name(format!("archive-build-{}", range.partition))
+            .spawn(move || build(events, identities, range, codec, &erasures))?;
+        Ok(Self {
+            range,
+            json_bytes,
+            build,
+        })
+    }
+
+    /// Whether the build is over (waiting for it would not block).
+    pub fn is_done(&self) -> bool {
+        self.build.is_finished()
+    }
+
+    /// The built files, once the build is over.
+    pub fn finish(self) -> Result<BuiltUnit, ArchiverError> {
+        let range = self.range;
+        self.build.join().unwrap_or_else(|_| {
+            Err(ArchiverError::Parquet {
+                partition: range.partition,
+                first: range.first,
+                last: range.last,
+                message: "the thread building the unit's files panicked".into(),
+            })
+        })
+    }
+}
+
+fn build(
+    events: BTreeMap<NaiveDate, RowsBuilder>,
+    mut identity_rows: Vec<ArchivedIdentity>,
+    range: FileRange,
+    codec: Codec,
+    erasures: &ErasureFeed,
+) -> Result<BuiltUnit, ArchiverError> {
+    let failed = |message: String| ArchiverError::Parquet {
+        partition: range.partition,
+        first: range.first,
+        last: range.last,
+        message,
+    };
+    let mut erased = 0;
+    let mut files = Vec::with_capacity(events.len() + 1);
+    for (dt, mut rows) in events {
+        // Erasures recorded since the unit's records were buffered: left out now. The feed's
+        // lock only while filtering: the encoding that follows needs none.
+        let built = build_parquet(&mut rows, codec, range, |batch| {
+            let erasures = erasures.read();
+            if erasures.is_empty() {
+                return Ok(batch);
+            }
+            let (batch, removed) = erase::filter_batch(batch, FileKind::Events, &erasures)?;
+            erased += removed;
+            Ok(batch)
+        })?;
+        if let Some((bytes, rows)) = built {
+            files.push((layout::data_path(dt, range), bytes, rows));
+        }
+    }
+    {
+        let erasures = erasures.read();
+        let before = identity_rows.len();
+        identity_rows.retain(|r| !erasures.erases_identity(&r.record));
+        erased += before - identity_rows.len();
+    }
+    let identity_records = identity_rows.len();
+    let mut identities: BTreeMap<NaiveDate, Vec<ArchivedIdentity>> = BTreeMap::new();
+    for row in identity_rows {
+        identities
+            .entry(row.written_at.date_naive())
+            .or_default()
+            .push(row);
+    }
+    for (dt, rows) in &identities {
+        let bytes = identity_file::write(rows, codec).map_err(|e| failed(e.to_string()))?;
+        files.push((layout::identity_path(*dt, range), bytes, 0));
+    }
+    Ok(BuiltUnit {
+        files,
+        erased,
+        identity_records,
+    })
+}
+
+/// The Parquet bytes of one file of a unit and its row count, its rows passed through
+/// `filter` first (erasures); `None` when no row is left. `PULSE_FAILPOINT_PARQUET_OFFSET=<offset>`
+/// (tests only) makes the build of a unit that holds that offset fail, as a bug in the writer
+/// would.
+fn build_parquet(
+    rows: &mut RowsBuilder,
+    codec: Codec,
+    range: FileRange,
+    filter: impl FnOnce(RecordBatch) -> Result<RecordBatch, ParquetError>,
+) -> Result<Option<(Vec<u8>, usize)>, ArchiverError> {
+    static FAIL_AT: std::sync::OnceLock<Option<i64>> = std::sync::OnceLock::new();
+    let fail_at = *FAIL_AT.get_or_init(|| {
+        std::env::var("PULSE_FAILPOINT_PARQUET_OFFSET")
+            .ok()
+            .and_then(|v| v.parse().ok())
+    });
+    let failed = |message: String| ArchiverError::Parquet {
+        partition: range.partition,
+        first: range.first,
+        last: range.last,
+        message,
+    };
+    if fail_at.is_some_and(|o| (range.first..=range.last).contains(&o)) {
+        return Err(failed("failpoint PULSE_FAILPOINT_PARQUET_OFFSET".into()));
+    }
+    let batch = rows
+        .finish()
+        .and_then(filter)
+        .map_err(|e| failed(e.to_string()))?;
+    if batch.num_rows() == 0 {
+        return Ok(None);
+    }
+    let bytes = parquet_file::write_batch(&batch, codec).map_err(|e| failed(e.to_string()))?;
+    Ok(Some((bytes, batch.num_rows())))
+}
