@@ -38,6 +38,11 @@ impl Positions {
         self.owned.contains(&partition)
     }
 
+    /// The owned partitions, in no order.
+    pub fn owned(&self) -> impl Iterator<Item = i32> + '_ {
+        self.owned.iter().copied()
+    }
+
     /// The record at `offset` of `partition` is handled (folded, buffered or dead-lettered).
     pub fn handled(&mut self, partition: i32, offset: i64) {
         // Called per record: `first` is looked at only when the partition starts being read.
