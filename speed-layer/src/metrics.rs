@@ -13,6 +13,9 @@ pub const TRIGGERS_FIRED: &str = "pulse_speed_triggers_fired_total";
 pub const PROFILES_IN_MEMORY: &str = "pulse_speed_profiles_in_memory";
 pub const PROFILES_DIRTY: &str = "pulse_speed_profiles_dirty";
 pub const PROFILES_LOADED: &str = "pulse_speed_profiles_loaded_total";
+/// How long a batch's load of the profiles not in memory took (one mget per 1,000 ids, its
+/// retries included): every new user's first event waits for it, and so do its triggers.
+pub const PROFILE_LOAD_SECONDS: &str = "pulse_speed_profile_load_seconds";
 pub const EVICTIONS: &str = "pulse_speed_profiles_evicted_total";
 pub const FLUSHES: &str = "pulse_speed_flushes_total";
 pub const FLUSH_FAILURES: &str = "pulse_speed_flush_failures_total";

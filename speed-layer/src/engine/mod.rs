@@ -180,7 +180,9 @@ pub fn run(
         let commit = consumer::committer(&consumer);
         ready.beat();
         if !batch.is_empty() {
+            let processing = Instant::now();
             engine.process(&batch);
+            tracing::debug!(records = batch.len(), took = ?processing.elapsed(), "batch processed");
         }
         engine.finish_flush(&commit, false);
         engine.apply_erasures();

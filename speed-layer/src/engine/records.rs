@@ -29,6 +29,7 @@ impl<S: DocumentStore> ProfileState<S> {
     /// `false` when the process stopped before the store answered.
     pub fn load(&mut self, ids: &[String]) -> bool {
         for chunk in ids.chunks(1000) {
+            let asked = Instant::now();
             let (store, ready) = (self.flusher.store(), &self.health.reads);
             let loaded = self.runtime.block_on(self.settings.policy.retry().run(
                 &self.shutdown,
@@ -45,6 +46,14 @@ impl<S: DocumentStore> ProfileState<S> {
             };
             metrics::counter!(m::PROFILES_LOADED).increment(docs.len() as u64);
             let now = Instant::now();
+            let took = now - asked;
+            metrics::histogram!(m::PROFILE_LOAD_SECONDS).record(took.as_secs_f64());
+            tracing::debug!(
+                ids = chunk.len(),
+                found = docs.len(),
+                ?took,
+                "profiles loaded"
+            );
             for (id, doc) in docs {
                 match Profile::from_document(&doc, &self.settings.kinds) {
                     Ok(profile) => self.cache.insert_loaded(profile, now),
