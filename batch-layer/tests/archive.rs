@@ -427,6 +427,35 @@ async fn a_given_up_roll_leaves_no_file_that_later_counts_beside_the_range_read_
     }
 }
 
+/// `--max-buffer-bytes` bounds what the archiver holds, units being built included: with a
+/// bound far below the partitions' data and no roll by size or age, units roll early, many of
+/// them, and every event is archived once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_buffer_bound_rolls_units_early_and_loses_nothing() {
+    let f = Fixture::new("buffer-bound", 4).await;
+    let events = generate(6_000, 37, 300, 2);
+    produce(&f.topic, &events).await;
+    f.run_to_end(&[
+        "--roll-secs",
+        "600",
+        "--roll-bytes",
+        "100000000",
+        "--max-buffer-bytes",
+        "200000",
+    ]);
+    let (rows, total) = rows_by_id(&f.rows().await);
+    assert_eq!(total, events.len(), "no duplicates");
+    assert_eq!(rows.len(), events.len(), "no gaps");
+    let store = f.store();
+    let files = layout::committed_files(store.as_ref(), None).await.unwrap();
+    let units: HashSet<(i32, i64)> = files
+        .iter()
+        .map(|f| (f.range.partition, f.range.first))
+        .collect();
+    // About 3 MB of JSON under a 200 KB bound: a unit per ~200 KB, not one per partition.
+    assert!(units.len() >= 10, "{} units", units.len());
+}
+
 /// A unit whose Parquet file cannot be built (a writer bug, injected by a failpoint) stops
 /// the archiver with an error that names the range, before any marker passes it; the
 /// restart archives it, and every event is there once.

@@ -207,7 +207,8 @@ struct State {
     progress: HashMap<i32, Started>,
     units: HashMap<i32, Unit>,
     /// Rolled units whose files are being built, one per partition at most: written (files,
-    /// then marker) before anything else of their partition.
+    /// then marker) before anything else of their partition. Their bytes count in
+    /// `buffered` until then, so `--max-buffer-bytes` bounds them too.
     building: HashMap<i32, Building>,
     /// How large each partition's last unit's columns grew: the next one starts with room
     /// for as much (see `RowsSize`).
@@ -274,7 +275,7 @@ impl PartitionOwner for State {
             }
             // Lost, or not written: the next owner archives the range (a build still running
             // ends unused).
-            self.building.remove(&p);
+            self.take_building(p);
             self.progress.remove(&p);
             self.sizes.remove(&p);
             // The next owner reads the range again and dead-letters what it finds there.
@@ -380,6 +381,17 @@ pub fn run(
                 s.roll(&commit, p).or_else(stopping)?;
             }
             while s.buffered > config.max_buffer_bytes {
+                // Units being built count until written: the largest of those goes first,
+                // then the largest open unit rolls.
+                if let Some(built) = s
+                    .building
+                    .iter()
+                    .max_by_key(|(_, b)| b.json_bytes)
+                    .map(|(p, _)| *p)
+                {
+                    s.settle(&commit, built).or_else(stopping)?;
+                    continue;
+                }
                 let Some(largest) = s.units.iter().max_by_key(|(_, u)| u.bytes).map(|(p, _)| *p)
                 else {
                     break;
@@ -685,16 +697,23 @@ impl State {
         self.progress.insert(p, started);
     }
 
+    /// The partition's unit being built, no longer counted as buffered.
+    fn take_building(&mut self, p: i32) -> Option<Building> {
+        let building = self.building.remove(&p)?;
+        self.buffered -= building.json_bytes;
+        Some(building)
+    }
+
     /// Rolls the partition's unit: the unit before it, if still being built, is written
     /// first (markers go in offset order), then this one's files start being built off the
     /// consuming thread; [`State::settle`] writes them. Nothing is rolled of an abandoned
     /// partition.
     fn roll(&mut self, commit: &dyn Commit, p: i32) -> Result<(), RollFailure> {
         self.settle(commit, p)?;
+        // Its bytes stay counted in `buffered` until the unit is written (or dropped).
         let Some(unit) = self.units.remove(&p) else {
             return Ok(());
         };
-        self.buffered -= unit.bytes;
         let range = FileRange {
             partition: p,
             first: unit.first,
@@ -705,12 +724,14 @@ impl State {
         }
         // A thread that cannot start: stop before any marker passes the range, whose events
         // are gone from memory (the restart archives it).
+        let range_bytes = unit.bytes;
         match Building::start(unit, range, self.codec, self.erasures.clone()) {
             Ok(building) => {
                 self.building.insert(p, building);
                 Ok(())
             }
             Err(e) => {
+                self.buffered -= range_bytes;
                 self.abandoned.insert(p);
                 Err(RollFailure::Fatal(e))
             }
@@ -726,10 +747,10 @@ impl State {
             if let Some(unit) = self.units.remove(&p) {
                 self.buffered -= unit.bytes;
             }
-            self.building.remove(&p);
+            self.take_building(p);
             return Err(RollFailure::Stopped);
         }
-        let Some(building) = self.building.remove(&p) else {
+        let Some(building) = self.take_building(p) else {
             return Ok(());
         };
         let rolled = self.write_unit(commit, building);
