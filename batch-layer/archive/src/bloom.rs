@@ -33,13 +33,23 @@ pub const ID_COLUMNS: [&str; 2] = ["user_id", "anonymous_id"];
 /// hundred probes per erased id.
 const FPP: f64 = 0.01;
 
-/// `builder` writing a filter on each id column.
-pub fn with_id_filters(mut builder: WriterPropertiesBuilder) -> WriterPropertiesBuilder {
+/// `builder` writing a filter on each id column of a file of at most `rows` rows per row group.
+///
+/// The parquet crate makes each filter for the number of distinct values it is told (a
+/// million when it is not: 2 MiB per column and row group, zeroed by the kernel as it is
+/// touched) and folds it down once the values are in. Telling it the rows, an upper bound of
+/// the distinct ids, makes the filter of a 20,000-row file about 32 KiB from the start.
+pub fn with_id_filters(
+    mut builder: WriterPropertiesBuilder,
+    rows: usize,
+) -> WriterPropertiesBuilder {
+    let ndv = rows.max(1) as u64;
     for column in ID_COLUMNS {
         let path = ColumnPath::from(column);
         builder = builder
             .set_column_bloom_filter_enabled(path.clone(), true)
-            .set_column_bloom_filter_fpp(path, FPP);
+            .set_column_bloom_filter_fpp(path.clone(), FPP)
+            .set_column_bloom_filter_max_ndv(path, ndv);
     }
     builder
 }

@@ -64,8 +64,10 @@ pub fn without(
         .filter(|rg| rg.num_columns() > 0)
         .map_or(Compression::UNCOMPRESSED, |rg| rg.column(0).compression());
     let schema = builder.schema().clone();
+    let rows = usize::try_from(builder.metadata().file_metadata().num_rows()).unwrap_or(0);
     let mut out = Vec::new();
-    let mut writer = ArrowWriter::try_new(&mut out, schema, Some(writer_properties(compression)))?;
+    let props = writer_properties(compression, rows);
+    let mut writer = ArrowWriter::try_new(&mut out, schema, Some(props))?;
     for batch in builder.build()? {
         let batch = batch?;
         let keep = keep_mask(&batch, kind, erasures)?;

@@ -20,9 +20,10 @@ use arrow_schema::{DataType, Field, Schema, TimeUnit};
 use chrono::{DateTime, Utc};
 use parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder;
 use parquet::arrow::ArrowWriter;
+use parquet::basic::Compression;
 use pulse_core::identity::IdentityRecord;
 
-use crate::parquet_file::{Codec, ParquetError};
+use crate::parquet_file::ParquetError;
 
 /// An identity record and where and when it was written to the `events` topic.
 #[derive(Debug, Clone, PartialEq)]
@@ -97,7 +98,10 @@ fn parts(
 }
 
 /// `rows` as one Parquet file in memory.
-pub fn write(rows: &[ArchivedIdentity], codec: Codec) -> Result<Vec<u8>, ParquetError> {
+pub fn write(
+    rows: &[ArchivedIdentity],
+    compression: impl Into<Compression>,
+) -> Result<Vec<u8>, ParquetError> {
     let n = rows.len();
     let text = || StringBuilder::with_capacity(n, n * 16);
     let time = || TimestampMicrosecondBuilder::with_capacity(n).with_timezone("UTC");
@@ -132,7 +136,7 @@ pub fn write(rows: &[ArchivedIdentity], codec: Codec) -> Result<Vec<u8>, Parquet
         Arc::new(json.finish()),
     ];
     let batch = RecordBatch::try_new(Arc::new(identity_schema()), columns)?;
-    let props = crate::parquet_file::writer_properties(codec.compression());
+    let props = crate::parquet_file::writer_properties(compression.into(), batch.num_rows());
     let mut out = Vec::with_capacity(n * 256);
     let mut writer = ArrowWriter::try_new(&mut out, batch.schema(), Some(props))?;
     writer.write(&batch)?;
@@ -187,6 +191,7 @@ pub fn read(bytes: bytes::Bytes) -> Result<Vec<ArchivedIdentity>, ParquetError> 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::parquet_file::Codec;
     use pulse_core::identity::{Forward, Link, Merge, Position};
     use pulse_core::{parse_event, ParseContext};
 

@@ -3,24 +3,27 @@
 //! Building a unit's Parquet files (its columns finished, erased people's rows filtered out,
 //! then encoded and compressed) is most of what the archiver computes besides parsing records;
 //! done on the consuming thread it stopped the consumption for as long. A rolled unit is
-//! built on a thread of its own while the consuming thread goes on reading; its files are
-//! written, then its marker, by the consuming thread once the build is done (or before
-//! anything else of its partition is written: markers go in offset order). At most one unit
-//! per partition is being built, so the memory is bounded like the units'.
+//! built by one of a few threads of the [`BuildPool`] while the consuming thread goes on
+//! reading; its files are written, then its marker, by the consuming thread once the build is
+//! done (or before anything else of its partition is written: markers go in offset order). At
+//! most one unit per partition is being built, so the memory is bounded like the units'.
 
 use std::collections::BTreeMap;
+use std::panic::AssertUnwindSafe;
+use std::sync::{mpsc, Arc, Condvar, Mutex, PoisonError};
 use std::thread::JoinHandle;
 
 use arrow::record_batch::RecordBatch;
 use chrono::NaiveDate;
 use object_store::path::Path;
+use parquet::basic::Compression;
 use pulse_archive::erase::{self, FileKind};
 use pulse_service::erasures::ErasureFeed;
 
 use super::{ArchiverError, Unit};
 use crate::identity_file::{self, ArchivedIdentity};
 use crate::layout::{self, FileRange};
-use crate::parquet_file::{self, Codec, ParquetError, RowsBuilder};
+use crate::parquet_file::{self, ParquetError, RowsBuilder};
 
 /// A unit's files, ready to be written.
 pub(super) struct BuiltUnit {
@@ -31,50 +34,142 @@ pub(super) struct BuiltUnit {
     pub identity_records: usize,
 }
 
-/// A rolled unit whose files are being built.
+type Job = Box<dyn FnOnce() + Send>;
+
+/// The threads that build rolled units, one per core, for the life of the archiver.
+///
+/// A thread per unit made the stop's tail (every partition's open unit rolled at once: a
+/// hundred) a hundred threads encoding side by side on two cores, each in fresh memory: the
+/// kernel zeroing the pages they touched was a third of the building threads' time. A few
+/// long-lived threads build the queued units in turn and reuse their allocator's pages.
+pub(super) struct BuildPool {
+    jobs: Option<mpsc::Sender<Job>>,
+    workers: Vec<JoinHandle<()>>,
+}
+
+impl BuildPool {
+    /// `threads` building threads (at least one).
+    pub fn new(threads: usize) -> Result<Self, ArchiverError> {
+        let (jobs, queue) = mpsc::channel::<Job>();
+        let queue = Arc::new(Mutex::new(queue));
+        let workers = (0..threads.max(1))
+            .map(|i| {
+                let queue = Arc::clone(&queue);
+                std::thread::Builder::new()
+                    .name(format!("archive-build-{i}"))
+                    .spawn(move || loop {
+                        // The lock is held only to take the next job, not while it runs.
+                        let job = queue.lock().unwrap_or_else(PoisonError::into_inner).recv();
+                        match job {
+                            Ok(job) => job(),
+                            Err(mpsc::RecvError) => return,
+                        }
+                    })
+            })
+            .collect::<Result<_, _>>()?;
+        Ok(Self {
+            jobs: Some(jobs),
+            workers,
+        })
+    }
+
+    /// One thread per core the process may use.
+    pub fn per_core() -> Result<Self, ArchiverError> {
+        Self::new(std::thread::available_parallelism().map_or(1, |n| n.get()))
+    }
+}
+
+impl Drop for BuildPool {
+    fn drop(&mut self) {
+        // Closing the queue ends each thread once it has built what was queued.
+        drop(self.jobs.take());
+        for worker in self.workers.drain(..) {
+            let _ = worker.join();
+        }
+    }
+}
+
+/// Where a build leaves its result for the consuming thread.
+#[derive(Default)]
+struct Outcome {
+    result: Mutex<Option<Result<BuiltUnit, ArchiverError>>>,
+    done: Condvar,
+}
+
+/// A rolled unit whose files are being built (or wait for a building thread).
 pub(super) struct Building {
     pub range: FileRange,
     /// The unit's JSON bytes, for the archiver's counters.
     pub json_bytes: usize,
-    build: JoinHandle<Result<BuiltUnit, ArchiverError>>,
+    outcome: Arc<Outcome>,
 }
 
 impl Building {
-    /// Starts building `unit`'s files as `range` on a thread of its own.
+    /// Queues `unit`'s files to be built as `range` by the pool.
     pub fn start(
+        pool: &BuildPool,
         unit: Unit,
         range: FileRange,
-        codec: Codec,
+        compression: Compression,
         erasures: ErasureFeed,
     ) -> Result<Self, ArchiverError> {
         let json_bytes = unit.bytes;
         let (events, identities) = (unit.events, unit.identities);
-        let build = std::thread::Builder::new()
-            .name(format!("archive-build-{}", range.partition))
-            .spawn(move || build(events, identities, range, codec, &erasures))?;
+        let outcome = Arc::new(Outcome::default());
+        let done = Arc::clone(&outcome);
+        let job: Job = Box::new(move || {
+            let built = std::panic::catch_unwind(AssertUnwindSafe(|| {
+                build(events, identities, range, compression, &erasures)
+            }))
+            .unwrap_or_else(|_| {
+                Err(ArchiverError::Parquet {
+                    partition: range.partition,
+                    first: range.first,
+                    last: range.last,
+                    message: "building the unit's files panicked".into(),
+                })
+            });
+            *done.result.lock().unwrap_or_else(PoisonError::into_inner) = Some(built);
+            done.done.notify_all();
+        });
+        let queued = pool.jobs.as_ref().map(|jobs| jobs.send(job));
+        if !matches!(queued, Some(Ok(()))) {
+            return Err(ArchiverError::Io(std::io::Error::other(
+                "the threads building units' files are gone",
+            )));
+        }
         Ok(Self {
             range,
             json_bytes,
-            build,
+            outcome,
         })
     }
 
     /// Whether the build is over (waiting for it would not block).
     pub fn is_done(&self) -> bool {
-        self.build.is_finished()
+        self.lock().is_some()
     }
 
-    /// The built files, once the build is over.
+    /// The built files, once the build is over (waits for it).
     pub fn finish(self) -> Result<BuiltUnit, ArchiverError> {
-        let range = self.range;
-        self.build.join().unwrap_or_else(|_| {
-            Err(ArchiverError::Parquet {
-                partition: range.partition,
-                first: range.first,
-                last: range.last,
-                message: "the thread building the unit's files panicked".into(),
-            })
-        })
+        let mut result = self.lock();
+        loop {
+            if let Some(built) = result.take() {
+                return built;
+            }
+            result = self
+                .outcome
+                .done
+                .wait(result)
+                .unwrap_or_else(PoisonError::into_inner);
+        }
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Option<Result<BuiltUnit, ArchiverError>>> {
+        self.outcome
+            .result
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
     }
 }
 
@@ -82,7 +177,7 @@ fn build(
     events: BTreeMap<NaiveDate, RowsBuilder>,
     mut identity_rows: Vec<ArchivedIdentity>,
     range: FileRange,
-    codec: Codec,
+    compression: Compression,
     erasures: &ErasureFeed,
 ) -> Result<BuiltUnit, ArchiverError> {
     let failed = |message: String| ArchiverError::Parquet {
@@ -96,7 +191,7 @@ fn build(
     for (dt, mut rows) in events {
         // Erasures recorded since the unit's records were buffered: left out now. The feed's
         // lock only while filtering: the encoding that follows needs none.
-        let built = build_parquet(&mut rows, codec, range, |batch| {
+        let built = build_parquet(&mut rows, compression, range, |batch| {
             let erasures = erasures.read();
             if erasures.is_empty() {
                 return Ok(batch);
@@ -124,7 +219,7 @@ fn build(
             .push(row);
     }
     for (dt, rows) in &identities {
-        let bytes = identity_file::write(rows, codec).map_err(|e| failed(e.to_string()))?;
+        let bytes = identity_file::write(rows, compression).map_err(|e| failed(e.to_string()))?;
         files.push((layout::identity_path(*dt, range), bytes, 0));
     }
     Ok(BuiltUnit {
@@ -140,7 +235,7 @@ fn build(
 /// would.
 fn build_parquet(
     rows: &mut RowsBuilder,
-    codec: Codec,
+    compression: Compression,
     range: FileRange,
     filter: impl FnOnce(RecordBatch) -> Result<RecordBatch, ParquetError>,
 ) -> Result<Option<(Vec<u8>, usize)>, ArchiverError> {
@@ -166,6 +261,7 @@ fn build_parquet(
     if batch.num_rows() == 0 {
         return Ok(None);
     }
-    let bytes = parquet_file::write_batch(&batch, codec).map_err(|e| failed(e.to_string()))?;
+    let bytes =
+        parquet_file::write_batch(&batch, compression).map_err(|e| failed(e.to_string()))?;
     Ok(Some((bytes, batch.num_rows())))
 }

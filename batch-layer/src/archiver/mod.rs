@@ -10,7 +10,7 @@
 //! starting a partition reads a handful of objects however old the archive is. See
 //! [`crate::layout`] and [`pulse_archive::progress`].
 //!
-//! A rolled unit's files are built on a thread of their own ([`build`]) while records are
+//! A rolled unit's files are built by a few threads of their own ([`build`]) while records are
 //! read on; the consuming thread writes them and the marker once the build is done, and
 //! always before the partition's next unit, at a revocation and at a stop.
 
@@ -23,6 +23,7 @@ use std::time::{Duration, Instant};
 use chrono::NaiveDate;
 use object_store::path::Path;
 use object_store::{ObjectStore, ObjectStoreExt, PutPayload};
+use parquet::basic::Compression;
 use pulse_core::kafka::{KafkaArgs, TopicArgs};
 use pulse_core::partitioner::Placement;
 use pulse_service::consumer::{self, Commit, EndOfPartitions, PartitionOwner, Positions};
@@ -34,11 +35,11 @@ use rdkafka::message::{Message, OwnedMessage};
 use rdkafka::Offset;
 use tokio::runtime::Runtime;
 
-use build::Building;
+use build::{BuildPool, Building};
 
 use crate::identity_file::ArchivedIdentity;
 use crate::layout::FileRange;
-use crate::parquet_file::{Codec, RowsBuilder, RowsSize};
+use crate::parquet_file::{Codec, RowsBuilder, RowsSize, DEFAULT_ZSTD_LEVEL};
 use crate::store::{open_store, StoreArgs};
 use pulse_archive::progress::{self, Coverage};
 use pulse_core::identity::TopicRecord;
@@ -64,6 +65,11 @@ pub struct ArchiverConfig {
     pub max_buffer_bytes: usize,
     #[arg(long, env = "PULSE_PARQUET_CODEC", value_enum, default_value_t = Codec::Zstd)]
     pub codec: Codec,
+    /// zstd's level for `--codec zstd`: 1 is the fastest, higher levels trade CPU for smaller
+    /// files (each level up is slower for a few per cent less).
+    #[arg(long, env = "PULSE_PARQUET_ZSTD_LEVEL", default_value_t = DEFAULT_ZSTD_LEVEL,
+          value_parser = clap::value_parser!(i32).range(1..=22))]
+    pub zstd_level: i32,
     /// Stop (after rolling everything) once every assigned partition is read to its end.
     #[arg(long, env = "PULSE_STOP_AT_END")]
     pub stop_at_end: bool,
@@ -192,7 +198,10 @@ struct State {
     runtime: Arc<Runtime>,
     /// Dead letters, acknowledged before the marker of their range is written.
     outbox: Outbox,
-    codec: Codec,
+    /// How the unit's files are compressed (`--codec`, `--zstd-level`).
+    compression: Compression,
+    /// The threads building rolled units' files.
+    builders: BuildPool,
     /// Beaten every turn of the loop (served as /readyz).
     ready: Readiness,
     /// False while object-store operations fail.
@@ -325,7 +334,8 @@ pub fn run(
         store_health: ready.condition("object store unavailable"),
         dead_letters: ready
             .condition("dead letters not acknowledged by Kafka; no marker is written"),
-        codec: config.codec,
+        compression: config.codec.compression(config.zstd_level),
+        builders: BuildPool::per_core()?,
         ready,
         shutdown: stop.clone(),
         failure: None,
@@ -722,10 +732,16 @@ impl State {
         if let Some(largest) = unit.events.values().max_by_key(|rows| rows.len()) {
             self.sizes.insert(p, largest.size());
         }
-        // A thread that cannot start: stop before any marker passes the range, whose events
-        // are gone from memory (the restart archives it).
+        // A build that cannot be queued: stop before any marker passes the range, whose
+        // events are gone from memory (the restart archives it).
         let range_bytes = unit.bytes;
-        match Building::start(unit, range, self.codec, self.erasures.clone()) {
+        match Building::start(
+            &self.builders,
+            unit,
+            range,
+            self.compression,
+            self.erasures.clone(),
+        ) {
             Ok(building) => {
                 self.building.insert(p, building);
                 Ok(())
