@@ -41,8 +41,8 @@ pub enum Codec {
 pub const DEFAULT_ZSTD_LEVEL: i32 = 3;
 
 impl Codec {
-    /// The compression of files in this codec; `zstd_level` (1..=22, out of range falls back
-    /// to zstd's default) only for [`Codec::Zstd`].
+    /// The compression of files in this codec; `zstd_level` (1..=22; out of range, level 1)
+    /// only for [`Codec::Zstd`].
     pub fn compression(self, zstd_level: i32) -> Compression {
         match self {
             Codec::Zstd => Compression::ZSTD(ZstdLevel::try_new(zstd_level).unwrap_or_default()),

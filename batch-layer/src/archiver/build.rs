@@ -96,6 +96,57 @@ struct Outcome {
     done: Condvar,
 }
 
+/// Hands a build's result to its [`Building`]; a job dropped before it ran (its threads gone)
+/// hands over an error instead, so that nobody waits for it forever.
+struct Report {
+    outcome: Option<Arc<Outcome>>,
+    range: FileRange,
+}
+
+impl Report {
+    /// Whether the [`Building`] is gone: the result would not be read.
+    fn unwanted(&self) -> bool {
+        self.outcome
+            .as_ref()
+            .is_none_or(|outcome| Arc::strong_count(outcome) == 1)
+    }
+
+    fn send(mut self, built: Result<BuiltUnit, ArchiverError>) {
+        if let Some(outcome) = self.outcome.take() {
+            *outcome
+                .result
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner) = Some(built);
+            outcome.done.notify_all();
+        }
+    }
+}
+
+impl Drop for Report {
+    fn drop(&mut self) {
+        if self.outcome.is_some() {
+            let range = self.range;
+            Report {
+                outcome: self.outcome.take(),
+                range,
+            }
+            .send(Err(failed(
+                range,
+                "the unit was dropped before it was built",
+            )));
+        }
+    }
+}
+
+fn failed(range: FileRange, message: &str) -> ArchiverError {
+    ArchiverError::Parquet {
+        partition: range.partition,
+        first: range.first,
+        last: range.last,
+        message: message.into(),
+    }
+}
+
 /// A rolled unit whose files are being built (or wait for a building thread).
 pub(super) struct Building {
     pub range: FileRange,
@@ -116,27 +167,29 @@ impl Building {
         let json_bytes = unit.bytes;
         let (events, identities) = (unit.events, unit.identities);
         let outcome = Arc::new(Outcome::default());
-        let done = Arc::clone(&outcome);
+        let report = Report {
+            outcome: Some(Arc::clone(&outcome)),
+            range,
+        };
         let job: Job = Box::new(move || {
+            // Nobody waits for this unit any more (its partition was taken away, or the
+            // archiver is stopping on an error): building it would only delay the exit.
+            if report.unwanted() {
+                return;
+            }
+            // The service binaries exit on a panic before it unwinds
+            // (`pulse_core::telemetry::exit_on_panic`), which is as safe: the marker past the
+            // range is never written. Where a panic does unwind (tests, other embedders), it
+            // is the unit's build failure.
             let built = std::panic::catch_unwind(AssertUnwindSafe(|| {
                 build(events, identities, range, compression, &erasures)
             }))
-            .unwrap_or_else(|_| {
-                Err(ArchiverError::Parquet {
-                    partition: range.partition,
-                    first: range.first,
-                    last: range.last,
-                    message: "building the unit's files panicked".into(),
-                })
-            });
-            *done.result.lock().unwrap_or_else(PoisonError::into_inner) = Some(built);
-            done.done.notify_all();
+            .unwrap_or_else(|_| Err(failed(range, "building the unit's files panicked")));
+            report.send(built);
         });
         let queued = pool.jobs.as_ref().map(|jobs| jobs.send(job));
         if !matches!(queued, Some(Ok(()))) {
-            return Err(ArchiverError::Io(std::io::Error::other(
-                "the threads building units' files are gone",
-            )));
+            return Err(failed(range, "the threads building units' files are gone"));
         }
         Ok(Self {
             range,

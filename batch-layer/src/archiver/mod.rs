@@ -10,7 +10,7 @@
 //! starting a partition reads a handful of objects however old the archive is. See
 //! [`crate::layout`] and [`pulse_archive::progress`].
 //!
-//! A rolled unit's files are built by a few threads of their own ([`build`]) while records are
+//! A rolled unit's files are built by a pool of one thread per core ([`build`]) while records are
 //! read on; the consuming thread writes them and the marker once the build is done, and
 //! always before the partition's next unit, at a revocation and at a stop.
 
@@ -266,9 +266,9 @@ impl PartitionOwner for State {
     fn revoking(&mut self, commit: &dyn Commit, partitions: &[i32], lost: bool) {
         // Called inside a poll: a budget of its own, not what is left of the last turn's.
         self.start_turn();
-        // Roll what we have so the next owner starts after it (every unit's build started
-        // first, so that they run side by side, then each written); if this fails the next
-        // owner re-reads the range (files beyond the marker are cleaned up).
+        // Roll what we have so the next owner starts after it (every unit's build queued
+        // first, so that the pool builds them side by side, then each written); if this
+        // fails the next owner re-reads the range (files beyond the marker are cleaned up).
         if !lost {
             for roll in [State::roll, State::settle] {
                 for &p in partitions {
@@ -391,12 +391,12 @@ pub fn run(
                 s.roll(&commit, p).or_else(stopping)?;
             }
             while s.buffered > config.max_buffer_bytes {
-                // Units being built count until written: the largest of those goes first,
-                // then the largest open unit rolls.
+                // Units being built count until written: those already built go first (no
+                // wait), then the largest being built, then the largest open unit rolls.
                 if let Some(built) = s
                     .building
                     .iter()
-                    .max_by_key(|(_, b)| b.json_bytes)
+                    .max_by_key(|(_, b)| (b.is_done(), b.json_bytes))
                     .map(|(p, _)| *p)
                 {
                     s.settle(&commit, built).or_else(stopping)?;
@@ -448,9 +448,9 @@ pub fn run(
     let open: BTreeSet<i32> = s.units.keys().chain(s.building.keys()).copied().collect();
     let commit = consumer::committer(&consumer);
     let mut given_up = Vec::new();
-    // Every open unit's build starts first, so that they run side by side; then each is
-    // written. No poll follows: each final roll and write has a budget of its own. At a stop
-    // during an outage these are left unmarked and read again by the restart.
+    // Every open unit's build is queued first, so that the pool builds them side by side;
+    // then each is written. No poll follows: each final roll and write has a budget of its
+    // own. At a stop during an outage these are left unmarked and read again by the restart.
     for roll in [State::roll, State::settle] {
         for &p in &open {
             s.start_turn();
