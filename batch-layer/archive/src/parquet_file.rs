@@ -393,6 +393,41 @@ mod tests {
 
     /// A builder started with room for what a full one held builds the same batch, and its
     /// size names every text column.
+    /// The four unique columns have no dictionary (the others keep theirs), and the id
+    /// columns' bloom filters are made for the file's rows.
+    #[test]
+    fn unique_columns_are_written_plainly_and_filters_fit_the_rows() {
+        let ctx = ParseContext::now();
+        let rows: Vec<(i64, Event)> = (0..1000)
+            .map(|i| {
+                let json = format!(r#"{{"event":"page_view","partner_id":"p","user_id":"u{i}"}}"#);
+                (i, parse_event(&json, &ctx).unwrap())
+            })
+            .collect();
+        let bytes = bytes::Bytes::from(write(7, &rows, Codec::Zstd).unwrap());
+        let reader = parquet::file::serialized_reader::SerializedFileReader::new(bytes).unwrap();
+        let group = parquet::file::reader::FileReader::metadata(&reader).row_group(0);
+        let column = |name: &str| {
+            group
+                .columns()
+                .iter()
+                .find(|c| c.column_path().string() == name)
+                .unwrap()
+        };
+        for name in UNIQUE_COLUMNS {
+            assert!(column(name).dictionary_page_offset().is_none(), "{name}");
+        }
+        assert!(column("event").dictionary_page_offset().is_some());
+        // Made for the file's 1,000 rows, not the parquet crate's million (2 MiB each before
+        // it folds them down: the written file does not show it, the properties do).
+        let props = writer_properties(Codec::Zstd.into(), rows.len());
+        for name in crate::bloom::ID_COLUMNS {
+            assert!(column(name).bloom_filter_offset().is_some(), "{name}");
+            let filter = props.bloom_filter_properties(&ColumnPath::from(name));
+            assert_eq!(filter.map(|f| f.ndv()), Some(1000), "{name}");
+        }
+    }
+
     #[test]
     fn a_builder_sized_like_another_builds_the_same_rows() {
         let ctx = ParseContext::now();

@@ -112,6 +112,10 @@ impl Report {
     }
 
     fn send(mut self, built: Result<BuiltUnit, ArchiverError>) {
+        self.deliver(built);
+    }
+
+    fn deliver(&mut self, built: Result<BuiltUnit, ArchiverError>) {
         if let Some(outcome) = self.outcome.take() {
             *outcome
                 .result
@@ -124,20 +128,15 @@ impl Report {
 
 impl Drop for Report {
     fn drop(&mut self) {
-        if self.outcome.is_some() {
-            let range = self.range;
-            Report {
-                outcome: self.outcome.take(),
-                range,
-            }
-            .send(Err(failed(
-                range,
-                "the unit was dropped before it was built",
-            )));
-        }
+        let range = self.range;
+        self.deliver(Err(failed(
+            range,
+            "the unit was dropped before it was built",
+        )));
     }
 }
 
+/// The error of a unit whose files could not be built.
 fn failed(range: FileRange, message: &str) -> ArchiverError {
     ArchiverError::Parquet {
         partition: range.partition,
@@ -233,12 +232,6 @@ fn build(
     compression: Compression,
     erasures: &ErasureFeed,
 ) -> Result<BuiltUnit, ArchiverError> {
-    let failed = |message: String| ArchiverError::Parquet {
-        partition: range.partition,
-        first: range.first,
-        last: range.last,
-        message,
-    };
     let mut erased = 0;
     let mut files = Vec::with_capacity(events.len() + 1);
     for (dt, mut rows) in events {
@@ -272,7 +265,8 @@ fn build(
             .push(row);
     }
     for (dt, rows) in &identities {
-        let bytes = identity_file::write(rows, compression).map_err(|e| failed(e.to_string()))?;
+        let bytes =
+            identity_file::write(rows, compression).map_err(|e| failed(range, &e.to_string()))?;
         files.push((layout::identity_path(*dt, range), bytes, 0));
     }
     Ok(BuiltUnit {
@@ -298,23 +292,17 @@ fn build_parquet(
             .ok()
             .and_then(|v| v.parse().ok())
     });
-    let failed = |message: String| ArchiverError::Parquet {
-        partition: range.partition,
-        first: range.first,
-        last: range.last,
-        message,
-    };
     if fail_at.is_some_and(|o| (range.first..=range.last).contains(&o)) {
-        return Err(failed("failpoint PULSE_FAILPOINT_PARQUET_OFFSET".into()));
+        return Err(failed(range, "failpoint PULSE_FAILPOINT_PARQUET_OFFSET"));
     }
     let batch = rows
         .finish()
         .and_then(filter)
-        .map_err(|e| failed(e.to_string()))?;
+        .map_err(|e| failed(range, &e.to_string()))?;
     if batch.num_rows() == 0 {
         return Ok(None);
     }
-    let bytes =
-        parquet_file::write_batch(&batch, compression).map_err(|e| failed(e.to_string()))?;
+    let bytes = parquet_file::write_batch(&batch, compression)
+        .map_err(|e| failed(range, &e.to_string()))?;
     Ok(Some((bytes, batch.num_rows())))
 }

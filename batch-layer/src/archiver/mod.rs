@@ -10,9 +10,9 @@
 //! starting a partition reads a handful of objects however old the archive is. See
 //! [`crate::layout`] and [`pulse_archive::progress`].
 //!
-//! A rolled unit's files are built by a pool of one thread per core ([`build`]) while records are
-//! read on; the consuming thread writes them and the marker once the build is done, and
-//! always before the partition's next unit, at a revocation and at a stop.
+//! A rolled unit's files are built by a pool of one thread per core ([`build`]) while
+//! records are read on; the consuming thread writes them and the marker once the build is
+//! done, and always before the partition's next unit, at a revocation and at a stop.
 
 mod build;
 

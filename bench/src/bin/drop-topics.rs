@@ -1,8 +1,8 @@
 //! Deletes the topics a bench run made: `--topic` and every topic under it (`<topic>.dlq`,
 //! `<topic>.triggers`, …). The name must start with `bench.`, so that no other topic can be
-//! named by mistake. Each bench calls
-//! it on exit: its pre-filled topics hold a gigabyte each, and runs that left them behind
-//! filled the local broker's disk and slowed its restart (12 GB of them once).
+//! named by mistake. Each bench calls it on exit: its pre-filled topics hold a gigabyte each,
+//! and runs that left them behind filled the local broker's disk and slowed its restart
+//! (12 GB of them once).
 
 use std::time::Duration;
 
